@@ -7,6 +7,9 @@ A model package is a directory::
     decode.onnx        portable graph, standard ONNX ops, seq = 1
     prefill.onnx       portable graph, standard ONNX ops, any seq
     weights.bin        every weight once, as ONNX external data shared by all three graphs
+                       (the canonical parameters of MambaConfig.param_shapes(), canonical layout and
+                       names, lm_head omitted when tied; each starts at a 64-byte aligned offset;
+                       layout changes such as transposes or -exp(A_log) are graph nodes)
     tokenizer.json     copied from the checkpoint when it has one
 
 Fixed I/O names (every graph):
@@ -75,6 +78,8 @@ class Manifest:
     weights_file: str
     weights_sha256: str
     weights_bytes: int
+    weights_index: dict[str, dict] = dataclasses.field(default_factory=dict)
+    # canonical name -> {"offset": int, "nbytes": int, "shape": [..], "dtype": "float16"}
     all_logits: bool = False
     tokenizer: str | None = None
     mamba_rt_version: str = ""
@@ -101,7 +106,8 @@ class Manifest:
             "config": self.config.to_dict(),
             "dtype": self.dtype,
             "all_logits": self.all_logits,
-            "weights": {"file": self.weights_file, "sha256": self.weights_sha256, "bytes": self.weights_bytes},
+            "weights": {"file": self.weights_file, "sha256": self.weights_sha256, "bytes": self.weights_bytes,
+                        "index": self.weights_index},
             "tokenizer": self.tokenizer,
             "state": {k: dataclasses.asdict(v) for k, v in self.state_specs().items()},
             "graphs": {k: dataclasses.asdict(g) for k, g in self.graphs.items()},
@@ -127,6 +133,7 @@ class Manifest:
                 dtype=str(d["dtype"]),
                 graphs={k: GraphSpec.from_dict(g) for k, g in d["graphs"].items()},
                 weights_file=str(w["file"]), weights_sha256=str(w["sha256"]), weights_bytes=int(w["bytes"]),
+                weights_index=dict(w.get("index") or {}),
                 all_logits=bool(d.get("all_logits", False)),
                 tokenizer=d.get("tokenizer"),
                 mamba_rt_version=str(d.get("mamba_rt_version", "")),
@@ -164,3 +171,27 @@ def load_manifest(pkg_dir: str | Path, check_files: bool = True) -> Manifest:
         if m.tokenizer and not (d / m.tokenizer).is_file():
             raise PackageError(f"{d}: tokenizer file {m.tokenizer!r} is missing")
     return m
+
+
+def read_weights(pkg_dir: str | Path, manifest: Manifest) -> dict[str, Any]:
+    """Memory-map every weight of a package: canonical name -> numpy array (read-only, no copy).
+
+    bfloat16 has no numpy dtype: those arrays come back as uint16 holding the raw bits.
+    """
+    import numpy as np
+
+    np_dtypes = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+    path = Path(pkg_dir) / manifest.weights_file
+    if not manifest.weights_index:
+        raise PackageError(f"{pkg_dir}: the manifest has no weights index; re-export the checkpoint")
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name, e in manifest.weights_index.items():
+        dt = np_dtypes.get(e["dtype"])
+        if dt is None:
+            raise PackageError(f"{path}: weight {name!r} has dtype {e['dtype']!r}, expected one of {list(np_dtypes)}")
+        off, nbytes = int(e["offset"]), int(e["nbytes"])
+        if off + nbytes > mm.size:
+            raise PackageError(f"{path}: weight {name!r} ends at byte {off + nbytes}, past the file's {mm.size}")
+        out[name] = mm[off:off + nbytes].view(dt).reshape(e["shape"])
+    return out
