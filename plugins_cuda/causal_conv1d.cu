@@ -1,0 +1,172 @@
+// CausalConv1d (DESIGN.md "The two custom ops"): depthwise causal convolution with a carried state.
+//
+//   x [B, d, L], weight [d, K], bias [d] (optional), conv_state [B, d, K-1] (optional: zeros)
+//   -> y [B, d, L], conv_state_out [B, d, K-1]
+//   y[b, c, t] = act(bias[c] + sum_j weight[c, j] * xt[b, c, t + j]),  xt = cat(conv_state, x) in time
+//   conv_state_out = the last K-1 columns of xt.
+//
+// Two kernels, one params struct:
+//   conv_fwd    any L >= 1. One thread per (b, c, run of CONV_ITEMS consecutive outputs); the thread
+//               keeps a sliding window of K-1+CONV_ITEMS inputs in registers, so each input is read
+//               from memory once per run (the K-1 halo comes from L1). Threads of a warp cover
+//               consecutive runs of one row, so loads and stores are coalesced along time.
+//               conv_state_out must not overlap conv_state when L > CONV_ITEMS (the launcher checks).
+//   conv_update L == 1, the decode step: one thread per (b, c). Reads its whole state before writing,
+//               so conv_state_out may be conv_state (in-place update).
+// T is the activation dtype of x, weight, bias, conv_state, y and conv_state_out; arithmetic is fp32.
+#include "common.cuh"
+
+namespace mrt {
+
+struct ConvParams {  // mirrored field for field by launcher._ConvParams (all 8-byte fields)
+  const void* x;
+  const void* weight;
+  const void* bias;        // may be null
+  const void* conv_state;  // may be null (zeros)
+  void* y;
+  void* conv_state_out;
+  long long batch, dim, seqlen, silu;
+  long long x_bs, x_cs, x_ts;   // element strides of x over (batch, channel, time)
+  long long w_cs, w_ks;         // weight over (channel, tap)
+  long long b_cs;               // bias over channel
+  long long s_bs, s_cs, s_ks;   // conv_state over (batch, channel, tap)
+  long long y_bs, y_cs, y_ts;
+  long long so_bs, so_cs, so_ks;
+};
+
+constexpr int CONV_THREADS = 128;
+constexpr int CONV_ITEMS = 8;
+
+__device__ __forceinline__ ConvParams conv_contiguous(
+    const void* x, const void* weight, const void* bias, const void* conv_state, int batch, int dim,
+    int seqlen, int width, int silu, void* y, void* conv_state_out) {
+  ConvParams p;
+  p.x = x; p.weight = weight; p.bias = bias; p.conv_state = conv_state;
+  p.y = y; p.conv_state_out = conv_state_out;
+  p.batch = batch; p.dim = dim; p.seqlen = seqlen; p.silu = silu;
+  p.x_bs = (long long)dim * seqlen; p.x_cs = seqlen; p.x_ts = 1;
+  p.w_cs = width; p.w_ks = 1;
+  p.b_cs = 1;
+  p.s_bs = (long long)dim * (width - 1); p.s_cs = width - 1; p.s_ks = 1;
+  p.y_bs = p.x_bs; p.y_cs = p.x_cs; p.y_ts = 1;
+  p.so_bs = p.s_bs; p.so_cs = p.s_cs; p.so_ks = 1;
+  return p;
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void conv_fwd(const ConvParams& p) {
+  const long long nruns = (p.seqlen + CONV_ITEMS - 1) / CONV_ITEMS;
+  const long long gid = (long long)blockIdx.x * CONV_THREADS + threadIdx.x;
+  if (gid >= p.batch * p.dim * nruns) return;
+  const long long row = gid / nruns;
+  const long long run = gid - row * nruns;
+  const long long b = row / p.dim;
+  const long long c = row - b * p.dim;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_bs + c * p.x_cs;
+  const T* __restrict__ st =
+      p.conv_state ? static_cast<const T*>(p.conv_state) + b * p.s_bs + c * p.s_cs : nullptr;
+  const T* __restrict__ wp = static_cast<const T*>(p.weight) + c * p.w_cs;
+  float w[K];
+#pragma unroll
+  for (int j = 0; j < K; ++j) w[j] = ld(wp, j * p.w_ks);
+  const float bias = p.bias ? ld(static_cast<const T*>(p.bias), c * p.b_cs) : 0.f;
+
+  // win[i] holds x at time t0 - (K-1) + i; negative times come from the carried state.
+  const long long t0 = run * CONV_ITEMS;
+  float win[K - 1 + CONV_ITEMS];
+#pragma unroll
+  for (int i = 0; i < K - 1 + CONV_ITEMS; ++i) {
+    const long long t = t0 - (K - 1) + i;
+    float v = 0.f;
+    if (t >= 0) {
+      if (t < p.seqlen) v = ld(x, t * p.x_ts);
+    } else if (st) {
+      v = ld(st, (t + K - 1) * p.s_ks);
+    }
+    win[i] = v;
+  }
+  // The last run also produces the final state: xt[L + j], j < K-1. Read before any write.
+  const bool last = run == nruns - 1;
+  float fin[K - 1];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) {
+    fin[j] = 0.f;
+    if (last) {
+      const long long t = p.seqlen + j - (K - 1);
+      if (t >= 0) fin[j] = ld(x, t * p.x_ts);
+      else if (st) fin[j] = ld(st, (p.seqlen + j) * p.s_ks);
+    }
+  }
+
+  T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+#pragma unroll
+  for (int i = 0; i < CONV_ITEMS; ++i) {
+    const long long t = t0 + i;
+    if (t < p.seqlen) {
+      float acc = bias;
+#pragma unroll
+      for (int j = 0; j < K; ++j) acc = fmaf(w[j], win[i + j], acc);
+      if (p.silu) acc = silu(acc);
+      y[t * p.y_ts] = from_float<T>(acc);
+    }
+  }
+  if (last) {
+    T* __restrict__ so = static_cast<T*>(p.conv_state_out) + b * p.so_bs + c * p.so_cs;
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) so[j * p.so_ks] = from_float<T>(fin[j]);
+  }
+}
+
+template <typename T, int K>
+__device__ __forceinline__ void conv_update(const ConvParams& p) {
+  const long long row = (long long)blockIdx.x * CONV_THREADS + threadIdx.x;
+  if (row >= p.batch * p.dim) return;
+  const long long b = row / p.dim;
+  const long long c = row - b * p.dim;
+  const T* __restrict__ st =
+      p.conv_state ? static_cast<const T*>(p.conv_state) + b * p.s_bs + c * p.s_cs : nullptr;
+  const T* __restrict__ wp = static_cast<const T*>(p.weight) + c * p.w_cs;
+  float win[K];
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) win[j] = st ? ld(st, j * p.s_ks) : 0.f;
+  win[K - 1] = ld(static_cast<const T*>(p.x), b * p.x_bs + c * p.x_cs);
+  float acc = p.bias ? ld(static_cast<const T*>(p.bias), c * p.b_cs) : 0.f;
+#pragma unroll
+  for (int j = 0; j < K; ++j) acc = fmaf(ld(wp, j * p.w_ks), win[j], acc);
+  if (p.silu) acc = silu(acc);
+  static_cast<T*>(p.y)[b * p.y_bs + c * p.y_cs] = from_float<T>(acc);
+  T* __restrict__ so = static_cast<T*>(p.conv_state_out) + b * p.so_bs + c * p.so_cs;
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) so[j * p.so_ks] = from_float<T>(win[j + 1]);
+}
+
+}  // namespace mrt
+
+// Entry points, instantiated per (dtype, width) by the compile layer (compiler.py appends one
+// MRT_CONV_ENTRIES line). The flat ones take arguments in TensorRT's ahead-of-time plugin order
+// (input pointers, scalars, output pointers) and assume contiguous tensors; the *_strided ones take
+// the params struct by value. Launch configuration: launcher.conv_launch_config.
+#define MRT_CONV_ENTRIES(TAG, T, K)                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::CONV_THREADS)                                 \
+      mrt_causal_conv1d_fwd_##TAG##_k##K(const T* x, const T* weight, const T* bias,               \
+                                         const T* conv_state, int batch, int dim, int seqlen,      \
+                                         int silu, T* y, T* conv_state_out) {                      \
+    mrt::conv_fwd<T, K>(mrt::conv_contiguous(x, weight, bias, conv_state, batch, dim, seqlen, K,   \
+                                             silu, y, conv_state_out));                            \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::CONV_THREADS)                                 \
+      mrt_causal_conv1d_fwd_strided_##TAG##_k##K(const __grid_constant__ mrt::ConvParams p) {      \
+    mrt::conv_fwd<T, K>(p);                                                                        \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::CONV_THREADS)                                 \
+      mrt_causal_conv1d_update_##TAG##_k##K(const T* x, const T* weight, const T* bias,            \
+                                            const T* conv_state, int batch, int dim, int seqlen,   \
+                                            int silu, T* y, T* conv_state_out) {                   \
+    mrt::conv_update<T, K>(mrt::conv_contiguous(x, weight, bias, conv_state, batch, dim, 1, K,     \
+                                                silu, y, conv_state_out));                         \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::CONV_THREADS)                                 \
+      mrt_causal_conv1d_update_strided_##TAG##_k##K(const __grid_constant__ mrt::ConvParams p) {   \
+    mrt::conv_update<T, K>(p);                                                                     \
+  }
