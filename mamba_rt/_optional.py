@@ -17,6 +17,7 @@ _EXTRAS = {
     "cuda": ("gpu", "compiling and launching the CUDA kernels"),
     "cuda.bindings": ("gpu", "compiling and launching the CUDA kernels"),
     "tensorrt": ("tensorrt", "building and running TensorRT engines"),
+    "tensorrt_rtx": ("tensorrt-rtx", "building TensorRT-RTX engines of the portable graphs"),
     "transformers": ("test", "the Hugging Face oracle"),
     "matplotlib": ("bench", "benchmark plots"),
 }

@@ -20,6 +20,7 @@ from .errors import MambaRTError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("mamba_rt.inspect", "describe a checkpoint: format, config, parameters, state, decode floor"),
     "export": ("mamba_rt.exporters.cli", "export a checkpoint to a model package (ONNX graphs + manifest)"),
+    "build": ("mamba_rt.exporters.build_cli", "build TensorRT / TensorRT-RTX engines inside a model package"),
     "generate": ("mamba_rt.runtime.cli", "generate text from a model package"),
     "demo": ("mamba_rt.demo", "export the embedded demo model and complete a prompt (the one-command tour)"),
 }

@@ -37,6 +37,14 @@ struct ConvParams {  // mirrored field for field by launcher._ConvParams (all 8-
 constexpr int CONV_THREADS = 128;
 constexpr int CONV_ITEMS = 8;
 
+// One thread's run of CONV_ITEMS values of T, viewable as 16-byte vectors.
+template <typename T>
+union Run {
+  static constexpr int NV = CONV_ITEMS * sizeof(T) / 16;
+  uint4 v[NV];
+  T e[CONV_ITEMS];
+};
+
 __device__ __forceinline__ ConvParams conv_contiguous(
     const void* x, const void* weight, const void* bias, const void* conv_state, int batch, int dim,
     int seqlen, int width, int silu, void* y, void* conv_state_out) {
@@ -75,16 +83,28 @@ __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
   // win[i] holds x at time t0 - (K-1) + i; negative times come from the carried state.
   const long long t0 = run * CONV_ITEMS;
   float win[K - 1 + CONV_ITEMS];
+  // Whole, 16-byte aligned runs of a time-contiguous row are read (and written) as 16-byte vectors.
+  T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+  const bool vec = p.x_ts == 1 && p.y_ts == 1 && t0 + CONV_ITEMS <= p.seqlen && aligned16(x + t0) &&
+                   aligned16(y + t0);
 #pragma unroll
   for (int i = 0; i < K - 1 + CONV_ITEMS; ++i) {
     const long long t = t0 - (K - 1) + i;
     float v = 0.f;
+    if (vec && i >= K - 1) continue;
     if (t >= 0) {
       if (t < p.seqlen) v = ld(x, t * p.x_ts);
     } else if (st) {
       v = ld(st, (t + K - 1) * p.s_ks);
     }
     win[i] = v;
+  }
+  if (vec) {
+    Run<T> r;
+#pragma unroll
+    for (int k = 0; k < Run<T>::NV; ++k) r.v[k] = reinterpret_cast<const uint4*>(x + t0)[k];
+#pragma unroll
+    for (int i = 0; i < CONV_ITEMS; ++i) win[K - 1 + i] = to_float(r.e[i]);
   }
   // The last run also produces the final state: xt[L + j], j < K-1. Read before any write.
   const bool last = run == nruns - 1;
@@ -99,17 +119,22 @@ __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
     }
   }
 
-  T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+  Run<T> out;
 #pragma unroll
   for (int i = 0; i < CONV_ITEMS; ++i) {
-    const long long t = t0 + i;
-    if (t < p.seqlen) {
-      float acc = bias;
+    float acc = bias;
 #pragma unroll
-      for (int j = 0; j < K; ++j) acc = fmaf(w[j], win[i + j], acc);
-      if (p.silu) acc = silu(acc);
-      y[t * p.y_ts] = from_float<T>(acc);
-    }
+    for (int j = 0; j < K; ++j) acc = fmaf(w[j], win[i + j], acc);
+    if (p.silu) acc = silu(acc);
+    out.e[i] = from_float<T>(acc);
+  }
+  if (vec) {
+#pragma unroll
+    for (int k = 0; k < Run<T>::NV; ++k) reinterpret_cast<uint4*>(y + t0)[k] = out.v[k];
+  } else {
+#pragma unroll
+    for (int i = 0; i < CONV_ITEMS; ++i)
+      if (t0 + i < p.seqlen) y[(t0 + i) * p.y_ts] = out.e[i];
   }
   if (last) {
     T* __restrict__ so = static_cast<T*>(p.conv_state_out) + b * p.so_bs + c * p.so_cs;

@@ -15,6 +15,7 @@ The sources include no CUDA header (see common.cuh), so NVRTC needs no include p
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -119,6 +120,7 @@ class KernelSpec:
         return (f"--gpu-architecture=sm_{self.arch}",) + OPTIONS
 
 
+@functools.lru_cache(maxsize=None)
 def _read(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
@@ -186,22 +188,29 @@ def cache_path(spec: KernelSpec) -> Path:
 def compile_spec(spec: KernelSpec, *, output: str = "cubin") -> bytes:
     """Compile one specialisation with NVRTC; ``output`` "cubin" (SASS for spec.arch) or "ptx"
     (what TensorRT embeds). No caching here: see :func:`get_cubin`."""
+    data = compile_program(spec.source(), spec.family.source, spec.arch, output=output)
+    _stats["compiled"] += 1
+    return data
+
+
+def compile_program(source: str, filename: str, arch: int, *, output: str = "cubin",
+                    extra_options: tuple[str, ...] = ()) -> bytes:
+    """Compile CUDA C++ ``source`` (which may include common.cuh) for sm_<arch>: a cubin, or PTX for
+    compute_<arch>. Raises InternalError with NVRTC's log if it does not compile."""
     if output not in ("cubin", "ptx"):
         raise InternalError(f"output must be 'cubin' or 'ptx', got {output!r}")
     nvrtc = _nvrtc()
     headers = [_read(n).encode() for n in HEADERS]
     prog = _check(
-        nvrtc.nvrtcCreateProgram(
-            spec.source().encode(), spec.family.source.encode(), len(headers), headers,
-            [n.encode() for n in HEADERS],
-        ),
+        nvrtc.nvrtcCreateProgram(source.encode(), filename.encode(), len(headers), headers,
+                                 [n.encode() for n in HEADERS]),
         "nvrtcCreateProgram",
     )
     try:
-        opts = [o.encode() for o in spec.options()]
-        if output == "ptx":  # PTX for a virtual architecture; the driver finishes it at load time
-            opts[0] = f"--gpu-architecture=compute_{spec.arch}".encode()
-        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), f"compiling {spec}", prog)
+        target = f"sm_{arch}" if output == "cubin" else f"compute_{arch}"
+        opts = [f"--gpu-architecture={target}".encode()]
+        opts += [o.encode() for o in OPTIONS + tuple(extra_options)]
+        _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), f"compiling {filename} for {target}", prog)
         if output == "cubin":
             size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
             buf = b" " * size
@@ -210,7 +219,6 @@ def compile_spec(spec: KernelSpec, *, output: str = "cubin") -> bytes:
             size = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
             buf = b" " * size
             _check(nvrtc.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
-        _stats["compiled"] += 1
         return bytes(buf)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)

@@ -6,8 +6,8 @@
 //   h_t = exp(dt_t A) * h_{t-1} + dt_t Bm_t u_t ;  y_t = (Cm_t . h_t + D u_t) * silu(z_t)
 //
 // NP is n rounded up to 8, 16, 32 or 64; states past n are padding (A = B = C = 0, so h stays 0).
-// Each thread owns SPT = 4 consecutive states of one (b, c); TPC = NP / 4 threads share a channel and
-// reduce Cm . h with warp shuffles.
+// Each thread owns SPT consecutive states of one (b, c) (ScanCfg); TPC = NP / SPT threads share a
+// channel.
 //
 //   scan_fwd     any L >= 1. A block owns CPB channels of one batch row and walks the whole sequence
 //                in chunks of TCH steps, so L is unbounded (65,537 tokens in one call) and the state
@@ -15,8 +15,9 @@
 //                registers during the previous chunk (global-load latency hidden behind compute), are
 //                staged into shared memory (dt = softplus(delta + bias) computed once per (c, t), not
 //                once per state), the recurrence runs from shared memory (one MUFU.EX2 per state and
-//                step: the kernel is bound by the special-function unit, see benchmarks/NOTES.md),
-//                and y is written coalesced along time by the thread that loaded u and z.
+//                step: the kernel is bound by the special-function unit, see benchmarks/NOTES.md)
+//                and leaves each thread's partial Cm . h per step in shared memory; then the thread
+//                that loaded u and z sums the partials and writes y, coalesced along time.
 //   state_update L == 1, the decode step (memory-bound: the fp32 state is read and written once).
 //                TPC threads per (b, c), each loading its 4 states and 4 A values as one 16-byte
 //                vector when the layout allows (checked per thread), so a warp's state access is one
@@ -76,26 +77,46 @@ __device__ __forceinline__ ScanParams scan_contiguous(
 
 template <int NP>
 struct ScanCfg {
-  static constexpr int SPT = 4;                                 // states per thread
-  static constexpr int TPC = NP / SPT;                          // threads per channel: 2, 4, 8, 16
-  static constexpr int CPB = NP <= 16 ? 32 : 128 / TPC;         // channels per block: 32, 32, 16, 8
-  static constexpr int THREADS = CPB * TPC;                     // 64, 128, 128, 128
-  static constexpr int TCH = NP == 8 ? 32 : NP == 16 ? 64 : NP == 32 ? 32 : 16;  // steps per chunk
-  static constexpr int E = CPB * TCH / THREADS;                 // (c, t) staged per thread: 16,16,4,1
+  // States per thread: 2 up to n = 16, so a d = 5120, batch-1 prefill still has ~10 warps per SM
+  // to hide latency with (the recurrence is sequential in time; parallelism is d * n / SPT).
+  static constexpr int SPT = NP <= 16 ? 2 : 4;
+  static constexpr int TPC = NP / SPT;                          // threads per channel: 4, 8, 8, 16
+  static constexpr int THREADS = 128;
+  static constexpr int CPB = THREADS / TPC;                     // channels per block: 32, 16, 16, 8
+  static constexpr int TCH = NP == 64 ? 16 : 32;                // steps per chunk
+  static constexpr int E = CPB * TCH / THREADS;                 // (c, t) staged per thread: 8,4,4,1
   static constexpr int BCE = NP * TCH / THREADS;                // (s, t) of Bm (and Cm) per thread
   static constexpr int TP = TCH + 1;                            // padded rows: no bank conflicts
-  static constexpr int NPP = NP + 4;                            // padded, keeps float4 alignment
+  static constexpr int NPP = NP + 4;                            // padded, keeps 16-byte alignment
+  // Partial sums Cm . h of the TPC threads of a channel, yp[g][lc][t], one plane per g; planes are
+  // offset so the TPC threads of a channel land in different banks.
+  static constexpr int YPLANE = CPB * TP + ((32 / TPC) - (CPB * TP) % 32 + 32) % 32;
   static_assert(CPB * TCH % THREADS == 0 && NP * TCH % THREADS == 0, "staging must tile");
+  static_assert(THREADS % TCH == 0, "a block must cover whole time rows");
 };
+
+// SPT consecutive floats from shared memory as one 4-, 8- or 16-byte access.
+template <int SPT>
+__device__ __forceinline__ void lds_vec(const float* p, float (&v)[SPT]) {
+  if constexpr (SPT == 4) {
+    const float4 q = *reinterpret_cast<const float4*>(p);
+    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
+  } else if constexpr (SPT == 2) {
+    const float2 q = *reinterpret_cast<const float2*>(p);
+    v[0] = q.x; v[1] = q.y;
+  } else {
+    static_assert(SPT == 1, "SPT is 1, 2 or 4");
+    v[0] = *p;
+  }
+}
 
 template <typename T, int NP>
 __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   using Cfg = ScanCfg<NP>;
   constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPB = Cfg::CPB, THREADS = Cfg::THREADS;
   constexpr int TCH = Cfg::TCH, E = Cfg::E, BCE = Cfg::BCE, TP = Cfg::TP, NPP = Cfg::NPP;
-  __shared__ float dt_s[CPB][TP];
-  __shared__ float dtu_s[CPB][TP];
-  __shared__ float y_s[CPB][TP];
+  __shared__ float2 dtu_s[CPB][TP];  // (dt, dt * u) per (channel, step): one 8-byte load per step
+  __shared__ float yp[TPC * Cfg::YPLANE];
   __shared__ __align__(16) float B_s[TCH][NPP];
   __shared__ __align__(16) float C_s[TCH][NPP];
 
@@ -124,24 +145,28 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
                : 0.f;
   }
 
-  // Staging mapping: element e of this thread is (channel c0 + sc, time t0 + st) with
-  // idx = e * THREADS + tid, sc = idx / TCH, st = idx % TCH (consecutive threads: consecutive times).
+  // Staging mapping: element e of this thread is (channel c0 + sc0 + e * CSTEP, time t0 + st) for
+  // u, delta, z and y, and (state sc0 + e * CSTEP, time t0 + st) for Bm and Cm: consecutive threads
+  // touch consecutive times, so global accesses are coalesced along time.
+  constexpr int CSTEP = THREADS / TCH;
+  const int st = tid % TCH, sc0 = tid / TCH;
+  const long long cs0 = c0 + sc0;
   float nu[E], nd[E], nz[E], nb[BCE], nc[BCE];
   auto prefetch = [&](long long t0) {
+    const long long t = t0 + st;
+    const bool tok = t < p.seqlen;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const int idx = e * THREADS + tid, sc = idx / TCH, st = idx % TCH;
-      const long long cc = c0 + sc, t = t0 + st;
-      const bool ok = cc < p.dim && t < p.seqlen;
+      const long long cc = cs0 + e * CSTEP;
+      const bool ok = tok && cc < p.dim;
       nu[e] = ok ? ld(u, cc * p.u_cs + t * p.u_ts) : 0.f;
       nd[e] = ok ? ld(delta, cc * p.d_cs + t * p.d_ts) : 0.f;
       nz[e] = ok && z ? ld(z, cc * p.z_cs + t * p.z_ts) : 0.f;
     }
 #pragma unroll
     for (int e = 0; e < BCE; ++e) {
-      const int idx = e * THREADS + tid, s = idx / TCH, st = idx % TCH;
-      const long long t = t0 + st;
-      const bool ok = s < p.dstate && t < p.seqlen;
+      const int s = sc0 + e * CSTEP;
+      const bool ok = tok && s < p.dstate;
       nb[e] = ok ? ld(Bm, s * p.B_ss + t * p.B_ts) : 0.f;
       nc[e] = ok ? ld(Cm, s * p.C_ss + t * p.C_ts) : 0.f;
     }
@@ -150,61 +175,65 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   prefetch(0);
   for (long long t0 = 0; t0 < p.seqlen; t0 += TCH) {
     float cu[E], cz[E];
+    const bool tok = t0 + st < p.seqlen;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const int idx = e * THREADS + tid, sc = idx / TCH, st = idx % TCH;
+      const int sc = sc0 + e * CSTEP;
       const long long cc = c0 + sc;
-      const bool ok = cc < p.dim && t0 + st < p.seqlen;
+      const bool ok = tok && cc < p.dim;
       float dt = nd[e] + (dbp && cc < p.dim ? dbp[cc * p.db_cs] : 0.f);
       if (p.softplus) dt = softplus(dt);
       dt = ok ? dt : 0.f;  // padding steps: exp(0) = 1 and no input, so h passes through unchanged
-      dt_s[sc][st] = dt;
-      dtu_s[sc][st] = dt * nu[e];
+      dtu_s[sc][st] = make_float2(dt, dt * nu[e]);
       cu[e] = nu[e];
       cz[e] = nz[e];
     }
 #pragma unroll
     for (int e = 0; e < BCE; ++e) {
-      const int idx = e * THREADS + tid, s = idx / TCH, st = idx % TCH;
+      const int s = sc0 + e * CSTEP;
       B_s[st][s] = nb[e];
       C_s[st][s] = nc[e];
     }
     __syncthreads();
     if (t0 + TCH < p.seqlen) prefetch(t0 + TCH);
 
-#pragma unroll 4
+    // The recurrence: no cross-thread traffic inside the chunk (each thread stores its partial
+    // Cm . h per step), so the fully unrolled steps' loads and exponentials overlap freely and
+    // only the FMA on h is serial.
+    float* __restrict__ ypg = yp + g * Cfg::YPLANE + lc * TP;
+#pragma unroll
     for (int t = 0; t < TCH; ++t) {
-      const float dt = dt_s[lc][t], dtu = dtu_s[lc][t];
-      const float4 bv = *reinterpret_cast<const float4*>(&B_s[t][g * SPT]);
-      const float4 cv = *reinterpret_cast<const float4*>(&C_s[t][g * SPT]);
-      const float bb[SPT] = {bv.x, bv.y, bv.z, bv.w};
-      const float cc[SPT] = {cv.x, cv.y, cv.z, cv.w};
+      const float2 q = dtu_s[lc][t];
+      const float dt = q.x, dtu = q.y;
+      float bb[SPT], cc[SPT];
+      lds_vec<SPT>(&B_s[t][g * SPT], bb);
+      lds_vec<SPT>(&C_s[t][g * SPT], cc);
       float acc = 0.f;
 #pragma unroll
       for (int j = 0; j < SPT; ++j) {
         h[j] = fmaf(fast_exp2(dt * a2[j]), h[j], dtu * bb[j]);
         acc = fmaf(cc[j], h[j], acc);
       }
-#pragma unroll
-      for (int off = TPC / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-      if (g == 0) y_s[lc][t] = acc;
+      ypg[t] = acc;
     }
     __syncthreads();
 
     T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs;
 #pragma unroll
     for (int e = 0; e < E; ++e) {
-      const int idx = e * THREADS + tid, sc = idx / TCH, st = idx % TCH;
+      const int sc = sc0 + e * CSTEP;
       const long long cc = c0 + sc, t = t0 + st;
       if (cc < p.dim && t < p.seqlen) {
-        float out = y_s[sc][st];
+        float out = 0.f;
+#pragma unroll
+        for (int k = 0; k < TPC; ++k) out += yp[k * Cfg::YPLANE + sc * TP + st];
         if (Dp) out = fmaf(Dp[cc * p.D_cs], cu[e], out);
         if (z) out *= silu(cz[e]);
         y[cc * p.y_cs + t * p.y_ts] = from_float<T>(out);
       }
     }
-    // The next chunk's staging writes dt_s/dtu_s/B_s/C_s, which this chunk's recurrence finished
-    // reading before the barrier above; y_s is rewritten only after the next staging barrier.
+    // The next chunk's staging writes dtu_s/B_s/C_s, which this chunk's recurrence finished
+    // reading before the barrier above; yp is rewritten only after the next staging barrier.
   }
 
 #pragma unroll

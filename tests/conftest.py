@@ -35,11 +35,11 @@ def pytest_collection_modifyitems(config, items):
     gpu_reason = None
     trt_reason = None
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             gpu_reason = gpu_reason or _gpu_missing_reason() or ""
             if gpu_reason:
                 item.add_marker(pytest.mark.skip(reason=gpu_reason))
-        if "tensorrt" in item.keywords:
+        if item.get_closest_marker("tensorrt") is not None:
             trt_reason = trt_reason or _tensorrt_missing_reason() or ""
             if trt_reason:
                 item.add_marker(pytest.mark.skip(reason=trt_reason))

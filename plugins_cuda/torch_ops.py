@@ -1,0 +1,229 @@
+"""Thin torch wrappers over the CUDA kernels, for the torch backend and the tests.
+
+Same positional signatures and semantics as the ``*_ref`` twins in ``mamba_rt.exporters.ops_ref``:
+
+    causal_conv1d_fn(x, weight, bias=None, conv_state=None, activation="none")   -> (y, conv_state_out)
+    causal_conv1d_update(x, conv_state, weight, bias=None, activation="none")    -> y   (state in place)
+    selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_state=None,
+                      delta_softplus=True)                                        -> (y, ssm_state_out)
+    selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None,
+                           delta_softplus=True)                                   -> y   (state in place)
+
+Each also takes keyword-only output buffers (``out=``, ``conv_state_out=`` / ``ssm_state_out=``) so a
+caller (CUDA graphs, the tests' poisoned outputs) can own the memory. Inputs may be non-contiguous:
+their strides go to the kernels' strided entry points, no copies are made. Activations (x, u, delta,
+z, Bm, Cm, conv weight/bias/state) share one dtype, float32, float16 or bfloat16; A, D, delta_bias and
+the SSM state are float32. Kernels run on ``torch.cuda.current_stream()`` of the tensors' device.
+Each function carries ``.capability`` (launcher.Capability) for skip decisions.
+
+This is the only module of plugins_cuda that imports torch.
+"""
+from __future__ import annotations
+
+import torch
+
+from mamba_rt.errors import InputError, UnsupportedError
+
+from . import launcher
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _act_dtype(op: str, t: torch.Tensor, name: str) -> str:
+    if t.dtype not in _DTYPE_NAMES:
+        raise UnsupportedError(f"{op}: {name} has dtype {t.dtype}; supported activation dtypes are "
+                               f"{tuple(str(d) for d in _DTYPE_NAMES)}")
+    return _DTYPE_NAMES[t.dtype]
+
+
+def _check(op: str, name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device,
+           required: bool = False) -> None:
+    if t is None:
+        if required:
+            raise InputError(f"{op}: {name} is required, got None")
+        return
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise InputError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dtype != dtype:
+        raise InputError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
+    if t.device != device:
+        raise InputError(f"{op}: {name} is on {t.device}, expected {device} (where the first input is)")
+
+
+def _device(op: str, t: torch.Tensor, name: str) -> torch.device:
+    if not isinstance(t, torch.Tensor):
+        raise InputError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cuda":
+        raise InputError(f"{op}: {name} is on {t.device}; the CUDA kernels need tensors on a CUDA "
+                         f"device (the *_ref functions in mamba_rt.exporters.ops_ref run anywhere)")
+    return t.device
+
+
+def _shape(op: str, t: torch.Tensor, name: str, rank: int, what: str) -> tuple[int, ...]:
+    if t.dim() != rank:
+        raise InputError(f"{op}: {name} must be {what} ({rank}-D), got shape {tuple(t.shape)}")
+    return tuple(t.shape)
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _strides(tensors: dict) -> dict:
+    """Element strides for the launcher, 2-D activations seen as [B, d, 1]."""
+    out = {}
+    for name, (t, logical_rank) in tensors.items():
+        if t is None:
+            continue
+        st = tuple(t.stride())
+        out[name] = st + (1,) * (logical_rank - len(st))
+    return out
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _alloc(op: str, name: str, given, shape, dtype, device) -> torch.Tensor:
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    _check(op, name, given, shape, dtype, device, required=True)
+    return given
+
+
+def _conv_weight(op: str, weight, dim: int) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise InputError(f"{op}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() == 3 and weight.shape[1] == 1:
+        weight = weight[:, 0, :]  # conv1d layout [d, 1, k]: a strided view, no copy
+    if weight.dim() != 2 or weight.shape[0] != dim:
+        raise InputError(f"{op}: weight must be (dim, width) = ({dim}, k) or ({dim}, 1, k), got shape "
+                         f"{tuple(weight.shape)}")
+    return weight
+
+
+def causal_conv1d_fn(x, weight, bias=None, conv_state=None, activation="none", *, out=None,
+                     conv_state_out=None, kernel="auto"):
+    """x: (batch, dim, seqlen); weight: (dim, width) or (dim, 1, width), width in 2..4; bias: (dim,);
+    conv_state: (batch, dim, width-1) or None (zeros); all in x's dtype. Returns y (batch, dim,
+    seqlen) and conv_state_out (batch, dim, width-1), as causal_conv1d_ref. ``kernel``: "auto"
+    (seqlen 1 takes the single-step kernel), "seq" or "step" (tests and benchmarks)."""
+    op = "causal_conv1d_fn"
+    dev = _device(op, x, "x")
+    batch, dim, seqlen = _shape(op, x, "x", 3, "(batch, dim, seqlen)")
+    _act_dtype(op, x, "x")
+    weight = _conv_weight(op, weight, dim)
+    width = weight.shape[1]
+    _check(op, "weight", weight, (dim, width), x.dtype, dev)
+    _check(op, "bias", bias, (dim,), x.dtype, dev)
+    _check(op, "conv_state", conv_state, (batch, dim, width - 1), x.dtype, dev)
+    y = _alloc(op, "out", out, (batch, dim, seqlen), x.dtype, dev)
+    so = _alloc(op, "conv_state_out", conv_state_out, (batch, dim, width - 1), x.dtype, dev)
+    _launch_conv(x, weight, bias, conv_state, y, so, activation, kernel, dev)
+    return y, so
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="none", *, out=None):
+    """One decode step. x: (batch, dim); conv_state: (batch, dim, width-1), updated in place;
+    weight: (dim, width) or (dim, 1, width); bias: (dim,). Returns y: (batch, dim)."""
+    op = "causal_conv1d_update"
+    dev = _device(op, x, "x")
+    batch, dim = _shape(op, x, "x", 2, "(batch, dim)")
+    _act_dtype(op, x, "x")
+    weight = _conv_weight(op, weight, dim)
+    width = weight.shape[1]
+    _check(op, "weight", weight, (dim, width), x.dtype, dev)
+    _check(op, "bias", bias, (dim,), x.dtype, dev)
+    _check(op, "conv_state", conv_state, (batch, dim, width - 1), x.dtype, dev, required=True)
+    y = _alloc(op, "out", out, (batch, dim), x.dtype, dev)
+    _launch_conv(x, weight, bias, conv_state, y, conv_state, activation, "step", dev)
+    return y
+
+
+def _launch_conv(x, weight, bias, conv_state, y, state_out, activation, kernel, dev) -> None:
+    batch, dim = x.shape[:2]
+    launcher.launch_causal_conv1d(
+        x=x.data_ptr(), weight=weight.data_ptr(), bias=_ptr(bias), conv_state=_ptr(conv_state),
+        y=y.data_ptr(), conv_state_out=state_out.data_ptr(), batch=batch, dim=dim,
+        seqlen=x.shape[2] if x.dim() == 3 else 1, width=weight.shape[1], dtype=_DTYPE_NAMES[x.dtype],
+        activation=activation, stream=_stream(dev), kernel=kernel, device=dev.index,
+        strides=_strides({"x": (x, 3), "weight": (weight, 2), "bias": (bias, 1),
+                          "conv_state": (conv_state, 3), "y": (y, 3),
+                          "conv_state_out": (state_out, 3)}),
+    )
+
+
+def _check_scan(op, dev, batch, dim, seqlen, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, step):
+    """Validate SelectiveScan inputs; returns dstate. Step tensors are 2-D (no time axis)."""
+    act = u.dtype
+    tail = () if step else (seqlen,)
+    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] != dim:
+        raise InputError(f"{op}: A must be (dim, dstate) = ({dim}, n), got "
+                         f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
+    dstate = A.shape[1]
+    if not 1 <= dstate <= launcher.MAX_DSTATE:
+        raise UnsupportedError(f"{op}: dstate (A.shape[1]) is {dstate}; supported: 1..{launcher.MAX_DSTATE}")
+    _check(op, "A", A, (dim, dstate), torch.float32, dev)
+    _check(op, "delta", delta, (batch, dim) + tail, act, dev, required=True)
+    _check(op, "Bm", Bm, (batch, dstate) + tail, act, dev, required=True)
+    _check(op, "Cm", Cm, (batch, dstate) + tail, act, dev, required=True)
+    _check(op, "z", z, (batch, dim) + tail, act, dev)
+    _check(op, "D", D, (dim,), torch.float32, dev)
+    _check(op, "delta_bias", delta_bias, (dim,), torch.float32, dev)
+    _check(op, "ssm_state", ssm_state, (batch, dim, dstate), torch.float32, dev, required=step)
+    return dstate
+
+
+def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_state=None,
+                      delta_softplus=True, *, out=None, ssm_state_out=None, kernel="auto"):
+    """u, delta, z: (batch, dim, seqlen); Bm, Cm: (batch, dstate, seqlen), all in u's dtype;
+    A: (dim, dstate), D, delta_bias: (dim,), ssm_state: (batch, dim, dstate), float32.
+    Returns y (batch, dim, seqlen) in u's dtype and ssm_state_out (batch, dim, dstate) float32, as
+    selective_scan_ref. ssm_state_out may be ssm_state (in-place)."""
+    op = "selective_scan_fn"
+    dev = _device(op, u, "u")
+    batch, dim, seqlen = _shape(op, u, "u", 3, "(batch, dim, seqlen)")
+    _act_dtype(op, u, "u")
+    dstate = _check_scan(op, dev, batch, dim, seqlen, u, delta, A, Bm, Cm, D, z, delta_bias,
+                         ssm_state, False)
+    y = _alloc(op, "out", out, (batch, dim, seqlen), u.dtype, dev)
+    so = _alloc(op, "ssm_state_out", ssm_state_out, (batch, dim, dstate), torch.float32, dev)
+    _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, so, delta_softplus, kernel, dev)
+    return y, so
+
+
+def selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None,
+                           delta_softplus=True, *, out=None):
+    """One decode step. ssm_state: (batch, dim, dstate) float32, updated in place; u, delta, z:
+    (batch, dim); Bm, Cm: (batch, dstate). Returns y: (batch, dim)."""
+    op = "selective_state_update"
+    dev = _device(op, u, "u")
+    batch, dim = _shape(op, u, "u", 2, "(batch, dim)")
+    _act_dtype(op, u, "u")
+    _check_scan(op, dev, batch, dim, 1, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, True)
+    y = _alloc(op, "out", out, (batch, dim), u.dtype, dev)
+    _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, ssm_state, delta_softplus,
+                 "step", dev)
+    return y
+
+
+def _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, state_out, delta_softplus,
+                 kernel, dev) -> None:
+    launcher.launch_selective_scan(
+        u=u.data_ptr(), delta=delta.data_ptr(), A=A.data_ptr(), Bm=Bm.data_ptr(), Cm=Cm.data_ptr(),
+        D=_ptr(D), z=_ptr(z), delta_bias=_ptr(delta_bias), ssm_state=_ptr(ssm_state),
+        y=y.data_ptr(), ssm_state_out=state_out.data_ptr(), batch=u.shape[0], dim=u.shape[1],
+        seqlen=u.shape[2] if u.dim() == 3 else 1, dstate=A.shape[1], dtype=_DTYPE_NAMES[u.dtype],
+        delta_softplus=bool(delta_softplus), stream=_stream(dev), kernel=kernel, device=dev.index,
+        strides=_strides({"u": (u, 3), "delta": (delta, 3), "A": (A, 2), "Bm": (Bm, 3),
+                          "Cm": (Cm, 3), "D": (D, 1), "z": (z, 3), "delta_bias": (delta_bias, 1),
+                          "ssm_state": (ssm_state, 3), "y": (y, 3), "ssm_state_out": (state_out, 3)}),
+    )
+
+
+causal_conv1d_fn.capability = launcher.CONV_CAPABILITY
+causal_conv1d_update.capability = launcher.CONV_CAPABILITY
+selective_scan_fn.capability = launcher.SCAN_CAPABILITY
+selective_state_update.capability = launcher.SCAN_CAPABILITY

@@ -1,0 +1,172 @@
+"""CPU tests of the kernels' build layer (no GPU): every specialisation compiles with NVRTC for every
+CI architecture, the cubin cache key and disk cache work across processes, and the host-side params
+structs mirror the CUDA ones."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-python is not installed (extra 'gpu')")
+
+from mamba_rt.errors import UnsupportedError  # noqa: E402
+from mamba_rt.plugins_cuda import compiler, launcher  # noqa: E402
+from mamba_rt.plugins_cuda.compiler import CI_ARCHS, KernelSpec  # noqa: E402
+
+PKG = Path(compiler.__file__).parent
+
+
+def _compile_one(spec: KernelSpec) -> tuple[KernelSpec, bytes]:
+    return spec, compiler.compile_spec(spec)
+
+
+def test_every_specialisation_compiles_for_every_ci_arch():
+    """84 NVRTC programs (21 specialisations x 4 architectures). NVRTC holds the GIL, so the work
+    is spread over processes; about a minute on a 2-core machine."""
+    specs = [s for arch in CI_ARCHS for s in compiler.all_specs(arch)]
+    assert len(specs) == 4 * (3 * 3 + 3 * 4)
+    workers = max(1, min(len(os.sched_getaffinity(0)), 8))
+    with ProcessPoolExecutor(workers) as ex:
+        results = list(ex.map(_compile_one, specs))
+    for spec, cubin in results:
+        assert cubin[:4] == b"\x7fELF", f"{spec}: NVRTC did not produce an ELF cubin"
+        for stem in spec.family.entries:
+            name = spec.entry(stem).encode()
+            assert name in cubin, f"{spec}: entry point {name!r} missing from the cubin"
+
+
+def test_ptx_output_for_tensorrt():
+    ptx = compiler.compile_spec(KernelSpec("selective_scan", "float16", 16, 90), output="ptx")
+    text = ptx.decode()
+    assert ".target sm_90" in text
+    assert ".entry mrt_selective_state_update_f16_n16(" in text
+    assert ".entry mrt_selective_scan_fwd_f16_n16(" in text
+
+
+def test_hot_kernels_do_not_spill():
+    """The scan keeps state, prefetch buffers and the chunk loop in registers; a spill (local memory
+    traffic) would make it several times slower."""
+    spec = KernelSpec("selective_scan", "bfloat16", 16, 90)
+    nvrtc = compiler._nvrtc()
+    headers = [compiler._read(n).encode() for n in compiler.HEADERS]
+    prog = compiler._check(nvrtc.nvrtcCreateProgram(
+        spec.source().encode(), b"selective_scan.cu", len(headers), headers,
+        [n.encode() for n in compiler.HEADERS]), "create")
+    opts = [o.encode() for o in spec.options()] + [b"--ptxas-options=-v"]
+    compiler._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compile", prog)
+    log = compiler._log(prog)
+    nvrtc.nvrtcDestroyProgram(prog)
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert len(spills) == 4, log
+    assert all(s == "0" for s in spills), log
+
+
+def test_cache_key_is_readable_and_complete(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA_RT_CACHE_DIR", str(tmp_path))
+    spec = KernelSpec("selective_scan", "bfloat16", 16, 90)
+    key = compiler.cache_key(spec)
+    major, minor = compiler.nvrtc_version()
+    assert re.fullmatch(rf"selective_scan-bfloat16-n16-sm90-src[0-9a-f]{{12}}-nvrtc{major}\.{minor}", key)
+    # every field that changes the bytes changes the key
+    others = [KernelSpec("selective_scan", "float16", 16, 90), KernelSpec("selective_scan", "bfloat16", 32, 90),
+              KernelSpec("selective_scan", "bfloat16", 16, 89), KernelSpec("causal_conv1d", "bfloat16", 4, 90)]
+    assert len({key, *map(compiler.cache_key, others)}) == 5
+    assert compiler.cache_path(spec) == tmp_path / "kernels" / f"{key}.cubin"
+
+
+def test_source_change_changes_key(monkeypatch):
+    spec = KernelSpec("causal_conv1d", "float32", 4, 80)
+    before = compiler.source_hash(spec)
+    real = compiler._read
+
+    def edited(name):
+        text = real(name)
+        return text + "\n// edited\n" if name == "common.cuh" else text
+
+    monkeypatch.setattr(compiler, "_read", edited)
+    assert compiler.source_hash(spec) != before
+
+
+_CHILD = """
+import json, sys
+from mamba_rt.plugins_cuda import compiler
+spec = compiler.KernelSpec("causal_conv1d", "float16", 3, 86)
+data = compiler.get_cubin(spec)
+print(json.dumps({"stats": compiler.stats(), "size": len(data)}))
+"""
+
+
+def test_second_process_loads_cubin_without_compiling(tmp_path):
+    import json
+
+    import mamba_rt
+
+    # the child imports mamba_rt from where this process did, whatever the install layout
+    path = [str(Path(mamba_rt.__file__).parent.parent)] + sys.path
+    env = dict(os.environ, MAMBA_RT_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(path))
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["stats"] == {"compiled": 1, "disk_hits": 0}
+    assert second["stats"] == {"compiled": 0, "disk_hits": 1}
+    assert first["size"] == second["size"] > 0
+    files = list((tmp_path / "kernels").iterdir())
+    assert [f.name for f in files] == [compiler.cache_key(KernelSpec("causal_conv1d", "float16", 3, 86)) + ".cubin"]
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBA_RT_CACHE_DIR", str(tmp_path))
+    spec = KernelSpec("causal_conv1d", "bfloat16", 2, 80)
+    path = compiler.cache_path(spec)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"truncated")
+    monkeypatch.setattr(compiler, "_memo", {})
+    data = compiler.get_cubin(spec)
+    assert data[:4] == b"\x7fELF"
+    assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(op="selective_scan", dtype="float64", spec=16, arch=90), "dtype 'float64'"),
+    (dict(op="selective_scan", dtype="float16", spec=12, arch=90), "n=12"),
+    (dict(op="causal_conv1d", dtype="float16", spec=5, arch=90), "k=5"),
+    (dict(op="causal_conv1d", dtype="float16", spec=4, arch=75), "compute capability 75"),
+    (dict(op="mamba2_scan", dtype="float16", spec=4, arch=90), "unknown kernel op"),
+])
+def test_kernel_spec_rejects_unsupported(kwargs, match):
+    with pytest.raises(UnsupportedError, match=match):
+        KernelSpec(**kwargs)
+
+
+def _c_struct_fields(source: str, struct: str) -> list[str]:
+    body = re.search(rf"struct {struct} \{{(.*?)\n\}};", source, re.S).group(1)
+    body = re.sub(r"//[^\n]*", "", body)
+    names = []
+    for decl in body.split(";"):
+        decl = decl.strip()
+        if decl:
+            names += [n.strip().lstrip("*") for n in re.sub(r"^(const )?(void\*|long long) ?", "", decl).split(",")]
+    return names
+
+
+@pytest.mark.parametrize("source, struct, mirror", [
+    ("causal_conv1d.cu", "ConvParams", launcher._ConvParams),
+    ("selective_scan.cu", "ScanParams", launcher._ScanParams),
+])
+def test_params_structs_mirror_the_cuda_ones(source, struct, mirror):
+    """The strided entry points take the struct by value: the ctypes mirror must match it field for
+    field (every field is 8 bytes, so matching names and order means matching layout)."""
+    c_fields = _c_struct_fields((PKG / source).read_text(), struct)
+    assert c_fields == [f for f, _ in mirror._fields_]
+    import ctypes
+    assert ctypes.sizeof(mirror) == 8 * len(c_fields)

@@ -1,0 +1,326 @@
+"""GPU tests: each CUDA kernel against its float64 ``*_ref`` twin on the same (upcast) inputs.
+
+Fresh random inputs per test (the seed is drawn at random and printed in every failure message),
+never zeros; outputs are poisoned with NaN before the launch so an unwritten element fails; the final
+state is checked as well as y. Tables are a base case plus rows that each change one field.
+
+Tolerances, against the float64 oracle, as (relative L2 error, max |error| / max |ref|):
+  float32   (1e-5, 1e-4): fp32 arithmetic (unit roundoff 6e-8) with ex2.approx (relative error
+            ~2^-22) for exp(dt*A); over thousands of scan steps the decaying recurrence keeps the
+            accumulated error near 1e-6 of the output scale, so 1e-5 / 1e-4 leave a 10x margin.
+  float16   (1e-3, 2e-3): inputs are exactly representable (the oracle gets the same values upcast),
+            arithmetic is fp32, so the error is the final rounding of y to 11 significant bits:
+            at most 2^-11 = 4.9e-4 of |y| per element, ~2e-4 RMS.
+  bfloat16  (8e-3, 1.6e-2): the same with 8 significant bits: at most 2^-8 = 3.9e-3 of |y|.
+The SSM state is fp32 for every activation dtype and gets the float32 tolerance; the conv state is a
+copy of inputs and must match exactly.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from mamba_rt.errors import InputError  # noqa: E402
+from mamba_rt.exporters.ops_ref import (  # noqa: E402
+    causal_conv1d_ref,
+    causal_conv1d_update_ref,
+    selective_scan_ref,
+    selective_state_update_ref,
+)
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: (1e-5, 1e-4), torch.float16: (1e-3, 2e-3), torch.bfloat16: (8e-3, 1.6e-2)}
+STATE_TOL = TOL[torch.float32]
+
+
+@pytest.fixture
+def ops():
+    from mamba_rt.plugins_cuda import torch_ops
+
+    arch = 10 * torch.cuda.get_device_capability()[0] + torch.cuda.get_device_capability()[1]
+    reason = torch_ops.selective_scan_fn.capability.why_unsupported(arch=arch)
+    if reason:
+        pytest.skip(reason)
+    return torch_ops
+
+
+@pytest.fixture
+def rng():
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(seed)
+    return seed, gen
+
+
+def _randn(gen, *shape, dtype=torch.float32, scale=1.0, offset=0.0):
+    return (torch.randn(*shape, generator=gen, device="cuda") * scale + offset).to(dtype)
+
+
+def _up(t):
+    return None if t is None else t.double()
+
+
+def _poison(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def assert_close(what, out, ref, tol, seed):
+    out, ref = out.double(), ref.double()
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    nan = torch.isnan(out)
+    assert not nan.any(), f"{what}: {int(nan.sum())} NaN elements (unwritten output?) seed={seed}"
+    err = (out - ref).abs()
+    l2 = float(err.norm() / ref.norm().clamp_min(1e-300))
+    mx = float(err.max() / ref.abs().max().clamp_min(1e-300))
+    assert l2 <= tol[0] and mx <= tol[1], (
+        f"{what}: rel L2 {l2:.3g} (tol {tol[0]}), max {mx:.3g} (tol {tol[1]}) seed={seed}")
+
+
+# ------------------------------------------------------------------------------------------------
+# causal_conv1d
+
+
+def conv_inputs(gen, B, d, L, k, dtype, layout="contiguous", with_bias=True, with_state=True, step=False):
+    if layout == "contiguous":
+        x = _randn(gen, B, d, *(() if step else (L,)), dtype=dtype)
+        w = _randn(gen, d, k, dtype=dtype, scale=0.5)
+        st = _randn(gen, B, d, k - 1, dtype=dtype) if with_state else None
+        bias = _randn(gen, d, dtype=dtype) if with_bias else None
+    else:  # the slices a real block hands over: x out of in_proj's [B, 2d, L], [d, 1, k] weight
+        x = (_randn(gen, B, 2 * d, dtype=dtype)[:, :d] if step
+             else _randn(gen, B, L, 2 * d, dtype=dtype).transpose(1, 2)[:, d:])
+        w = _randn(gen, d, 1, 2 * k, dtype=dtype, scale=0.5)[..., ::2]
+        st = _randn(gen, B, d, k + 1, dtype=dtype)[..., 2:] if with_state else None
+        bias = _randn(gen, 2 * d, dtype=dtype)[::2] if with_bias else None
+    return x, w, bias, st
+
+
+CONV_BASE = dict(B=3, d=5, L=127, k=4, activation="silu")
+# L = 8 and 512 take the 16-byte vector path (whole aligned runs); the others the scalar one.
+CONV_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L": 3}, {"L": 8},
+             {"L": 9}, {"L": 512}, {"L": 2049}, {"k": 2}, {"k": 3}, {"B": 1}, {"with_bias": False},
+             {"with_state": False}, {"activation": "none"}, {"layout": "strided"},
+             {"layout": "strided", "L": 1}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", CONV_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
+def test_causal_conv1d_fn_matches_ref(ops, rng, dtype, row):
+    seed, gen = rng
+    cfg = {**CONV_BASE, "layout": "contiguous", "with_bias": True, "with_state": True,
+           "kernel": "auto", **row}
+    B, d, L, k = cfg["B"], cfg["d"], cfg["L"], cfg["k"]
+    x, w, bias, st = conv_inputs(gen, B, d, L, k, dtype, cfg["layout"], cfg["with_bias"], cfg["with_state"])
+    y = _poison((B, d, L), dtype)
+    so = _poison((B, d, k - 1), dtype)
+    st_before = None if st is None else st.clone()
+    ret = ops.causal_conv1d_fn(x, w, bias, st, cfg["activation"], out=y, conv_state_out=so,
+                               kernel=cfg["kernel"])
+    assert ret[0] is y and ret[1] is so
+    ref_y, ref_s = causal_conv1d_ref(_up(x), _up(w.reshape(d, k)), _up(bias), _up(st), cfg["activation"])
+    assert_close(f"conv y {cfg}", y, ref_y, TOL[dtype], seed)
+    assert torch.equal(so.double(), ref_s), f"conv state {cfg} seed={seed}"
+    if st is not None:
+        assert torch.equal(st, st_before), "the input state must not change"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", [{}, {"d": 1}, {"d": 1544}, {"B": 1}, {"k": 2}, {"k": 3},
+                                 {"with_bias": False}, {"activation": "none"}, {"layout": "strided"}],
+                         ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
+def test_causal_conv1d_update_matches_ref(ops, rng, dtype, row):
+    seed, gen = rng
+    cfg = {**CONV_BASE, "layout": "contiguous", "with_bias": True, **row}
+    B, d, k = cfg["B"], cfg["d"], cfg["k"]
+    x, w, bias, st = conv_inputs(gen, B, d, 1, k, dtype, cfg["layout"], cfg["with_bias"], True, step=True)
+    ref_state = st.double().clone()
+    ref_y = causal_conv1d_update_ref(_up(x), ref_state, _up(w.reshape(d, k)), _up(bias), cfg["activation"])
+    y = _poison((B, d), dtype)
+    assert ops.causal_conv1d_update(x, st, w, bias, cfg["activation"], out=y) is y
+    assert_close(f"conv update y {cfg}", y, ref_y, TOL[dtype], seed)
+    assert torch.equal(st.double(), ref_state), f"conv update state {cfg} seed={seed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("L1, L2", [(29, 70), (256, 128)])
+def test_causal_conv1d_chunks_compose(ops, rng, dtype, L1, L2):
+    """conv over L1, then over L2 from the carried state == conv over L1 + L2, bit for bit (the same
+    fp32 operations on the same values)."""
+    seed, gen = rng
+    B, d, k = 2, 37, 4
+    x, w, bias, st = conv_inputs(gen, B, d, L1 + L2, k, dtype)
+    y, s = ops.causal_conv1d_fn(x, w, bias, st, "silu")
+    y1, s1 = ops.causal_conv1d_fn(x[..., :L1], w, bias, st, "silu")
+    y2, s2 = ops.causal_conv1d_fn(x[..., L1:], w, bias, s1, "silu")
+    assert torch.equal(torch.cat([y1, y2], -1), y), f"seed={seed}"
+    assert torch.equal(s2, s), f"seed={seed}"
+
+
+def test_causal_conv1d_rejects_in_place_state_for_long_sequences(ops, rng):
+    _, gen = rng
+    x, w, bias, st = conv_inputs(gen, 1, 4, 9, 4, torch.float32)
+    with pytest.raises(InputError, match="overlaps conv_state"):
+        ops.causal_conv1d_fn(x, w, bias, st, "silu", conv_state_out=st)
+
+
+# ------------------------------------------------------------------------------------------------
+# selective_scan
+
+
+def scan_inputs(gen, B, d, L, n, dtype, layout="contiguous", with_D=True, with_z=True, with_bias=True,
+                with_state=True, softplus=True, step=False):
+    T = () if step else (L,)
+    # dt = softplus(delta + delta_bias) around 0.5; without softplus, delta + delta_bias is dt
+    # itself and must stay positive (a negative dt with A < 0 grows h exponentially: overflow)
+    delta_kw = dict(scale=0.5, offset=-0.5) if softplus else dict(scale=0.02, offset=0.25)
+    bias_kw = dict(scale=0.3) if softplus else dict(scale=0.02, offset=0.1)
+    if layout == "contiguous":
+        u = _randn(gen, B, d, *T, dtype=dtype)
+        delta = _randn(gen, B, d, *T, dtype=dtype, **delta_kw)
+        z = _randn(gen, B, d, *T, dtype=dtype) if with_z else None
+        Bm = _randn(gen, B, n, *T, dtype=dtype)
+        Cm = _randn(gen, B, n, *T, dtype=dtype)
+        A = -torch.exp(_randn(gen, d, n, scale=0.5, offset=0.5))
+        D = _randn(gen, d) if with_D else None
+        dbias = _randn(gen, d, **bias_kw) if with_bias else None
+        state = _randn(gen, B, d, n) if with_state else None
+    else:  # slices as a Mamba block produces them: u, z from in_proj's [B, 2d, L]; delta, Bm, Cm
+        # from token-major projections; A transposed; D, delta_bias strided; state rows padded by one
+        # (so the decode kernel's 16-byte path is not taken)
+        xz = _randn(gen, B, 2 * d, *T, dtype=dtype)
+        u, z = xz[:, :d], (xz[:, d:] if with_z else None)
+        if step:
+            delta = _randn(gen, d, B, dtype=dtype, **delta_kw).t()
+            x_dbl = _randn(gen, B, 3 + 2 * n, dtype=dtype)
+            Bm, Cm = x_dbl[:, 3:3 + n], x_dbl[:, 3 + n:]
+        else:
+            delta = _randn(gen, B, L, d, dtype=dtype, **delta_kw).transpose(1, 2)
+            x_dbl = _randn(gen, B, L, 3 + 2 * n, dtype=dtype)
+            Bm, Cm = x_dbl[..., 3:3 + n].transpose(1, 2), x_dbl[..., 3 + n:].transpose(1, 2)
+        A = -torch.exp(_randn(gen, n, d, scale=0.5, offset=0.5)).t()
+        D = _randn(gen, 2 * d)[::2] if with_D else None
+        dbias = _randn(gen, 2 * d, **bias_kw)[1::2] if with_bias else None
+        state = _randn(gen, B, d, n + 1)[..., 1:] if with_state else None
+    return dict(u=u, delta=delta, A=A, Bm=Bm, Cm=Cm, D=D, z=z, delta_bias=dbias, ssm_state=state,
+                delta_softplus=softplus)
+
+
+def _scan_ref(inp, device=None):
+    args = {k: (_up(v) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    if device is not None:
+        args = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    return selective_scan_ref(**args)
+
+
+SCAN_BASE = dict(B=3, d=5, L=127, n=16)
+SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L": 3}, {"L": 64},
+             {"L": 65}, {"L": 2049}, {"B": 1}, {"n": 1}, {"n": 5}, {"n": 8}, {"n": 32}, {"n": 64},
+             {"with_z": False}, {"with_D": False}, {"with_bias": False}, {"with_state": False},
+             {"softplus": False}, {"layout": "strided"}, {"layout": "strided", "L": 1},
+             {"layout": "strided", "n": 64, "d": 19}]
+_FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", SCAN_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
+def test_selective_scan_fn_matches_ref(ops, rng, dtype, row):
+    seed, gen = rng
+    cfg = {**SCAN_BASE, **_FLAGS, "kernel": "auto", **row}
+    B, d, L, n = cfg["B"], cfg["d"], cfg["L"], cfg["n"]
+    inp = scan_inputs(gen, B, d, L, n, dtype, *(cfg[k] for k in _FLAGS))
+    state_before = None if inp["ssm_state"] is None else inp["ssm_state"].clone()
+    y = _poison((B, d, L), dtype)
+    so = _poison((B, d, n), torch.float32)
+    ret = ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel=cfg["kernel"])
+    assert ret[0] is y and ret[1] is so
+    ref_y, ref_s = _scan_ref(inp)
+    assert_close(f"scan y {cfg}", y, ref_y, TOL[dtype], seed)
+    assert_close(f"scan state {cfg}", so, ref_s, STATE_TOL, seed)
+    if state_before is not None:
+        assert torch.equal(inp["ssm_state"], state_before), "the input state must not change"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selective_scan_65537_tokens_in_one_call(ops, rng, dtype):
+    """A 65,537-token sequence in one launch (the state carried across 1,025 chunks). The float64
+    oracle is a Python loop over tokens, so d is small and it runs on the CPU."""
+    seed, gen = rng
+    B, d, L, n = 1, 2, 65537, 16
+    inp = scan_inputs(gen, B, d, L, n, dtype)
+    y = _poison((B, d, L), dtype)
+    so = _poison((B, d, n), torch.float32)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so)
+    ref_y, ref_s = _scan_ref(inp, device="cpu")
+    assert_close("scan y, L=65537", y.cpu(), ref_y, TOL[dtype], seed)
+    assert_close("scan state, L=65537", so.cpu(), ref_s, STATE_TOL, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selective_scan_chunks_compose(ops, rng, dtype):
+    """Scan over L1, then over L2 from the carried state == one scan over L1 + L2, bit for bit: each
+    step does the same fp32 operations on the same values wherever the launch boundaries fall."""
+    seed, gen = rng
+    B, d, n, L1, L2 = 2, 45, 16, 100, 61
+    inp = scan_inputs(gen, B, d, L1 + L2, n, dtype)
+    y, s = ops.selective_scan_fn(**inp)
+    first = {k: (v[..., :L1] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
+    second = {k: (v[..., L1:] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
+    y1, s1 = ops.selective_scan_fn(**first)
+    y2, s2 = ops.selective_scan_fn(**{**second, "ssm_state": s1})
+    assert torch.equal(torch.cat([y1, y2], -1), y), f"seed={seed}"
+    assert torch.equal(s2, s), f"seed={seed}"
+
+
+SSU_ROWS = [{}, {"d": 1}, {"d": 1544}, {"B": 1}, {"n": 1}, {"n": 5}, {"n": 64}, {"with_z": False},
+            {"with_D": False}, {"with_bias": False}, {"softplus": False}, {"layout": "strided"},
+            {"layout": "strided", "n": 5}]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("row", SSU_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
+def test_selective_state_update_matches_ref(ops, rng, dtype, row):
+    seed, gen = rng
+    cfg = {**SCAN_BASE, **_FLAGS, **row}
+    B, d, n = cfg["B"], cfg["d"], cfg["n"]
+    flags = {**{k: cfg[k] for k in _FLAGS}, "with_state": True}
+    inp = scan_inputs(gen, B, d, 1, n, dtype, *flags.values(), step=True)
+    ref_state = inp["ssm_state"].double().clone()
+    ref_args = {k: (_up(v) if isinstance(v, torch.Tensor) else v) for k, v in inp.items()}
+    ref_args["ssm_state"] = ref_state
+    ref_y = selective_state_update_ref(**ref_args)
+    y = _poison((B, d), dtype)
+    assert ops.selective_state_update(**inp, out=y) is y
+    assert_close(f"state update y {cfg}", y, ref_y, TOL[dtype], seed)
+    assert_close(f"state update state {cfg}", inp["ssm_state"], ref_state, STATE_TOL, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_steps_match_prefill(ops, rng, dtype):
+    """Five decode steps from a state == one scan over the same five tokens (two different kernels;
+    the only difference is where exp's argument is rounded, so fp32-level agreement)."""
+    seed, gen = rng
+    B, d, n, L = 3, 77, 16, 5
+    inp = scan_inputs(gen, B, d, L, n, dtype)
+    y_seq, s_seq = ops.selective_scan_fn(**inp)
+    state = inp["ssm_state"].clone()
+    ys = []
+    for t in range(L):
+        step = {k: (v[..., t] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
+        ys.append(ops.selective_state_update(**{**step, "ssm_state": state}))
+    assert_close("decode vs prefill y", torch.stack(ys, -1), y_seq.double(), (1e-5, 1e-4)
+                 if dtype == torch.float32 else TOL[dtype], seed)
+    assert_close("decode vs prefill state", state, s_seq.double(), STATE_TOL, seed)
+
+
+def test_scan_rejects_wrong_state_dtype_and_shape(ops, rng):
+    _, gen = rng
+    inp = scan_inputs(gen, 1, 4, 3, 16, torch.float16)
+    with pytest.raises(InputError, match=r"ssm_state has dtype torch.float16, expected torch.float32"):
+        ops.selective_scan_fn(**{**inp, "ssm_state": inp["ssm_state"].half()})
+    with pytest.raises(InputError, match=r"Bm has shape \(1, 15, 3\), expected \(1, 16, 3\)"):
+        ops.selective_scan_fn(**{**inp, "Bm": inp["Bm"][:, 1:]})
