@@ -177,7 +177,7 @@ class MambaLM(nn.Module):
 
 def load_model(path, dtype: str = "fp32", device="cpu", ops: OpSet = REF_OPS) -> MambaLM:
     """Open a checkpoint directory (either format) and build the reference model from it."""
-    from mamba_rt.checkpoint import open_checkpoint, torch_dtype
+    from mamba_rt.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(path)
     return model_from_weights(ckpt.config, ckpt.load_weights(dtype), dtype, device, ops)

@@ -132,8 +132,8 @@ class Checkpoint:
             if not t.is_floating_point():
                 raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {t.dtype}, expected a "
                                       "floating-point tensor")
-            if check_finite and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
+            bad = _count_nonfinite(t) if check_finite else 0
+            if bad:
                 warnings.warn(f"{self.path}: tensor {name!r} contains {bad} NaN/Inf values",
                               CheckpointWarning, stacklevel=2)
             out[name] = t.to(torch.float32 if is_fp32_param(name) else tdt)
@@ -143,7 +143,7 @@ class Checkpoint:
 
     def _iter_raw(self) -> Iterator[tuple[str, object]]:
         if self.kind == "safetensors":
-            safetensors_torch = require("safetensors.torch")  # noqa: F841  (import check)
+            require("safetensors")
             from safetensors import safe_open
 
             by_file: dict[Path, list[tuple[str, TensorInfo]]] = {}
@@ -178,6 +178,13 @@ class Checkpoint:
                             f"{f}: entry {key!r} is a {type(value).__name__}, expected only tensors"
                         )
                     yield canonical_name(key), value
+
+
+def _count_nonfinite(t, chunk: int = 1 << 22) -> int:
+    """NaN/Inf count, in chunks so that no temporary the size of a large weight is allocated."""
+    torch = require("torch")
+    flat = t.reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + chunk])).sum()) for i in range(0, flat.numel(), chunk))
 
 
 def _read_safetensors_header(f: Path) -> dict[str, TensorInfo]:

@@ -32,11 +32,11 @@ from typing import Sequence
 
 import numpy as np
 
-from mamba_rt._optional import require
 from mamba_rt.errors import InputError, InternalError, MambaRTError
 from mamba_rt.exporters import tensorrt_build as tb
 from mamba_rt.manifest import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, SSM_STATE, SSM_STATE_OUT, Manifest
 
+from . import cuda_rt
 from .backend import Backend, parse_device
 from .state import HOST_DTYPES, StateBuffers
 
@@ -140,22 +140,8 @@ def state_layout(manifest: Manifest) -> dict[str, tuple[int, int]]:
 # CUDA (cuda-python runtime API)
 
 
-def _rt():
-    return require("cuda.bindings.runtime")
-
-
-def _ck(result, what: str):
-    rt = _rt()
-    err, *vals = result if isinstance(result, tuple) else (result,)
-    if err != rt.cudaError_t.cudaSuccess:
-        _, msg = rt.cudaGetErrorString(err)
-        msg = msg.decode() if isinstance(msg, bytes) else str(msg)
-        if err == rt.cudaError_t.cudaErrorMemoryAllocation:
-            raise MambaRTError(f"{what}: out of GPU memory ({msg})")
-        raise InternalError(f"CUDA call {what} failed: {err.name} ({msg})")
-    if not vals:
-        return None
-    return vals[0] if len(vals) == 1 else tuple(vals)
+_rt = cuda_rt.rt
+_ck = cuda_rt.check
 
 
 class _DeviceMemory:
@@ -323,8 +309,8 @@ class TensorRTBackend(Backend):
             return "needs a CUDA device"
         try:
             tb.library(cls.library_backend)
-        except ImportError as e:
-            return str(e)
+        except Exception as e:  # ImportError, or a library that loads but finds no driver
+            return f"{cls.library_backend} cannot be loaded here ({type(e).__name__}: {e})"
         return None
 
     # -- lifecycle ----------------------------------------------------------------------------------

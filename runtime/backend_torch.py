@@ -1,0 +1,304 @@
+"""The torch backend: the reference model built from the package's weights.
+
+Loader: :class:`TorchModelFromPackage` (package -> ``MambaLM``; the weights come from ``weights.bin``
+through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runner:
+:class:`TorchBackend`.
+
+* CPU: the reference ops (``REF_OPS``), eager. Slow, exact, and what CI tests.
+* CUDA: the ``mamba_rt.plugins_cuda`` kernels (``ops="cuda"``, the default there; ``ops="ref"``
+  forces the reference ops) and, for the decode step, one CUDA graph per batch bucket (1, 2, 4, ...,
+  max_batch): gather the slots' state, run the model for one token, scatter the new state back and
+  write the logits, all in one graph launch. Padding rows of a bucket read and write a scratch slot
+  (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
+  device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
+
+This module is the only one of ``mamba_rt.runtime`` that imports torch.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from mamba_rt._optional import available, require
+from mamba_rt.errors import MissingDependencyError, UnsupportedError
+from mamba_rt.manifest import Manifest, load_manifest, read_weights
+
+from .backend import Backend, batch_bucket, parse_device
+from .sampling import SamplingParams, Sampler
+from .state import HOST_DTYPES, StateBuffers
+
+torch = require("torch")
+
+_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def cuda_ops():
+    """The OpSet of the ``plugins_cuda`` kernels (raises a clear error where they are unavailable)."""
+    from mamba_rt.exporters.model import OpSet
+
+    try:
+        from mamba_rt.plugins_cuda import torch_ops as pc
+    except ImportError as e:
+        raise MissingDependencyError(f"the plugins_cuda kernels cannot be loaded ({e}); install "
+                                     "'mamba-rt[gpu]' or pass ops='ref'") from e
+    missing = [n for n in ("causal_conv1d_fn", "selective_scan_fn") if not hasattr(pc, n)]
+    if missing:
+        raise UnsupportedError(f"mamba_rt.plugins_cuda.torch_ops does not provide {missing} in this build; "
+                               "pass ops='ref' to run the reference ops on the GPU")
+    return OpSet(pc.causal_conv1d_fn, pc.selective_scan_fn, "cuda")
+
+
+def weights_as_tensors(pkg_dir: str | Path, manifest: Manifest) -> dict:
+    """The package's canonical weights as CPU torch tensors sharing the memory map (no copy)."""
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only memory map: never written to
+        for name, a in read_weights(pkg_dir, manifest).items():
+            t = torch.from_numpy(a)
+            if manifest.weights_index[name]["dtype"] == "bfloat16":
+                t = t.view(torch.bfloat16)
+            out[name] = t
+    if manifest.config.tie_embeddings and "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["backbone.embedding.weight"]
+    return out
+
+
+class TorchModelFromPackage:
+    """Loader: a model package -> the reference ``MambaLM`` on ``device`` with ``ops``."""
+
+    def __init__(self, pkg_dir: str | Path, device: str = "cpu", ops: str | None = None,
+                 manifest: Manifest | None = None):
+        self.pkg_dir, self.device = Path(pkg_dir), device
+        self.manifest = manifest if manifest is not None else load_manifest(pkg_dir)
+        kind, _ = parse_device(device)
+        self.ops = ops or ("cuda" if kind == "cuda" else "ref")
+        if self.ops not in ("ref", "cuda"):
+            raise UnsupportedError(f"ops {ops!r}: expected 'ref' or 'cuda'")
+
+    def __call__(self):
+        from mamba_rt.exporters.model import REF_OPS, model_from_weights
+
+        ops = cuda_ops() if self.ops == "cuda" else REF_OPS
+        m = self.manifest
+        return model_from_weights(m.config, weights_as_tensors(self.pkg_dir, m), m.dtype, self.device, ops)
+
+
+def torch_model_from_package(pkg_dir, device="cpu", ops=None):
+    """One-off twin of :class:`TorchModelFromPackage`."""
+    return TorchModelFromPackage(pkg_dir, device, ops)()
+
+
+class TorchStateBuffers(StateBuffers):
+    """State as torch tensors on the backend's device, with one extra scratch slot at index max_batch
+    (``conv``/``ssm`` have max_batch + 1 slots; only the first max_batch are handed out)."""
+
+    def __init__(self, manifest: Manifest, max_batch: int, device):
+        super().__init__(manifest, max_batch)
+        L, _, d, k1 = self.conv_shape
+        n = self.ssm_shape[-1]
+        self.scratch = max_batch
+        self.conv = torch.zeros((L, max_batch + 1, d, k1), dtype=_TORCH_DTYPES[manifest.dtype], device=device)
+        self.ssm = torch.zeros((L, max_batch + 1, d, n), dtype=torch.float32, device=device)
+
+    def zero(self, slot):
+        self.conv[:, slot].zero_()
+        self.ssm[:, slot].zero_()
+
+    def copy(self, src, dst):
+        self.conv[:, dst].copy_(self.conv[:, src])
+        self.ssm[:, dst].copy_(self.ssm[:, src])
+
+    def read(self, slot):
+        conv = self.conv[:, slot].cpu()
+        if conv.dtype == torch.bfloat16:
+            conv = conv.view(torch.int16)
+        return conv.numpy().view(HOST_DTYPES[self.conv_dtype]).copy(), self.ssm[:, slot].cpu().numpy().copy()
+
+    def write(self, slot, conv, ssm):
+        c = torch.from_numpy(np.array(conv))  # a copy: snapshot arrays are read-only views
+        if self.conv.dtype == torch.bfloat16:
+            c = c.view(torch.bfloat16)
+        self.conv[:, slot].copy_(c)
+        self.ssm[:, slot].copy_(torch.from_numpy(np.array(ssm, np.float32)))
+
+
+def sample_torch(logits, seen, params: SamplingParams, u):
+    """:func:`~mamba_rt.runtime.sampling.sample_numpy` on the device. logits (b, vocab) float32;
+    seen (b, vocab) bool or None; u (b,) float64 tensor. Returns (b,) int64 on the device."""
+    x = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        r = float(params.repetition_penalty)
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    if params.greedy:
+        return x.argmax(-1)
+    b, vocab = x.shape
+    x = x.double() / params.temperature
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    p = torch.softmax(x, dim=-1)
+    if params.top_p < 1.0:
+        sp = torch.sort(p, dim=-1, descending=True).values
+        keep = ((torch.cumsum(sp, -1) - sp) < params.top_p).sum(-1, keepdim=True)
+        thr = torch.gather(sp, 1, keep - 1)
+        p = torch.where(p >= thr, p, torch.zeros_like(p))
+    cdf = torch.cumsum(p, -1)
+    idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1)
+    return idx.clamp_max(vocab - 1)
+
+
+class TorchSampler(Sampler):
+    """Sampling on the device where the logits are; only the ids (b,) come back to the host."""
+
+    def __init__(self, max_batch: int, vocab: int, device):
+        self.device = torch.device(device)
+        self.seen = torch.zeros((max_batch, vocab), dtype=torch.bool, device=self.device)
+        super().__init__(max_batch, vocab)
+
+    def _seen_reset(self, slot):
+        self.seen[slot] = False
+
+    def _seen_copy(self, src, dst):
+        self.seen[dst] = self.seen[src]
+
+    def _seen_get(self, slot):
+        return self.seen[slot].cpu().numpy().copy()
+
+    def _seen_set(self, slot, mask):
+        self.seen[slot] = torch.from_numpy(np.ascontiguousarray(mask, bool)).to(self.device)
+
+    def _seen_mark(self, slots, ids):
+        rows = torch.from_numpy(np.repeat(slots, ids.shape[1])).to(self.device)
+        self.seen[rows, torch.from_numpy(ids.reshape(-1)).to(self.device)] = True
+
+    def _sample(self, logits, slots, params, u):
+        rows = torch.from_numpy(slots).to(self.device)
+        seen = self.seen[rows] if params.repetition_penalty != 1.0 else None
+        out = sample_torch(logits, seen, params, torch.from_numpy(u).to(self.device))
+        return out.cpu().numpy().astype(np.int64)
+
+
+@torch.no_grad()
+def run_slots(model, state: TorchStateBuffers, idx, ids):
+    """Gather the state of slots ``idx`` (b,), run ``ids`` (b, L) through ``model``, scatter the new
+    state back; returns the last position's logits (b, vocab). The body of every step, eager or
+    captured in a CUDA graph."""
+    from mamba_rt.exporters.model import MambaState
+
+    st = MambaState(state.conv.index_select(1, idx), state.ssm.index_select(1, idx))
+    logits, new = model(ids, st, last_only=True)
+    state.conv.index_copy_(1, idx, new.conv)
+    state.ssm.index_copy_(1, idx, new.ssm)
+    return logits
+
+
+class _DecodeGraph:
+    """One CUDA graph for a decode step of ``bucket`` rows (static ids, slot indices and logits)."""
+
+    def __init__(self, model, state: TorchStateBuffers, bucket: int, pool):
+        dev = state.conv.device
+        self.bucket = bucket
+        self.state = state
+        self.ids = torch.zeros((bucket, 1), dtype=torch.int64, device=dev)
+        self.idx = torch.full((bucket,), state.scratch, dtype=torch.int64, device=dev)
+        self._model = model
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up (kernel compilation, allocator) on the scratch slot only
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = self._step()
+
+    def _step(self):
+        return run_slots(self._model, self.state, self.idx, self.ids)
+
+    def run(self, slots: np.ndarray, ids: np.ndarray):
+        n = len(slots)
+        idx = np.full(self.bucket, self.state.scratch, np.int64)
+        idx[:n] = slots
+        tok = np.zeros((self.bucket, 1), np.int64)
+        tok[:n] = ids
+        self.idx.copy_(torch.from_numpy(idx), non_blocking=False)
+        self.ids.copy_(torch.from_numpy(tok), non_blocking=False)
+        self.graph.replay()
+        return self.logits[:n]
+
+
+class TorchBackend(Backend):
+    """Runner over the reference model. Options: ``ops`` ('ref' | 'cuda'; default 'cuda' on a GPU),
+    ``cuda_graph`` (default True on a GPU: decode steps replay a captured graph)."""
+
+    name = "torch"
+
+    def __init__(self, pkg_dir, device="cpu", max_batch=8, manifest=None, ops: str | None = None,
+                 cuda_graph: bool | None = None):
+        super().__init__(pkg_dir, device, max_batch, manifest)
+        self.loader = TorchModelFromPackage(pkg_dir, device, ops, self.manifest)
+        self.cuda_graph = (self.device_kind == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device_kind != "cuda":
+            raise UnsupportedError("cuda_graph=True needs device 'cuda'")
+        self._graphs: dict[int, _DecodeGraph] = {}
+        self._pool = None
+
+    @classmethod
+    def unavailable_reason(cls, manifest, device):
+        if not available("torch"):
+            return "torch is not installed (pip install 'mamba-rt[export]')"
+        kind, idx = parse_device(device)
+        if kind == "cuda":
+            if not torch.cuda.is_available():
+                return "torch sees no CUDA GPU"
+            if idx >= torch.cuda.device_count():
+                return f"no CUDA device {idx} (torch sees {torch.cuda.device_count()})"
+            try:
+                ops = cuda_ops()
+            except Exception as e:  # noqa: BLE001 -- any failure here means: not usable
+                return f"the plugins_cuda kernels are unavailable ({e})"
+            major, minor = torch.cuda.get_device_capability(idx)
+            dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest.dtype]
+            for fn in (ops.causal_conv1d, ops.selective_scan):
+                cap = getattr(fn, "capability", None)
+                why = cap.why_unsupported(arch=10 * major + minor, dtype=dtype) if cap is not None else None
+                if why:
+                    return why
+        return None
+
+    def _activate_impl(self):
+        self.torch_device = torch.device(self.device)
+        self.model = self.loader()
+        self.state = TorchStateBuffers(self.manifest, self.max_batch, self.torch_device)
+        if self.cuda_graph:
+            self._pool = torch.cuda.graph_pool_handle()
+
+    def _deactivate_impl(self):
+        self._graphs.clear()
+        self.model = None
+        self._pool = None
+        if self.device_kind == "cuda":
+            torch.cuda.empty_cache()
+
+    def make_sampler(self):
+        return TorchSampler(self.max_batch, self.vocab, self.torch_device)
+
+    def logits_to_host(self, logits):
+        return logits.float().cpu().numpy().copy()  # on the CPU, .numpy() would share the graph's buffer
+
+    def describe(self):
+        extra = ", CUDA graphs" if self.cuda_graph else ""
+        return f"torch {torch.__version__} on {self.device} ({self.loader.ops} ops{extra})"
+
+    @torch.no_grad()
+    def _forward_impl(self, slots, ids):
+        if self.cuda_graph and ids.shape[1] == 1:
+            b = batch_bucket(len(slots), self.max_batch)
+            g = self._graphs.get(b)
+            if g is None:
+                g = self._graphs[b] = _DecodeGraph(self.model, self.state, b, self._pool)
+            return g.run(slots, ids)
+        dev = self.torch_device
+        return run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))

@@ -1,0 +1,148 @@
+"""GPU backends end to end (``pytest -m gpu``): torch (plugins_cuda kernels + CUDA graphs) and the
+onnxruntime CUDA provider, against the reference model; constant device and host memory.
+
+Tolerances for half precision (logits, relative L2 error per step, teacher-forced so both sides see
+the same tokens): fp16 2e-2, bf16 6e-2. fp32 must give identical greedy tokens.
+"""
+import os
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+torch = pytest.importorskip("torch", reason="the GPU tests drive the GPU through torch")
+
+from mamba_rt.runtime import SamplingParams, Session  # noqa: E402
+from tests.helpers import rel_err  # noqa: E402
+from tests.runtime.packages import export_tiny  # noqa: E402
+
+HALF_TOL = {"fp16": 2e-2, "bf16": 6e-2}
+
+
+@pytest.fixture(scope="module")
+def packages(tmp_path_factory):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    root = tmp_path_factory.mktemp("gpu")
+    return {dt: export_tiny(root / dt, seed=seed, dtype=dt, d_conv=4, d_state=16)[0] for dt in ("fp32", "fp16", "bf16")}, seed
+
+
+def _reference(pkg):
+    from mamba_rt.runtime.backend_torch import torch_model_from_package
+
+    return torch_model_from_package(pkg, "cuda", ops="ref")
+
+
+def _prompts(vocab, lengths):
+    rng = np.random.default_rng()
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def _ort_cuda_or_skip():
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime has no CUDAExecutionProvider ({ort.get_available_providers()}); "
+                    "install onnxruntime-gpu for the CUDA 13 of this machine")
+
+
+BACKENDS = {"torch": dict(backend="torch"), "onnxruntime": dict(backend="onnxruntime")}
+
+
+def _open(name, pkg, **kw):
+    if name == "onnxruntime":
+        _ort_cuda_or_skip()
+    return Session.open(pkg, device="cuda", **BACKENDS[name], **kw)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_fp32_greedy_tokens_identical_to_reference_batched(packages, name):
+    pkgs, seed = packages
+    ref = _reference(pkgs["fp32"])
+    prompts = _prompts(ref.config.vocab_size, [3, 17, 8])
+    with _open(name, pkgs["fp32"], max_batch=4) as s:
+        assert s.backend.cuda_graph and "CUDA graphs" in s.describe()
+        out = s.generate(prompts, 64, stream=False)
+    for p, g in zip(prompts, out):
+        want = ref.generate_greedy(torch.tensor([p], device="cuda"), 64)[0].tolist()
+        assert g.ids == want, (name, seed, p)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+@pytest.mark.parametrize("dtype", list(HALF_TOL))
+def test_half_logits_within_tolerance_teacher_forced(packages, name, dtype):
+    pkgs, seed = packages
+    ref = _reference(pkgs[dtype])
+    vocab = ref.config.vocab_size
+    prompt, forced = _prompts(vocab, [11, 32])
+    with _open(name, pkgs[dtype], max_batch=2) as s:
+        slot = s.alloc()
+        got = [s.prefill(slot, prompt, return_logits=True)]
+        for t in forced:
+            got.append(s.step([slot], [t], return_logits=True)[0])
+    with torch.no_grad():
+        lg, st = ref(torch.tensor([prompt], device="cuda"), None, last_only=True)
+        want = [lg[0]]
+        for t in forced:
+            lg, st = ref(torch.tensor([[t]], device="cuda"), st, last_only=True)
+            want.append(lg[0])
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert rel_err(torch.from_numpy(g), w.cpu()) < HALF_TOL[dtype], (name, dtype, seed, i)
+
+
+def test_torch_cuda_graph_equals_eager_and_sampling_matches_host(packages):
+    pkgs, seed = packages
+    sp = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.2, seed=seed)
+    prompts = _prompts(100, [5, 9, 2])
+    outs = {}
+    for graph in (True, False):
+        with Session.open(pkgs["fp32"], backend="torch", device="cuda", max_batch=4, cuda_graph=graph) as s:
+            outs[graph] = [g.ids for g in s.generate(prompts, 48, sp, stream=False)]
+    assert outs[True] == outs[False], seed
+    with Session.open(pkgs["fp32"], backend="onnxruntime", device="cpu", max_batch=4) as s:
+        assert [g.ids for g in s.generate(prompts, 48, sp, stream=False)] == outs[True], seed
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_device_state_fork_snapshot_and_untouched_slots(packages, name):
+    pkgs, seed = packages
+    prompt = _prompts(100, [7])[0]
+    with _open(name, pkgs["bf16"], max_batch=3) as s:
+        a = s.alloc()
+        whole = s.generate(prompt, 30, stream=False, slots=[a])[0].ids
+        s.reset(a)
+        first = s.generate(prompt, 10, stream=False, slots=[a])[0].ids
+        blob = s.snapshot(a)
+        b = s.fork(a)
+        c = s.alloc()
+        s.restore(c, blob)
+        before_a = s.cache.buffers.read(a)
+        with pytest.raises(Exception, match="outside the vocabulary"):
+            s.step([b, c], [1, 10**6])
+        rest = s.generate([[], []], 20, stream=False, slots=[b, c])
+        after_a = s.cache.buffers.read(a)
+    assert first == whole[:10] and rest[0].ids == rest[1].ids == whole[10:], (name, seed)
+    assert np.array_equal(before_a[0], after_a[0]) and np.array_equal(before_a[1], after_a[1])
+
+
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_constant_device_and_host_memory_over_20000_tokens(packages, name):
+    pkgs, _ = packages
+    n = 20000
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1)
+    with _open(name, pkgs["fp16"], max_batch=1) as s:
+        list(s.generate([1, 2, 3], 150, sp))  # warm-up: graphs captured, arenas settled
+        mark = {}
+        for i, _ in enumerate(s.generate([4, 5], n, sp)):
+            if i in (99, n - 1):
+                torch.cuda.synchronize()
+                free, total = torch.cuda.mem_get_info()
+                mark[i] = (total - free, torch.cuda.memory_allocated(), _rss())
+    (dev0, alloc0, rss0), (dev1, alloc1, rss1) = mark[99], mark[n - 1]
+    assert abs(dev1 - dev0) <= 1 << 20, f"device memory changed by {(dev1 - dev0) / 1024:.0f} KiB"
+    assert alloc1 == alloc0
+    assert abs(rss1 - rss0) <= 1 << 20, f"host RSS changed by {(rss1 - rss0) / 1024:.0f} KiB"

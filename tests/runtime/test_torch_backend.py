@@ -1,0 +1,70 @@
+"""The torch backend on the CPU (reference ops) against the reference model it is built from."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="the torch backend needs torch")
+
+from mamba_rt.runtime import SamplingParams, Session, derive_seed  # noqa: E402
+from tests.runtime.packages import diverse_prompts, weights_only_package  # noqa: E402
+
+
+def _prompts(rng, vocab, lengths):
+    return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def test_greedy_equals_reference_model_with_chunked_prefill(torch_only_package):
+    pkg, model, seed = torch_only_package
+    with Session.open(pkg, backend="torch", max_batch=2, prefill_chunk=4) as s:
+        assert "torch" in s.describe() and "ref ops" in s.describe()
+        for prompt in diverse_prompts(s, [1, 4, 11], 24):
+            want = model.generate_greedy(torch.tensor([prompt]), 24)[0].tolist()
+            got = s.generate(prompt, 24, stream=False)[0].ids
+            assert len(set(want)) >= 4, "degenerate sequence: the comparison would not discriminate"
+            assert got == want, (seed, prompt)
+        assert s.cache.n_free == 2  # generate frees the slots it took
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_dtypes_equal_reference_model(tmp_path, dtype):
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    pkg, model = weights_only_package(tmp_path / "p", seed=seed, dtype=dtype)
+    prompt = np.random.default_rng().integers(0, model.config.vocab_size, 7).tolist()
+    with Session.open(pkg, backend="torch", max_batch=3) as s:
+        got = s.generate([prompt, prompt[:3]], 12, stream=False)
+        slot = s.alloc()
+        s.prefill(slot, prompt)
+        blob = s.snapshot(slot)  # bf16/fp16 state through TorchStateBuffers.read
+        s.restore(slot, blob)
+        assert s.snapshot(slot) == blob
+    for p, g in zip([prompt, prompt[:3]], got):
+        assert g.ids == model.generate_greedy(torch.tensor([p]), 12)[0].tolist(), seed
+
+
+def test_batch_of_three_equals_each_alone_with_sampling(torch_only_package):
+    pkg, model, seed = torch_only_package
+    prompts = _prompts(np.random.default_rng(), model.config.vocab_size, [2, 9, 5])
+    sp = SamplingParams(temperature=0.9, top_k=30, top_p=0.95, repetition_penalty=1.2, seed=seed)
+    with Session.open(pkg, backend="torch", max_batch=3) as s:
+        together = s.generate(prompts, 16, sp, stream=False)
+        # alone: each prompt with the seed it had at its batch index
+        for i, p in enumerate(prompts):
+            slot = s.alloc()
+            s.seed(slot, derive_seed(seed, i))
+            alone = s.generate(p, 16, sp, stream=False, slots=[slot])[0]
+            s.free(slot)
+            assert alone.ids == together[i].ids, (seed, i)
+
+
+def test_backend_option_errors(torch_only_package):
+    from mamba_rt.errors import MambaRTError, UnsupportedError
+
+    pkg = torch_only_package[0]
+    with pytest.raises(UnsupportedError, match="cuda_graph=True needs device 'cuda'"):
+        Session.open(pkg, backend="torch", cuda_graph=True)
+    with pytest.raises(UnsupportedError, match="ops 'triton'"):
+        Session.open(pkg, backend="torch", ops="triton")
+    # the package has no graphs: onnxruntime refuses by name, auto falls back to torch and says so
+    with pytest.raises(MambaRTError, match="no portable graph"):
+        Session.open(pkg, backend="onnxruntime")
+    with Session.open(pkg, backend="auto") as s:
+        assert s.backend.name == "torch" and "onnxruntime: the package has no portable graph" in s.backend.choice
