@@ -13,6 +13,7 @@ import importlib
 _LAZY = {
     "export_package": "mamba_rt.exporters.export",
     "export_from_model": "mamba_rt.exporters.export",
+    "export_weights_only": "mamba_rt.exporters.export",
     "build_engines": "mamba_rt.exporters.tensorrt_build",
 }
 

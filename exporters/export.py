@@ -35,7 +35,7 @@ from torch import nn
 
 from mamba_rt import __version__
 from mamba_rt._optional import require
-from mamba_rt.checkpoint import CheckpointWarning, open_checkpoint, parse_dtype, torch_dtype
+from mamba_rt.checkpoint import CheckpointWarning, count_nonfinite, open_checkpoint, parse_dtype, torch_dtype
 from mamba_rt.config import MambaConfig
 from mamba_rt.errors import InternalError, MambaRTError
 from mamba_rt.manifest import (CONV_STATE, CONV_STATE_OUT, GRAPH_DECODE, GRAPH_PLUGIN, GRAPH_PREFILL,
@@ -84,15 +84,39 @@ def export_from_model(model: MambaLM, out_dir: str | os.PathLike, force: bool = 
                       progress: Progress | None = None, tokenizer: str | os.PathLike | None = None) -> Path:
     """Export an in-memory reference model (e.g. one built from ``random_weights``) to a package. The
     model is not modified; its dtype is the package dtype."""
-    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype)
-    if dtype is None:
-        raise ExportError(f"model dtype {model.dtype}: expected float32, float16 or bfloat16")
+    dtype = _model_dtype(model)
     out = _check_target(out_dir, force)
     if tokenizer is not None and not Path(tokenizer).is_file():
         raise ExportError(f"tokenizer {tokenizer}: no such file; expected a tokenizer.json to copy into the package")
     weights = {k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items()}
     return _export(model.config, weights, dtype, out, force, all_logits, progress,
                    Path(tokenizer) if tokenizer else None)
+
+
+def export_weights_only(model: MambaLM, out_dir: str | os.PathLike, force: bool = False) -> Path:
+    """A package with ``weights.bin`` and the manifest but no ONNX graph: enough for the torch backend
+    (tests, benchmarks, and machines without the ONNX exporter's dependencies). Seconds, not minutes."""
+    dtype = _model_dtype(model)
+    out = _check_target(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        weights = {k: v.detach().cpu() for k, v in model.state_dict(keep_vars=True).items()}
+        index, sha, nbytes = write_weights(model.config, weights, dtype, tmp / WEIGHTS_FILE)
+        Manifest(config=model.config, dtype=dtype, graphs={}, weights_file=WEIGHTS_FILE, weights_sha256=sha,
+                 weights_bytes=nbytes, weights_index=index, mamba_rt_version=__version__).save(tmp)
+        _replace(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _model_dtype(model: MambaLM) -> str:
+    dtype = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype)
+    if dtype is None:
+        raise ExportError(f"model dtype {model.dtype}: expected float32, float16 or bfloat16")
+    return dtype
 
 
 # -- driver ---------------------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ def write_weights(config: MambaConfig, weights: dict, dtype: str, path: Path,
                 h.update(b"\0" * pad)
                 offset += pad
             flat = t.detach().contiguous().reshape(-1)
-            bad = sum(int((~torch.isfinite(flat[i:i + CHUNK])).sum()) for i in range(0, flat.numel(), CHUNK))
+            bad = count_nonfinite(flat, CHUNK)
             if bad:
                 warnings.warn(f"weights: tensor {name!r} contains {bad} NaN/Inf values", CheckpointWarning,
                               stacklevel=3)

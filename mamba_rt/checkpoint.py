@@ -132,7 +132,7 @@ class Checkpoint:
             if not t.is_floating_point():
                 raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {t.dtype}, expected a "
                                       "floating-point tensor")
-            bad = _count_nonfinite(t) if check_finite else 0
+            bad = count_nonfinite(t) if check_finite else 0
             if bad:
                 warnings.warn(f"{self.path}: tensor {name!r} contains {bad} NaN/Inf values",
                               CheckpointWarning, stacklevel=2)
@@ -180,7 +180,7 @@ class Checkpoint:
                     yield canonical_name(key), value
 
 
-def _count_nonfinite(t, chunk: int = 1 << 22) -> int:
+def count_nonfinite(t, chunk: int = 1 << 22) -> int:
     """NaN/Inf count, in chunks so that no temporary the size of a large weight is allocated."""
     torch = require("torch")
     flat = t.reshape(-1)

@@ -7,12 +7,10 @@ graph), kept so the torch-backend tests do not depend on ONNX export.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
-from mamba_rt.manifest import ONNX_DTYPES, Manifest
 from tests.helpers import tiny_config
 
 
@@ -34,32 +32,10 @@ def export_tiny(out: Path, seed: int, dtype: str = "fp32", tokenizer=None, **ove
 
 def weights_only_package(out: Path, seed: int, dtype: str = "fp32", **over):
     """(package dir, reference model): weights.bin + manifest, no graphs (torch backend only)."""
-    import torch
+    from mamba_rt.exporters.export import export_weights_only
 
     model = tiny_model(seed, dtype, **over)
-    cfg = model.config
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    index, blobs, off = {}, [], 0
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        t = t.detach().contiguous()
-        raw = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().tobytes()
-        off = (off + 63) // 64 * 64
-        dt = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[t.dtype]
-        index[name] = {"offset": off, "nbytes": len(raw), "shape": list(t.shape), "dtype": dt}
-        blobs.append((off, raw))
-        off += len(raw)
-    buf = bytearray(off)
-    for o, raw in blobs:
-        buf[o:o + len(raw)] = raw
-    (out / "weights.bin").write_bytes(bytes(buf))
-    Manifest(config=cfg, dtype=dtype, graphs={}, weights_file="weights.bin",
-             weights_sha256=hashlib.sha256(bytes(buf)).hexdigest(), weights_bytes=len(buf),
-             weights_index=index).save(out)
-    assert ONNX_DTYPES[dtype]
-    return out, model
+    return export_weights_only(model, out), model
 
 
 def diverse_prompts(session, lengths, new_tokens: int = 32, min_distinct: int = 6, tries: int = 20):
