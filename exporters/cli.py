@@ -22,9 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class ExportProgress:
     """One status line on stderr: redrawn in place on a terminal, one line per stage otherwise."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr  # looked up now, not at import
+        self.tty = self.stream.isatty()
         self.t0 = time.monotonic()
         self.last = None
 
