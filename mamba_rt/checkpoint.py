@@ -222,20 +222,23 @@ def _read_safetensors_header(f: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _shards_from_index(d: Path, idx: Path) -> list[Path]:
+    """The shard files an index (``*.index.json`` with a ``weight_map``) names, each checked present."""
+    try:
+        weight_map = json.loads(idx.read_text())["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{idx}: not a valid index ({type(e).__name__}: {e})") from None
+    for shard in shards:
+        if not (d / shard).is_file():
+            raise CheckpointError(f"{idx} names shard {shard!r}, which is missing from {d}")
+    return [d / shard for shard in shards]
+
+
 def _find_weight_files(d: Path) -> tuple[str, list[Path]]:
     idx = d / "model.safetensors.index.json"
     if idx.exists():
-        try:
-            weight_map = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{idx}: not a valid safetensors index ({e})") from None
-        files = []
-        for shard in dict.fromkeys(weight_map.values()):
-            p = d / shard
-            if not p.is_file():
-                raise CheckpointError(f"{idx} names shard {shard!r}, which is missing from {d}")
-            files.append(p)
-        return "safetensors", files
+        return "safetensors", _shards_from_index(d, idx)
     if (d / "model.safetensors").is_file():
         return "safetensors", [d / "model.safetensors"]
     st = sorted(d.glob("*.safetensors"))
@@ -243,16 +246,7 @@ def _find_weight_files(d: Path) -> tuple[str, list[Path]]:
         return "safetensors", st
     bidx = d / "pytorch_model.bin.index.json"
     if bidx.exists():
-        try:
-            weight_map = json.loads(bidx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{bidx}: not a valid index ({e})") from None
-        files = []
-        for shard in dict.fromkeys(weight_map.values()):
-            if not (d / shard).is_file():
-                raise CheckpointError(f"{bidx} names shard {shard!r}, which is missing from {d}")
-            files.append(d / shard)
-        return "pickle", files
+        return "pickle", _shards_from_index(d, bidx)
     if (d / "pytorch_model.bin").is_file():
         return "pickle", [d / "pytorch_model.bin"]
     raise CheckpointError(f"{d}: no weights found: expected model.safetensors, "
