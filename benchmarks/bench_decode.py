@@ -11,7 +11,12 @@ For each published Mamba-1 size (random weights: latency does not depend on thei
     (the sampled token id comes back every step); median and p99 over ``--steps`` steps after warm-up;
   * Hugging Face transformers ``MambaForCausalLM.generate`` (greedy, its cache, whatever kernels it
     finds; without mamba_ssm/causal_conv1d it uses its PyTorch path): wall time / new tokens.
-mamba_ssm itself is not installed on the lent GPU machine, so it is not in this table (issue 7).
+  * with ``--mamba-ssm SRC`` (a checkout of state-spaces/mamba; never committed here): mamba_ssm's own
+    CUDA-graph decode, ``MambaLMHeadModel.generate(cg=True)``, as it imports on the machine. Without its
+    CUDA extension (``selective_scan_cuda``) its decode still runs (Triton state update, torch conv);
+    only its prefill needs the extension, so the harness routes that prefill through mamba_ssm's own
+    ``selective_scan_ref``. Per token = (generate time - prefill time) / decode steps, the graph
+    captured by an identical warm-up call first.
 Absolute times are only meaningful from a GPU; the script refuses to run without one.
 """
 from __future__ import annotations
@@ -109,6 +114,50 @@ def bench_hf(config: MambaConfig, weights: dict, dtype: torch.dtype, new_tokens:
     return {"ms_per_token": dt / n * 1e3, "new_tokens": n, "transformers": transformers.__version__}
 
 
+def bench_mamba_ssm(config: MambaConfig, weights: dict, dtype: torch.dtype, new_tokens: int, src: str) -> dict:
+    sys.path.insert(0, src)
+    try:
+        import mamba_ssm
+        import mamba_ssm.modules.mamba_simple as simple
+        import mamba_ssm.ops.selective_scan_interface as ssi
+        from mamba_ssm.models.config_mamba import MambaConfig as SsmConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+        from mamba_ssm.utils.generation import InferenceParams
+    except Exception as e:  # noqa: BLE001 -- report, do not fail the other rows
+        return {"error": f"mamba_ssm from {src} does not import: {type(e).__name__}: {e}"}
+    variant = {"selective_scan_cuda": ssi.selective_scan_cuda is not None,
+               "causal_conv1d": simple.causal_conv1d_update is not None,
+               "triton_state_update": simple.selective_state_update is not None}
+    if ssi.selective_scan_cuda is None:
+        simple.selective_scan_fn = ssi.selective_scan_ref  # prefill only; decode takes the step path
+    mc = SsmConfig(d_model=config.d_model, n_layer=config.n_layer, vocab_size=config.vocab_size,
+                   ssm_cfg={"layer": "Mamba1", "d_state": config.d_state, "d_conv": config.d_conv,
+                            "expand": config.expand},
+                   rms_norm=True, residual_in_fp32=config.residual_in_fp32, fused_add_norm=True,
+                   pad_vocab_size_multiple=config.pad_vocab_size_multiple, tie_embeddings=config.tie_embeddings)
+    model = MambaLMHeadModel(mc, device="cuda", dtype=dtype).eval()
+    model.load_state_dict({k: v.to("cuda") for k, v in weights.items()}, strict=True)
+    prompt = 16
+    ids = torch.randint(0, config.vocab_size, (1, prompt), device="cuda")
+    kw = dict(max_length=prompt + new_tokens, cg=True, top_k=1, return_dict_in_generate=False)
+    with torch.no_grad():
+        model.generate(ids, **kw)  # warm-up: Triton compilation, graph capture
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(3):
+            model(ids, inference_params=InferenceParams(max_seqlen=prompt + new_tokens, max_batch_size=1))
+        torch.cuda.synchronize()
+        prefill = (time.perf_counter() - t0) / 3
+    steps = out.shape[1] - prompt - 1  # the first new token comes from the prefill's logits
+    del model
+    return {"ms_per_token": (total - prefill) / steps * 1e3, "decode_steps": steps, "prefill_ms": prefill * 1e3,
+            "version": mamba_ssm.__version__, "kernels": variant}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="130m,370m,1.4b")
@@ -116,6 +165,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--hf-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--mamba-ssm", default=None, metavar="SRC", help="a state-spaces/mamba checkout to compare with")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode: no CUDA GPU; absolute times are only taken on a GPU", file=sys.stderr)
@@ -134,12 +184,16 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as td:
             ours = bench_ours(model, args.steps, Path(td))
         hf = bench_hf(cfg, weights, torch_dtype(args.dtype), args.hf_tokens)
+        ssm = (bench_mamba_ssm(cfg, weights, torch_dtype(args.dtype), args.steps, args.mamba_ssm)
+               if args.mamba_ssm else {"error": "not measured (no --mamba-ssm)"})
         del model, weights
         torch.cuda.empty_cache()
         row = {"config": name, "params": cfg.n_params(), "floor_ms": floor, "mamba_rt_torch": ours, "hf": hf,
-               "ours_over_floor": ours["median_ms"] / floor}
+               "mamba_ssm": ssm, "ours_over_floor": ours["median_ms"] / floor}
         if "ms_per_token" in hf:
             row["hf_over_ours"] = hf["ms_per_token"] / ours["median_ms"]
+        if "ms_per_token" in ssm:
+            row["mamba_ssm_over_ours"] = ssm["ms_per_token"] / ours["median_ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"device": dev, "dtype": args.dtype, "batch": 1, "copy_bandwidth_TBps": bw / 1e12,
@@ -149,13 +203,23 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\n{dev}, {args.dtype}, batch 1, copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'model':>6} {'floor ms':>9} {'mamba-rt ms (p99)':>19} {'x floor':>8} {'HF ms':>8} {'HF / mamba-rt':>14}")
+    print(f"{'model':>6} {'floor ms':>9} {'mamba-rt ms (p99)':>19} {'x floor':>8} {'mamba_ssm ms':>13} "
+          f"{'ssm / rt':>9} {'HF ms':>8} {'HF / rt':>8}")
+
+    def ms(d):
+        return f"{d['ms_per_token']:.3f}" if "ms_per_token" in d else "n/a"
+
+    def ratio(r, k):
+        return f"{r[k]:.2f}x" if k in r else "n/a"
+
     for r in rows:
-        o, h = r["mamba_rt_torch"], r["hf"]
-        hf_ms = f"{h['ms_per_token']:.2f}" if "ms_per_token" in h else "n/a"
-        ratio = f"{r['hf_over_ours']:.1f}x" if "hf_over_ours" in r else "n/a"
+        o = r["mamba_rt_torch"]
         print(f"{r['config']:>6} {r['floor_ms']:9.3f} {o['median_ms']:9.3f} ({o['p99_ms']:.3f}) "
-              f"{r['ours_over_floor']:8.2f} {hf_ms:>8} {ratio:>14}")
+              f"{r['ours_over_floor']:8.2f} {ms(r['mamba_ssm']):>13} {ratio(r, 'mamba_ssm_over_ours'):>9} "
+              f"{ms(r['hf']):>8} {ratio(r, 'hf_over_ours'):>8}")
+        for k in ("mamba_ssm", "hf"):
+            if "error" in r[k]:
+                print(f"       {k}: {r[k]['error']}")
     print(f"wrote {out}")
     return 0
 
