@@ -263,10 +263,12 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
 
     print(f"{name}: copy {bw / 1e12:.2f} TB/s, MUFU ex2 {ex2 / 1e12:.2f} T/s; mamba_ssm: {mamba_status}")
-    print(f"{'d':>5} {'B':>3} | {'ssu us':>7} {'eager':>6} {'ref':>7} {'floor':>6} | {'conv us':>7} {'ref':>7} "
-          f"{'floor':>6}")
+    print(f"{'d':>5} {'B':>3} | {'ssu us':>7} {'mamba_ssm':>9} {'eager':>6} {'ref':>7} {'floor':>6} | {'conv us':>7} "
+          f"{'ref':>7} {'floor':>6}")
     for r in decode:
-        print(f"{r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {r['ssu_ours_eager_us']:6.1f} {r['ssu_ref_us']:7.1f} "
+        ms = r.get("ssu_mamba_ssm_triton_us")
+        print(f"{r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {'n/a' if ms is None else f'{ms:.2f}':>9} "
+              f"{r['ssu_ours_eager_us']:6.1f} {r['ssu_ref_us']:7.1f} "
               f"{r['ssu_bytes'] / bw * 1e6:6.2f} | {r['conv_ours_us']:7.2f} {r['conv_ref_us']:7.1f} "
               f"{r['conv_bytes'] / bw * 1e6:6.2f}")
     for r in prefill:

@@ -1,36 +1,56 @@
-"""``mamba-rt demo``: the one-command tour: checkpoint -> export -> runtime -> streamed text.
+"""``mamba-rt demo``: the one-command tour: shipped checkpoint -> export -> runtime -> streamed text.
 
-Until the trained demo model ships (issue 9), the checkpoint is a small byte-level Mamba-1 with random
-weights that this command writes itself (seeded, so every machine gets the same model): its text is
-gibberish, but every stage is the real one — the checkpoint loader, the exporter, the runtime with the
-best backend on the machine. Everything is kept under ``$MAMBA_RT_CACHE_DIR/demo`` and reused.
+The checkpoint is the trained demo model that ships inside the package (``mamba_rt/demo_model/``: a
+byte-level Mamba-1 of 5.9 M parameters trained on the Python standard library's source; data, numbers and
+how to retrain are in its MODEL_CARD.md). Every stage is the real one — the checkpoint loader, the
+exporter, the runtime with the best backend on the machine. The package is kept under
+``$MAMBA_RT_CACHE_DIR/demo`` and reused while it was exported from the same shipped weights.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 import time
 from pathlib import Path
 
 from . import env
-from .config import MambaConfig
+from .errors import CheckpointError
 
-DEMO_CONFIG = MambaConfig(d_model=128, n_layer=4, vocab_size=256, d_state=16, d_conv=4, expand=2,
-                          pad_vocab_size_multiple=8)
-DEMO_SEED = 0
-DEFAULT_PROMPT = "def fibonacci(n):\n"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+COPYING_MODEL_DIR = DEMO_MODEL_DIR / "selective_copying"
+DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+PACKAGE = "package-fp32"
 
 
-def demo_checkpoint(root: Path) -> Path:
-    """Write (once) the demo checkpoint in mamba_ssm format and return its directory."""
-    from .checkpoint import save_checkpoint
-    from .exporters.model import random_weights
+def demo_checkpoint(root: Path | None = None) -> Path:
+    """The shipped demo checkpoint (mamba_ssm format). ``root`` is accepted for compatibility and unused:
+    nothing is written, the checkpoint is read where it is installed."""
+    if not (DEMO_MODEL_DIR / "config.json").is_file() or not (DEMO_MODEL_DIR / "model.safetensors").is_file():
+        raise CheckpointError(f"the shipped demo model is missing from {DEMO_MODEL_DIR} (expected config.json and "
+                           "model.safetensors: was mamba-rt installed without its package data?)")
+    return DEMO_MODEL_DIR
 
-    ckpt = root / "checkpoint"
-    if not (ckpt / "config.json").is_file():
-        tmp = root / "checkpoint.tmp"
-        save_checkpoint(DEMO_CONFIG, random_weights(DEMO_CONFIG, "fp32", seed=DEMO_SEED), tmp, fmt="mamba_ssm")
-        tmp.replace(ckpt)
-    return ckpt
+
+def weights_digest(ckpt: Path) -> str:
+    """SHA-256 of the checkpoint's weights file: the stamp that ties an exported package to them."""
+    h = hashlib.sha256()
+    with open(ckpt / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _model_summary(ckpt: Path) -> str:
+    from .config import load_config
+
+    cfg = load_config(ckpt)
+    log = ckpt / "train_log.json"
+    held = ""
+    if log.is_file():
+        held = f", held-out {json.loads(log.read_text())['heldout_bits_per_byte']:.2f} bits/byte"
+    return (f"{cfg.n_params():,} parameters, byte-level, trained on the Python standard library{held} "
+            f"({ckpt / 'MODEL_CARD.md'})")
 
 
 def _default_device() -> str:
@@ -43,7 +63,7 @@ def _default_device() -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | tensorrt")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dir", default=None, help="working directory (default $MAMBA_RT_CACHE_DIR/demo)")
@@ -57,13 +77,18 @@ def run(args) -> int:
 
     root = Path(args.dir) if args.dir else env.cache_dir() / "demo"
     root.mkdir(parents=True, exist_ok=True)
-    print(f"[1/3] demo checkpoint: {DEMO_CONFIG.n_params():,} parameters, byte-level, random weights "
-          f"(the trained demo model is not shipped yet)", file=sys.stderr)
-    ckpt = demo_checkpoint(root)
-    pkg = root / "package-fp32"
-    if args.force or not (pkg / "manifest.json").is_file():
-        print(f"[2/3] exporting {ckpt} -> {pkg}", file=sys.stderr)
+    ckpt = demo_checkpoint()
+    print(f"[1/3] demo model: {_model_summary(ckpt)}", file=sys.stderr)
+    pkg = root / PACKAGE
+    stamp = root / f"{PACKAGE}.source"
+    digest = weights_digest(ckpt)
+    current = (pkg / "manifest.json").is_file() and stamp.is_file() and stamp.read_text().strip() == digest
+    if args.force or not current:
+        why = "" if args.force or not (pkg / "manifest.json").is_file() else " (its weights changed)"
+        print(f"[2/3] exporting {ckpt} -> {pkg}{why}", file=sys.stderr)
+        stamp.unlink(missing_ok=True)
         export_package(ckpt, pkg, dtype="fp32", force=True, progress=ExportProgress())
+        stamp.write_text(digest + "\n")
     else:
         print(f"[2/3] reusing the exported package {pkg} (--force re-exports)", file=sys.stderr)
     device = args.device or _default_device()
@@ -73,7 +98,7 @@ def run(args) -> int:
         t0 = time.perf_counter()
         n = 0
         for tok in s.generate(args.prompt, max_new_tokens=args.max_new_tokens,
-                              sampling=SamplingParams(temperature=0.8, top_k=40, seed=0)):
+                              sampling=SamplingParams(temperature=0.7, top_k=40, seed=0)):
             sys.stdout.write(tok.text)
             sys.stdout.flush()
             n += 1
