@@ -23,9 +23,8 @@ DEFAULT_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""
 PACKAGE = "package-fp32"
 
 
-def demo_checkpoint(root: Path | None = None) -> Path:
-    """The shipped demo checkpoint (mamba_ssm format). ``root`` is accepted for compatibility and unused:
-    nothing is written, the checkpoint is read where it is installed."""
+def demo_checkpoint() -> Path:
+    """The shipped demo checkpoint (mamba_ssm format), read where it is installed."""
     if not (DEMO_MODEL_DIR / "config.json").is_file() or not (DEMO_MODEL_DIR / "model.safetensors").is_file():
         raise CheckpointError(f"the shipped demo model is missing from {DEMO_MODEL_DIR} (expected config.json and "
                            "model.safetensors: was mamba-rt installed without its package data?)")
