@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import DTYPES
 from .config import MambaConfig
 from .errors import MambaRTError
 
@@ -38,7 +39,7 @@ LOGITS, CONV_STATE_OUT, SSM_STATE_OUT = "logits", "conv_state_out", "ssm_state_o
 
 GRAPH_PLUGIN, GRAPH_DECODE, GRAPH_PREFILL = "plugin", "decode", "prefill"
 
-ONNX_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+ONNX_DTYPES = DTYPES  # package dtype -> tensor dtype name
 
 
 class PackageError(MambaRTError):

@@ -156,14 +156,6 @@ def nvrtc_version() -> tuple[int, int]:
     return _check(_nvrtc().nvrtcVersion(), "nvrtcVersion")
 
 
-def supported_archs() -> tuple[int, ...]:
-    """Compute capabilities (e.g. 90) the installed NVRTC can target, >= MIN_ARCH."""
-    nvrtc = _nvrtc()
-    n = _check(nvrtc.nvrtcGetNumSupportedArchs(), "nvrtcGetNumSupportedArchs")
-    archs = _check(nvrtc.nvrtcGetSupportedArchs(), "nvrtcGetSupportedArchs")
-    return tuple(a for a in list(archs)[:n] if a >= MIN_ARCH)
-
-
 def source_hash(spec: KernelSpec) -> str:
     h = hashlib.sha256()
     h.update(spec.source().encode())

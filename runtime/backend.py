@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mamba_rt._optional import available
 from mamba_rt.errors import InputError, InternalError, MambaRTError
 from mamba_rt.manifest import GRAPH_DECODE, GRAPH_PREFILL, Manifest, load_manifest
 
@@ -201,6 +200,3 @@ def portable_graphs_reason(manifest: Manifest) -> str | None:
         return f"the package has no portable graph ({GRAPH_PREFILL!r} or {GRAPH_DECODE!r})"
     return None
 
-
-def torch_available() -> bool:
-    return available("torch")

@@ -23,7 +23,8 @@ import numpy as np
 
 from mamba_rt._optional import available, require
 from mamba_rt.errors import MissingDependencyError, UnsupportedError
-from mamba_rt.manifest import Manifest, load_manifest, read_weights
+from mamba_rt.checkpoint import torch_dtype
+from mamba_rt.manifest import ONNX_DTYPES, Manifest, load_manifest, read_weights
 
 from .backend import Backend, batch_bucket, parse_device
 from .sampling import SamplingParams, Sampler
@@ -31,7 +32,6 @@ from .state import HOST_DTYPES, StateBuffers
 
 torch = require("torch")
 
-_TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def cuda_ops():
@@ -99,7 +99,7 @@ class TorchStateBuffers(StateBuffers):
         L, _, d, k1 = self.conv_shape
         n = self.ssm_shape[-1]
         self.scratch = max_batch
-        self.conv = torch.zeros((L, max_batch + 1, d, k1), dtype=_TORCH_DTYPES[manifest.dtype], device=device)
+        self.conv = torch.zeros((L, max_batch + 1, d, k1), dtype=torch_dtype(manifest.dtype), device=device)
         self.ssm = torch.zeros((L, max_batch + 1, d, n), dtype=torch.float32, device=device)
 
     def zero(self, slot):
@@ -260,7 +260,7 @@ class TorchBackend(Backend):
             except Exception as e:  # noqa: BLE001 -- any failure here means: not usable
                 return f"the plugins_cuda kernels are unavailable ({e})"
             major, minor = torch.cuda.get_device_capability(idx)
-            dtype = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[manifest.dtype]
+            dtype = ONNX_DTYPES[manifest.dtype]
             for fn in (ops.causal_conv1d, ops.selective_scan):
                 cap = getattr(fn, "capability", None)
                 why = cap.why_unsupported(arch=10 * major + minor, dtype=dtype) if cap is not None else None

@@ -37,7 +37,7 @@ from mamba_rt.exporters import tensorrt_build as tb
 from mamba_rt.manifest import CONV_STATE, CONV_STATE_OUT, INPUT_IDS, LOGITS, SSM_STATE, SSM_STATE_OUT, Manifest
 
 from . import cuda_rt
-from .backend import Backend, parse_device
+from .backend import Backend, batch_bucket, parse_device
 from .state import HOST_DTYPES, StateBuffers
 
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -56,10 +56,10 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def bucket_for(n: int, max_batch: int) -> int:
-    for b in batch_buckets(max_batch):
-        if b >= n:
-            return b
-    raise InputError(f"batch {n} exceeds max_batch {max_batch}")
+    """:func:`~mamba_rt.runtime.backend.batch_bucket`, refusing a batch over ``max_batch``."""
+    if n > max_batch:
+        raise InputError(f"batch {n} exceeds max_batch {max_batch}")
+    return batch_bucket(n, max_batch)
 
 
 @dataclasses.dataclass(frozen=True)
