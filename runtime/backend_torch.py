@@ -12,12 +12,19 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
   (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
   device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
 
-This module is the only one of ``mamba_rt.runtime`` that imports torch.
+* CUDA, fused decode (the default where the model's shape allows it): the decode step is the fused
+  kernels of ``plugins_cuda/decode_step.cu`` (:mod:`~mamba_rt.runtime.fused_decode`), four per layer,
+  on the slots' state in place, captured with the input copy and a greedy argmax in one CUDA graph per
+  bucket (``fused=False`` keeps the model-based graph above).
+
+This module and ``fused_decode`` are the only ones of ``mamba_rt.runtime`` that import torch.
 """
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,7 +34,7 @@ from mamba_rt.checkpoint import torch_dtype
 from mamba_rt.manifest import ONNX_DTYPES, Manifest, load_manifest, read_weights
 
 from .backend import Backend, batch_bucket, parse_device
-from .sampling import SamplingParams, Sampler
+from .sampling import HostSampler, SamplingParams
 from .state import HOST_DTYPES, StateBuffers
 
 torch = require("torch")
@@ -149,33 +156,32 @@ def sample_torch(logits, seen, params: SamplingParams, u):
     return idx.clamp_max(vocab - 1)
 
 
-class TorchSampler(Sampler):
-    """Sampling on the device where the logits are; only the ids (b,) come back to the host."""
+class StepLogits(NamedTuple):
+    """What a fused decode step returns: the logits (b, vocab) on the device, and ``greedy()``, the
+    argmax ids (b,) the step's graph already copied to pinned host memory (waits for the step)."""
+
+    logits: "torch.Tensor"
+    greedy: Callable[[], np.ndarray]
+
+
+class TorchSampler(HostSampler):
+    """Sampling on the device where the logits are; only the ids (b,) come back to the host. The
+    seen-token mask stays on the host (marking it costs no device work per step) and goes to the
+    device only when a repetition penalty needs it. Plain greedy steps of the fused decode graph take
+    the ids its graph already computed."""
 
     def __init__(self, max_batch: int, vocab: int, device):
         self.device = torch.device(device)
-        self.seen = torch.zeros((max_batch, vocab), dtype=torch.bool, device=self.device)
         super().__init__(max_batch, vocab)
 
-    def _seen_reset(self, slot):
-        self.seen[slot] = False
-
-    def _seen_copy(self, src, dst):
-        self.seen[dst] = self.seen[src]
-
-    def _seen_get(self, slot):
-        return self.seen[slot].cpu().numpy().copy()
-
-    def _seen_set(self, slot, mask):
-        self.seen[slot] = torch.from_numpy(np.ascontiguousarray(mask, bool)).to(self.device)
-
-    def _seen_mark(self, slots, ids):
-        rows = torch.from_numpy(np.repeat(slots, ids.shape[1])).to(self.device)
-        self.seen[rows, torch.from_numpy(ids.reshape(-1)).to(self.device)] = True
-
     def _sample(self, logits, slots, params, u):
-        rows = torch.from_numpy(slots).to(self.device)
-        seen = self.seen[rows] if params.repetition_penalty != 1.0 else None
+        if isinstance(logits, StepLogits):
+            if params.greedy and params.repetition_penalty == 1.0:
+                return logits.greedy()
+            logits = logits.logits
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.from_numpy(self.seen[slots]).to(self.device)
         out = sample_torch(logits, seen, params, torch.from_numpy(u).to(self.device))
         return out.cpu().numpy().astype(np.int64)
 
@@ -229,19 +235,78 @@ class _DecodeGraph:
         return self.logits[:n]
 
 
+class _FusedGraph:
+    """One CUDA graph per bucket for a fused decode step (runtime/fused_decode.py): copy the token ids
+    and slot indices in from pinned host memory, run every layer's fused kernels on the slots' state
+    in place, take the argmax and copy it back to pinned host memory: one graph launch per token."""
+
+    def __init__(self, decoder, state: TorchStateBuffers, bucket: int, pool):
+        dev = state.conv.device
+        self.n_max, self.scratch = bucket, state.scratch
+        self.bk = decoder.bucket(bucket)
+        self.pin_in = torch.zeros((2, bucket), dtype=torch.int64).pin_memory()
+        self.pin_out = torch.zeros(bucket, dtype=torch.int64).pin_memory()
+        self.pin_in[1] = self.scratch
+        self.gid = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        self.done = torch.cuda.Event()
+        self._decoder = decoder
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):  # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self._step()
+
+    def _step(self):
+        bk = self.bk
+        bk.inp.copy_(self.pin_in, non_blocking=True)
+        self._decoder.enqueue(bk)
+        torch.argmax(bk.logits, dim=-1, out=self.gid)
+        self.pin_out.copy_(self.gid, non_blocking=True)
+
+    def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
+        n = len(slots)
+        self.done.synchronize()  # the previous replay no longer reads pin_in
+        inp = self.pin_in.numpy()
+        inp[0, :n], inp[0, n:] = ids[:, 0], 0
+        inp[1, :n], inp[1, n:] = slots, self.scratch
+        self.graph.replay()
+        self.done.record()
+
+        def greedy() -> np.ndarray:
+            self.done.synchronize()
+            return self.pin_out.numpy()[:n].copy()
+
+        return StepLogits(self.bk.logits[:n], greedy)
+
+
 class TorchBackend(Backend):
     """Runner over the reference model. Options: ``ops`` ('ref' | 'cuda'; default 'cuda' on a GPU),
-    ``cuda_graph`` (default True on a GPU: decode steps replay a captured graph)."""
+    ``cuda_graph`` (default True on a GPU: decode steps replay a captured graph), ``fused`` (default
+    True where supported with cuda ops and graphs: the fused decode kernels run the decode step)."""
 
     name = "torch"
 
     def __init__(self, pkg_dir, device="cpu", max_batch=8, manifest=None, ops: str | None = None,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, fused: bool | None = None):
         super().__init__(pkg_dir, device, max_batch, manifest)
         self.loader = TorchModelFromPackage(pkg_dir, device, ops, self.manifest)
         self.cuda_graph = (self.device_kind == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device_kind != "cuda":
             raise UnsupportedError("cuda_graph=True needs device 'cuda'")
+        why = None
+        if not (self.cuda_graph and self.loader.ops == "cuda"):
+            why = "fused decode needs ops='cuda' and cuda_graph=True"
+        else:
+            from .fused_decode import why_unsupported
+            why = why_unsupported(self.manifest.config, self.manifest.dtype)
+        if fused and why:
+            raise UnsupportedError(why)
+        self.fused = why is None if fused is None else bool(fused)
+        self.decoder = None
         self._graphs: dict[int, _DecodeGraph] = {}
         self._pool = None
 
@@ -274,9 +339,13 @@ class TorchBackend(Backend):
         self.state = TorchStateBuffers(self.manifest, self.max_batch, self.torch_device)
         if self.cuda_graph:
             self._pool = torch.cuda.graph_pool_handle()
+        if self.fused:
+            from .fused_decode import FusedDecoder
+            self.decoder = FusedDecoder(self.model, self.state.conv, self.state.ssm, self.manifest.dtype)
 
     def _deactivate_impl(self):
         self._graphs.clear()
+        self.decoder = None
         self.model = None
         self._pool = None
         if self.device_kind == "cuda":
@@ -286,10 +355,12 @@ class TorchBackend(Backend):
         return TorchSampler(self.max_batch, self.vocab, self.torch_device)
 
     def logits_to_host(self, logits):
+        if isinstance(logits, StepLogits):
+            logits = logits.logits
         return logits.float().cpu().numpy().copy()  # on the CPU, .numpy() would share the graph's buffer
 
     def describe(self):
-        extra = ", CUDA graphs" if self.cuda_graph else ""
+        extra = (", fused decode" if self.fused else "") + (", CUDA graphs" if self.cuda_graph else "")
         return f"torch {torch.__version__} on {self.device} ({self.loader.ops} ops{extra})"
 
     @torch.no_grad()
@@ -298,7 +369,8 @@ class TorchBackend(Backend):
             b = batch_bucket(len(slots), self.max_batch)
             g = self._graphs.get(b)
             if g is None:
-                g = self._graphs[b] = _DecodeGraph(self.model, self.state, b, self._pool)
+                g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
+                                       else _DecodeGraph(self.model, self.state, b, self._pool))
             return g.run(slots, ids)
         dev = self.torch_device
         return run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))

@@ -1,0 +1,149 @@
+"""Where a decode step's time goes: the fused decode step of the torch backend at the published sizes,
+on the GPU (a development tool for issue 8; the user-facing numbers come from ``mamba-rt bench`` and
+``benchmarks/run_suite.py``).
+
+    python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
+                                        [--kernels] [--out FILE.json]
+
+Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
+of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
+wait), the weight-read floor (and the floor with the state read and written, for batch > 1) at the
+copy bandwidth measured in the same run, and with ``--kernels`` the per-kernel GPU time from the torch
+profiler (one replay). Weights are random, drawn on the GPU (time does not depend on their values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    ts = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3)
+    return 2 * n / statistics.median(ts)
+
+
+def gpu_model(cfg, dtype):
+    from mamba_rt.checkpoint import is_fp32_param, torch_dtype
+    from mamba_rt.exporters.model import model_from_weights
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = {}
+    for name, shape in cfg.param_shapes().items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        dt = torch.float32 if is_fp32_param(name) else torch_dtype(dtype)
+        if name.endswith("A_log"):
+            t = torch.log(torch.arange(1, shape[1] + 1, device="cuda", dtype=torch.float32)).repeat(shape[0], 1)
+        elif name.endswith("dt_proj.bias"):
+            t = torch.full(shape, -4.0, device="cuda")
+        elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith("mixer.D"):
+            t = torch.ones(shape, device="cuda")
+        else:
+            t = torch.randn(shape, generator=g, device="cuda") * (1.0 / shape[-1] ** 0.5 if len(shape) > 1 else 0.02)
+        w[name] = t.to(dt)
+    if cfg.tie_embeddings:
+        w["lm_head.weight"] = w["backbone.embedding.weight"]
+    return model_from_weights(cfg, w, dtype, "cuda")
+
+
+def replay_ms(graph, reps=100, rounds=5):
+    out = []
+    for _ in range(rounds):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(reps):
+            graph.replay()
+        e.record(); e.synchronize()
+        out.append(s.elapsed_time(e) / reps)
+    return statistics.median(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--configs", default="130m,1.4b,2.8b")
+    ap.add_argument("--dtype", default="fp16")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--kernels", action="store_true")
+    ap.add_argument("--no-pdl", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from mamba_rt.config import MambaConfig
+    from mamba_rt.inspect import decode_bytes
+    from mamba_rt.runtime.backend_torch import _FusedGraph
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    bw = copy_bandwidth()
+    dev = torch.cuda.get_device_name()
+    print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for name in args.configs.split(","):
+        dm, nl = SIZES[name]
+        cfg = MambaConfig(d_model=dm, n_layer=nl, vocab_size=50277, pad_vocab_size_multiple=8)
+        model = gpu_model(cfg, args.dtype)
+        batches = [int(b) for b in args.batches.split(",")]
+        sh = cfg.state_shapes(max(batches) + 1)  # + the scratch slot that padding rows use
+        state = SimpleNamespace(conv=torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
+                                ssm=torch.zeros(sh["ssm_state"], device="cuda"), scratch=max(batches))
+        dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None)
+        for B in batches:
+            g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
+            slots = np.arange(B, dtype=np.int64)
+            ids = np.zeros((B, 1), np.int64)
+            for _ in range(20):
+                ids[:, 0] = g.run(slots, ids).greedy()
+            gpu = replay_ms(g.graph)
+            ts = []
+            for _ in range(200):
+                t0 = time.perf_counter()
+                ids[:, 0] = g.run(slots, ids).greedy()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            wb = decode_bytes(cfg, args.dtype)
+            sb = 2 * B * (cfg.state_bytes_per_sequence(2 if args.dtype != "fp32" else 4))
+            row = {"config": name, "batch": B, "path": "gemv" if g.bk.gemv else "gemm", "gpu_ms": gpu,
+                   "step_ms_median": statistics.median(ts), "step_ms_p99": sorted(ts)[int(0.99 * (len(ts) - 1))],
+                   "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl}
+            row["gpu_over_floor"] = gpu / (row["floor_ms"] if B == 1 else row["floor_with_state_ms"])
+            if args.kernels:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    g.graph.replay(); torch.cuda.synchronize()
+                per = {}
+                for ev in prof.events():
+                    if ev.device_type.name == "CUDA":
+                        k = ev.name.split("(")[0][:60]
+                        per.setdefault(k, []).append(ev.device_time if hasattr(ev, "device_time") else ev.cuda_time)
+                row["kernels_us"] = {k: {"n": len(v), "total": sum(v), "mean": sum(v) / len(v)} for k, v in per.items()}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "kernels_us"}), flush=True)
+            if args.kernels:
+                for k, v in sorted(row["kernels_us"].items(), key=lambda kv: -kv[1]["total"]):
+                    print(f"    {k:60s} n={v['n']:4d} total={v['total']:9.1f}us mean={v['mean']:7.2f}us")
+            del g
+        del model, state, dec
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "dtype": args.dtype, "copy_bandwidth_TBps": bw / 1e12, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

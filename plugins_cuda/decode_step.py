@@ -1,0 +1,256 @@
+"""Torch-free launcher of the fused decode-step kernels (decode_step.cu): pointers (ints) in, kernels
+enqueued on a stream. The torch backend (mamba_rt.runtime.fused_decode) drives it.
+
+One NVRTC program per activation dtype and architecture holds every entry point; it is compiled on
+first use and cached on disk like the op kernels (compiler.py), under a key of the source hash, the
+architecture and the NVRTC version. On sm_90 and newer the kernels are launched with programmatic
+dependent launch (``cuLaunchKernelEx`` with programmatic stream serialization): a kernel starts while
+the previous one drains and prefetches its weights into L2, then waits (``griddepcontrol.wait``) for
+the previous kernel's results. Stream capture keeps that dependency in a CUDA graph.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import threading
+
+from mamba_rt import env
+from mamba_rt.errors import InternalError, UnsupportedError
+
+from . import compiler, launcher
+from .compiler import DTYPES
+
+SOURCE = "decode_step.cu"
+GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS = 512, 256, 64, 128, 256  # decode_step.cu
+MAX_CONV = 8
+MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
+GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
+GEMV_MAX_B = GEMV_BUCKETS[-1]  # larger batches take the GEMM path (projections through cuBLAS)
+STATE_SIZES = (4, 8, 16, 32, 64)
+SMEM_DEFAULT = 48 * 1024
+PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
+
+
+def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str | None:
+    """None when the fused decode kernels serve this model shape, else why not."""
+    if dtype not in DTYPES:
+        return f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}"
+    if d_state not in STATE_SIZES:
+        return f"fused decode: d_state {d_state} is not one of {STATE_SIZES}"
+    if not 2 <= d_conv <= MAX_CONV:
+        return f"fused decode: d_conv {d_conv} is outside 2..{MAX_CONV}"
+    if dt_rank + 2 * d_state > MAX_XDBL:
+        return f"fused decode: dt_rank + 2 * d_state = {dt_rank + 2 * d_state} exceeds {MAX_XDBL}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# compilation
+
+
+def program_source(dtype: str) -> str:
+    tag, ctype, _ = DTYPES[dtype]
+    return compiler._read(SOURCE) + f"\nMRT_DECODE_ENTRIES({tag}, {ctype})\n"
+
+
+def cache_key(dtype: str, arch: int) -> str:
+    h = hashlib.sha256(program_source(dtype).encode())
+    for name in compiler.HEADERS:
+        h.update(b"\0" + compiler._read(name).encode())
+    h.update("\0".join(compiler.OPTIONS).encode())
+    major, minor = compiler.nvrtc_version()
+    return f"decode_step-{dtype}-sm{arch}-src{h.hexdigest()[:12]}-nvrtc{major}.{minor}"
+
+
+def compile_cubin(dtype: str, arch: int) -> bytes:
+    """NVRTC-compile every decode entry point of ``dtype`` for sm_<arch> (no cache)."""
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}")
+    return compiler.compile_program(program_source(dtype), SOURCE, arch)
+
+
+def get_cubin(dtype: str, arch: int) -> bytes:
+    """The cubin from the disk cache, else compiled and cached (atomically)."""
+    path = env.cache_dir() / "kernels" / f"{cache_key(dtype, arch)}.cubin"
+    try:
+        data = path.read_bytes()
+        if compiler._looks_like_cubin(data):
+            return data
+    except FileNotFoundError:
+        pass
+    data = compile_cubin(dtype, arch)
+    compiler._write_atomic(path, data)
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# argument structs (field for field as in decode_step.cu)
+
+_P, _L, _F = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_float
+
+
+def _struct(name, fields):
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+NormGemvArgs = _struct("NormGemvArgs", [("h", _P), ("ss", _P), ("norm_w", _P), ("W", _P), ("bias", _P),
+                                        ("out", _P), ("G", _L), ("N", _L), ("K", _L), ("out_float", _L),
+                                        ("pf_rows", _L), ("eps", _F)])
+GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _P), ("h", _P), ("ss_out", _P),
+                                                ("N", _L), ("K", _L), ("res_fp32", _L), ("pf_rows", _L)])
+EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
+                                  ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F)])
+ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w", _P), ("xn", _P), ("K", _L),
+                                                ("res_fp32", _L), ("eps", _F)])
+ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
+                                          ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P), ("B", _L),
+                                          ("d", _L), ("k", _L), ("R", _L)])
+SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
+                                      ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
+                                      ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
+
+
+class Launch:
+    """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct."""
+
+    __slots__ = ("fn", "grid", "block", "smem", "args", "name")
+
+    def __init__(self, fn, grid, block, smem, args, name):
+        self.fn, self.grid, self.block, self.smem, self.args, self.name = fn, grid, block, smem, args, name
+
+
+class DecodeKernels:
+    """The decode kernels of one dtype, loaded in the current CUDA context (torch's, in the backend)."""
+
+    def __init__(self, dtype: str, device: int | None = None, pdl: bool | None = None):
+        if dtype not in DTYPES:
+            raise UnsupportedError(f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}")
+        drv = launcher._driver()
+        self.dtype, self.tag = dtype, DTYPES[dtype][0]
+        self.itemsize = DTYPES[dtype][2]
+        self.ctx = launcher._context(device)
+        self.arch = launcher.current_arch(device)
+        if self.arch < compiler.MIN_ARCH:
+            raise UnsupportedError(f"fused decode needs compute capability 8.0 or newer, this GPU is "
+                                   f"{self.arch // 10}.{self.arch % 10}")
+        dev = launcher._cu(drv.cuCtxGetDevice(), "cuCtxGetDevice")
+        attr = drv.CUdevice_attribute
+        self.sm_count = launcher._cu(drv.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
+                                     "sm count")
+        self.smem_optin = launcher._cu(drv.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev), "smem opt-in")
+        self.pdl = (self.arch >= 90) if pdl is None else bool(pdl and self.arch >= 90)
+        self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
+        self._fns: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def _fn(self, stem: str):
+        name = f"mrt_{stem}"
+        with self._lock:
+            fn = self._fns.get(name)
+            if fn is None:
+                drv = launcher._driver()
+                fn = launcher._cu(drv.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
+                fa = drv.CUfunction_attribute
+                static = launcher._cu(drv.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn), name)
+                if static + SMEM_DEFAULT < self.smem_optin:  # let the GEMV kernels hold long rows
+                    launcher._cu(drv.cuFuncSetAttribute(fn, fa.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                                        self.smem_optin - static), f"cuFuncSetAttribute({name})")
+                self._fns[name] = fn
+        return fn
+
+    def gemv_fits(self, bm: int, k: int) -> bool:
+        """Whether bm rows of length k (model dtype) fit the GEMV kernels' shared memory."""
+        return bm in GEMV_BUCKETS and bm * k * 4 <= self.smem_optin - 4096
+
+    def _resident(self, stem: str, threads: int, smem: int) -> int:
+        """Blocks of ``stem`` that fit on one multiprocessor at once (registers, threads, shared memory)."""
+        drv = launcher._driver()
+        n = launcher._cu(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(self._fn(stem), threads, smem),
+                         f"occupancy({stem})")
+        if n < 1:
+            raise InternalError(f"fused decode: {stem} does not fit on a multiprocessor ({threads} threads, "
+                                f"{smem} bytes of shared memory)")
+        return n
+
+    def _gemv_grid(self, stem: str, n: int, smem: int) -> int:
+        """One wave: as many blocks as are resident at once (never more than the rows need)."""
+        return max(1, min(-(-n // (GEMV_THREADS // 32)), self.sm_count * self._resident(stem, GEMV_THREADS, smem)))
+
+    # -- prepared launches ---------------------------------------------------------------------------
+    def _pf_rows(self, grid: int, K: int) -> int:
+        """Rows per warp to prefetch into L2 before the wait: at most PREFETCH_BYTES per launch."""
+        warps = grid * (GEMV_THREADS // 32)
+        return max(1, PREFETCH_BYTES // (warps * K * self.itemsize))
+
+    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps) -> Launch:
+        stem, smem = f"norm_gemv_{self.tag}_b{bm}", bm * K * 4
+        grid = self._gemv_grid(stem, N, smem)
+        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), self._pf_rows(grid, K), eps)
+        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, smem, a, "norm_gemv")
+
+    def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32) -> Launch:
+        grid = self.gemv_grid_residual(bm, N, K)
+        a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), self._pf_rows(grid, K))
+        return Launch(self._fn(f"gemv_residual_{self.tag}_b{bm}"), (grid, 1), GEMV_THREADS, bm * K * 4, a,
+                      "gemv_residual")
+
+    def gemv_grid_residual(self, bm: int, n: int, k: int) -> int:
+        """Blocks of gemv_residual (= the number of partial sums of squares it writes per row)."""
+        return self._gemv_grid(f"gemv_residual_{self.tag}_b{bm}", n, bm * k * 4)
+
+    def embed_grid(self, k: int) -> int:
+        return max(1, min(-(-k // ROW_THREADS), self.sm_count))
+
+    def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0) -> Launch:
+        a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps)
+        grid = B if norm_w else self.embed_grid(K)
+        return Launch(self._fn(f"embed_{self.tag}"), (grid, 1), ROW_THREADS, 0, a, "embed")
+
+    def residual_norm(self, *, h, o, norm_w, xn, B, K, res_fp32, eps) -> Launch:
+        a = ResidualNormArgs(h, o, norm_w, xn, K, int(res_fp32), eps)
+        return Launch(self._fn(f"residual_norm_{self.tag}"), (B, 1), ROW_THREADS, 0, a, "residual_norm")
+
+    def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
+        """bm in GEMV_BUCKETS: conv + x_proj share; bm = 0: conv only (any B; Wx must be 0)."""
+        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, B, d, k, R)
+        stem = f"conv_xproj_{self.tag}_b{bm}" if bm else f"conv_only_{self.tag}"
+        return Launch(self._fn(stem), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
+
+    def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,
+                 d, r) -> Launch:
+        if n not in STATE_SIZES:
+            raise UnsupportedError(f"fused decode: d_state {n} is not one of {STATE_SIZES}")
+        a = SsmStepArgs(xdbl_acc or 0, xdbl_t or 0, delta or 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx,
+                        y, d, r, r + 2 * n)
+        cpb = SSM_THREADS // (n // 4)
+        return Launch(self._fn(f"ssm_step_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
+
+    # -- launching -----------------------------------------------------------------------------------
+    def launch(self, ln: Launch, stream: int) -> None:
+        drv = launcher._driver()
+        cfg = drv.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = ln.grid[0], ln.grid[1], 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = ln.block, 1, 1
+        cfg.sharedMemBytes = ln.smem
+        cfg.hStream = drv.CUstream(stream)
+        if self.pdl:
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            at.value.programmaticStreamSerializationAllowed = 1
+            cfg.attrs, cfg.numAttrs = [at], 1
+        else:
+            cfg.numAttrs = 0
+        ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(ln.args))
+        launcher._cu(drv.cuLaunchKernelEx(cfg, ln.fn, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({ln.name})")
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None) -> DecodeKernels:
+    """One DecodeKernels per (dtype, context); ctx_handle is the current context's handle."""
+    del ctx_handle  # part of the cache key only
+    k = DecodeKernels(dtype, pdl=pdl)
+    if k.sm_count <= 0:
+        raise InternalError("fused decode: the device reports no multiprocessors")
+    return k

@@ -1,0 +1,175 @@
+"""The torch backend's fast decode step: the fused kernels of ``plugins_cuda/decode_step.cu``.
+
+:class:`FusedDecoder` runs one token of every sequence of a batch through the model the backend loaded
+(the reference ``MambaLM``: its parameters are used in place, nothing is copied but A = -exp(A_log)),
+reading and writing the recurrent state of each row in its slot of the stacked state buffers (no
+gather or scatter). Its reference twin is that model's own ``forward`` at L = 1, which the GPU tests
+compare it with (tests/runtime/test_fused_decode.py).
+
+Two paths, chosen per batch bucket:
+
+* GEMV (bucket of 1 or 2 rows): per layer ``norm_gemv`` (RMSNorm + in_proj) -> ``conv_xproj`` (conv update
+  + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
+  (out_proj + residual); the weights are streamed once, by the kernels themselves.
+* GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
+  kernels (``embed``/``residual_norm`` one block per row, ``conv_xproj`` without its x_proj share,
+  ``ssm_step`` reading delta).
+
+A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
+enqueues one step on the current stream (the backend captures it in a CUDA graph).
+"""
+from __future__ import annotations
+
+from mamba_rt._optional import require
+from mamba_rt.checkpoint import torch_dtype
+from mamba_rt.errors import UnsupportedError
+
+torch = require("torch")
+
+
+def why_unsupported(config, dtype: str) -> str | None:
+    from mamba_rt.plugins_cuda import decode_step
+
+    return decode_step.why_unsupported(config.d_state, config.d_conv, config.dt_rank,
+                                       {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+
+
+class DecodeBucket:
+    """Static buffers of one batch bucket: inputs (token ids, slot indices), scratch and logits."""
+
+    def __init__(self, dec: "FusedDecoder", B: int):
+        c, dev, dt = dec.config, dec.device, dec.tdtype
+        f32 = dict(dtype=torch.float32, device=dev)
+        d, dm, R = c.d_inner, c.d_model, c.dt_rank + 2 * c.d_state
+        self.B = B
+        self.gemv = dec.k.gemv_fits(B, max(dm, d))
+        self.inp = torch.zeros(2, B, dtype=torch.int64, device=dev)
+        self.ids, self.idx = self.inp[0], self.inp[1]  # token id and state slot of each row
+        self.h = torch.empty(B, dm, **f32)
+        self.xz = torch.empty(B, 2 * d, dtype=dt, device=dev)
+        self.u = torch.empty(B, d, dtype=dt, device=dev)
+        self.y = torch.empty(B, d, dtype=dt, device=dev)
+        self.logits = torch.empty(B, c.vocab_size, **f32)
+        if self.gemv:
+            self.ge = dec.k.embed_grid(dm)
+            self.g4 = dec.k.gemv_grid_residual(B, dm, d)
+            self.ss_embed = torch.empty(self.ge, B, **f32)
+            self.ss = torch.empty(c.n_layer, self.g4, B, **f32)
+            self.acc = torch.empty(c.n_layer, B, R, **f32)
+        else:
+            self.xn = torch.empty(B, dm, dtype=dt, device=dev)
+            self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
+            self.delta = torch.empty(B, d, dtype=dt, device=dev)
+            self.o = torch.empty(B, dm, dtype=dt, device=dev)
+            self.logits_t = torch.empty(B, c.vocab_size, dtype=dt, device=dev)
+        self.launches = dec._prepare(self)
+
+
+class FusedDecoder:
+    """Fused decode steps of ``model`` (a CUDA ``MambaLM``) on the state ``conv`` [n_layer, slots, d,
+    k-1] / ``ssm`` [n_layer, slots, d, n] (contiguous; updated in place, by slot)."""
+
+    def __init__(self, model, conv, ssm, dtype: str, pdl: bool | None = None):
+        from mamba_rt.plugins_cuda import decode_step
+
+        self.config = c = model.config
+        why = why_unsupported(c, dtype)
+        if why:
+            raise UnsupportedError(why)
+        if not (conv.is_contiguous() and ssm.is_contiguous()):
+            raise UnsupportedError("fused decode: the state buffers must be contiguous")
+        self.model, self.conv, self.ssm = model, conv, ssm
+        self.device, self.tdtype = conv.device, torch_dtype(dtype)
+        with torch.cuda.device(self.device):
+            ctx = decode_step.launcher._context(self.device.index)
+            self.k = decode_step.kernels({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+                                         int(ctx), pdl)
+        self.eps = float(c.norm_epsilon)
+        layers = model.backbone.layers
+        self.A = [(-torch.exp(l.mixer.A_log.float())).contiguous() for l in layers]
+        self.conv_w = [l.mixer.conv1d.weight.reshape(c.d_inner, c.d_conv).contiguous() for l in layers]
+        self.lm_head = model.lm_head.weight[: c.vocab_size]
+
+    @staticmethod
+    def _p(t):
+        return 0 if t is None else t.data_ptr()
+
+    def _prepare(self, bk: DecodeBucket):
+        """The step's kernel launches for bucket ``bk`` (arguments fixed: the buffers are static)."""
+        c, k, p, B = self.config, self.k, self._p, bk.B
+        d, dm, n, r = c.d_inner, c.d_model, c.d_state, c.dt_rank
+        R = r + 2 * n
+        emb = self.model.backbone.embedding.weight
+        layers = self.model.backbone.layers
+        res32 = c.residual_in_fp32
+        out = []
+        if bk.gemv:
+            out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
+                               V=emb.shape[0], K=dm, eps=self.eps))
+            ss, G = bk.ss_embed, bk.ge
+        else:
+            out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
+                               eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
+        for i, layer in enumerate(layers):
+            m = layer.mixer
+            conv_i, ssm_i = p(self.conv[i]), p(self.ssm[i])
+            if bk.gemv:
+                out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(layer.norm.weight), W=p(m.in_proj.weight),
+                                       bias=p(m.in_proj.bias), out=p(bk.xz), N=2 * d, K=dm, out_float=False,
+                                       eps=self.eps))
+                out.append(k.conv_xproj(B, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
+                                        conv_b=p(m.conv1d.bias), Wx=p(m.x_proj.weight), u=p(bk.u),
+                                        xdbl=p(bk.acc[i]), B=B, d=d, k=c.d_conv, R=R))
+                out.append(k.ssm_step(n=n, B=B, xdbl_acc=p(bk.acc[i]), xdbl_t=0, delta=0, Wdt=p(m.dt_proj.weight),
+                                      dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D), u=p(bk.u), xz=p(bk.xz),
+                                      ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
+                out.append(k.gemv_residual(B, y=p(bk.y), W=p(m.out_proj.weight), bias=p(m.out_proj.bias), h=p(bk.h),
+                                           ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32))
+                ss, G = bk.ss[i], bk.g4
+            else:
+                out.append(("mm", bk.xn, m.in_proj, bk.xz))
+                out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
+                                        conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv, R=R))
+                out.append(("mm", bk.u, m.x_proj, bk.xdbl))
+                out.append(("mm_nobias", bk.xdbl[:, :r], m.dt_proj, bk.delta))
+                out.append(k.ssm_step(n=n, B=B, xdbl_acc=0, xdbl_t=p(bk.xdbl), delta=p(bk.delta),
+                                      Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
+                                      u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
+                out.append(("mm", bk.y, m.out_proj, bk.o))
+                nxt = layers[i + 1].norm.weight if i + 1 < len(layers) else self.model.backbone.norm_f.weight
+                out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
+                                           res_fp32=res32, eps=self.eps))
+        if bk.gemv:
+            out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(self.model.backbone.norm_f.weight),
+                                   W=p(self.lm_head), bias=0, out=p(bk.logits), N=c.vocab_size, K=dm,
+                                   out_float=True, eps=self.eps))
+        else:
+            out.append(("head",))
+        return out
+
+    def bucket(self, B: int) -> DecodeBucket:
+        return DecodeBucket(self, B)
+
+    @torch.no_grad()
+    def enqueue(self, bk: DecodeBucket) -> None:
+        """One decode step of bucket ``bk`` on the current stream: bk.ids (token per row) and bk.idx
+        (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out."""
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        if bk.gemv:
+            bk.acc.zero_()
+        for ln in bk.launches:
+            if isinstance(ln, tuple):
+                self._torch_op(ln, bk)
+            else:
+                self.k.launch(ln, stream)
+
+    def _torch_op(self, op, bk):
+        if op[0] == "head":
+            torch.mm(bk.xn, self.lm_head.t(), out=bk.logits_t)
+            bk.logits.copy_(bk.logits_t)
+            return
+        kind, x, lin, dst = op
+        if kind == "mm" and lin.bias is not None:
+            torch.addmm(lin.bias, x, lin.weight.t(), out=dst)
+        else:
+            torch.mm(x, lin.weight.t(), out=dst)
