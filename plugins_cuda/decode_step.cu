@@ -38,7 +38,8 @@ constexpr int GEMV_THREADS = 512;  // 16 warps
 constexpr int XP_THREADS = 256;    // conv_xproj
 constexpr int XP_CH = 64;          // channels per conv_xproj block
 constexpr int SSM_THREADS = 128;   // ssm_step
-constexpr int ROW_THREADS = 256;   // embed_norm, residual_norm
+constexpr int ROW_THREADS = 512;   // embed, residual_norm
+constexpr int CONV_THREADS = 256;  // conv_only
 constexpr int MAX_CONV = 8;        // d_conv limit (registers)
 
 __device__ __forceinline__ void pdl_wait() {
@@ -446,27 +447,27 @@ __device__ __forceinline__ T conv_one(const float* win, const float* w, float bi
   return from_float<T>(silu(acc));
 }
 
-// Batched path (any B): the conv update only.
+// Batched path (any B): the conv update only; grid (ceil(d / CONV_THREADS), B), a thread per channel.
 template <typename T>
 __device__ void conv_only(const ConvXprojArgs& a) {
-  pdl_launch_dependents();
-  pdl_wait();
-  const int d = (int)a.d, k = (int)a.k, B = (int)a.B;
+  const int d = (int)a.d, k = (int)a.k, b = blockIdx.y;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  const int cc = c < d ? c : d - 1;
   const T* cw = static_cast<const T*>(a.conv_w);
   const T* cb = static_cast<const T*>(a.conv_b);
-  for (int p = threadIdx.x; p < B * XP_CH; p += blockDim.x) {
-    const int b = p / XP_CH, c = blockIdx.x * XP_CH + p % XP_CH;
-    if (c >= d) continue;
-    T* s = static_cast<T*>(a.conv_state) + (a.idx[b] * d + c) * (k - 1);
-    float win[MAX_CONV], w[MAX_CONV];
+  T* s = static_cast<T*>(a.conv_state) + (a.idx[b] * d + cc) * (k - 1);
+  float win[MAX_CONV], w[MAX_CONV];
 #pragma unroll
-    for (int j = 0; j < MAX_CONV; ++j) {
-      win[j] = j < k - 1 ? to_float(s[j]) : 0.f;
-      w[j] = j < k ? to_float(cw[(long long)c * k + j]) : 0.f;
-    }
-    static_cast<T*>(a.u)[(long long)b * d + c] =
-        conv_one<T>(win, w, cb ? to_float(cb[c]) : 0.f, k, static_cast<const T*>(a.xz)[(long long)b * 2 * d + c], s);
+  for (int j = 0; j < MAX_CONV; ++j) {
+    win[j] = j < k - 1 ? to_float(s[j]) : 0.f;
+    w[j] = j < k ? to_float(cw[(long long)cc * k + j]) : 0.f;
   }
+  const float bias = cb ? to_float(cb[cc]) : 0.f;
+  pdl_launch_dependents();
+  pdl_wait();
+  if (c >= d) return;
+  static_cast<T*>(a.u)[(long long)b * d + c] =
+      conv_one<T>(win, w, bias, k, static_cast<const T*>(a.xz)[(long long)b * 2 * d + c], s);
 }
 
 // GEMV path (BM rows): conv update for XP_CH channels, then their share of x_proj,
@@ -675,7 +676,7 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   MRT_DECODE_N(TAG, T, 16)                                                                             \
   MRT_DECODE_N(TAG, T, 32)                                                                             \
   MRT_DECODE_N(TAG, T, 64)                                                                             \
-  extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
+  extern "C" __global__ void __launch_bounds__(mrt::CONV_THREADS)                                     \
       mrt_conv_only_##TAG(const mrt::ConvXprojArgs a) { mrt::conv_only<T>(a); }                    \
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
       mrt_embed_##TAG(const mrt::EmbedArgs a) { mrt::embed<T>(a); }                                    \

@@ -22,7 +22,7 @@ from . import compiler, launcher
 from .compiler import DTYPES
 
 SOURCE = "decode_step.cu"
-GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS = 512, 256, 64, 128, 256  # decode_step.cu
+GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 256, 64, 128, 512, 256  # .cu
 MAX_CONV = 8
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
@@ -215,8 +215,9 @@ class DecodeKernels:
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in GEMV_BUCKETS: conv + x_proj share; bm = 0: conv only (any B; Wx must be 0)."""
         a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, B, d, k, R)
-        stem = f"conv_xproj_{self.tag}_b{bm}" if bm else f"conv_only_{self.tag}"
-        return Launch(self._fn(stem), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
+        if bm:
+            return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
+        return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,
                  d, r) -> Launch:
