@@ -1,6 +1,7 @@
 """Microbenchmarks of the plugins_cuda kernels on the GPU (see benchmarks/NOTES.md, "Kernels").
 
     python benchmarks/bench_kernels.py [--out benchmarks/results/kernels-<device>.json] [--quick]
+                                       [--only ceilings,decode,prefill,variants,host]
 
 Measures, in one run on one device:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and MUFU ex2 throughput
@@ -10,9 +11,15 @@ Measures, in one run on one device:
     mamba_ssm's Triton selective_state_update when importable (reported "not available" otherwise).
     Timed as CUDA-graph replays of many launches that rotate over enough input sets to overflow L2
     (each layer's state comes from HBM in a real model), median of the replays;
-  * prefill selective_scan at L = 2048 and 16384 (d = 5120, n = 16, B = 1) against its two floors,
-    and causal_conv1d at the same sizes; CUDA events, median.
-Absolute times are only meaningful from a GPU; this script refuses to run without one.
+  * prefill selective_scan at (B, L) = (1, 2048), (1, 16384), (8, 2048) (d = 5120, n = 16) against its
+    two floors, and causal_conv1d at B = 1; CUDA-graph replays of 3 calls, median;
+  * variants: compile-time variants of the scan kernel (-D overrides of selective_scan.cu, and the
+    previous kernel kept in benchmarks/baselines/) launched through the same flat entry point, each
+    checked against the shipped kernel's output before it is timed;
+  * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
+    tiny tensors, so the GPU never holds the host back).
+Absolute times are only meaningful from a GPU; this script refuses to run without one. With --only,
+the results are written only where --out says.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -194,88 +202,252 @@ def bench_decode(reps: int, l2_bytes: int) -> list[dict]:
 # prefill
 
 
-def bench_prefill(reps: int, bw: float, ex2: float, lengths) -> list[dict]:
-    rows = []
-    B, d, n, k = 1, 5120, 16, 4
+def _prefill_inputs(B, d, n, L, k, seed):
     g = torch.Generator(device="cuda")
-    g.manual_seed(4321)
-    for L in lengths:
-        r = lambda *s, dtype=DT: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
-        u, delta, z = r(B, d, L), r(B, d, L) * 0.5 - 0.5, r(B, d, L)
-        Bm, Cm = r(B, n, L), r(B, n, L)
-        A = -torch.exp(r(d, n, dtype=torch.float32))
-        D, db = r(d, dtype=torch.float32), r(d, dtype=torch.float32)
-        h0 = r(B, d, n, dtype=torch.float32)
-        y = torch.empty_like(u)
-        hs = torch.empty_like(h0)
-        w, bias, cs = r(d, k), r(d), r(B, d, k - 1)
-        cso = torch.empty_like(cs)
+    g.manual_seed(seed)
+    r = lambda *s, dtype=DT: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
+    u, delta, z = r(B, d, L), r(B, d, L) * 0.5 - 0.5, r(B, d, L)
+    Bm, Cm = r(B, n, L), r(B, n, L)
+    A = -torch.exp(r(d, n, dtype=torch.float32))
+    D, db = r(d, dtype=torch.float32), r(d, dtype=torch.float32)
+    h0 = r(B, d, n, dtype=torch.float32)
+    w, bias, cs = r(d, k), r(d), r(B, d, k - 1)
+    return dict(u=u, delta=delta, z=z, Bm=Bm, Cm=Cm, A=A, D=D, db=db, h0=h0, w=w, bias=bias, cs=cs)
+
+
+PREFILL_SCAN = ((1, 2048), (1, 16384), (8, 2048))
+PREFILL_CONV = ((1, 2048), (1, 16384))
+
+
+def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, conv_shapes=PREFILL_CONV) -> list[dict]:
+    rows = []
+    d, n, k = 5120, 16, 4
+    for B, L in sorted(set(scan_shapes) | set(conv_shapes)):
+        t = _prefill_inputs(B, d, n, L, k, 4321)
+        y = torch.empty_like(t["u"])
+        hs = torch.empty_like(t["h0"])
+        cso = torch.empty_like(t["cs"])
 
         def scan():
-            torch_ops.selective_scan_fn(u, delta, A, Bm, Cm, D, z, db, h0, True, out=y, ssm_state_out=hs)
+            torch_ops.selective_scan_fn(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"], t["db"],
+                                        t["h0"], True, out=y, ssm_state_out=hs)
 
         def conv():
-            torch_ops.causal_conv1d_fn(u, w, bias, cs, "silu", out=y, conv_state_out=cso)
+            torch_ops.causal_conv1d_fn(t["u"], t["w"], t["bias"], t["cs"], "silu", out=y, conv_state_out=cso)
 
+        row = dict(L=L, d=d, dstate=n, batch=B, dtype=str(DT))
         # CUDA-graph replays: an eager call's host-side work (validation, argument packing) would
         # otherwise sit inside the events for the shorter kernels
-        scan_ms = graph_per_call_us([scan] * 3, reps) / 1e3
-        conv_ms = graph_per_call_us([conv] * 3, reps) / 1e3
-        scan_bytes = 4 * B * d * L * 2 + 2 * B * n * L * 2 + d * n * 4 + 2 * B * d * n * 4
-        exps = B * d * n * L  # one exp(dt*A) per state per step; softplus/silu add ~3 per (c, t)
-        conv_bytes = 2 * B * d * L * 2
-        rows.append(dict(
-            L=L, d=d, dstate=n, batch=B, dtype=str(DT),
-            scan_ms=scan_ms, scan_bytes=scan_bytes, scan_bytes_floor_ms=scan_bytes / bw * 1e3,
-            scan_exps=exps, scan_exp_floor_ms=exps / ex2 * 1e3,
-            scan_exps_per_s=exps / (scan_ms * 1e-3),
-            conv_ms=conv_ms, conv_bytes=conv_bytes, conv_floor_ms=conv_bytes / bw * 1e3,
-        ))
+        if (B, L) in scan_shapes:
+            scan_ms = graph_per_call_us([scan] * 3, reps) / 1e3
+            scan_bytes = 4 * B * d * L * 2 + 2 * B * n * L * 2 + d * n * 4 + 2 * B * d * n * 4
+            exps = B * d * n * L  # one exp(dt*A) per state per step; softplus/silu add ~4 per (c, t)
+            row.update(scan_ms=scan_ms, scan_bytes=scan_bytes, scan_bytes_floor_ms=scan_bytes / bw * 1e3,
+                       scan_exps=exps, scan_exp_floor_ms=exps / ex2 * 1e3, scan_exps_per_s=exps / (scan_ms * 1e-3))
+        if (B, L) in conv_shapes:
+            conv_ms = graph_per_call_us([conv] * 3, reps) / 1e3
+            conv_bytes = 2 * B * d * L * 2
+            row.update(conv_ms=conv_ms, conv_bytes=conv_bytes, conv_floor_ms=conv_bytes / bw * 1e3)
+        rows.append(row)
+        t = y = hs = cso = None
+        torch.cuda.empty_cache()
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# compile-time variants of the prefill scan, through the flat entry point
+
+ROOT = Path(__file__).resolve().parent
+# name -> (source file or None for the shipped one, -D options, (states per lane, warps per block) for
+# n = 16, or None for the v3 baseline's fixed 16 channels / 128 threads)
+SCAN_VARIANTS = {
+    "shipped": (None, (), (2, 4)),
+    "spt1": (None, ("-DMRT_SCAN_SPT16=1",), (1, 4)),
+    "spt2-qu2": (None, ("-DMRT_SCAN_QU=2",), (2, 4)),
+    "spt2-qu8": (None, ("-DMRT_SCAN_QU=8",), (2, 4)),
+    "spt4": (None, ("-DMRT_SCAN_SPT16=4",), (4, 4)),
+    "v3-baseline": (ROOT / "baselines" / "selective_scan_v3.cu", (), None),
+}
+
+
+def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
+    src_path, defines, cfg = SCAN_VARIANTS[name]
+    text = (src_path.read_text() if src_path else compiler._read("selective_scan.cu"))
+    text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
+    drv = launcher._driver()
+    dev = torch.cuda.current_device()
+    ctx = launcher._current_context(dev)
+    cubin = compiler.compile_program(text, "selective_scan.cu", launcher.current_arch(dev), extra_options=defines)
+    mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+    fn = launcher._cu(drv.cuModuleGetFunction(mod, b"mrt_selective_scan_fwd_bf16_n16"), "cuModuleGetFunction")
+    if cfg is None:
+        cpb, threads = 16, 128
+    else:
+        spt, warps = cfg
+        cpb, threads = (32 // (n // spt)) * warps, 32 * warps
+    flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
+    flat += [("p", "y"), ("p", "ssm_state_out")]
+    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, 11, flat=flat)
+
+
+def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS)) -> list[dict]:
+    rows = []
+    d, n = 5120, 16
+    for B, L in shapes:
+        t = _prefill_inputs(B, d, n, L, 4, 1234)
+        ref_y, ref_h = torch_ops.selective_scan_fn(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"],
+                                                   t["db"], t["h0"], True)
+        y = torch.empty_like(t["u"])
+        hs = torch.empty_like(t["h0"])
+        ptrs = (t["u"].data_ptr(), t["delta"].data_ptr(), t["A"].data_ptr(), t["Bm"].data_ptr(), t["Cm"].data_ptr(),
+                t["D"].data_ptr(), t["z"].data_ptr(), t["db"].data_ptr(), t["h0"].data_ptr(), y.data_ptr(),
+                hs.data_ptr())
+        for name in names:
+            row = dict(variant=name, batch=B, L=L, d=d, dstate=n)
+            try:
+                plan = _variant_plan(name, B, d, L, n)
+            except Exception as e:  # a variant that does not compile is reported, not fatal
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows.append(row)
+                continue
+            y.fill_(float("nan"))
+            hs.fill_(float("nan"))
+            plan.launch(ptrs, torch.cuda.current_stream().cuda_stream)
+            torch.cuda.synchronize()
+            yerr = float(((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item())
+            herr = float(((hs - ref_h).norm() / ref_h.norm()).item())
+            row.update(y_rel_err_vs_shipped=yerr, state_rel_err_vs_shipped=herr)
+            stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+            row["ms"] = graph_per_call_us([lambda: plan.launch(ptrs, stream())] * 3, reps) / 1e3
+            row["exps_per_s"] = B * d * n * L / (row["ms"] * 1e-3)
+            row["exp_floor_ms"] = B * d * n * L / ex2 * 1e3
+            rows.append(row)
+        t = ref_y = ref_h = y = hs = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# host overhead of eager calls
+
+
+def bench_host(calls: int = 2000) -> list[dict]:
+    """Wall-clock microseconds per eager torch_ops call, tiny tensors, the signature already cached."""
+    B, d, L, n, k = 1, 64, 16, 16, 4
+    t = _prefill_inputs(B, d, n, L, k, 99)
+    y, hs, cso = torch.empty_like(t["u"]), torch.empty_like(t["h0"]), torch.empty_like(t["cs"])
+    u1, z1 = t["u"][..., 0].contiguous(), t["z"][..., 0].contiguous()
+    B1, C1 = t["Bm"][..., 0].contiguous(), t["Cm"][..., 0].contiguous()
+    y1 = torch.empty_like(u1)
+    h = t["h0"].clone()
+    cs = t["cs"].clone()
+    cases = {
+        "selective_scan_fn (out given)": lambda: torch_ops.selective_scan_fn(
+            t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"], t["db"], t["h0"], True, out=y,
+            ssm_state_out=hs),
+        "selective_scan_fn (outputs allocated)": lambda: torch_ops.selective_scan_fn(
+            t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"], t["db"], t["h0"], True),
+        "causal_conv1d_fn (out given)": lambda: torch_ops.causal_conv1d_fn(
+            t["u"], t["w"], t["bias"], t["cs"], "silu", out=y, conv_state_out=cso),
+        "selective_state_update": lambda: torch_ops.selective_state_update(
+            h, u1, u1, t["A"], B1, C1, t["D"], z1, t["db"], True, out=y1),
+        "causal_conv1d_update": lambda: torch_ops.causal_conv1d_update(u1, cs, t["w"], t["bias"], "silu", out=y1),
+    }
+    rows = []
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        per = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per.append((time.perf_counter() - t0) / calls * 1e6)
+            torch.cuda.synchronize()
+        rows.append(dict(call=name, host_us=statistics.median(per)))
+    return rows
+
+
+SECTIONS = ("ceilings", "decode", "prefill", "variants", "host")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections among {','.join(SECTIONS)} (ceilings are measured "
+                         "whenever prefill or variants need them)")
+    ap.add_argument("--variant-shapes", default=",".join(f"{b}x{l}" for b, l in PREFILL_SCAN),
+                    help="BxL list for the variants section")
+    ap.add_argument("--variants", default=",".join(SCAN_VARIANTS), help="variant names for the variants section")
     args = ap.parse_args(argv)
+    only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if only - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(only - set(SECTIONS))}; expected among {SECTIONS}")
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU visible to torch; absolute times need one", file=sys.stderr)
         return 2
     props = torch.cuda.get_device_properties(0)
     name = props.name
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}.json"
+    full_run = only == set(SECTIONS)
+    out = args.out or (Path(__file__).parent / "results" / f"kernels-{slug}.json" if full_run else None)
     reps = 10 if args.quick else 50
     l2 = getattr(props, "L2_cache_size", 50 << 20)
 
-    bw = copy_bandwidth()
-    ex2 = mufu_ex2_rate()
-    decode, mamba_status = bench_decode(reps, l2)
-    prefill = bench_prefill(reps, bw, ex2, (2048, 16384))
-    result = dict(
-        device=name, sms=props.multi_processor_count, l2_bytes=l2, torch=torch.__version__,
-        nvrtc=".".join(map(str, compiler.nvrtc_version())), python=platform.python_version(),
-        copy_bytes_per_s=bw, mufu_ex2_per_s=ex2, mamba_ssm_triton=mamba_status,
-        decode=decode, prefill=prefill,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-
-    print(f"{name}: copy {bw / 1e12:.2f} TB/s, MUFU ex2 {ex2 / 1e12:.2f} T/s; mamba_ssm: {mamba_status}")
-    print(f"{'d':>5} {'B':>3} | {'ssu us':>7} {'mamba_ssm':>9} {'eager':>6} {'ref':>7} {'floor':>6} | {'conv us':>7} "
-          f"{'ref':>7} {'floor':>6}")
-    for r in decode:
-        ms = r.get("ssu_mamba_ssm_triton_us")
-        print(f"{r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {'n/a' if ms is None else f'{ms:.2f}':>9} "
-              f"{r['ssu_ours_eager_us']:6.1f} {r['ssu_ref_us']:7.1f} "
-              f"{r['ssu_bytes'] / bw * 1e6:6.2f} | {r['conv_ours_us']:7.2f} {r['conv_ref_us']:7.1f} "
-              f"{r['conv_bytes'] / bw * 1e6:6.2f}")
-    for r in prefill:
-        print(f"scan L={r['L']}: {r['scan_ms']:.3f} ms (bytes floor {r['scan_bytes_floor_ms']:.3f}, exp floor "
-              f"{r['scan_exp_floor_ms']:.3f}; {r['scan_exps_per_s'] / 1e12:.2f}e12 exp/s); conv {r['conv_ms']:.3f} ms "
-              f"(floor {r['conv_floor_ms']:.3f})")
-    print(f"wrote {out}")
+    result = dict(device=name, sms=props.multi_processor_count, l2_bytes=l2, torch=torch.__version__,
+                  nvrtc=".".join(map(str, compiler.nvrtc_version())), python=platform.python_version(),
+                  sections=sorted(only))
+    bw = ex2 = None
+    if only & {"ceilings", "prefill", "variants"}:
+        bw, ex2 = copy_bandwidth(), mufu_ex2_rate()
+        result.update(copy_bytes_per_s=bw, mufu_ex2_per_s=ex2)
+        print(f"{name}: copy {bw / 1e12:.2f} TB/s, MUFU ex2 {ex2 / 1e12:.2f} T/s", flush=True)
+    if "decode" in only:
+        decode, mamba_status = bench_decode(reps, l2)
+        result.update(mamba_ssm_triton=mamba_status, decode=decode)
+        print(f"mamba_ssm: {mamba_status}")
+        print(f"{'d':>5} {'B':>3} | {'ssu us':>7} {'mamba_ssm':>9} {'eager':>6} {'ref':>7} {'floor':>6} | "
+              f"{'conv us':>7} {'ref':>7} {'floor':>6}")
+        for r in decode:
+            ms = r.get("ssu_mamba_ssm_triton_us")
+            print(f"{r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {'n/a' if ms is None else f'{ms:.2f}':>9} "
+                  f"{r['ssu_ours_eager_us']:6.1f} {r['ssu_ref_us']:7.1f} "
+                  f"{r['ssu_bytes'] / (bw or 3e12) * 1e6:6.2f} | {r['conv_ours_us']:7.2f} {r['conv_ref_us']:7.1f} "
+                  f"{r['conv_bytes'] / (bw or 3e12) * 1e6:6.2f}", flush=True)
+    if "prefill" in only:
+        prefill = bench_prefill(reps, bw, ex2)
+        result["prefill"] = prefill
+        for r in prefill:
+            line = f"prefill B={r['batch']} L={r['L']}:"
+            if "scan_ms" in r:
+                line += (f" scan {r['scan_ms']:.4f} ms (bytes floor {r['scan_bytes_floor_ms']:.3f}, exp floor "
+                         f"{r['scan_exp_floor_ms']:.3f}; {r['scan_exps_per_s'] / 1e12:.2f}e12 exp/s)")
+            if "conv_ms" in r:
+                line += f" conv {r['conv_ms']:.4f} ms (floor {r['conv_floor_ms']:.3f})"
+            print(line, flush=True)
+    if "variants" in only:
+        vshapes = tuple(tuple(int(v) for v in x.split("x")) for x in args.variant_shapes.split(","))
+        variants = bench_variants(reps, ex2, vshapes, tuple(x for x in args.variants.split(",") if x))
+        result["scan_variants"] = variants
+        for r in variants:
+            if "error" in r:
+                print(f"variant {r['variant']:12s} B={r['batch']} L={r['L']:>5}: {r['error']}")
+            else:
+                print(f"variant {r['variant']:12s} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
+                      f"({r['exps_per_s'] / 1e12:.2f}e12 exp/s; y err vs shipped {r['y_rel_err_vs_shipped']:.1e}, "
+                      f"state {r['state_rel_err_vs_shipped']:.1e})", flush=True)
+    if "host" in only:
+        host = bench_host()
+        result["host"] = host
+        for r in host:
+            print(f"host {r['call']:40s} {r['host_us']:6.1f} us/call", flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
     return 0
 
 

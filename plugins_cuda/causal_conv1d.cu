@@ -13,7 +13,8 @@
 //               conv_state_out must not overlap conv_state when L > CONV_ITEMS (the launcher checks).
 //   conv_update L == 1, the decode step: one thread per (b, c). Reads its whole state before writing,
 //               so conv_state_out may be conv_state (in-place update).
-// T is the activation dtype of x, weight, bias, conv_state, y and conv_state_out; arithmetic is fp32.
+// T is the activation dtype of x, weight, bias, conv_state, y and conv_state_out; arithmetic is fp32;
+// silu on the special-function unit (silu_mufu, common.cuh).
 #include "common.cuh"
 
 namespace mrt {
@@ -125,7 +126,7 @@ __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
     float acc = bias;
 #pragma unroll
     for (int j = 0; j < K; ++j) acc = fmaf(w[j], win[i + j], acc);
-    if (p.silu) acc = silu(acc);
+    if (p.silu) acc = silu_mufu(acc);
     out.e[i] = from_float<T>(acc);
   }
   if (vec) {
@@ -159,7 +160,7 @@ __device__ __forceinline__ void conv_update(const ConvParams& p) {
   float acc = p.bias ? ld(static_cast<const T*>(p.bias), c * p.b_cs) : 0.f;
 #pragma unroll
   for (int j = 0; j < K; ++j) acc = fmaf(ld(wp, j * p.w_ks), win[j], acc);
-  if (p.silu) acc = silu(acc);
+  if (p.silu) acc = silu_mufu(acc);
   static_cast<T*>(p.y)[b * p.y_bs + c * p.y_cs] = from_float<T>(acc);
   T* __restrict__ so = static_cast<T*>(p.conv_state_out) + b * p.so_bs + c * p.so_cs;
 #pragma unroll

@@ -37,7 +37,7 @@ CONV_THREADS = 128  # causal_conv1d.cu CONV_THREADS
 CONV_ITEMS = 8      # causal_conv1d.cu CONV_ITEMS
 SSU_THREADS = 128   # selective_scan.cu SSU_THREADS
 # selective_scan.cu ScanCfg<NP>: padded state size -> (threads per block, channels per block)
-SCAN_CFG = {8: (128, 32), 16: (128, 16), 32: (128, 16), 64: (128, 8)}
+SCAN_CFG = {8: (128, 16), 16: (128, 16), 32: (128, 8), 64: (128, 8)}
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1
 
@@ -177,6 +177,159 @@ def _launch(fn, grid: tuple[int, int], block: int, args: list, stream: int, what
                            ctypes.addressof(ptrs), 0),
         f"cuLaunchKernel({what})",
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# the per-call fast path: cached launch plans, driver entry points called through ctypes
+#
+# An eager call through cuda-python costs tens of microseconds (argument conversion and its object
+# wrappers on every call, a context query per call, a new pointer array per launch). A LaunchPlan
+# holds everything of a launch but the tensor pointers and the stream: the function handle, grid,
+# block and a preallocated kernel-parameter buffer; a call writes the pointers into the buffer and
+# calls cuLaunchKernel through ctypes (same libcuda, same handles as cuda-python). The current
+# context is checked on every call (one cuCtxGetCurrent), never assumed.
+
+_cuda_dll = None
+_cuda_dll_tried = False
+_ctx_device: dict[int, int] = {}  # raw context handle -> device ordinal (fixed for its lifetime)
+
+
+def _libcuda():
+    """ctypes view of the driver library cuda-python uses, or None (then cuda-python is used)."""
+    global _cuda_dll, _cuda_dll_tried
+    if _cuda_dll_tried:
+        return _cuda_dll
+    with _lock:
+        if not _cuda_dll_tried:
+            lib = None
+            for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+                try:
+                    lib = ctypes.CDLL(name)
+                    break
+                except OSError:
+                    continue
+            if lib is not None:
+                try:
+                    lib.cuLaunchKernel.argtypes = [
+                        ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                        ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+                        ctypes.c_void_p]
+                    lib.cuLaunchKernel.restype = ctypes.c_int
+                    lib.cuCtxGetCurrent.argtypes = [ctypes.POINTER(ctypes.c_void_p)]
+                    lib.cuCtxGetCurrent.restype = ctypes.c_int
+                except AttributeError:
+                    lib = None
+            _cuda_dll = lib
+            _cuda_dll_tried = True
+    return _cuda_dll
+
+
+def _current_context(device: int | None) -> int:
+    """Raw handle of the context to launch in (as _context); fast when it is already current."""
+    lib = _libcuda()
+    if lib is not None:
+        cur = ctypes.c_void_p()
+        if lib.cuCtxGetCurrent(ctypes.byref(cur)) == 0 and cur.value:
+            if device is None or _ctx_device.get(cur.value) == device:
+                return cur.value
+    ctx = _context(device)
+    handle = int(ctx)
+    if handle not in _ctx_device:
+        drv = _driver()
+        _ctx_device[handle] = int(_cu(drv.cuCtxGetDevice(), "cuCtxGetDevice"))
+    return handle
+
+
+class LaunchPlan:
+    """A validated launch with everything fixed but the tensor pointers and the stream.
+
+    ``launch(ptrs, stream)`` takes the pointers in the order of the params struct's pointer fields
+    (which is also the order of the flat entry's pointer parameters). Plans are built and cached by
+    :func:`scan_plan` / :func:`conv_plan` (and the ``launch_*`` functions), one per context."""
+
+    __slots__ = ("fn", "handle", "ctx", "device", "grid", "block", "what", "nptr", "_keep", "_set",
+                 "_params", "_lock", "_check", "_rebuild")
+
+    def __init__(self, fn, ctx: int, device, grid, block, what, nptr, *, flat=None, struct=None,
+                 check=None, rebuild=None):
+        self.fn, self.ctx, self.device = fn, ctx, device
+        self.handle = int(fn)
+        self.grid, self.block, self.what, self.nptr = (int(grid[0]), int(grid[1])), int(block), what, nptr
+        self._check, self._rebuild = check, rebuild
+        self._lock = threading.Lock()
+        if struct is not None:  # strided entry: the struct by value; its first nptr fields are pointers
+            view = (ctypes.c_uint64 * nptr).from_buffer(struct)
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(struct))
+            self._keep = (struct, view, params)
+
+            def _set(ptrs, view=view):
+                view[:] = ptrs
+        else:  # flat entry: one 8-byte slot per parameter (ints are read from the low 4 bytes)
+            vals = (ctypes.c_uint64 * len(flat))()
+            slots = []
+            for i, (kind, v) in enumerate(flat):
+                if kind == "p":
+                    slots.append(i)
+                else:
+                    vals[i] = v
+            params = (ctypes.c_void_p * len(flat))(*[ctypes.addressof(vals) + 8 * i for i in range(len(flat))])
+            self._keep = (vals, params)
+            runs = []  # contiguous runs of pointer slots: (first slot, end slot, first pointer)
+            for n, i in enumerate(slots):
+                if runs and runs[-1][1] == i:
+                    runs[-1][1] = i + 1
+                else:
+                    runs.append([i, i + 1, n])
+            if len(runs) == 1:
+                def _set(ptrs, vals=vals, lo=runs[0][0], hi=runs[0][1]):
+                    vals[lo:hi] = ptrs
+            elif len(runs) == 2:  # the flat entries: input pointers, scalars, output pointers
+                (a0, a1, _), (b0, b1, n1) = runs
+
+                def _set(ptrs, vals=vals, a0=a0, a1=a1, b0=b0, b1=b1, n1=n1):
+                    vals[a0:a1] = ptrs[:n1]
+                    vals[b0:b1] = ptrs[n1:]
+            else:
+                def _set(ptrs, vals=vals, slots=tuple(slots)):
+                    for i, v in zip(slots, ptrs):
+                        vals[i] = v
+        self._set = _set
+        self._params = ctypes.addressof(params)
+
+    def launch(self, ptrs, stream: int = 0) -> None:
+        if self._check is not None:
+            self._check(ptrs)
+        ctx = _current_context(self.device)
+        if ctx != self.ctx:  # another context is current (a different device or a foreign context)
+            self._rebuild().launch(ptrs, stream)
+            return
+        lib = _libcuda()
+        with self._lock:
+            self._set(ptrs)
+            if lib is not None:
+                err = lib.cuLaunchKernel(self.handle, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
+                                         stream or None, self._params, None)
+            else:
+                drv = _driver()
+                err = drv.cuLaunchKernel(self.fn, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
+                                         drv.CUstream(stream), self._params, 0)[0]
+        if err:
+            drv = _driver()
+            _cu((drv.CUresult(int(err)),), f"cuLaunchKernel({self.what})")
+
+
+_plans: dict[tuple, LaunchPlan] = {}
+
+
+def _plan(key: tuple, device, build) -> LaunchPlan:
+    """The cached plan for key in the context that launches for device (built on first use)."""
+    ctx = _current_context(device)
+    plan = _plans.get((ctx,) + key)
+    if plan is None:
+        plan = build(ctx)
+        with _lock:
+            plan = _plans.setdefault((ctx,) + key, plan)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +482,61 @@ def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool) -> tupl
 # public launchers
 
 
+def conv_plan(
+    *, batch: int, dim: int, seqlen: int, width: int, dtype: str, activation: str = "none",
+    strides: dict | None = None, kernel: str = "auto", device: int | None = None,
+) -> LaunchPlan:
+    """Validate everything of a CausalConv1d launch but the pointers and return its (cached) plan;
+    ``plan.launch((x, weight, bias, conv_state, y, conv_state_out), stream)`` enqueues it. The plan
+    refuses a conv_state_out that overlaps conv_state where the kernel does not allow it."""
+    op = "causal_conv1d"
+    itemsize = _check_dtype(op, dtype)
+    batch, dim, seqlen = (_check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen)))
+    if width not in FAMILIES[op].specs:
+        raise UnsupportedError(f"{op}: width (kernel size) {width!r} is not supported; expected one of "
+                               f"{FAMILIES[op].specs}")
+    if activation not in ACTIVATIONS:
+        raise InputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    step = _check_kernel(op, kernel, seqlen)
+    shapes = {"x": (batch, dim, seqlen), "weight": (dim, width), "bias": (dim,),
+              "conv_state": (batch, dim, width - 1), "y": (batch, dim, seqlen),
+              "conv_state_out": (batch, dim, width - 1)}
+    st = _resolve_strides(op, shapes, strides)
+    check = None
+    if not step and seqlen > CONV_ITEMS:
+        full = st or {n: _contiguous(s) for n, s in shapes.items()}
+        ext_in = _span(0, shapes["conv_state"], full["conv_state"], itemsize)[1]
+        ext_out = _span(0, shapes["conv_state_out"], full["conv_state_out"], itemsize)[1]
+
+        def _overlap(ptrs, ext_in=ext_in, ext_out=ext_out, seqlen=seqlen):
+            a, b = ptrs[3], ptrs[5]
+            if a and a < b + ext_out and b < a + ext_in:
+                raise InputError(f"{op}: conv_state_out overlaps conv_state; in-place state update is "
+                                 f"supported for seqlen <= {CONV_ITEMS} only (got seqlen {seqlen})")
+
+        check = _overlap
+
+    silu = int(activation == "silu")
+    key = (op, dtype, width, batch, dim, seqlen, silu, step, None if st is None else tuple(sorted(st.items())))
+
+    def build(ctx: int) -> LaunchPlan:
+        stem = "mrt_causal_conv1d_update" if step else "mrt_causal_conv1d_fwd"
+        fn = _function(op, dtype, width, stem if st is None else stem + "_strided", device)
+        grid, block = conv_launch_config(batch, dim, seqlen, step=step)
+        if st is None:
+            flat = [("p", n) for n in ("x", "weight", "bias", "conv_state")]
+            flat += [("i", v) for v in (batch, dim, seqlen, silu)]
+            flat += [("p", "y"), ("p", "conv_state_out")]
+            return LaunchPlan(fn, ctx, device, grid, block, op, 6, flat=flat, check=check,
+                              rebuild=lambda: _plan(key, device, build))
+        p = _ConvParams(batch=batch, dim=dim, seqlen=seqlen, silu=silu)
+        _fill_strides(p, st, _CONV_STRIDE_FIELDS)
+        return LaunchPlan(fn, ctx, device, grid, block, op, 6, struct=p, check=check,
+                          rebuild=lambda: _plan(key, device, build))
+
+    return _plan(key, device, build)
+
+
 def launch_causal_conv1d(
     *, x: int, weight: int, bias: int | None, conv_state: int | None, y: int, conv_state_out: int,
     batch: int, dim: int, seqlen: int, width: int, dtype: str, activation: str = "none",
@@ -350,39 +558,28 @@ def launch_causal_conv1d(
         raise InputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
     stream = _check_stream(stream)
     step = _check_kernel(op, kernel, seqlen)
-    ptrs = {
-        "x": _check_ptr(op, "x", x, itemsize, True),
-        "weight": _check_ptr(op, "weight", weight, itemsize, True),
-        "bias": _check_ptr(op, "bias", bias, itemsize, False),
-        "conv_state": _check_ptr(op, "conv_state", conv_state, itemsize, False),
-        "y": _check_ptr(op, "y", y, itemsize, True),
-        "conv_state_out": _check_ptr(op, "conv_state_out", conv_state_out, itemsize, True),
-    }
+    ptrs = (
+        _check_ptr(op, "x", x, itemsize, True),
+        _check_ptr(op, "weight", weight, itemsize, True),
+        _check_ptr(op, "bias", bias, itemsize, False),
+        _check_ptr(op, "conv_state", conv_state, itemsize, False),
+        _check_ptr(op, "y", y, itemsize, True),
+        _check_ptr(op, "conv_state_out", conv_state_out, itemsize, True),
+    )
     shapes = {"x": (batch, dim, seqlen), "weight": (dim, width), "bias": (dim,),
               "conv_state": (batch, dim, width - 1), "y": (batch, dim, seqlen),
               "conv_state_out": (batch, dim, width - 1)}
     st = _resolve_strides(op, shapes, strides)
-    if not step and seqlen > CONV_ITEMS and ptrs["conv_state"]:
+    if not step and seqlen > CONV_ITEMS and ptrs[3]:
         full = st or {n: _contiguous(s) for n, s in shapes.items()}
-        a = _span(ptrs["conv_state"], shapes["conv_state"], full["conv_state"], itemsize)
-        b = _span(ptrs["conv_state_out"], shapes["conv_state_out"], full["conv_state_out"], itemsize)
+        a = _span(ptrs[3], shapes["conv_state"], full["conv_state"], itemsize)
+        b = _span(ptrs[5], shapes["conv_state_out"], full["conv_state_out"], itemsize)
         if a[0] < b[1] and b[0] < a[1]:
             raise InputError(f"{op}: conv_state_out overlaps conv_state; in-place state update is "
                              f"supported for seqlen <= {CONV_ITEMS} only (got seqlen {seqlen})")
-
-    stem = "mrt_causal_conv1d_update" if step else "mrt_causal_conv1d_fwd"
-    fn = _function(op, dtype, width, stem if st is None else stem + "_strided", device)
-    grid, block = conv_launch_config(batch, dim, seqlen, step=step)
-    silu = int(activation == "silu")
-    if st is None:
-        args = [_P(ptrs[n]) for n in ("x", "weight", "bias", "conv_state")]
-        args += [ctypes.c_int(v) for v in (batch, dim, seqlen, silu)]
-        args += [_P(ptrs["y"]), _P(ptrs["conv_state_out"])]
-    else:
-        p = _ConvParams(**ptrs, batch=batch, dim=dim, seqlen=seqlen, silu=silu)
-        _fill_strides(p, st, _CONV_STRIDE_FIELDS)
-        args = [p]
-    _launch(fn, grid, block, args, stream, op)
+    plan = conv_plan(batch=batch, dim=dim, seqlen=seqlen, width=width, dtype=dtype, activation=activation,
+                     strides=st, kernel="step" if step else "seq", device=device)
+    plan.launch(ptrs, stream)
 
 
 def _fill_strides(p, strides: dict, fields: dict) -> None:
@@ -392,6 +589,54 @@ def _fill_strides(p, strides: dict, fields: dict) -> None:
 
 
 launch_causal_conv1d.capability = CONV_CAPABILITY
+
+
+_SCAN_PTRS = ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias", "ssm_state", "y", "ssm_state_out")
+
+
+def _scan_shapes(batch, dim, seqlen, dstate) -> dict:
+    return {"u": (batch, dim, seqlen), "delta": (batch, dim, seqlen), "A": (dim, dstate),
+            "Bm": (batch, dstate, seqlen), "Cm": (batch, dstate, seqlen), "D": (dim,),
+            "delta_bias": (dim,), "z": (batch, dim, seqlen), "ssm_state": (batch, dim, dstate),
+            "y": (batch, dim, seqlen), "ssm_state_out": (batch, dim, dstate)}
+
+
+def scan_plan(
+    *, batch: int, dim: int, seqlen: int, dstate: int, dtype: str, delta_softplus: bool = True,
+    strides: dict | None = None, kernel: str = "auto", device: int | None = None,
+) -> LaunchPlan:
+    """Validate everything of a SelectiveScan launch but the pointers and return its (cached) plan;
+    ``plan.launch((u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, ssm_state_out), stream)``
+    enqueues it (D, z, delta_bias, ssm_state may be 0)."""
+    op = "selective_scan"
+    _check_dtype(op, dtype)
+    batch, dim, seqlen, dstate = (
+        _check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen), ("dstate", dstate)))
+    np_ = padded_dstate(dstate)
+    if batch > 65535:
+        raise UnsupportedError(f"{op}: batch {batch} exceeds the grid limit 65535")
+    step = _check_kernel(op, kernel, seqlen)
+    st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
+    softplus = int(bool(delta_softplus))
+    key = (op, dtype, np_, batch, dim, seqlen, dstate, softplus, step,
+           None if st is None else tuple(sorted(st.items())))
+
+    def build(ctx: int) -> LaunchPlan:
+        stem = "mrt_selective_state_update" if step else "mrt_selective_scan_fwd"
+        fn = _function(op, dtype, np_, stem if st is None else stem + "_strided", device)
+        grid, block = scan_launch_config(batch, dim, dstate, step=step)
+        if st is None:
+            flat = [("p", n) for n in _SCAN_PTRS[:9]]
+            flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]
+            flat += [("p", "y"), ("p", "ssm_state_out")]
+            return LaunchPlan(fn, ctx, device, grid, block, op, 11, flat=flat,
+                              rebuild=lambda: _plan(key, device, build))
+        p = _ScanParams(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, softplus=softplus)
+        _fill_strides(p, st, _SCAN_STRIDE_FIELDS)
+        return LaunchPlan(fn, ctx, device, grid, block, op, 11, struct=p,
+                          rebuild=lambda: _plan(key, device, build))
+
+    return _plan(key, device, build)
 
 
 def launch_selective_scan(
@@ -410,7 +655,7 @@ def launch_selective_scan(
     itemsize = _check_dtype(op, dtype)
     batch, dim, seqlen, dstate = (
         _check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen), ("dstate", dstate)))
-    np_ = padded_dstate(dstate)
+    padded_dstate(dstate)
     if batch > 65535:
         raise UnsupportedError(f"{op}: batch {batch} exceeds the grid limit 65535")
     stream = _check_stream(stream)
@@ -419,26 +664,12 @@ def launch_selective_scan(
     required = {"u", "delta", "A", "Bm", "Cm", "y", "ssm_state_out"}
     given = {"u": u, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "D": D, "z": z,
              "delta_bias": delta_bias, "ssm_state": ssm_state, "y": y, "ssm_state_out": ssm_state_out}
-    ptrs = {n: _check_ptr(op, n, v, itemsize if n in act else 4, n in required) for n, v in given.items()}
-    shapes = {"u": (batch, dim, seqlen), "delta": (batch, dim, seqlen), "A": (dim, dstate),
-              "Bm": (batch, dstate, seqlen), "Cm": (batch, dstate, seqlen), "D": (dim,),
-              "delta_bias": (dim,), "z": (batch, dim, seqlen), "ssm_state": (batch, dim, dstate),
-              "y": (batch, dim, seqlen), "ssm_state_out": (batch, dim, dstate)}
-    st = _resolve_strides(op, shapes, strides)
-
-    stem = "mrt_selective_state_update" if step else "mrt_selective_scan_fwd"
-    fn = _function(op, dtype, np_, stem if st is None else stem + "_strided", device)
-    grid, block = scan_launch_config(batch, dim, dstate, step=step)
-    softplus = int(bool(delta_softplus))
-    if st is None:
-        args = [_P(ptrs[n]) for n in ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias", "ssm_state")]
-        args += [ctypes.c_int(v) for v in (batch, dim, seqlen, dstate, softplus)]
-        args += [_P(ptrs["y"]), _P(ptrs["ssm_state_out"])]
-    else:
-        p = _ScanParams(**ptrs, batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, softplus=softplus)
-        _fill_strides(p, st, _SCAN_STRIDE_FIELDS)
-        args = [p]
-    _launch(fn, grid, block, args, stream, op)
+    ptrs = tuple(_check_ptr(op, n, given[n], itemsize if n in act else 4, n in required) for n in _SCAN_PTRS)
+    st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
+    plan = scan_plan(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, dtype=dtype,
+                     delta_softplus=delta_softplus, strides=st, kernel="step" if step else "seq",
+                     device=device)
+    plan.launch(ptrs, stream)
 
 
 launch_selective_scan.capability = SCAN_CAPABILITY

@@ -6,18 +6,20 @@
 //   h_t = exp(dt_t A) * h_{t-1} + dt_t Bm_t u_t ;  y_t = (Cm_t . h_t + D u_t) * silu(z_t)
 //
 // NP is n rounded up to 8, 16, 32 or 64; states past n are padding (A = B = C = 0, so h stays 0).
-// Each thread owns SPT consecutive states of one (b, c) (ScanCfg); TPC = NP / SPT threads share a
-// channel.
+// Each lane owns SPT states of one (b, c) (ScanCfg); TPC = NP / SPT lanes share a channel.
 //
 //   scan_fwd     any L >= 1. A block owns CPB channels of one batch row and walks the whole sequence
 //                in chunks of TCH steps, so L is unbounded (65,537 tokens in one call) and the state
-//                never leaves registers. Per chunk: the chunk's u, delta, z, Bm, Cm were prefetched into
-//                registers during the previous chunk (global-load latency hidden behind compute), are
-//                staged into shared memory (dt = softplus(delta + bias) computed once per (c, t), not
-//                once per state), the recurrence runs from shared memory (one MUFU.EX2 per state and
-//                step: the kernel is bound by the special-function unit, see benchmarks/NOTES.md)
-//                and leaves each thread's partial Cm . h per step in shared memory; then the thread
-//                that loaded u and z sums the partials and writes y, coalesced along time.
+//                never leaves registers. Per chunk: each lane computes dt = softplus(delta + bias)
+//                and dt * u for its own IPL consecutive steps of its channel (on the special-function
+//                unit, once per (c, t)) into warp-private shared memory; the block's Bm / Cm chunk
+//                sits in shared memory as fp32, double-buffered (staged during the previous chunk
+//                from registers loaded a chunk ahead: one barrier per chunk); the recurrence runs 4
+//                steps per group (one 16-byte shared load per operand, one MUFU.EX2 per state and
+//                step) leaving each lane's partial C . h per step in shared memory; then each lane
+//                sums the partials of its own IPL steps and writes y, coalesced along time. Full
+//                chunks of time-contiguous, aligned rows use vector loads and no bounds checks.
+//                The chunk loop must stay small (about 8 KB of SASS): see ScanCfg::QU.
 //   state_update L == 1, the decode step (memory-bound: the fp32 state is read and written once).
 //                TPC threads per (b, c), each loading its 4 states and 4 A values as one 16-byte
 //                vector when the layout allows (checked per thread), so a warp's state access is one
@@ -75,171 +77,382 @@ __device__ __forceinline__ ScanParams scan_contiguous(
   return p;
 }
 
+// Benchmark-only overrides (benchmarks/bench_kernels.py compiles variants with -D); the launcher's
+// SCAN_CFG mirrors the defaults.
+#ifndef MRT_SCAN_SPT16
+#define MRT_SCAN_SPT16 2
+#endif
+#ifndef MRT_SCAN_WARPS
+#define MRT_SCAN_WARPS 4
+#endif
+#ifndef MRT_SCAN_TCH
+#define MRT_SCAN_TCH 32
+#endif
+
 template <int NP>
 struct ScanCfg {
-  // States per thread: 2 up to n = 16, so a d = 5120, batch-1 prefill still has ~10 warps per SM
-  // to hide latency with (the recurrence is sequential in time; parallelism is d * n / SPT).
-  static constexpr int SPT = NP <= 16 ? 2 : 4;
-  static constexpr int TPC = NP / SPT;                          // threads per channel: 4, 8, 8, 16
-  static constexpr int THREADS = 128;
-  static constexpr int CPB = THREADS / TPC;                     // channels per block: 32, 16, 16, 8
-  static constexpr int TCH = NP == 64 ? 16 : 32;                // steps per chunk
-  static constexpr int E = CPB * TCH / THREADS;                 // (c, t) staged per thread: 8,4,4,1
-  static constexpr int BCE = NP * TCH / THREADS;                // (s, t) of Bm (and Cm) per thread
-  static constexpr int TP = TCH + 1;                            // padded rows: no bank conflicts
-  static constexpr int NPP = NP + 4;                            // padded, keeps 16-byte alignment
-  // Partial sums Cm . h of the TPC threads of a channel, yp[g][lc][t], one plane per g; planes are
-  // offset so the TPC threads of a channel land in different banks.
-  static constexpr int YPLANE = CPB * TP + ((32 / TPC) - (CPB * TP) % 32 + 32) % 32;
-  static_assert(CPB * TCH % THREADS == 0 && NP * TCH % THREADS == 0, "staging must tile");
-  static_assert(THREADS % TCH == 0, "a block must cover whole time rows");
+  // Lane mapping: a warp holds CPW channels, TPC lanes each; a lane owns SPT of its channel's states
+  // (states g, g + TPC, ...). n = 16: two states per lane (1,280 warps at batch 1, d = 5120) measured
+  // fastest at batch 1 (one: 0.176 ms, MIO-bound on the per-lane shared loads; two: 0.124 ms; four:
+  // 0.152 ms, too few warps); benchmarks/NOTES.md.
+  static constexpr int SPT = NP <= 8 ? 1 : NP == 16 ? MRT_SCAN_SPT16 : NP == 32 ? 2 : 4;
+  static constexpr int TPC = NP / SPT;                  // lanes per channel: 8, 8, 16, 16
+  static constexpr int CPW = 32 / TPC;                  // channels per warp: 4, 4, 2, 2
+  static constexpr int WARPS = MRT_SCAN_WARPS;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int CPB = CPW * WARPS;               // channels per block: 16, 16, 8, 8
+  static constexpr int TCH = NP == 64 ? 16 : MRT_SCAN_TCH;  // steps per chunk (64: static smem < 48 KB)
+  static constexpr int IPL = TCH / TPC;                 // (channel, step) items per lane: 4, 4, 2, 1
+  // 4-step groups unrolled per iteration of the recurrence loop: at most 32 state-steps of code per
+  // lane. The loop body must stay small: with 64 (two states, 32 steps fully unrolled, ~12 KB of
+  // SASS in the chunk loop) the kernel ran 4x slower, its warps waiting on instruction fetch.
+#ifdef MRT_SCAN_QU
+  static constexpr int QU = MRT_SCAN_QU;
+#else
+  static constexpr int QU = (32 / (4 * SPT)) < (TCH / 4) ? (32 / (4 * SPT)) : (TCH / 4);
+#endif
+  static constexpr int RS = TCH + 4;                    // shared row stride: 16-byte rows, 4 banks apart
+  // y partial-sum planes (one per lane group g) offset so that 8 lanes' 16-byte stores hit 8
+  // different 4-bank groups.
+  static constexpr int YPL_TARGET = TPC == 4 ? 8 : 4;
+  static constexpr int YPL = CPW * RS + ((YPL_TARGET - (CPW * RS) % 32) + 32) % 32;
+  static constexpr int BCV = NP * TCH / 4;              // 4-step runs of Bm (and of Cm) per chunk
+  static constexpr int BCE = (BCV + THREADS - 1) / THREADS;
+  static_assert(TCH % 4 == 0 && TCH % TPC == 0, "chunk must tile");
 };
 
-// SPT consecutive floats from shared memory as one 4-, 8- or 16-byte access.
-template <int SPT>
-__device__ __forceinline__ void lds_vec(const float* p, float (&v)[SPT]) {
-  if constexpr (SPT == 4) {
-    const float4 q = *reinterpret_cast<const float4*>(p);
-    v[0] = q.x; v[1] = q.y; v[2] = q.z; v[3] = q.w;
-  } else if constexpr (SPT == 2) {
+// N consecutive elements of T, loadable / storable as one or two vectors.
+template <typename T, int N>
+struct alignas(N * sizeof(T) >= 16 ? 16 : N * sizeof(T)) Pack {
+  T e[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void ld_pack(Pack<T, N>& r, const T* p) {
+  constexpr int BYTES = N * sizeof(T);
+  if constexpr (BYTES >= 16) {
+#pragma unroll
+    for (int k = 0; k < BYTES / 16; ++k)
+      reinterpret_cast<uint4*>(&r)[k] = reinterpret_cast<const uint4*>(p)[k];
+  } else if constexpr (BYTES == 8) {
+    *reinterpret_cast<uint2*>(&r) = *reinterpret_cast<const uint2*>(p);
+  } else if constexpr (BYTES == 4) {
+    *reinterpret_cast<unsigned int*>(&r) = *reinterpret_cast<const unsigned int*>(p);
+  } else {
+    r.e[0] = p[0];
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void st_pack(T* p, const Pack<T, N>& r) {
+  constexpr int BYTES = N * sizeof(T);
+  if constexpr (BYTES >= 16) {
+#pragma unroll
+    for (int k = 0; k < BYTES / 16; ++k)
+      reinterpret_cast<uint4*>(p)[k] = reinterpret_cast<const uint4*>(&r)[k];
+  } else if constexpr (BYTES == 8) {
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<const uint2*>(&r);
+  } else if constexpr (BYTES == 4) {
+    *reinterpret_cast<unsigned int*>(p) = *reinterpret_cast<const unsigned int*>(&r);
+  } else {
+    p[0] = r.e[0];
+  }
+}
+
+// Elements t .. t+N-1 of a row with element stride ts; past L reads as 0. vec: one vector access
+// (the caller checked ts == 1, alignment and t + N <= L).
+template <typename T, int N>
+__device__ __forceinline__ void ld_run(Pack<T, N>& r, const T* __restrict__ row, long long ts, int t,
+                                       int L, bool vec) {
+  if (vec) {
+    ld_pack(r, row + t);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) r.e[i] = t + i < L ? row[(t + i) * ts] : T{};
+  }
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void st_run(T* __restrict__ row, long long ts, int t, int L, bool vec,
+                                       const Pack<T, N>& r) {
+  if (vec) {
+    st_pack(row + t, r);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i)
+      if (t + i < L) row[(t + i) * ts] = r.e[i];
+  }
+}
+
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<bf16_t> { static constexpr bool value = true; };
+
+// Pack -> floats. bf16 pairs are split with one shift / mask each.
+template <typename T, int N>
+__device__ __forceinline__ void unpack(const Pack<T, N>& r, float (&f)[N]) {
+  if constexpr (N % 2 == 0 && IsBf16<T>::value) {
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      const unsigned int w = reinterpret_cast<const unsigned int*>(&r)[k];
+      f[2 * k] = __uint_as_float(w << 16);
+      f[2 * k + 1] = __uint_as_float(w & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = to_float(r.e[i]);
+  }
+}
+
+// N consecutive floats of shared memory (16-byte aligned when N >= 4).
+template <int N>
+__device__ __forceinline__ void lds_floats(const float* p, float (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k) {
+      const float4 q = reinterpret_cast<const float4*>(p)[k];
+      v[4 * k] = q.x; v[4 * k + 1] = q.y; v[4 * k + 2] = q.z; v[4 * k + 3] = q.w;
+    }
+  } else if constexpr (N == 2) {
     const float2 q = *reinterpret_cast<const float2*>(p);
     v[0] = q.x; v[1] = q.y;
   } else {
-    static_assert(SPT == 1, "SPT is 1, 2 or 4");
-    v[0] = *p;
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = p[k];
   }
+}
+
+template <int N>
+__device__ __forceinline__ void sts_floats(float* p, const float (&v)[N]) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < N / 4; ++k)
+      reinterpret_cast<float4*>(p)[k] = make_float4(v[4 * k], v[4 * k + 1], v[4 * k + 2], v[4 * k + 3]);
+  } else if constexpr (N == 2) {
+    *reinterpret_cast<float2*>(p) = make_float2(v[0], v[1]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) p[k] = v[k];
+  }
+}
+
+__device__ __forceinline__ bool aligned_to(const void* p, unsigned int bytes) {
+  return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0ull;
 }
 
 template <typename T, int NP>
 __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   using Cfg = ScanCfg<NP>;
-  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPB = Cfg::CPB, THREADS = Cfg::THREADS;
-  constexpr int TCH = Cfg::TCH, E = Cfg::E, BCE = Cfg::BCE, TP = Cfg::TP, NPP = Cfg::NPP;
-  __shared__ float2 dtu_s[CPB][TP];  // (dt, dt * u) per (channel, step): one 8-byte load per step
-  __shared__ float yp[TPC * Cfg::YPLANE];
-  __shared__ __align__(16) float B_s[TCH][NPP];
-  __shared__ __align__(16) float C_s[TCH][NPP];
+  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPW = Cfg::CPW, WARPS = Cfg::WARPS;
+  constexpr int THREADS = Cfg::THREADS, CPB = Cfg::CPB, TCH = Cfg::TCH, IPL = Cfg::IPL;
+  constexpr int RS = Cfg::RS, YPL = Cfg::YPL, BCV = Cfg::BCV, BCE = Cfg::BCE;
+  constexpr unsigned int LANE_ALIGN = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);
+  constexpr unsigned int BC_ALIGN = 4 * sizeof(T) >= 16 ? 16 : 4 * sizeof(T);
 
-  const int tid = threadIdx.x;
+  // Bm, Cm of a chunk as fp32 [state][step], double-buffered: the block stages chunk k+1's while
+  // (after) chunk k's recurrence, so one barrier per chunk suffices.
+  __shared__ __align__(16) float B_s[2][NP][RS];
+  __shared__ __align__(16) float C_s[2][NP][RS];
+  // Per warp: dt and dt*u per (channel, step), and the lanes' partial C . h per step (one plane
+  // per lane group g). Only the warp's own lanes touch these (__syncwarp).
+  __shared__ __align__(16) float dt_s[WARPS][CPW][RS];
+  __shared__ __align__(16) float du_s[WARPS][CPW][RS];
+  __shared__ __align__(16) float y_s[WARPS][TPC * YPL];
+
+  const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+  const int lc = lane / TPC, g = lane % TPC;
   const long long b = blockIdx.y;
-  const long long c0 = (long long)blockIdx.x * CPB;
-  const T* __restrict__ u = static_cast<const T*>(p.u) + b * p.u_bs;
-  const T* __restrict__ delta = static_cast<const T*>(p.delta) + b * p.d_bs;
-  const T* __restrict__ z = p.z ? static_cast<const T*>(p.z) + b * p.z_bs : nullptr;
-  const T* __restrict__ Bm = static_cast<const T*>(p.Bm) + b * p.B_bs;
-  const T* __restrict__ Cm = static_cast<const T*>(p.Cm) + b * p.C_bs;
-  const float* __restrict__ Dp = static_cast<const float*>(p.D);
-  const float* __restrict__ dbp = static_cast<const float*>(p.delta_bias);
+  const long long c = (long long)blockIdx.x * CPB + w * CPW + lc;
+  const bool cok = c < p.dim;
+  const int L = static_cast<int>(p.seqlen);  // the launcher keeps seqlen within int32
 
-  // Recurrence mapping: local channel lc, states g*SPT .. g*SPT+SPT-1.
-  const int lc = tid / TPC, g = tid % TPC;
-  const long long c = c0 + lc;
-  float h[SPT], a2[SPT];
+  // This lane's channel rows (u, delta, z, y), read / written IPL steps at a time.
+  const T* __restrict__ urow = static_cast<const T*>(p.u) + b * p.u_bs + c * p.u_cs;
+  const T* __restrict__ drow = static_cast<const T*>(p.delta) + b * p.d_bs + c * p.d_cs;
+  const T* __restrict__ zrow = p.z ? static_cast<const T*>(p.z) + b * p.z_bs + c * p.z_cs : nullptr;
+  T* __restrict__ yrow = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+  const bool lvec = p.u_ts == 1 && p.d_ts == 1 && p.y_ts == 1 && aligned_to(urow, LANE_ALIGN) &&
+                    aligned_to(drow, LANE_ALIGN) && aligned_to(yrow, LANE_ALIGN) &&
+                    (!zrow || (p.z_ts == 1 && aligned_to(zrow, LANE_ALIGN)));
+
+  float a2[SPT], h[SPT];
 #pragma unroll
   for (int j = 0; j < SPT; ++j) {
-    const long long s = g * SPT + j;
-    const bool ok = c < p.dim && s < p.dstate;
+    const long long s = j * TPC + g;
+    const bool ok = cok && s < p.dstate;
     a2[j] = ok ? static_cast<const float*>(p.A)[c * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
     h[j] = ok && p.ssm_state
                ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + c * p.h_cs + s * p.h_ss]
                : 0.f;
   }
+  const float dbias = cok && p.delta_bias ? static_cast<const float*>(p.delta_bias)[c * p.db_cs] : 0.f;
+  const float Dc = cok && p.D ? static_cast<const float*>(p.D)[c * p.D_cs] : 0.f;
 
-  // Staging mapping: element e of this thread is (channel c0 + sc0 + e * CSTEP, time t0 + st) for
-  // u, delta, z and y, and (state sc0 + e * CSTEP, time t0 + st) for Bm and Cm: consecutive threads
-  // touch consecutive times, so global accesses are coalesced along time.
-  constexpr int CSTEP = THREADS / TCH;
-  const int st = tid % TCH, sc0 = tid / TCH;
-  const long long cs0 = c0 + sc0;
-  float nu[E], nd[E], nz[E], nb[BCE], nc[BCE];
-  auto prefetch = [&](long long t0) {
-    const long long t = t0 + st;
-    const bool tok = t < p.seqlen;
+  // Bm / Cm staging: run v = tid + e * THREADS is state v / (TCH/4), steps 4 (v % (TCH/4)) + 0..3.
+  const T* brow[BCE];
+  const T* crow[BCE];
+  bool bok[BCE], bvec[BCE];
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const long long cc = cs0 + e * CSTEP;
-      const bool ok = tok && cc < p.dim;
-      nu[e] = ok ? ld(u, cc * p.u_cs + t * p.u_ts) : 0.f;
-      nd[e] = ok ? ld(delta, cc * p.d_cs + t * p.d_ts) : 0.f;
-      nz[e] = ok && z ? ld(z, cc * p.z_cs + t * p.z_ts) : 0.f;
-    }
+  for (int e = 0; e < BCE; ++e) {
+    const int v = tid + e * THREADS, s = v / (TCH / 4);
+    bok[e] = v < BCV && s < p.dstate;
+    brow[e] = static_cast<const T*>(p.Bm) + b * p.B_bs + s * p.B_ss;
+    crow[e] = static_cast<const T*>(p.Cm) + b * p.C_bs + s * p.C_ss;
+    bvec[e] = p.B_ts == 1 && p.C_ts == 1 && aligned_to(brow[e], BC_ALIGN) && aligned_to(crow[e], BC_ALIGN);
+  }
+  Pack<T, 4> pb[BCE], pc[BCE];
+  Pack<T, IPL> pu, pd, pz;
+#pragma unroll
+  for (int e = 0; e < BCE; ++e)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pb[e].e[i] = pc[e].e[i] = T{};
+#pragma unroll
+  for (int i = 0; i < IPL; ++i) pu.e[i] = pd.e[i] = pz.e[i] = T{};
+
+  auto load_bc = [&](int t0, bool full) {
 #pragma unroll
     for (int e = 0; e < BCE; ++e) {
-      const int s = sc0 + e * CSTEP;
-      const bool ok = tok && s < p.dstate;
-      nb[e] = ok ? ld(Bm, s * p.B_ss + t * p.B_ts) : 0.f;
-      nc[e] = ok ? ld(Cm, s * p.C_ss + t * p.C_ts) : 0.f;
+      if (bok[e]) {
+        const int t = t0 + 4 * ((tid + e * THREADS) % (TCH / 4));
+        const bool vec = bvec[e] && full;
+        ld_run(pb[e], brow[e], p.B_ts, t, L, vec);
+        ld_run(pc[e], crow[e], p.C_ts, t, L, vec);
+      }
+    }
+  };
+  auto stage_bc = [&](int buf) {
+#pragma unroll
+    for (int e = 0; e < BCE; ++e) {
+      const int v = tid + e * THREADS;
+      if (v < BCV) {
+        const int s = v / (TCH / 4), m = 4 * (v % (TCH / 4));
+        float fb[4], fc[4];
+        unpack(pb[e], fb);
+        unpack(pc[e], fc);
+        sts_floats<4>(&B_s[buf][s][m], fb);
+        sts_floats<4>(&C_s[buf][s][m], fc);
+      }
+    }
+  };
+  auto load_lane = [&](int t0, bool full) {
+    if (cok) {
+      const int t = t0 + g * IPL;
+      const bool vec = lvec && full;
+      ld_run(pu, urow, p.u_ts, t, L, vec);
+      ld_run(pd, drow, p.d_ts, t, L, vec);
+      if (zrow) ld_run(pz, zrow, p.z_ts, t, L, vec);
     }
   };
 
-  prefetch(0);
-  for (long long t0 = 0; t0 < p.seqlen; t0 += TCH) {
-    float cu[E], cz[E];
-    const bool tok = t0 + st < p.seqlen;
-#pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int sc = sc0 + e * CSTEP;
-      const long long cc = c0 + sc;
-      const bool ok = tok && cc < p.dim;
-      float dt = nd[e] + (dbp && cc < p.dim ? dbp[cc * p.db_cs] : 0.f);
-      if (p.softplus) dt = softplus(dt);
-      dt = ok ? dt : 0.f;  // padding steps: exp(0) = 1 and no input, so h passes through unchanged
-      dtu_s[sc][st] = make_float2(dt, dt * nu[e]);
-      cu[e] = nu[e];
-      cz[e] = nz[e];
-    }
-#pragma unroll
-    for (int e = 0; e < BCE; ++e) {
-      const int s = sc0 + e * CSTEP;
-      B_s[st][s] = nb[e];
-      C_s[st][s] = nc[e];
-    }
-    __syncthreads();
-    if (t0 + TCH < p.seqlen) prefetch(t0 + TCH);
+  const int nchunks = (L - 1) / TCH + 1;
+  load_bc(0, L >= TCH);
+  load_lane(0, L >= TCH);
+  stage_bc(0);
+  __syncthreads();
 
-    // The recurrence: no cross-thread traffic inside the chunk (each thread stores its partial
-    // Cm . h per step), so the fully unrolled steps' loads and exponentials overlap freely and
-    // only the FMA on h is serial.
-    float* __restrict__ ypg = yp + g * Cfg::YPLANE + lc * TP;
+  float* __restrict__ dts = dt_s[w][lc];
+  float* __restrict__ dus = du_s[w][lc];
+  float* __restrict__ yw = y_s[w];
+#pragma unroll 1
+  for (int k = 0; k < nchunks; ++k) {
+    const int t0 = k * TCH;
+    const bool full = L - t0 >= TCH;
+    // dt = softplus(delta + bias) and dt * u, once per (channel, step); steps past L get dt = 0
+    // (exp(0) = 1 and no input: the state passes through unchanged).
+    const int valid = full ? IPL : L - t0 - g * IPL;
+    float uf[IPL], xf[IPL], dtv[IPL], duv[IPL];
+    unpack(pu, uf);
+    unpack(pd, xf);
+    Pack<T, IPL> zk = pz;
 #pragma unroll
-    for (int t = 0; t < TCH; ++t) {
-      const float2 q = dtu_s[lc][t];
-      const float dt = q.x, dtu = q.y;
-      float bb[SPT], cc[SPT];
-      lds_vec<SPT>(&B_s[t][g * SPT], bb);
-      lds_vec<SPT>(&C_s[t][g * SPT], cc);
-      float acc = 0.f;
+    for (int i = 0; i < IPL; ++i) {
+      const float x = xf[i] + dbias;
+      dtv[i] = p.softplus ? softplus_mufu(x) : x;
+    }
+    if (!full) {
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) dtv[i] = i < valid ? dtv[i] : 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) duv[i] = dtv[i] * uf[i];
+    sts_floats<IPL>(dts + g * IPL, dtv);
+    sts_floats<IPL>(dus + g * IPL, duv);
+    if (k + 1 < nchunks) {  // next chunk's global loads, in flight during this chunk's recurrence
+      const bool nfull = L - t0 - TCH >= TCH;
+      load_lane(t0 + TCH, nfull);
+      load_bc(t0 + TCH, nfull);
+    }
+    __syncwarp();
+
+    // The recurrence, 4 steps per group: one 16-byte shared load each of dt, dt*u and of every
+    // owned state's Bm and Cm; per state and step one ex2 and 4 FP32 operations. The lane's partial
+    // C . h per step goes to its plane of y_s.
+    const float* __restrict__ Bb = &B_s[k & 1][g][0];
+    const float* __restrict__ Cb = &C_s[k & 1][g][0];
+    float* __restrict__ yp = yw + g * YPL + lc * RS;
+    // Operands of group q+1 are loaded before group q is computed (shared-memory latency hidden
+    // inside the warp, not only by other warps).
+    float d4[2][4], u4[2][4], bq[2][SPT][4], cq[2][SPT][4];
+    auto lds_group = [&](int q, int slot) {
+      lds_floats<4>(dts + 4 * q, d4[slot]);
+      lds_floats<4>(dus + 4 * q, u4[slot]);
 #pragma unroll
       for (int j = 0; j < SPT; ++j) {
-        h[j] = fmaf(fast_exp2(dt * a2[j]), h[j], dtu * bb[j]);
-        acc = fmaf(cc[j], h[j], acc);
+        lds_floats<4>(Bb + j * TPC * RS + 4 * q, bq[slot][j]);
+        lds_floats<4>(Cb + j * TPC * RS + 4 * q, cq[slot][j]);
       }
-      ypg[t] = acc;
+    };
+    lds_group(0, 0);
+    static_assert(Cfg::QU == TCH / 4 || Cfg::QU % 2 == 0, "slot parity must survive the outer loop");
+#pragma unroll 1
+    for (int q0 = 0; q0 < TCH / 4; q0 += Cfg::QU) {
+#pragma unroll
+      for (int qi = 0; qi < Cfg::QU; ++qi) {
+        const int q = q0 + qi, cur = qi & 1;
+        if (q + 1 < TCH / 4) lds_group(q + 1, cur ^ 1);
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+          for (int j = 0; j < SPT; ++j) {
+            h[j] = fmaf(fast_exp2(d4[cur][i] * a2[j]), h[j], u4[cur][i] * bq[cur][j][i]);
+            acc[i] = j == 0 ? cq[cur][j][i] * h[j] : fmaf(cq[cur][j][i], h[j], acc[i]);
+          }
+        }
+        sts_floats<4>(yp + 4 * q, acc);
+      }
     }
-    __syncthreads();
+    __syncwarp();
 
-    T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs;
+    // Each lane sums the TPC partials of its own IPL items and writes y (coalesced along time).
+    float out[IPL];
+    lds_floats<IPL>(yw + lc * RS + g * IPL, out);
 #pragma unroll
-    for (int e = 0; e < E; ++e) {
-      const int sc = sc0 + e * CSTEP;
-      const long long cc = c0 + sc, t = t0 + st;
-      if (cc < p.dim && t < p.seqlen) {
-        float out = 0.f;
+    for (int kk = 1; kk < TPC; ++kk) {
+      float part[IPL];
+      lds_floats<IPL>(yw + kk * YPL + lc * RS + g * IPL, part);
 #pragma unroll
-        for (int k = 0; k < TPC; ++k) out += yp[k * Cfg::YPLANE + sc * TP + st];
-        if (Dp) out = fmaf(Dp[cc * p.D_cs], cu[e], out);
-        if (z) out *= silu(cz[e]);
-        y[cc * p.y_cs + t * p.y_ts] = from_float<T>(out);
-      }
+      for (int i = 0; i < IPL; ++i) out[i] += part[i];
     }
-    // The next chunk's staging writes dtu_s/B_s/C_s, which this chunk's recurrence finished
-    // reading before the barrier above; yp is rewritten only after the next staging barrier.
+    if (cok) {
+      float zf[IPL];
+      unpack(zk, zf);
+      Pack<T, IPL> py;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        float yv = fmaf(Dc, uf[i], out[i]);
+        if (zrow) yv *= silu_mufu(zf[i]);
+        py.e[i] = from_float<T>(yv);
+      }
+      st_run(yrow, p.y_ts, t0 + g * IPL, L, lvec && full, py);
+    }
+    if (k + 1 < nchunks) stage_bc((k + 1) & 1);
+    __syncthreads();
   }
 
 #pragma unroll
   for (int j = 0; j < SPT; ++j) {
-    const long long s = g * SPT + j;
-    if (c < p.dim && s < p.dstate)
+    const long long s = j * TPC + g;
+    if (cok && s < p.dstate)
       static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + c * p.ho_cs + s * p.ho_ss] = h[j];
   }
 }

@@ -16,6 +16,11 @@ z, Bm, Cm, conv weight/bias/state) share one dtype, float32, float16 or bfloat16
 the SSM state are float32. Kernels run on ``torch.cuda.current_stream()`` of the tensors' device.
 Each function carries ``.capability`` (launcher.Capability) for skip decisions.
 
+Host cost of an eager call: the first call with a given signature (every tensor's shape, strides,
+dtype and device, which are None, the flags) validates everything and builds a launcher.LaunchPlan;
+later calls with the same signature look the plan up by that signature (which is everything the
+validation depends on) and only read the pointers and the current stream.
+
 This is the only module of plugins_cuda that imports torch.
 """
 from __future__ import annotations
@@ -82,8 +87,22 @@ def _strides(tensors: dict) -> dict:
     return out
 
 
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(device: torch.device) -> int:
+    if _raw_stream is not None:
+        return _raw_stream(device.index if device.index is not None else torch.cuda.current_device())
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def _meta(t):
+    """What validation and the launch plan depend on, per tensor (AttributeError for non-tensors)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+# signature -> (plan, device); filled only after a full validation of that signature
+_plans: dict = {}
 
 
 def _alloc(op: str, name: str, given, shape, dtype, device) -> torch.Tensor:
@@ -110,49 +129,106 @@ def causal_conv1d_fn(x, weight, bias=None, conv_state=None, activation="none", *
     conv_state: (batch, dim, width-1) or None (zeros); all in x's dtype. Returns y (batch, dim,
     seqlen) and conv_state_out (batch, dim, width-1), as causal_conv1d_ref. ``kernel``: "auto"
     (seqlen 1 takes the single-step kernel), "seq" or "step" (tests and benchmarks)."""
+    try:
+        key = ("conv", _meta(x), _meta(weight), _meta(bias), _meta(conv_state), _meta(out),
+               _meta(conv_state_out), activation, kernel)
+        hit = _plans.get(key)
+    except (AttributeError, TypeError, RuntimeError):
+        key = hit = None
+    if hit is not None:
+        plan, dev = hit
+        y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
+        so = (torch.empty((x.shape[0], x.shape[1], plan.extra[0]), dtype=x.dtype, device=dev)
+              if conv_state_out is None else conv_state_out)
+        ptrs = (x.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(conv_state), y.data_ptr(), so.data_ptr())
+        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5]) & plan.extra[1]:
+            plan.plan.launch(ptrs, _stream(dev))
+            return y, so
+        key = None
     op = "causal_conv1d_fn"
     dev = _device(op, x, "x")
     batch, dim, seqlen = _shape(op, x, "x", 3, "(batch, dim, seqlen)")
     _act_dtype(op, x, "x")
-    weight = _conv_weight(op, weight, dim)
-    width = weight.shape[1]
-    _check(op, "weight", weight, (dim, width), x.dtype, dev)
+    w2 = _conv_weight(op, weight, dim)
+    width = w2.shape[1]
+    _check(op, "weight", w2, (dim, width), x.dtype, dev)
     _check(op, "bias", bias, (dim,), x.dtype, dev)
     _check(op, "conv_state", conv_state, (batch, dim, width - 1), x.dtype, dev)
     y = _alloc(op, "out", out, (batch, dim, seqlen), x.dtype, dev)
     so = _alloc(op, "conv_state_out", conv_state_out, (batch, dim, width - 1), x.dtype, dev)
-    _launch_conv(x, weight, bias, conv_state, y, so, activation, kernel, dev)
+    plan = _launch_conv(x, w2, bias, conv_state, y, so, activation, kernel, dev)
+    _remember(key, plan, dev, (width - 1, x.element_size() - 1))
     return y, so
+
+
+def _scan_aligned(p, amask: int) -> bool:
+    """Activation pointers aligned to their element size, float32 ones to 4 bytes."""
+    return not ((p[0] | p[1] | p[3] | p[4] | p[6] | p[9]) & amask or (p[2] | p[5] | p[7] | p[8] | p[10]) & 3)
+
+
+class _Hit:
+    __slots__ = ("plan", "extra")
+
+    def __init__(self, plan, extra):
+        self.plan, self.extra = plan, extra
+
+
+def _remember(key, plan, dev, extra=None) -> None:
+    if key is None:
+        return
+    try:
+        _plans[key] = (_Hit(plan, extra), dev)
+    except TypeError:  # an unhashable argument (validation accepted it): no fast path for it
+        pass
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation="none", *, out=None):
     """One decode step. x: (batch, dim); conv_state: (batch, dim, width-1), updated in place;
     weight: (dim, width) or (dim, 1, width); bias: (dim,). Returns y: (batch, dim)."""
+    try:
+        key = ("conv_update", _meta(x), _meta(conv_state), _meta(weight), _meta(bias), _meta(out), activation)
+        hit = _plans.get(key)
+    except (AttributeError, TypeError, RuntimeError):
+        key = hit = None
+    if hit is not None:
+        plan, dev = hit
+        y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
+        cs = conv_state.data_ptr()
+        ptrs = (x.data_ptr(), weight.data_ptr(), _ptr(bias), cs, y.data_ptr(), cs)
+        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & plan.extra[1]:
+            plan.plan.launch(ptrs, _stream(dev))
+            return y
+        key = None
     op = "causal_conv1d_update"
     dev = _device(op, x, "x")
     batch, dim = _shape(op, x, "x", 2, "(batch, dim)")
     _act_dtype(op, x, "x")
-    weight = _conv_weight(op, weight, dim)
-    width = weight.shape[1]
-    _check(op, "weight", weight, (dim, width), x.dtype, dev)
+    w2 = _conv_weight(op, weight, dim)
+    width = w2.shape[1]
+    _check(op, "weight", w2, (dim, width), x.dtype, dev)
     _check(op, "bias", bias, (dim,), x.dtype, dev)
     _check(op, "conv_state", conv_state, (batch, dim, width - 1), x.dtype, dev, required=True)
     y = _alloc(op, "out", out, (batch, dim), x.dtype, dev)
-    _launch_conv(x, weight, bias, conv_state, y, conv_state, activation, "step", dev)
+    plan = _launch_conv(x, w2, bias, conv_state, y, conv_state, activation, "step", dev)
+    _remember(key, plan, dev, (width - 1, x.element_size() - 1))
     return y
 
 
-def _launch_conv(x, weight, bias, conv_state, y, state_out, activation, kernel, dev) -> None:
+def _launch_conv(x, weight, bias, conv_state, y, state_out, activation, kernel, dev):
+    """Validated launch through the launcher; returns the LaunchPlan for later calls."""
     batch, dim = x.shape[:2]
+    seqlen = x.shape[2] if x.dim() == 3 else 1
+    dtype = _DTYPE_NAMES[x.dtype]
+    strides = _strides({"x": (x, 3), "weight": (weight, 2), "bias": (bias, 1), "conv_state": (conv_state, 3),
+                        "y": (y, 3), "conv_state_out": (state_out, 3)})
     launcher.launch_causal_conv1d(
         x=x.data_ptr(), weight=weight.data_ptr(), bias=_ptr(bias), conv_state=_ptr(conv_state),
-        y=y.data_ptr(), conv_state_out=state_out.data_ptr(), batch=batch, dim=dim,
-        seqlen=x.shape[2] if x.dim() == 3 else 1, width=weight.shape[1], dtype=_DTYPE_NAMES[x.dtype],
-        activation=activation, stream=_stream(dev), kernel=kernel, device=dev.index,
-        strides=_strides({"x": (x, 3), "weight": (weight, 2), "bias": (bias, 1),
-                          "conv_state": (conv_state, 3), "y": (y, 3),
-                          "conv_state_out": (state_out, 3)}),
+        y=y.data_ptr(), conv_state_out=state_out.data_ptr(), batch=batch, dim=dim, seqlen=seqlen,
+        width=weight.shape[1], dtype=dtype, activation=activation, stream=_stream(dev), kernel=kernel,
+        device=dev.index, strides=strides,
     )
+    return launcher.conv_plan(batch=batch, dim=dim, seqlen=seqlen, width=weight.shape[1], dtype=dtype,
+                              activation=activation, strides=strides, kernel=kernel, device=dev.index)
 
 
 def _check_scan(op, dev, batch, dim, seqlen, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, step):
@@ -182,6 +258,24 @@ def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_
     A: (dim, dstate), D, delta_bias: (dim,), ssm_state: (batch, dim, dstate), float32.
     Returns y (batch, dim, seqlen) in u's dtype and ssm_state_out (batch, dim, dstate) float32, as
     selective_scan_ref. ssm_state_out may be ssm_state (in-place)."""
+    try:
+        key = ("scan", _meta(u), _meta(delta), _meta(A), _meta(Bm), _meta(Cm), _meta(D), _meta(z),
+               _meta(delta_bias), _meta(ssm_state), _meta(out), _meta(ssm_state_out),
+               bool(delta_softplus), kernel)
+        hit = _plans.get(key)
+    except (AttributeError, TypeError, RuntimeError):
+        key = hit = None
+    if hit is not None:
+        plan, dev = hit
+        y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out
+        so = (torch.empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32, device=dev)
+              if ssm_state_out is None else ssm_state_out)
+        ptrs = (u.data_ptr(), delta.data_ptr(), A.data_ptr(), Bm.data_ptr(), Cm.data_ptr(), _ptr(D), _ptr(z),
+                _ptr(delta_bias), _ptr(ssm_state), y.data_ptr(), so.data_ptr())
+        if _scan_aligned(ptrs, plan.extra):
+            plan.plan.launch(ptrs, _stream(dev))
+            return y, so
+        key = None  # a misaligned view: the checked path below reports it
     op = "selective_scan_fn"
     dev = _device(op, u, "u")
     batch, dim, seqlen = _shape(op, u, "u", 3, "(batch, dim, seqlen)")
@@ -190,7 +284,8 @@ def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_
                          ssm_state, False)
     y = _alloc(op, "out", out, (batch, dim, seqlen), u.dtype, dev)
     so = _alloc(op, "ssm_state_out", ssm_state_out, (batch, dim, dstate), torch.float32, dev)
-    _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, so, delta_softplus, kernel, dev)
+    plan = _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, so, delta_softplus, kernel, dev)
+    _remember(key, plan, dev, u.element_size() - 1)
     return y, so
 
 
@@ -198,29 +293,53 @@ def selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta
                            delta_softplus=True, *, out=None):
     """One decode step. ssm_state: (batch, dim, dstate) float32, updated in place; u, delta, z:
     (batch, dim); Bm, Cm: (batch, dstate). Returns y: (batch, dim)."""
+    try:
+        key = ("ssu", _meta(ssm_state), _meta(u), _meta(delta), _meta(A), _meta(Bm), _meta(Cm), _meta(D),
+               _meta(z), _meta(delta_bias), _meta(out), bool(delta_softplus))
+        hit = _plans.get(key)
+    except (AttributeError, TypeError, RuntimeError):
+        key = hit = None
+    if hit is not None:
+        plan, dev = hit
+        y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out
+        h = ssm_state.data_ptr()
+        ptrs = (u.data_ptr(), delta.data_ptr(), A.data_ptr(), Bm.data_ptr(), Cm.data_ptr(), _ptr(D), _ptr(z),
+                _ptr(delta_bias), h, y.data_ptr(), h)
+        if _scan_aligned(ptrs, plan.extra):
+            plan.plan.launch(ptrs, _stream(dev))
+            return y
+        key = None
     op = "selective_state_update"
     dev = _device(op, u, "u")
     batch, dim = _shape(op, u, "u", 2, "(batch, dim)")
     _act_dtype(op, u, "u")
     _check_scan(op, dev, batch, dim, 1, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, True)
     y = _alloc(op, "out", out, (batch, dim), u.dtype, dev)
-    _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, ssm_state, delta_softplus,
-                 "step", dev)
+    plan = _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, ssm_state, delta_softplus,
+                        "step", dev)
+    _remember(key, plan, dev, u.element_size() - 1)
     return y
 
 
 def _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, state_out, delta_softplus,
-                 kernel, dev) -> None:
+                 kernel, dev):
+    """Validated launch through the launcher; returns the LaunchPlan for later calls."""
+    batch, dim = u.shape[:2]
+    seqlen = u.shape[2] if u.dim() == 3 else 1
+    dtype = _DTYPE_NAMES[u.dtype]
+    strides = _strides({"u": (u, 3), "delta": (delta, 3), "A": (A, 2), "Bm": (Bm, 3), "Cm": (Cm, 3),
+                        "D": (D, 1), "z": (z, 3), "delta_bias": (delta_bias, 1), "ssm_state": (ssm_state, 3),
+                        "y": (y, 3), "ssm_state_out": (state_out, 3)})
     launcher.launch_selective_scan(
         u=u.data_ptr(), delta=delta.data_ptr(), A=A.data_ptr(), Bm=Bm.data_ptr(), Cm=Cm.data_ptr(),
         D=_ptr(D), z=_ptr(z), delta_bias=_ptr(delta_bias), ssm_state=_ptr(ssm_state),
-        y=y.data_ptr(), ssm_state_out=state_out.data_ptr(), batch=u.shape[0], dim=u.shape[1],
-        seqlen=u.shape[2] if u.dim() == 3 else 1, dstate=A.shape[1], dtype=_DTYPE_NAMES[u.dtype],
-        delta_softplus=bool(delta_softplus), stream=_stream(dev), kernel=kernel, device=dev.index,
-        strides=_strides({"u": (u, 3), "delta": (delta, 3), "A": (A, 2), "Bm": (Bm, 3),
-                          "Cm": (Cm, 3), "D": (D, 1), "z": (z, 3), "delta_bias": (delta_bias, 1),
-                          "ssm_state": (ssm_state, 3), "y": (y, 3), "ssm_state_out": (state_out, 3)}),
+        y=y.data_ptr(), ssm_state_out=state_out.data_ptr(), batch=batch, dim=dim, seqlen=seqlen,
+        dstate=A.shape[1], dtype=dtype, delta_softplus=bool(delta_softplus), stream=_stream(dev),
+        kernel=kernel, device=dev.index, strides=strides,
     )
+    return launcher.scan_plan(batch=batch, dim=dim, seqlen=seqlen, dstate=A.shape[1], dtype=dtype,
+                              delta_softplus=bool(delta_softplus), strides=strides, kernel=kernel,
+                              device=dev.index)
 
 
 causal_conv1d_fn.capability = launcher.CONV_CAPABILITY

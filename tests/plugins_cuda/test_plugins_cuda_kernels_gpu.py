@@ -222,7 +222,16 @@ SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L
              {"L": 65}, {"L": 2049}, {"B": 1}, {"n": 1}, {"n": 5}, {"n": 8}, {"n": 32}, {"n": 64},
              {"with_z": False}, {"with_D": False}, {"with_bias": False}, {"with_state": False},
              {"softplus": False}, {"layout": "strided"}, {"layout": "strided", "L": 1},
-             {"layout": "strided", "n": 64, "d": 19}]
+             {"layout": "strided", "n": 64, "d": 19},
+             # the sequence kernel walks L in chunks of 32 steps (16 for n = 64), 16 channels per block
+             # (8 for n >= 32), 1-4 steps per lane as one vector where the row allows:
+             # chunk boundaries, partial chunks, partial blocks, rows of both alignments (L = 130:
+             # every other bf16 row is 8-byte aligned), several blocks and batches
+             {"L": 31}, {"L": 32}, {"L": 33}, {"L": 96}, {"L": 130, "d": 33}, {"L": 1000, "B": 1, "d": 40},
+             {"L": 257, "B": 4, "d": 48}, {"L": 100, "with_state": False, "d": 17},
+             {"L": 40, "n": 64, "d": 9}, {"L": 70, "n": 8, "d": 70}, {"L": 70, "n": 32, "d": 20},
+             {"L": 100, "layout": "strided", "d": 20}, {"L": 130, "softplus": False, "d": 16},
+             {"L": 2, "B": 2, "d": 3}]
 _FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
 
 
@@ -243,6 +252,68 @@ def test_selective_scan_fn_matches_ref(ops, rng, dtype, row):
     assert_close(f"scan state {cfg}", so, ref_s, STATE_TOL, seed)
     if state_before is not None:
         assert torch.equal(inp["ssm_state"], state_before), "the input state must not change"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031)], ids=["2.8b-2048", "b2-1031"])
+def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L):
+    """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt): same oracle,
+    computed on the GPU in float64."""
+    seed, gen = rng
+    inp = scan_inputs(gen, B, d, L, 16, dtype)
+    y = _poison((B, d, L), dtype)
+    so = _poison((B, d, 16), torch.float32)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so)
+    ref_y, ref_s = _scan_ref(inp)
+    assert_close(f"scan y B={B} d={d} L={L}", y, ref_y, TOL[dtype], seed)
+    assert_close(f"scan state B={B} d={d} L={L}", so, ref_s, STATE_TOL, seed)
+
+
+def test_selective_scan_repeated_calls_use_fresh_data(ops, rng):
+    """The second call with the same signature takes the cached launch plan: new pointers, new values,
+    outputs allocated or given, in-place state, and a changed signature (dtype) still validated."""
+    seed, gen = rng
+    B, d, L, n = 2, 40, 77, 16
+    for i in range(3):
+        inp = scan_inputs(gen, B, d, L, n, torch.bfloat16)
+        if i < 2:
+            y, so = ops.selective_scan_fn(**inp)
+        else:  # in place: ssm_state_out is ssm_state
+            state = inp["ssm_state"].clone()
+            y, so = ops.selective_scan_fn(**inp, ssm_state_out=inp["ssm_state"])
+            assert so is inp["ssm_state"]
+            inp = {**inp, "ssm_state": state}
+        ref_y, ref_s = _scan_ref(inp)
+        assert_close(f"call {i} y", y, ref_y, TOL[torch.bfloat16], seed)
+        assert_close(f"call {i} state", so, ref_s, STATE_TOL, seed)
+    with pytest.raises(InputError, match="Cm has dtype torch.float16"):
+        ops.selective_scan_fn(**{**inp, "Cm": inp["Cm"].half()})
+    with pytest.raises(InputError, match="ssm_state_out has shape"):
+        ops.selective_scan_fn(**inp, ssm_state_out=torch.empty(B, d, n + 1, device="cuda"))
+
+
+def test_selective_scan_under_cuda_graph_replay(ops, rng):
+    """Captured once, replayed on new input values (what the torch backend and the benchmarks do)."""
+    seed, gen = rng
+    B, d, L, n = 1, 64, 96, 16
+    inp = scan_inputs(gen, B, d, L, n, torch.float16)
+    y = _poison((B, d, L), torch.float16)
+    so = _poison((B, d, n), torch.float32)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so)  # warm-up: compile, load, plan
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.selective_scan_fn(**inp, out=y, ssm_state_out=so)
+    fresh = scan_inputs(gen, B, d, L, n, torch.float16)
+    for k, v in fresh.items():
+        if isinstance(v, torch.Tensor):
+            inp[k].copy_(v)
+    y.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    ref_y, ref_s = _scan_ref(fresh)
+    assert_close("graph replay y", y, ref_y, TOL[torch.float16], seed)
+    assert_close("graph replay state", so, ref_s, STATE_TOL, seed)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

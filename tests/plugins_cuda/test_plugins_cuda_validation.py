@@ -97,3 +97,52 @@ def test_capability_reasons():
     assert "compute capability 8.0 or newer, this GPU is 7.5" in cap.why_unsupported(arch=75)
     assert "float64" in cap.why_unsupported(dtype="float64")
     assert launcher.launch_causal_conv1d.capability.op == "causal_conv1d"
+
+
+def test_launch_plan_packs_flat_arguments_in_entry_order():
+    """The cached plan's parameter buffer: pointers where the flat entry takes pointers (two runs:
+    inputs before the scalars, outputs after), the scalars in between, untouched by a call."""
+    import ctypes
+
+    class Fn(int):
+        pass
+
+    flat = [("p", n) for n in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (2, 8, 16, 16, 1)]
+    flat += [("p", "y"), ("p", "ssm_state_out")]
+    plan = launcher.LaunchPlan(Fn(7), 1, None, (3, 2), 128, "t", 11, flat=flat)
+    ptrs = tuple(P * (i + 1) for i in range(11))
+    plan._set(ptrs)
+    vals = list(plan._keep[0])
+    assert vals[:9] == list(ptrs[:9]) and vals[14:] == list(ptrs[9:])
+    assert vals[9:14] == [2, 8, 16, 16, 1]
+    # kernelParams: one address per parameter, 8 bytes apart, the int read from the low 4 bytes
+    params = plan._keep[1]
+    assert [params[i] - params[0] for i in range(16)] == [8 * i for i in range(16)]
+    assert ctypes.c_int.from_address(params[10]).value == 8
+    assert plan.grid == (3, 2) and plan.block == 128
+
+
+def test_launch_plan_fills_the_params_struct_pointers():
+    class Fn(int):
+        pass
+
+    p = launcher._ScanParams(batch=2, dim=8, seqlen=16, dstate=16, softplus=1, u_cs=16)
+    plan = launcher.LaunchPlan(Fn(7), 1, None, (1, 1), 128, "t", 11, struct=p)
+    ptrs = tuple(P + 64 * i for i in range(11))
+    plan._set(ptrs)
+    assert [getattr(p, f) or 0 for f in launcher._SCAN_PTRS] == list(ptrs)
+    assert (p.batch, p.dim, p.seqlen, p.dstate, p.softplus, p.u_cs) == (2, 8, 16, 16, 1, 16)
+
+
+def test_torch_ops_reject_cpu_tensors_on_every_call():
+    """Only fully validated signatures are cached: a rejected call is rejected again."""
+    torch = pytest.importorskip("torch")
+    from mamba_rt.plugins_cuda import torch_ops
+
+    u = torch.randn(1, 4, 3)
+    Bm = torch.randn(1, 16, 3)
+    for _ in range(2):
+        with pytest.raises(InputError, match="need tensors on a CUDA device"):
+            torch_ops.selective_scan_fn(u, u, -torch.rand(4, 16), Bm, Bm)
+        with pytest.raises(InputError, match="need tensors on a CUDA device"):
+            torch_ops.causal_conv1d_fn(u, torch.randn(4, 4))
