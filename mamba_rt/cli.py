@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("mamba_rt.exporters.cli", "export a checkpoint to a model package (ONNX graphs + manifest)"),
     "build": ("mamba_rt.exporters.build_cli", "build TensorRT / TensorRT-RTX engines inside a model package"),
     "generate": ("mamba_rt.runtime.cli", "generate text from a model package"),
+    "bench": ("mamba_rt.bench", "decode latency, prefill speed, memory and the weight-read floor of a model"),
     "demo": ("mamba_rt.demo", "export the embedded demo model and complete a prompt (the one-command tour)"),
 }
 
