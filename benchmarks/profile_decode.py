@@ -9,7 +9,7 @@ Per (config, batch): the step's graph replayed back to back (GPU time per step, 
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
 wait), the weight-read floor (and the floor with the state read and written, for batch > 1) at the
 copy bandwidth measured in the same run, and with ``--kernels`` the per-kernel GPU time from the torch
-profiler (one replay). Weights are random, drawn on the GPU (time does not depend on their values).
+profiler (one replay). Weights are random (time does not depend on their values).
 """
 from __future__ import annotations
 
@@ -23,45 +23,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-SIZES = {"130m": (768, 24), "370m": (1024, 48), "790m": (1536, 48), "1.4b": (2048, 48), "2.8b": (2560, 64)}
-
-
-def copy_bandwidth() -> float:
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    ts = []
-    for _ in range(10):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); b.copy_(a); e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    return 2 * n / statistics.median(ts)
-
-
 def gpu_model(cfg, dtype):
-    from mamba_rt.checkpoint import is_fp32_param, torch_dtype
-    from mamba_rt.exporters.model import model_from_weights
+    """The reference model with random weights (``random_weights``: latency does not depend on their
+    values), on the GPU."""
+    from mamba_rt.exporters.model import model_from_weights, random_weights
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w = {}
-    for name, shape in cfg.param_shapes().items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        dt = torch.float32 if is_fp32_param(name) else torch_dtype(dtype)
-        if name.endswith("A_log"):
-            t = torch.log(torch.arange(1, shape[1] + 1, device="cuda", dtype=torch.float32)).repeat(shape[0], 1)
-        elif name.endswith("dt_proj.bias"):
-            t = torch.full(shape, -4.0, device="cuda")
-        elif name.endswith("norm.weight") or name.endswith("norm_f.weight") or name.endswith("mixer.D"):
-            t = torch.ones(shape, device="cuda")
-        else:
-            t = torch.randn(shape, generator=g, device="cuda") * (1.0 / shape[-1] ** 0.5 if len(shape) > 1 else 0.02)
-        w[name] = t.to(dt)
-    if cfg.tie_embeddings:
-        w["lm_head.weight"] = w["backbone.embedding.weight"]
-    return model_from_weights(cfg, w, dtype, "cuda")
+    return model_from_weights(cfg, random_weights(cfg, dtype, seed=0), dtype, "cuda")
 
 
 def replay_ms(graph, reps=100, rounds=5):
@@ -85,18 +52,17 @@ def main() -> int:
     ap.add_argument("--no-pdl", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from mamba_rt.config import MambaConfig
+    from mamba_rt.bench import bench_config, copy_bandwidth
     from mamba_rt.inspect import decode_bytes
     from mamba_rt.runtime.backend_torch import _FusedGraph
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
-    bw = copy_bandwidth()
+    bw, _ = copy_bandwidth("cuda")
     dev = torch.cuda.get_device_name()
     print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
     for name in args.configs.split(","):
-        dm, nl = SIZES[name]
-        cfg = MambaConfig(d_model=dm, n_layer=nl, vocab_size=50277, pad_vocab_size_multiple=8)
+        cfg = bench_config(name)
         model = gpu_model(cfg, args.dtype)
         batches = [int(b) for b in args.batches.split(",")]
         sh = cfg.state_shapes(max(batches) + 1)  # + the scratch slot that padding rows use

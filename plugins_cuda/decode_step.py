@@ -26,7 +26,6 @@ GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 2
 MAX_CONV = 8
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
-GEMV_MAX_B = GEMV_BUCKETS[-1]  # larger batches take the GEMM path (projections through cuBLAS)
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -251,7 +250,4 @@ class DecodeKernels:
 def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None) -> DecodeKernels:
     """One DecodeKernels per (dtype, context); ctx_handle is the current context's handle."""
     del ctx_handle  # part of the cache key only
-    k = DecodeKernels(dtype, pdl=pdl)
-    if k.sm_count <= 0:
-        raise InternalError("fused decode: the device reports no multiprocessors")
-    return k
+    return DecodeKernels(dtype, pdl=pdl)

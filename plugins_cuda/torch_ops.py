@@ -105,6 +105,16 @@ def _meta(t):
 _plans: dict = {}
 
 
+def _lookup(op: str, tensors: tuple, flags: tuple):
+    """(signature, cached (plan, device) or None) of a call; (None, None) when an argument is not a
+    tensor or not hashable (then the checked path runs and reports it)."""
+    try:
+        key = (op, *(_meta(t) for t in tensors), *flags)
+        return key, _plans.get(key)
+    except (AttributeError, TypeError, RuntimeError):
+        return None, None
+
+
 def _alloc(op: str, name: str, given, shape, dtype, device) -> torch.Tensor:
     if given is None:
         return torch.empty(shape, dtype=dtype, device=device)
@@ -129,12 +139,7 @@ def causal_conv1d_fn(x, weight, bias=None, conv_state=None, activation="none", *
     conv_state: (batch, dim, width-1) or None (zeros); all in x's dtype. Returns y (batch, dim,
     seqlen) and conv_state_out (batch, dim, width-1), as causal_conv1d_ref. ``kernel``: "auto"
     (seqlen 1 takes the single-step kernel), "seq" or "step" (tests and benchmarks)."""
-    try:
-        key = ("conv", _meta(x), _meta(weight), _meta(bias), _meta(conv_state), _meta(out),
-               _meta(conv_state_out), activation, kernel)
-        hit = _plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):
-        key = hit = None
+    key, hit = _lookup("conv", (x, weight, bias, conv_state, out, conv_state_out), (activation, kernel))
     if hit is not None:
         plan, dev = hit
         y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
@@ -185,11 +190,7 @@ def _remember(key, plan, dev, extra=None) -> None:
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation="none", *, out=None):
     """One decode step. x: (batch, dim); conv_state: (batch, dim, width-1), updated in place;
     weight: (dim, width) or (dim, 1, width); bias: (dim,). Returns y: (batch, dim)."""
-    try:
-        key = ("conv_update", _meta(x), _meta(conv_state), _meta(weight), _meta(bias), _meta(out), activation)
-        hit = _plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):
-        key = hit = None
+    key, hit = _lookup("conv_update", (x, conv_state, weight, bias, out), (activation,))
     if hit is not None:
         plan, dev = hit
         y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
@@ -258,13 +259,8 @@ def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_
     A: (dim, dstate), D, delta_bias: (dim,), ssm_state: (batch, dim, dstate), float32.
     Returns y (batch, dim, seqlen) in u's dtype and ssm_state_out (batch, dim, dstate) float32, as
     selective_scan_ref. ssm_state_out may be ssm_state (in-place)."""
-    try:
-        key = ("scan", _meta(u), _meta(delta), _meta(A), _meta(Bm), _meta(Cm), _meta(D), _meta(z),
-               _meta(delta_bias), _meta(ssm_state), _meta(out), _meta(ssm_state_out),
-               bool(delta_softplus), kernel)
-        hit = _plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):
-        key = hit = None
+    key, hit = _lookup("scan", (u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, out, ssm_state_out),
+                       (bool(delta_softplus), kernel))
     if hit is not None:
         plan, dev = hit
         y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out
@@ -293,12 +289,7 @@ def selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta
                            delta_softplus=True, *, out=None):
     """One decode step. ssm_state: (batch, dim, dstate) float32, updated in place; u, delta, z:
     (batch, dim); Bm, Cm: (batch, dstate). Returns y: (batch, dim)."""
-    try:
-        key = ("ssu", _meta(ssm_state), _meta(u), _meta(delta), _meta(A), _meta(Bm), _meta(Cm), _meta(D),
-               _meta(z), _meta(delta_bias), _meta(out), bool(delta_softplus))
-        hit = _plans.get(key)
-    except (AttributeError, TypeError, RuntimeError):
-        key = hit = None
+    key, hit = _lookup("ssu", (ssm_state, u, delta, A, Bm, Cm, D, z, delta_bias, out), (bool(delta_softplus),))
     if hit is not None:
         plan, dev = hit
         y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out

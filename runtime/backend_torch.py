@@ -242,7 +242,7 @@ class _FusedGraph:
 
     def __init__(self, decoder, state: TorchStateBuffers, bucket: int, pool):
         dev = state.conv.device
-        self.n_max, self.scratch = bucket, state.scratch
+        self.scratch = state.scratch
         self.bk = decoder.bucket(bucket)
         self.pin_in = torch.zeros((2, bucket), dtype=torch.int64).pin_memory()
         self.pin_out = torch.zeros(bucket, dtype=torch.int64).pin_memory()
@@ -297,7 +297,6 @@ class TorchBackend(Backend):
         self.cuda_graph = (self.device_kind == "cuda") if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device_kind != "cuda":
             raise UnsupportedError("cuda_graph=True needs device 'cuda'")
-        why = None
         if not (self.cuda_graph and self.loader.ops == "cuda"):
             why = "fused decode needs ops='cuda' and cuda_graph=True"
         else:

@@ -21,7 +21,7 @@ enqueues one step on the current stream (the backend captures it in a CUDA graph
 from __future__ import annotations
 
 from mamba_rt._optional import require
-from mamba_rt.checkpoint import torch_dtype
+from mamba_rt.checkpoint import DTYPES, torch_dtype
 from mamba_rt.errors import UnsupportedError
 
 torch = require("torch")
@@ -30,8 +30,7 @@ torch = require("torch")
 def why_unsupported(config, dtype: str) -> str | None:
     from mamba_rt.plugins_cuda import decode_step
 
-    return decode_step.why_unsupported(config.d_state, config.d_conv, config.dt_rank,
-                                       {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype])
+    return decode_step.why_unsupported(config.d_state, config.d_conv, config.dt_rank, DTYPES[dtype])
 
 
 class DecodeBucket:
@@ -82,8 +81,7 @@ class FusedDecoder:
         self.device, self.tdtype = conv.device, torch_dtype(dtype)
         with torch.cuda.device(self.device):
             ctx = decode_step.launcher._context(self.device.index)
-            self.k = decode_step.kernels({"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
-                                         int(ctx), pdl)
+            self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers
         self.A = [(-torch.exp(l.mixer.A_log.float())).contiguous() for l in layers]
@@ -127,15 +125,15 @@ class FusedDecoder:
                                            ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32))
                 ss, G = bk.ss[i], bk.g4
             else:
-                out.append(("mm", bk.xn, m.in_proj, bk.xz))
+                out.append(self._linear(bk.xn, m.in_proj, bk.xz))
                 out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
                                         conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv, R=R))
-                out.append(("mm", bk.u, m.x_proj, bk.xdbl))
-                out.append(("mm_nobias", bk.xdbl[:, :r], m.dt_proj, bk.delta))
+                out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
+                out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
                 out.append(k.ssm_step(n=n, B=B, xdbl_acc=0, xdbl_t=p(bk.xdbl), delta=p(bk.delta),
                                       Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
                                       u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
-                out.append(("mm", bk.y, m.out_proj, bk.o))
+                out.append(self._linear(bk.y, m.out_proj, bk.o))
                 nxt = layers[i + 1].norm.weight if i + 1 < len(layers) else self.model.backbone.norm_f.weight
                 out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
                                            res_fp32=res32, eps=self.eps))
@@ -144,8 +142,19 @@ class FusedDecoder:
                                    W=p(self.lm_head), bias=0, out=p(bk.logits), N=c.vocab_size, K=dm,
                                    out_float=True, eps=self.eps))
         else:
-            out.append(("head",))
+            def head():
+                torch.mm(bk.xn, self.lm_head.t(), out=bk.logits_t)
+                bk.logits.copy_(bk.logits_t)
+            out.append(head)
         return out
+
+    @staticmethod
+    def _linear(x, lin, out, bias=True):
+        """The GEMM path's projection ``out = x . lin.weight^T (+ lin.bias)`` as a deferred call."""
+        w = lin.weight.t()
+        if bias and lin.bias is not None:
+            return lambda: torch.addmm(lin.bias, x, w, out=out)
+        return lambda: torch.mm(x, w, out=out)
 
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)
@@ -158,18 +167,7 @@ class FusedDecoder:
         if bk.gemv:
             bk.acc.zero_()
         for ln in bk.launches:
-            if isinstance(ln, tuple):
-                self._torch_op(ln, bk)
+            if callable(ln):  # a cuBLAS projection (GEMM path)
+                ln()
             else:
                 self.k.launch(ln, stream)
-
-    def _torch_op(self, op, bk):
-        if op[0] == "head":
-            torch.mm(bk.xn, self.lm_head.t(), out=bk.logits_t)
-            bk.logits.copy_(bk.logits_t)
-            return
-        kind, x, lin, dst = op
-        if kind == "mm" and lin.bias is not None:
-            torch.addmm(lin.bias, x, lin.weight.t(), out=dst)
-        else:
-            torch.mm(x, lin.weight.t(), out=dst)
