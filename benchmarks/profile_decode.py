@@ -50,6 +50,9 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--no-pdl", action="store_true")
+    ap.add_argument("--no-mma", action="store_true", help="FMA GEMVs instead of the tensor-core ones")
+    ap.add_argument("--mma-blocks", type=int, default=None, help="tensor-core GEMV blocks per SM (0: occupancy)")
+    ap.add_argument("--define", action="append", default=[], help="NAME=VALUE: a tuning macro of decode_step.cu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config, copy_bandwidth
@@ -57,6 +60,12 @@ def main() -> int:
     from mamba_rt.runtime.backend_torch import _FusedGraph
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
+    from mamba_rt.plugins_cuda import decode_step
+    if args.mma_blocks is not None:
+        decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
+    for d in args.define:
+        name, _, val = d.partition("=")
+        decode_step.DEFINES[name] = int(val)
     bw, _ = copy_bandwidth("cuda")
     dev = torch.cuda.get_device_name()
     print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -68,7 +77,8 @@ def main() -> int:
         sh = cfg.state_shapes(max(batches) + 1)  # + the scratch slot that padding rows use
         state = SimpleNamespace(conv=torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
                                 ssm=torch.zeros(sh["ssm_state"], device="cuda"), scratch=max(batches))
-        dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None)
+        dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None,
+                           mma=False if args.no_mma else None)
         for B in batches:
             g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
             slots = np.arange(B, dtype=np.int64)
@@ -85,7 +95,8 @@ def main() -> int:
             sb = 2 * B * (cfg.state_bytes_per_sequence(2 if args.dtype != "fp32" else 4))
             row = {"config": name, "batch": B, "path": "gemv" if g.bk.gemv else "gemm", "gpu_ms": gpu,
                    "step_ms_median": statistics.median(ts), "step_ms_p99": sorted(ts)[int(0.99 * (len(ts) - 1))],
-                   "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl}
+                   "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl,
+                   "mma": dec.k.mma}
             row["gpu_over_floor"] = gpu / (row["floor_ms"] if B == 1 else row["floor_with_state_ms"])
             if args.kernels:
                 from torch.profiler import ProfilerActivity, profile

@@ -28,8 +28,10 @@
 // State is addressed by slot (idx[b]) in the stacked [n_layer, slots, d, *] buffers and updated in
 // place: no gather or scatter. Each state element is read and written by exactly one thread.
 //
-// Batch rows per launch are a compile-time BM (the backend's buckets 1 and 2 for the GEMV kernels). Kernels call griddepcontrol (programmatic dependent launch, sm_90+): weights are
-// prefetched into L2 before waiting for the previous kernel, which the launcher lets start early.
+// Batch rows per launch are a compile-time BM (the backend's buckets 1 and 2 for the GEMV kernels). The
+// matrix-vector products run on the tensor cores for 16-bit models (GemvMma) and as FMA loops otherwise
+// (GemvWarp). Kernels call griddepcontrol (programmatic dependent launch, sm_90+): weights are loaded
+// before waiting for the previous kernel, which the launcher lets start early.
 #include "common.cuh"
 
 namespace mrt {
@@ -58,10 +60,11 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// 16-byte weight load that bypasses L1 (weights are read once per step).
+// 16-byte weight load that bypasses L1 (weights are read once per step) and asks L2 to fetch the
+// whole 256-byte block around it (the neighbouring vectors are other lanes' or warps' next loads).
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
   return v;
@@ -210,6 +213,130 @@ struct GemvWarp {
 
 constexpr int GEMV_U = 10;
 
+// ------------------------------------------------------------------------------------------------
+// The same product for 16-bit T on the tensor cores (mma.sync m16n8k16, fp32 accumulation: every
+// product exact, as cuBLAS computes the reference's projections). The FMA loop above spends ~45
+// instructions on a 16-byte weight vector (widening, x reads, 8 FMAs); here one costs half an mma and
+// one shared-memory read, and the mma's 8 columns could carry up to 8 batch rows. Measured
+// (benchmarks/NOTES.md, "Tensor-core GEMV"): 3-6 % faster whole decode steps than the FMA loop at
+// 1-2 rows; standalone, both stream a 52 MB matrix at ~1.7-1.9 TB/s, under cuBLAS's ~2.3 TB/s.
+//
+// Layout: a block owns the contiguous rows [r0, r1) (rows per block = ceil(N / grid), so every block
+// reads the same number of bytes) and walks them in groups of 16; its MMA_WARPS warps split K into
+// 32-wide chunks (chunk c to warp c % MMA_WARPS). In a chunk, lane l (g = l / 4, q = l % 4) loads the
+// 16-byte vectors W[row0 + g][32 c + 8 q ..] and W[row0 + g + 8][same k] and x_g[same k] (x row g, for
+// g < BM; zero otherwise), and the two 16-byte vectors feed two mmas: mma k-slots (2q, 2q+1, 2q+8,
+// 2q+9) hold k = 32c + 8q + (0, 1, 2, 3) in the first and + (4, 5, 6, 7) in the second. A and B use
+// the same slot-to-k map, so the sum over the slots is the sum over k. D (16 rows x 8 columns = batch
+// rows) is reduced across warps in shared memory and thread t < 16 runs the epilogue for row t.
+// Loads for the next group (or round of chunks) are issued before the reduction; the first round is
+// issued before griddepcontrol.wait. Rows past r1 (or N) and k past K are not loaded (zeros).
+constexpr int MMA_WARPS = 8;
+constexpr int MMA_THREADS = MMA_WARPS * 32;
+// Chunks in flight per warp (2 x 16 B per lane each), by batch rows: fewer registers for more rows so
+// that two or more blocks stay resident (the loads in flight per SM set the bandwidth).
+#ifndef MRT_MMA_U1
+#define MRT_MMA_U1 6
+#endif
+#ifndef MRT_MMA_UN
+#define MRT_MMA_UN 4
+#endif
+template <int BM> struct MmaU { static constexpr int value = BM == 1 ? MRT_MMA_U1 : MRT_MMA_UN; };
+
+// d += A . B for one m16n8k16 tile: A rows (g, g + 8) from the 16-byte vectors a0 / a1 (their first or
+// second half: hi), B column g from b0 / b1.
+#define MRT_MMA_16816(TYPE)                                                                            \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TYPE "." TYPE ".f32 {%0, %1, %2, %3}, "          \
+               "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                                          \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
+               : "r"(hi ? a0.z : a0.x), "r"(hi ? a1.z : a1.x), "r"(hi ? a0.w : a0.y), "r"(hi ? a1.w : a1.y), \
+                 "r"(b0), "r"(b1))
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<bf16_t> { static constexpr bool value = true; };
+template <typename T>
+__device__ __forceinline__ void mma_16816(float* d, const uint4& a0, const uint4& a1, unsigned b0, unsigned b1,
+                                          bool hi) {
+#if __CUDA_ARCH__ >= 800
+  if (IsBf16<T>::value) MRT_MMA_16816("bf16");
+  else MRT_MMA_16816("f16");
+#endif
+}
+
+template <typename T, int BM>
+struct GemvMma {
+  static_assert(sizeof(T) == 2 && BM >= 1 && BM <= 8, "16-bit T, at most 8 batch rows");
+  static constexpr int MMA_U = MmaU<BM>::value;
+  const T* W;
+  long long N, r0, r1;
+  int K, nch, jmax, warp, g, q;
+  uint4 wa[MMA_U], wb[MMA_U];
+
+  __device__ __forceinline__ void load(long long row0, int j0) {
+#pragma unroll
+    for (int u = 0; u < MMA_U; ++u) {
+      const int c = warp + MMA_WARPS * (j0 + u), k = 32 * c + 8 * q;
+      const bool kin = j0 + u < jmax && k < K;
+      const long long ra = row0 + g, rb = row0 + g + 8;
+      wa[u] = kin && ra < r1 ? ld_stream(W + ra * K + k) : uint4{0u, 0u, 0u, 0u};
+      wb[u] = kin && rb < r1 ? ld_stream(W + rb * K + k) : uint4{0u, 0u, 0u, 0u};
+    }
+  }
+
+  __device__ __forceinline__ void start(const T* W_, long long N_, int K_) {
+    W = W_; N = N_; K = K_;
+    warp = threadIdx.x >> 5; g = (threadIdx.x & 31) >> 2; q = threadIdx.x & 3;
+    const long long rpb = (N + gridDim.x - 1) / gridDim.x;
+    r0 = (long long)blockIdx.x * rpb;
+    r1 = r0 + rpb < N ? r0 + rpb : N;
+    nch = (K + 31) / 32;
+    jmax = (nch + MMA_WARPS - 1) / MMA_WARPS;
+    if (r0 < r1) load(r0, 0);
+  }
+
+  // xs: BM rows of K values of T in shared memory. red: 2 x MMA_WARPS x 16 x BM floats of shared memory.
+  // epi(n, acc) runs on the one thread that owns row n, with the full sums of its BM columns.
+  template <typename Epi>
+  __device__ __forceinline__ void run(const T* xs, float* red, Epi epi) {
+    int par = 0;
+    for (long long row0 = r0; row0 < r1; row0 += 16, par ^= 1) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int j0 = 0; j0 < jmax; j0 += MMA_U) {
+#pragma unroll
+        for (int u = 0; u < MMA_U; ++u) {
+          if (j0 + u < jmax) {
+            const int c = warp + MMA_WARPS * (j0 + u), k = 32 * c + 8 * q;
+            if (c < nch) {  // warp-uniform
+              const uint4 xv = g < BM && k < K ? *reinterpret_cast<const uint4*>(xs + g * K + k)
+                                               : uint4{0u, 0u, 0u, 0u};
+              mma_16816<T>(d, wa[u], wb[u], xv.x, xv.y, false);
+              mma_16816<T>(d, wa[u], wb[u], xv.z, xv.w, true);
+            }
+          }
+        }
+        if (j0 + MMA_U < jmax) load(row0, j0 + MMA_U);
+        else if (row0 + 16 < r1) load(row0 + 16, 0);
+      }
+      // D: lane (g, q) holds rows g and g + 8, columns 2q and 2q + 1
+      float* rd = red + par * (MMA_WARPS * 16 * BM) + warp * 16 * BM;
+      if (2 * q < BM) { rd[g * BM + 2 * q] = d[0]; rd[(g + 8) * BM + 2 * q] = d[2]; }
+      if (2 * q + 1 < BM) { rd[g * BM + 2 * q + 1] = d[1]; rd[(g + 8) * BM + 2 * q + 1] = d[3]; }
+      __syncthreads();
+      if (threadIdx.x < 16 && row0 + threadIdx.x < r1) {
+        const float* rr = red + par * (MMA_WARPS * 16 * BM) + threadIdx.x * BM;
+        float acc[BM];
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+          float s = 0.f;
+#pragma unroll
+          for (int w = 0; w < MMA_WARPS; ++w) s += rr[w * 16 * BM + b];
+          acc[b] = s;
+        }
+        epi(row0 + threadIdx.x, acc);
+      }
+    }
+  }
+};
+
 // rstd[b] = 1 / sqrt(mean(h[b]^2) + eps) from G per-block partial sums ss[g * BM + b]; into shared.
 template <int BM>
 __device__ __forceinline__ void rstd_from_partials(const float* __restrict__ ss, int G, int K, float eps,
@@ -230,21 +357,55 @@ struct NormGemvArgs {
   const void* W;         // [N, K] T
   const void* bias;      // [N] T or null
   void* out;             // [BM, N]: T, or float when out_float
-  long long G, N, K, out_float, pf_rows;
+  long long G, N, K, out_float, pf_rows;  // pf_rows: GemvWarp's L2 prefetch (unused by GemvMma)
   float eps;
 };
 
-// out = W . round_T(h * rstd * norm_w) (+ bias), rounded to T (then widened when out_float).
+// The weight stream of norm_gemv / gemv_residual: GemvWarp (FMA; any T) or GemvMma (tensor cores;
+// 16-bit T). The kernels write x (values of T) with put_x between start() and run(); epi(n, acc) runs
+// on the one thread that owns row n. Dynamic shared memory: FMA BM K floats; MMA BM K values of T
+// (rounded up to 16 bytes), then 2 MMA_WARPS 16 BM floats for the cross-warp reduction.
+template <typename T, int BM, bool MMA>
+struct GemvStream {
+  GemvWarp<T, BM, GEMV_U> g;
+  float* xs;
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long pf_rows) {
+    const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
+    xs = reinterpret_cast<float*>(smem);
+    g.start(W, N, K, (long long)blockIdx.x * warps + warp, (long long)gridDim.x * warps, pf_rows);
+  }
+  __device__ __forceinline__ void put_x(int i, float v) { xs[i] = v; }
+  template <typename Epi>
+  __device__ __forceinline__ void run(Epi epi) {
+    g.run(xs, (long long)gridDim.x * (blockDim.x >> 5), [&](long long n, const float* acc) {
+      if ((threadIdx.x & 31) == 0) epi(n, acc);
+    });
+  }
+};
 template <typename T, int BM>
+struct GemvStream<T, BM, true> {
+  GemvMma<T, BM> g;
+  T* xs;
+  float* red;
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long) {
+    xs = reinterpret_cast<T*>(smem);
+    red = reinterpret_cast<float*>(smem + ((BM * K * sizeof(T) + 15) & ~(size_t)15));
+    g.start(W, N, K);
+  }
+  __device__ __forceinline__ void put_x(int i, float v) { xs[i] = from_float<T>(v); }
+  template <typename Epi>
+  __device__ __forceinline__ void run(Epi epi) { g.run(xs, red, epi); }
+};
+
+// out = W . round_T(h * rstd * norm_w) (+ bias), rounded to T (then widened when out_float).
+template <typename T, int BM, bool MMA>
 __device__ void norm_gemv(const NormGemvArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* xs = reinterpret_cast<float*>(smem);
   __shared__ float rstd_s[BM];
   const int K = (int)a.K;
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
-  GemvWarp<T, BM, GEMV_U> g;
-  g.start(static_cast<const T*>(a.W), a.N, K, (long long)blockIdx.x * warps + warp, (long long)gridDim.x * warps,
-          a.pf_rows);
+  const long long N = a.N;
+  GemvStream<T, BM, MMA> g;
+  g.start(smem, static_cast<const T*>(a.W), N, K, a.pf_rows);
   pdl_launch_dependents();
   pdl_wait();
   rstd_from_partials<BM>(a.ss, (int)a.G, K, a.eps, rstd_s);
@@ -252,20 +413,17 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
   const T* nw = static_cast<const T*>(a.norm_w);
   for (int i = threadIdx.x; i < BM * K; i += blockDim.x) {
     const int b = i / K, k = i - b * K;
-    xs[i] = round_t<T>(a.h[i] * rstd_s[b] * to_float(nw[k]));
+    g.put_x(i, round_t<T>(a.h[i] * rstd_s[b] * to_float(nw[k])));
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(a.bias);
-  const long long N = a.N;
-  g.run(xs, (long long)gridDim.x * warps, [&](long long n, const float* acc) {
-    if ((threadIdx.x & 31) == 0) {
-      const float bv = bias ? to_float(bias[n]) : 0.f;
+  g.run([&](long long n, const float* acc) {
+    const float bv = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
-      for (int b = 0; b < BM; ++b) {
-        const T o = from_float<T>(acc[b] + bv);
-        if (a.out_float) static_cast<float*>(a.out)[b * N + n] = to_float(o);
-        else static_cast<T*>(a.out)[b * N + n] = o;
-      }
+    for (int b = 0; b < BM; ++b) {
+      const T o = from_float<T>(acc[b] + bv);
+      if (a.out_float) static_cast<float*>(a.out)[b * N + n] = to_float(o);
+      else static_cast<T*>(a.out)[b * N + n] = o;
     }
   });
 }
@@ -276,45 +434,42 @@ struct GemvResidualArgs {
   const void* bias;      // [N] T or null
   float* h;              // [BM, N] residual stream, updated in place
   float* ss_out;         // [gridDim.x, BM] partial sums of squares of the new h
-  long long N, K, res_fp32, pf_rows;
+  long long N, K, res_fp32, pf_rows;  // pf_rows as in NormGemvArgs
 };
 
 // h += round_T(W . y (+ bias)); ss_out[block] = sum over this block's rows of h^2.
-template <typename T, int BM>
+template <typename T, int BM, bool MMA>
 __device__ void gemv_residual(const GemvResidualArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  float* xs = reinterpret_cast<float*>(smem);
   __shared__ float ss_s[32][BM];
   const int K = (int)a.K;
   const long long N = a.N;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  GemvWarp<T, BM, GEMV_U> g;
-  g.start(static_cast<const T*>(a.W), N, K, (long long)blockIdx.x * warps + warp, (long long)gridDim.x * warps,
-          a.pf_rows);
+  GemvStream<T, BM, MMA> g;
+  g.start(smem, static_cast<const T*>(a.W), N, K, a.pf_rows);
   pdl_launch_dependents();
   pdl_wait();
   const T* y = static_cast<const T*>(a.y);
-  for (int i = threadIdx.x; i < BM * K; i += blockDim.x) xs[i] = to_float(y[i]);
+  for (int i = threadIdx.x; i < BM * K; i += blockDim.x) g.put_x(i, to_float(y[i]));
   __syncthreads();
   const T* bias = static_cast<const T*>(a.bias);
   float ssw[BM];
 #pragma unroll
   for (int b = 0; b < BM; ++b) ssw[b] = 0.f;
-  g.run(xs, (long long)gridDim.x * warps, [&](long long n, const float* acc) {
-    if (lane == 0) {
-      const float bv = bias ? to_float(bias[n]) : 0.f;
+  g.run([&](long long n, const float* acc) {
+    const float bv = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
-      for (int b = 0; b < BM; ++b) {
-        float hn = a.h[b * N + n] + round_t<T>(acc[b] + bv);
-        if (!a.res_fp32) hn = round_t<T>(hn);
-        a.h[b * N + n] = hn;
-        ssw[b] = fmaf(hn, hn, ssw[b]);
-      }
+    for (int b = 0; b < BM; ++b) {
+      float hn = a.h[b * N + n] + round_t<T>(acc[b] + bv);
+      if (!a.res_fp32) hn = round_t<T>(hn);
+      a.h[b * N + n] = hn;
+      ssw[b] = fmaf(hn, hn, ssw[b]);
     }
   });
-  if (lane == 0) {
 #pragma unroll
-    for (int b = 0; b < BM; ++b) ss_s[warp][b] = ssw[b];
+  for (int b = 0; b < BM; ++b) {
+    const float v = warp_sum(ssw[b]);
+    if (lane == 0) ss_s[warp][b] = v;
   }
   __syncthreads();
   if (threadIdx.x < BM) {
@@ -658,9 +813,20 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // Entry points: <kernel>_<dtype tag>_<variant>. The host (decode_step.py) picks BM / N and the grid.
 #define MRT_DECODE_BM(TAG, T, BM)                                                                      \
   extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_norm_gemv_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM>(a); }              \
+      mrt_norm_gemv_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, false>(a); }       \
   extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_gemv_residual_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM>(a); }  \
+      mrt_gemv_residual_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, false>(a); } \
+  extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
+      mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
+
+// The tensor-core GEMVs (16-bit T only), for BM up to 8.
+#define MRT_DECODE_MMA(TAG, T, BM)                                                                     \
+  extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
+      mrt_norm_gemv_mma_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, true>(a); }    \
+  extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
+      mrt_gemv_residual_mma_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, true>(a); }
+
+#define MRT_DECODE_XP(TAG, T, BM)                                                                      \
   extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
       mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
 
@@ -682,3 +848,10 @@ __device__ void ssm_step(const SsmStepArgs& a) {
       mrt_embed_##TAG(const mrt::EmbedArgs a) { mrt::embed<T>(a); }                                    \
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
       mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }
+
+// 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them, with
+// MRT_DECODE_XP for conv_xproj, measured slower than the cuBLAS path: benchmarks/NOTES.md.)
+#define MRT_DECODE_ENTRIES_16(TAG, T)                                                                  \
+  MRT_DECODE_ENTRIES(TAG, T)                                                                           \
+  MRT_DECODE_MMA(TAG, T, 1)                                                                            \
+  MRT_DECODE_MMA(TAG, T, 2)

@@ -29,6 +29,9 @@ GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the G
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
+MMA_WARPS, MMA_THREADS = 8, 256  # .cu: the tensor-core GEMV kernels (16-bit dtypes)
+MMA_BUCKETS = (1, 2)  # batch rows the tensor-core GEMVs take (the kernels allow 8; 4 and 8 lost to cuBLAS)
+MMA_BLOCKS_PER_SM = 0  # cap on resident tensor-core GEMV blocks per SM (0: as many as fit); 1 measured slower
 
 
 def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str | None:
@@ -48,9 +51,14 @@ def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str 
 # compilation
 
 
+DEFINES: dict[str, int] = {}  # tuning macros of decode_step.cu (MRT_MMA_U1, ...): for experiments
+
+
 def program_source(dtype: str) -> str:
     tag, ctype, _ = DTYPES[dtype]
-    return compiler._read(SOURCE) + f"\nMRT_DECODE_ENTRIES({tag}, {ctype})\n"
+    head = "".join(f"#define {k} {v}\n" for k, v in sorted(DEFINES.items()))
+    entries = "MRT_DECODE_ENTRIES_16" if DTYPES[dtype][2] == 2 else "MRT_DECODE_ENTRIES"
+    return head + compiler._read(SOURCE) + f"\n{entries}({tag}, {ctype})\n"
 
 
 def cache_key(dtype: str, arch: int) -> str:
@@ -111,7 +119,8 @@ SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta"
 
 
 class Launch:
-    """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct."""
+    """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct, and a
+    name for messages (the entry point's stem for the GEMVs)."""
 
     __slots__ = ("fn", "grid", "block", "smem", "args", "name")
 
@@ -122,7 +131,7 @@ class Launch:
 class DecodeKernels:
     """The decode kernels of one dtype, loaded in the current CUDA context (torch's, in the backend)."""
 
-    def __init__(self, dtype: str, device: int | None = None, pdl: bool | None = None):
+    def __init__(self, dtype: str, device: int | None = None, pdl: bool | None = None, mma: bool | None = None):
         if dtype not in DTYPES:
             raise UnsupportedError(f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}")
         drv = launcher._driver()
@@ -140,6 +149,8 @@ class DecodeKernels:
         self.smem_optin = launcher._cu(drv.cuDeviceGetAttribute(
             attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev), "smem opt-in")
         self.pdl = (self.arch >= 90) if pdl is None else bool(pdl and self.arch >= 90)
+        # 16-bit models: the GEMVs multiply on the tensor cores unless told not to
+        self.mma = self.itemsize == 2 and (mma is None or bool(mma))
         self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
         self._fns: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -159,8 +170,13 @@ class DecodeKernels:
                 self._fns[name] = fn
         return fn
 
-    def gemv_fits(self, bm: int, k: int) -> bool:
-        """Whether bm rows of length k (model dtype) fit the GEMV kernels' shared memory."""
+    def gemv_fits(self, bm: int, *ks: int, aligned: bool = True) -> bool:
+        """Whether the GEMV kernels serve bm rows for matrices with rows of every length in ks (model
+        dtype) whose weights are 16-byte ``aligned``: bm in MMA_BUCKETS (tensor cores) or GEMV_BUCKETS
+        (FMA), as far as x fits their shared memory."""
+        k = max(ks)
+        if self.mma and aligned and bm in MMA_BUCKETS and all(x % 8 == 0 for x in ks):
+            return bm * k * self.itemsize + 2 * MMA_WARPS * 16 * bm * 4 <= self.smem_optin - 4096
         return bm in GEMV_BUCKETS and bm * k * 4 <= self.smem_optin - 4096
 
     def _resident(self, stem: str, threads: int, smem: int) -> int:
@@ -177,6 +193,20 @@ class DecodeKernels:
         """One wave: as many blocks as are resident at once (never more than the rows need)."""
         return max(1, min(-(-n // (GEMV_THREADS // 32)), self.sm_count * self._resident(stem, GEMV_THREADS, smem)))
 
+    def _use_mma(self, bm: int, k: int, w: int) -> bool:
+        """Whether the tensor-core GEMV takes W [*, k] at address w for bm rows: 16-bit dtype, whole
+        16-byte vectors per row, W 16-byte aligned."""
+        return self.mma and bm in MMA_BUCKETS and k % 8 == 0 and w % 16 == 0
+
+    def _mma_launch(self, stem: str, bm: int, n: int, k: int) -> tuple[int, int]:
+        """(grid, shared bytes) of a tensor-core GEMV: one wave of blocks, each a contiguous run of rows."""
+        smem = -(-bm * k * self.itemsize // 16) * 16 + 2 * MMA_WARPS * 16 * bm * 4
+        per_sm = self._resident(stem, MMA_THREADS, smem)
+        if MMA_BLOCKS_PER_SM:
+            per_sm = min(per_sm, MMA_BLOCKS_PER_SM)
+        rpb = -(-n // (self.sm_count * per_sm))
+        return -(-n // rpb), smem
+
     # -- prepared launches ---------------------------------------------------------------------------
     def _pf_rows(self, grid: int, K: int) -> int:
         """Rows per warp to prefetch into L2 before the wait: at most PREFETCH_BYTES per launch."""
@@ -184,19 +214,32 @@ class DecodeKernels:
         return max(1, PREFETCH_BYTES // (warps * K * self.itemsize))
 
     def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps) -> Launch:
+        if self._use_mma(bm, K, W):
+            stem = f"norm_gemv_mma_{self.tag}_b{bm}"
+            grid, smem = self._mma_launch(stem, bm, N, K)
+            a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), 0, eps)
+            return Launch(self._fn(stem), (grid, 1), MMA_THREADS, smem, a, stem)
         stem, smem = f"norm_gemv_{self.tag}_b{bm}", bm * K * 4
         grid = self._gemv_grid(stem, N, smem)
         a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), self._pf_rows(grid, K), eps)
-        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, smem, a, "norm_gemv")
+        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, smem, a, stem)
 
     def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32) -> Launch:
-        grid = self.gemv_grid_residual(bm, N, K)
+        if self._use_mma(bm, K, W):
+            stem = f"gemv_residual_mma_{self.tag}_b{bm}"
+            grid, smem = self._mma_launch(stem, bm, N, K)
+            a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), 0)
+            return Launch(self._fn(stem), (grid, 1), MMA_THREADS, smem, a, stem)
+        grid = self.gemv_grid_residual(bm, N, K, W)
         a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), self._pf_rows(grid, K))
-        return Launch(self._fn(f"gemv_residual_{self.tag}_b{bm}"), (grid, 1), GEMV_THREADS, bm * K * 4, a,
-                      "gemv_residual")
+        stem = f"gemv_residual_{self.tag}_b{bm}"
+        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, bm * K * 4, a, stem)
 
-    def gemv_grid_residual(self, bm: int, n: int, k: int) -> int:
-        """Blocks of gemv_residual (= the number of partial sums of squares it writes per row)."""
+    def gemv_grid_residual(self, bm: int, n: int, k: int, w: int) -> int:
+        """Blocks of gemv_residual for W [n, k] at address w (= the partial sums of squares it writes per
+        row)."""
+        if self._use_mma(bm, k, w):
+            return self._mma_launch(f"gemv_residual_mma_{self.tag}_b{bm}", bm, n, k)[0]
         return self._gemv_grid(f"gemv_residual_{self.tag}_b{bm}", n, bm * k * 4)
 
     def embed_grid(self, k: int) -> int:
@@ -247,7 +290,7 @@ class DecodeKernels:
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None) -> DecodeKernels:
-    """One DecodeKernels per (dtype, context); ctx_handle is the current context's handle."""
+def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None, mma: bool | None = None) -> DecodeKernels:
+    """One DecodeKernels per (dtype, context, options); ctx_handle is the current context's handle."""
     del ctx_handle  # part of the cache key only
-    return DecodeKernels(dtype, pdl=pdl)
+    return DecodeKernels(dtype, pdl=pdl, mma=mma)

@@ -10,7 +10,8 @@ Two paths, chosen per batch bucket:
 
 * GEMV (bucket of 1 or 2 rows): per layer ``norm_gemv`` (RMSNorm + in_proj) -> ``conv_xproj`` (conv update
   + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
-  (out_proj + residual); the weights are streamed once, by the kernels themselves.
+  (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
+  the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
   kernels (``embed``/``residual_norm`` one block per row, ``conv_xproj`` without its x_proj share,
   ``ssm_step`` reading delta).
@@ -41,7 +42,7 @@ class DecodeBucket:
         f32 = dict(dtype=torch.float32, device=dev)
         d, dm, R = c.d_inner, c.d_model, c.dt_rank + 2 * c.d_state
         self.B = B
-        self.gemv = dec.k.gemv_fits(B, max(dm, d))
+        self.gemv = dec.k.gemv_fits(B, dm, d, aligned=dec.aligned)
         self.inp = torch.zeros(2, B, dtype=torch.int64, device=dev)
         self.ids, self.idx = self.inp[0], self.inp[1]  # token id and state slot of each row
         self.h = torch.empty(B, dm, **f32)
@@ -51,9 +52,11 @@ class DecodeBucket:
         self.logits = torch.empty(B, c.vocab_size, **f32)
         if self.gemv:
             self.ge = dec.k.embed_grid(dm)
-            self.g4 = dec.k.gemv_grid_residual(B, dm, d)
+            # blocks of each layer's gemv_residual = its partial sums of squares per row
+            self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
+                       for l in dec.model.backbone.layers]
             self.ss_embed = torch.empty(self.ge, B, **f32)
-            self.ss = torch.empty(c.n_layer, self.g4, B, **f32)
+            self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
             self.acc = torch.empty(c.n_layer, B, R, **f32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
@@ -68,7 +71,7 @@ class FusedDecoder:
     """Fused decode steps of ``model`` (a CUDA ``MambaLM``) on the state ``conv`` [n_layer, slots, d,
     k-1] / ``ssm`` [n_layer, slots, d, n] (contiguous; updated in place, by slot)."""
 
-    def __init__(self, model, conv, ssm, dtype: str, pdl: bool | None = None):
+    def __init__(self, model, conv, ssm, dtype: str, pdl: bool | None = None, mma: bool | None = None):
         from mamba_rt.plugins_cuda import decode_step
 
         self.config = c = model.config
@@ -81,12 +84,14 @@ class FusedDecoder:
         self.device, self.tdtype = conv.device, torch_dtype(dtype)
         with torch.cuda.device(self.device):
             ctx = decode_step.launcher._context(self.device.index)
-            self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl)
+            self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, mma)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers
         self.A = [(-torch.exp(l.mixer.A_log.float())).contiguous() for l in layers]
         self.conv_w = [l.mixer.conv1d.weight.reshape(c.d_inner, c.d_conv).contiguous() for l in layers]
         self.lm_head = model.lm_head.weight[: c.vocab_size]
+        self.aligned = all(w.data_ptr() % 16 == 0 for w in
+                           [self.lm_head] + [p for l in layers for p in (l.mixer.in_proj.weight, l.mixer.out_proj.weight)])
 
     @staticmethod
     def _p(t):
@@ -123,7 +128,7 @@ class FusedDecoder:
                                       ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
                 out.append(k.gemv_residual(B, y=p(bk.y), W=p(m.out_proj.weight), bias=p(m.out_proj.bias), h=p(bk.h),
                                            ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32))
-                ss, G = bk.ss[i], bk.g4
+                ss, G = bk.ss[i], bk.g4[i]
             else:
                 out.append(self._linear(bk.xn, m.in_proj, bk.xz))
                 out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),

@@ -48,6 +48,19 @@ def _models(cfg, dtype, seed):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_steps_match_reference(case, dtype, batch):
+    _check_steps(case, dtype, batch, mma=None)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_steps_fma_gemv(case, dtype, batch):
+    """The GEMV buckets of 1 and 2 rows with the FMA matrix-vector kernels in every dtype (the default
+    for 16-bit models, whose rows are whole 16-byte vectors, is the tensor-core one tested above)."""
+    _check_steps(case, dtype, batch, mma=False)
+
+
+def _check_steps(case, dtype, batch, mma):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -59,10 +72,16 @@ def test_fused_steps_match_reference(case, dtype, batch):
     shapes = cfg.state_shapes(n_slots)
     conv = (0.5 * torch.randn(shapes["conv_state"], generator=g, device="cuda")).to(model.dtype)
     ssm = 0.5 * torch.randn(shapes["ssm_state"], generator=g, device="cuda")
-    dec = FusedDecoder(model, conv, ssm, dtype)
+    dec = FusedDecoder(model, conv, ssm, dtype, mma=mma)
     bucket = batch_bucket(batch, 16)
     bk = dec.bucket(bucket)
     assert bk.gemv == (bucket <= 2), "buckets of 1 and 2 rows take the GEMV path, larger ones the GEMM path"
+    if bk.gemv:  # which matrix-vector kernels run: tensor cores for 16-bit models, rows of 16-byte vectors
+        names = [ln.name for ln in bk.launches if not callable(ln)]
+        for kind, k in (("norm_gemv", cfg.d_model), ("gemv_residual", cfg.d_inner)):
+            mma_expected = mma is not False and dtype != "fp32" and k % 8 == 0
+            got = {"_mma_" in n for n in names if n.startswith(kind)}
+            assert got == {mma_expected}, (kind, names)
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
