@@ -213,34 +213,31 @@ class DecodeKernels:
         warps = grid * (GEMV_THREADS // 32)
         return max(1, PREFETCH_BYTES // (warps * K * self.itemsize))
 
-    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps) -> Launch:
+    def _gemv(self, kind: str, bm: int, N: int, K: int, W: int) -> tuple[str, int, int, int, int]:
+        """(stem, grid, threads, shared bytes, pf_rows) of GEMV ``kind`` (norm_gemv / gemv_residual) for
+        W [N, K] at address W: the tensor-core kernel where it applies, else the FMA one."""
         if self._use_mma(bm, K, W):
-            stem = f"norm_gemv_mma_{self.tag}_b{bm}"
+            stem = f"{kind}_mma_{self.tag}_b{bm}"
             grid, smem = self._mma_launch(stem, bm, N, K)
-            a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), 0, eps)
-            return Launch(self._fn(stem), (grid, 1), MMA_THREADS, smem, a, stem)
-        stem, smem = f"norm_gemv_{self.tag}_b{bm}", bm * K * 4
+            return stem, grid, MMA_THREADS, smem, 0
+        stem, smem = f"{kind}_{self.tag}_b{bm}", bm * K * 4
         grid = self._gemv_grid(stem, N, smem)
-        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), self._pf_rows(grid, K), eps)
-        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, smem, a, stem)
+        return stem, grid, GEMV_THREADS, smem, self._pf_rows(grid, K)
+
+    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps) -> Launch:
+        stem, grid, threads, smem, pf = self._gemv("norm_gemv", bm, N, K, W)
+        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), pf, eps)
+        return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
     def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32) -> Launch:
-        if self._use_mma(bm, K, W):
-            stem = f"gemv_residual_mma_{self.tag}_b{bm}"
-            grid, smem = self._mma_launch(stem, bm, N, K)
-            a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), 0)
-            return Launch(self._fn(stem), (grid, 1), MMA_THREADS, smem, a, stem)
-        grid = self.gemv_grid_residual(bm, N, K, W)
-        a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), self._pf_rows(grid, K))
-        stem = f"gemv_residual_{self.tag}_b{bm}"
-        return Launch(self._fn(stem), (grid, 1), GEMV_THREADS, bm * K * 4, a, stem)
+        stem, grid, threads, smem, pf = self._gemv("gemv_residual", bm, N, K, W)
+        a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), pf)
+        return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
     def gemv_grid_residual(self, bm: int, n: int, k: int, w: int) -> int:
         """Blocks of gemv_residual for W [n, k] at address w (= the partial sums of squares it writes per
         row)."""
-        if self._use_mma(bm, k, w):
-            return self._mma_launch(f"gemv_residual_mma_{self.tag}_b{bm}", bm, n, k)[0]
-        return self._gemv_grid(f"gemv_residual_{self.tag}_b{bm}", n, bm * k * 4)
+        return self._gemv("gemv_residual", bm, n, k, w)[1]
 
     def embed_grid(self, k: int) -> int:
         return max(1, min(-(-k // ROW_THREADS), self.sm_count))

@@ -482,6 +482,42 @@ def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool) -> tupl
 # public launchers
 
 
+def _conv_args(op: str, batch, dim, seqlen, width, dtype, activation) -> tuple[int, int, int, int]:
+    """(itemsize, batch, dim, seqlen) of a CausalConv1d launch, every argument checked."""
+    itemsize = _check_dtype(op, dtype)
+    batch, dim, seqlen = (_check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen)))
+    if width not in FAMILIES[op].specs:
+        raise UnsupportedError(f"{op}: width (kernel size) {width!r} is not supported; expected one of "
+                               f"{FAMILIES[op].specs}")
+    if activation not in ACTIVATIONS:
+        raise InputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return itemsize, batch, dim, seqlen
+
+
+def _conv_shapes(batch, dim, seqlen, width) -> dict:
+    return {"x": (batch, dim, seqlen), "weight": (dim, width), "bias": (dim,),
+            "conv_state": (batch, dim, width - 1), "y": (batch, dim, seqlen),
+            "conv_state_out": (batch, dim, width - 1)}
+
+
+def _conv_overlap_check(op, shapes, st, itemsize, seqlen, step):
+    """None, or a check of the pointer tuple that refuses a conv_state_out overlapping conv_state where
+    the kernel does not allow it (the sequence kernel beyond CONV_ITEMS steps)."""
+    if step or seqlen <= CONV_ITEMS:
+        return None
+    full = st or {n: _contiguous(s) for n, s in shapes.items()}
+    ext_in = _span(0, shapes["conv_state"], full["conv_state"], itemsize)[1]
+    ext_out = _span(0, shapes["conv_state_out"], full["conv_state_out"], itemsize)[1]
+
+    def _overlap(ptrs):
+        a, b = ptrs[3], ptrs[5]
+        if a and a < b + ext_out and b < a + ext_in:
+            raise InputError(f"{op}: conv_state_out overlaps conv_state; in-place state update is "
+                             f"supported for seqlen <= {CONV_ITEMS} only (got seqlen {seqlen})")
+
+    return _overlap
+
+
 def conv_plan(
     *, batch: int, dim: int, seqlen: int, width: int, dtype: str, activation: str = "none",
     strides: dict | None = None, kernel: str = "auto", device: int | None = None,
@@ -490,32 +526,11 @@ def conv_plan(
     ``plan.launch((x, weight, bias, conv_state, y, conv_state_out), stream)`` enqueues it. The plan
     refuses a conv_state_out that overlaps conv_state where the kernel does not allow it."""
     op = "causal_conv1d"
-    itemsize = _check_dtype(op, dtype)
-    batch, dim, seqlen = (_check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen)))
-    if width not in FAMILIES[op].specs:
-        raise UnsupportedError(f"{op}: width (kernel size) {width!r} is not supported; expected one of "
-                               f"{FAMILIES[op].specs}")
-    if activation not in ACTIVATIONS:
-        raise InputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    itemsize, batch, dim, seqlen = _conv_args(op, batch, dim, seqlen, width, dtype, activation)
     step = _check_kernel(op, kernel, seqlen)
-    shapes = {"x": (batch, dim, seqlen), "weight": (dim, width), "bias": (dim,),
-              "conv_state": (batch, dim, width - 1), "y": (batch, dim, seqlen),
-              "conv_state_out": (batch, dim, width - 1)}
+    shapes = _conv_shapes(batch, dim, seqlen, width)
     st = _resolve_strides(op, shapes, strides)
-    check = None
-    if not step and seqlen > CONV_ITEMS:
-        full = st or {n: _contiguous(s) for n, s in shapes.items()}
-        ext_in = _span(0, shapes["conv_state"], full["conv_state"], itemsize)[1]
-        ext_out = _span(0, shapes["conv_state_out"], full["conv_state_out"], itemsize)[1]
-
-        def _overlap(ptrs, ext_in=ext_in, ext_out=ext_out, seqlen=seqlen):
-            a, b = ptrs[3], ptrs[5]
-            if a and a < b + ext_out and b < a + ext_in:
-                raise InputError(f"{op}: conv_state_out overlaps conv_state; in-place state update is "
-                                 f"supported for seqlen <= {CONV_ITEMS} only (got seqlen {seqlen})")
-
-        check = _overlap
-
+    check = _conv_overlap_check(op, shapes, st, itemsize, seqlen, step)
     silu = int(activation == "silu")
     key = (op, dtype, width, batch, dim, seqlen, silu, step, None if st is None else tuple(sorted(st.items())))
 
@@ -549,13 +564,7 @@ def launch_causal_conv1d(
     for the single-step kernel (in-place decode update).
     """
     op = "causal_conv1d"
-    itemsize = _check_dtype(op, dtype)
-    batch, dim, seqlen = (_check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen)))
-    if width not in FAMILIES[op].specs:
-        raise UnsupportedError(f"{op}: width (kernel size) {width!r} is not supported; expected one of "
-                               f"{FAMILIES[op].specs}")
-    if activation not in ACTIVATIONS:
-        raise InputError(f"{op}: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    itemsize, batch, dim, seqlen = _conv_args(op, batch, dim, seqlen, width, dtype, activation)
     stream = _check_stream(stream)
     step = _check_kernel(op, kernel, seqlen)
     ptrs = (
@@ -566,17 +575,11 @@ def launch_causal_conv1d(
         _check_ptr(op, "y", y, itemsize, True),
         _check_ptr(op, "conv_state_out", conv_state_out, itemsize, True),
     )
-    shapes = {"x": (batch, dim, seqlen), "weight": (dim, width), "bias": (dim,),
-              "conv_state": (batch, dim, width - 1), "y": (batch, dim, seqlen),
-              "conv_state_out": (batch, dim, width - 1)}
+    shapes = _conv_shapes(batch, dim, seqlen, width)
     st = _resolve_strides(op, shapes, strides)
-    if not step and seqlen > CONV_ITEMS and ptrs[3]:
-        full = st or {n: _contiguous(s) for n, s in shapes.items()}
-        a = _span(ptrs[3], shapes["conv_state"], full["conv_state"], itemsize)
-        b = _span(ptrs[5], shapes["conv_state_out"], full["conv_state_out"], itemsize)
-        if a[0] < b[1] and b[0] < a[1]:
-            raise InputError(f"{op}: conv_state_out overlaps conv_state; in-place state update is "
-                             f"supported for seqlen <= {CONV_ITEMS} only (got seqlen {seqlen})")
+    check = _conv_overlap_check(op, shapes, st, itemsize, seqlen, step)
+    if check:  # before the driver is touched (the plan checks again on its own launches)
+        check(ptrs)
     plan = conv_plan(batch=batch, dim=dim, seqlen=seqlen, width=width, dtype=dtype, activation=activation,
                      strides=st, kernel="step" if step else "seq", device=device)
     plan.launch(ptrs, stream)
@@ -601,6 +604,17 @@ def _scan_shapes(batch, dim, seqlen, dstate) -> dict:
             "y": (batch, dim, seqlen), "ssm_state_out": (batch, dim, dstate)}
 
 
+def _scan_args(op: str, batch, dim, seqlen, dstate, dtype) -> tuple[int, int, int, int, int]:
+    """(itemsize, batch, dim, seqlen, dstate) of a SelectiveScan launch, every argument checked."""
+    itemsize = _check_dtype(op, dtype)
+    batch, dim, seqlen, dstate = (
+        _check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen), ("dstate", dstate)))
+    padded_dstate(dstate)
+    if batch > 65535:
+        raise UnsupportedError(f"{op}: batch {batch} exceeds the grid limit 65535")
+    return itemsize, batch, dim, seqlen, dstate
+
+
 def scan_plan(
     *, batch: int, dim: int, seqlen: int, dstate: int, dtype: str, delta_softplus: bool = True,
     strides: dict | None = None, kernel: str = "auto", device: int | None = None,
@@ -609,12 +623,8 @@ def scan_plan(
     ``plan.launch((u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, ssm_state_out), stream)``
     enqueues it (D, z, delta_bias, ssm_state may be 0)."""
     op = "selective_scan"
-    _check_dtype(op, dtype)
-    batch, dim, seqlen, dstate = (
-        _check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen), ("dstate", dstate)))
+    _, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
     np_ = padded_dstate(dstate)
-    if batch > 65535:
-        raise UnsupportedError(f"{op}: batch {batch} exceeds the grid limit 65535")
     step = _check_kernel(op, kernel, seqlen)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
     softplus = int(bool(delta_softplus))
@@ -652,12 +662,7 @@ def launch_selective_scan(
     D, z, delta_bias and ssm_state may be 0; ssm_state_out may be ssm_state (in-place).
     """
     op = "selective_scan"
-    itemsize = _check_dtype(op, dtype)
-    batch, dim, seqlen, dstate = (
-        _check_size(n, v) for n, v in (("batch", batch), ("dim", dim), ("seqlen", seqlen), ("dstate", dstate)))
-    padded_dstate(dstate)
-    if batch > 65535:
-        raise UnsupportedError(f"{op}: batch {batch} exceeds the grid limit 65535")
+    itemsize, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
     stream = _check_stream(stream)
     step = _check_kernel(op, kernel, seqlen)
     act = {"u", "delta", "Bm", "Cm", "z", "y"}

@@ -211,34 +211,32 @@ def _strides_or_none(views: Mapping[str, TensorView]) -> Optional[dict]:
     return {n: tuple(v.strides) for n, v in views.items()}
 
 
-def _named_io(op_id: str, in_names, out_names, inputs, outputs):
+def _launch_kwargs(op_id: str, in_names, out_names, check_dtypes, inputs, outputs, stream) -> tuple[dict, dict]:
+    """(the inputs by name, the keyword arguments every launcher takes: pointers by name, batch / dim /
+    seqlen and dtype of the first input, stream, strides) for one plugin execution."""
     if len(inputs) != len(in_names) or len(outputs) != len(out_names):
         raise PluginSignatureError(f"{op_id}: {len(inputs)} inputs and {len(outputs)} outputs, expected "
                                    f"{len(in_names)} and {len(out_names)}")
     ins, outs = dict(zip(in_names, inputs)), dict(zip(out_names, outputs))
-    return ins, outs, _strides_or_none({**ins, **outs})
+    check_dtypes({n: v.dtype for n, v in ins.items()})
+    first = ins[in_names[0]]
+    batch, dim, seqlen = first.shape
+    return ins, dict(**{n: v.ptr for n, v in {**ins, **outs}.items()}, batch=batch, dim=dim, seqlen=seqlen,
+                     dtype=first.dtype, stream=int(stream), strides=_strides_or_none({**ins, **outs}))
 
 
 def conv_launch_kwargs(inputs: Sequence[TensorView], outputs: Sequence[TensorView], activation: str,
                        stream: int) -> dict:
     """Keyword arguments of ``launcher.launch_causal_conv1d`` for one plugin execution."""
-    ins, outs, strides = _named_io(CONV_ID, CONV_INPUTS, CONV_OUTPUTS, inputs, outputs)
-    conv_output_dtypes({n: v.dtype for n, v in ins.items()})
-    batch, dim, seqlen = ins["x"].shape
-    return dict(**{n: v.ptr for n, v in {**ins, **outs}.items()}, batch=batch, dim=dim, seqlen=seqlen,
-                width=ins["weight"].shape[1], dtype=ins["x"].dtype, activation=activation, stream=int(stream),
-                strides=strides)
+    ins, kw = _launch_kwargs(CONV_ID, CONV_INPUTS, CONV_OUTPUTS, conv_output_dtypes, inputs, outputs, stream)
+    return dict(kw, width=ins["weight"].shape[1], activation=activation)
 
 
 def scan_launch_kwargs(inputs: Sequence[TensorView], outputs: Sequence[TensorView], delta_softplus: int,
                        stream: int) -> dict:
     """Keyword arguments of ``launcher.launch_selective_scan`` for one plugin execution."""
-    ins, outs, strides = _named_io(SCAN_ID, SCAN_INPUTS, SCAN_OUTPUTS, inputs, outputs)
-    scan_output_dtypes({n: v.dtype for n, v in ins.items()})
-    batch, dim, seqlen = ins["u"].shape
-    return dict(**{n: v.ptr for n, v in {**ins, **outs}.items()}, batch=batch, dim=dim, seqlen=seqlen,
-                dstate=ins["A"].shape[1], dtype=ins["u"].dtype, delta_softplus=bool(delta_softplus),
-                stream=int(stream), strides=strides)
+    ins, kw = _launch_kwargs(SCAN_ID, SCAN_INPUTS, SCAN_OUTPUTS, scan_output_dtypes, inputs, outputs, stream)
+    return dict(kw, dstate=ins["A"].shape[1], delta_softplus=bool(delta_softplus))
 
 
 # --------------------------------------------------------------------------------------------------
