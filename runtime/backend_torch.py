@@ -133,7 +133,8 @@ class TorchStateBuffers(StateBuffers):
 
 def sample_torch(logits, seen, params: SamplingParams, u):
     """:func:`~mamba_rt.runtime.sampling.sample_numpy` on the device. logits (b, vocab) float32;
-    seen (b, vocab) bool or None; u (b,) float64 tensor. Returns (b,) int64 on the device."""
+    seen (b, vocab) bool or None; u (b,) float64 tensor (None when greedy). Returns (b,) int64 on the
+    device."""
     x = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         r = float(params.repetition_penalty)
@@ -182,7 +183,7 @@ class TorchSampler(HostSampler):
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.from_numpy(self.seen[slots]).to(self.device)
-        out = sample_torch(logits, seen, params, torch.from_numpy(u).to(self.device))
+        out = sample_torch(logits, seen, params, None if u is None else torch.from_numpy(u).to(self.device))
         return out.cpu().numpy().astype(np.int64)
 
 

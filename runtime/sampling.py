@@ -94,9 +94,9 @@ def uniforms(seeds: np.ndarray, counters: np.ndarray) -> np.ndarray:
 
 
 def sample_numpy(logits: np.ndarray, seen: np.ndarray | None, params: SamplingParams,
-                 u: np.ndarray) -> np.ndarray:
+                 u: np.ndarray | None) -> np.ndarray:
     """The reference implementation. logits (b, vocab) float32; seen (b, vocab) bool or None;
-    u (b,) float64 in [0, 1). Returns (b,) int64 token ids."""
+    u (b,) float64 in [0, 1) (None when ``params.greedy``: no draw). Returns (b,) int64 token ids."""
     x = np.asarray(logits, np.float32)
     if params.repetition_penalty != 1.0 and seen is not None:
         r = np.float32(params.repetition_penalty)
@@ -178,9 +178,10 @@ class Sampler:
         """Pick one token for each row of ``logits`` (b, vocab) (row i belongs to ``slots[i]``);
         returns host int64 ids (b,)."""
         slots = np.asarray(slots, np.int64)
+        if params.greedy:  # no draw: the random stream stays where it is
+            return self._sample(logits, slots, params, None)
         u = uniforms(self.seeds[slots], self.counters[slots])
-        if not params.greedy:
-            self.counters[slots] += 1
+        self.counters[slots] += 1
         return self._sample(logits, slots, params, u)
 
     # -- implementation hooks ---------------------------------------------------------------------------
@@ -194,7 +195,7 @@ class Sampler:
 
     def _seen_mark(self, slots: np.ndarray, ids: np.ndarray): raise NotImplementedError
 
-    def _sample(self, logits, slots: np.ndarray, params: SamplingParams, u: np.ndarray) -> np.ndarray:
+    def _sample(self, logits, slots: np.ndarray, params: SamplingParams, u: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -218,7 +219,10 @@ class HostSampler(Sampler):
         self.seen[slot] = mask
 
     def _seen_mark(self, slots, ids):
-        self.seen[np.repeat(slots, ids.shape[1]), ids.reshape(-1)] = True
+        if ids.shape[1] == 1:  # a decode step
+            self.seen[slots, ids[:, 0]] = True
+        else:
+            self.seen[np.repeat(slots, ids.shape[1]), ids.reshape(-1)] = True
 
     def _sample(self, logits, slots, params, u):
         seen = self.seen[slots] if params.repetition_penalty != 1.0 else None

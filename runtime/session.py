@@ -166,9 +166,8 @@ class Session:
         if a.size and (a.dtype.kind not in "iu"):
             raise InputError(f"{what}: expected integer token ids, got dtype {a.dtype}")
         a = a.astype(np.int64)
-        bad = np.flatnonzero((a < 0) | (a >= self.vocab))
-        if bad.size:
-            i = int(bad[0])
+        if a.size and (a.min() < 0 or a.max() >= self.vocab):
+            i = int(np.flatnonzero((a < 0) | (a >= self.vocab))[0])
             raise InputError(f"{what}: token id {int(a[i])} at position {i} is outside the vocabulary "
                              f"(expected 0 <= id < {self.vocab})")
         return a

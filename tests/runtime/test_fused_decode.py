@@ -1,7 +1,8 @@
 """The fused decode step (runtime/fused_decode.py, plugins_cuda/decode_step.cu) against its reference
 twin, the reference model's forward at L = 1, computed in higher precision (float64 for fp32 models,
 float32 for half-precision ones, from the same weights), on random weights, random state and random
-slots; outputs poisoned with NaN before every step; untouched slots checked bit for bit.
+slots; outputs poisoned with NaN before every step; untouched slots checked bit for bit. The first
+step runs eagerly, the next two replay it captured in a CUDA graph.
 
 Relative L2 tolerances: fp32 1e-4 (observed ~1e-6), fp16 2e-2, bf16 6e-2 (the half-precision model
 rounds every intermediate to its dtype, as the reference in that dtype does).
@@ -94,7 +95,13 @@ def _check_steps(case, dtype, batch, mma):
             buf.fill_(float("nan"))
         bk.ids.copy_(ids)
         bk.idx.copy_(slots)
-        dec.enqueue(bk)
+        if step == 0:  # eagerly, then captured in a CUDA graph as the backend runs it
+            dec.enqueue(bk)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dec.enqueue(bk)
+        else:
+            graph.replay()
         with torch.no_grad():
             ref, st = hi(ids[:, None], MambaState(h_conv, h_ssm), last_only=True)
         h_conv, h_ssm = st.conv, st.ssm

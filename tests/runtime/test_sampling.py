@@ -94,6 +94,24 @@ def test_host_sampler_counts_draws_per_slot_and_greedy_draws_none():
     assert s.counters.tolist() == [0, 2, 0, 0]
 
 
+
+def test_observe_marks_exactly_the_fed_tokens():
+    """A decode step (one id per slot) and a prompt chunk (several) mark exactly their ids as seen, and
+    a greedy step through sample() is the argmax of each row."""
+    rng = np.random.default_rng()
+    s = HostSampler(4, 50)
+    step = rng.integers(0, 50, (3, 1))
+    chunk = rng.integers(0, 50, (1, 6))
+    s.observe([0, 2, 3], step)
+    s.observe([1], chunk)
+    want = np.zeros((4, 50), bool)
+    want[[0, 2, 3], step[:, 0]] = True
+    want[1, chunk[0]] = True
+    assert np.array_equal(s.seen, want)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    assert np.array_equal(s.sample(logits, [0, 2, 3], SamplingParams()), logits.argmax(-1))
+
+
 PARAMS = {
     "greedy": SamplingParams(),
     "temperature": SamplingParams(temperature=0.8),
