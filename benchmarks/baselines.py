@@ -9,7 +9,8 @@
   (:func:`llama_config_like`), random weights, SDPA attention, a static KV cache: HF ``generate`` (eager,
   host overhead included) and one decode step replayed as a CUDA graph (validated against eager first).
 
-Every timing uses :class:`mamba_rt.bench.Timer` (CUDA events + wall), as the mamba-rt rows do.
+Step timings use :class:`mamba_rt.bench.Timer` (CUDA events + wall), as the mamba-rt rows do; whole
+``generate`` calls (HF, the Llama prefill and eager loop) are timed with ``perf_counter``.
 """
 from __future__ import annotations
 

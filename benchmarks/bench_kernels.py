@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_rt.bench import copy_bandwidth
 from mamba_rt.exporters.ops_ref import causal_conv1d_update_ref, selective_state_update_ref
 from mamba_rt.plugins_cuda import compiler, launcher, torch_ops
 
@@ -74,16 +75,6 @@ def graph_per_call_us(calls, reps: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # ceilings
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second for a 1 GiB device-to-device copy."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    ms = median_ms(lambda: b.copy_(a), 20)
-    return 2 * n / (ms * 1e-3)
 
 
 _MUFU_SRC = r"""
@@ -402,7 +393,7 @@ def main(argv=None) -> int:
                   sections=sorted(only))
     bw = ex2 = None
     if only & {"ceilings", "prefill", "variants"}:
-        bw, ex2 = copy_bandwidth(), mufu_ex2_rate()
+        bw, ex2 = copy_bandwidth("cuda")[0], mufu_ex2_rate()
         result.update(copy_bytes_per_s=bw, mufu_ex2_per_s=ex2)
         print(f"{name}: copy {bw / 1e12:.2f} TB/s, MUFU ex2 {ex2 / 1e12:.2f} T/s", flush=True)
     if "decode" in only:

@@ -198,8 +198,8 @@ def model_from_weights(config: MambaConfig, weights: dict, dtype: str = "fp32", 
 
 
 def random_weights(config: MambaConfig, dtype: str = "fp32", seed: int = 0) -> dict:
-    """Canonical weights drawn at random with the scales of a trained Mamba (for tests, benchmarks and
-    the self-made demo checkpoint): dt in [1e-3, 1e-1], A_log = log(1..n), D near 1."""
+    """Canonical weights drawn at random with the scales of a trained Mamba (for tests and
+    benchmarks): dt in [1e-3, 1e-1], A_log = log(1..n), D near 1."""
     import math
 
     from mamba_rt.checkpoint import is_fp32_param, torch_dtype

@@ -1,7 +1,8 @@
 """Pure-PyTorch reference implementations of mamba-rt's two custom ops.
 
-These are the numerical contracts of DESIGN.md ("The two custom ops"), written for clarity, not speed.
-The reference model calls them; the CUDA kernels in ``mamba_rt.plugins_cuda`` are their twins and are
+These are the numerical contracts of DESIGN.md ("The two custom ops"), written for clarity, not speed
+(except the scan, chunked over time so that training and long references stay practical). The
+reference model calls them; the CUDA kernels in ``mamba_rt.plugins_cuda`` are their twins and are
 tested against them. Layout is channel-major: x is ``(batch, dim, seqlen)``.
 
 Arithmetic is done in float32 (float64 when any floating input is float64, which the tests use as the

@@ -244,12 +244,12 @@ def check_batch_fits(config, dtype: str, device: str, max_batch: int) -> None:
                          f"{free / 1e9:.2f} GB of {kind} memory is free; expected a batch of at most {most}")
 
 
-def time_decode(s, slots, steps: int, warmup: int, timer: Timer, probe=None, toks=None, rng=None) -> dict:
+def time_decode(s, slots, steps: int, warmup: int, timer: Timer, probe=None, toks=None) -> dict:
     """``slots`` of session ``s`` stepping together (greedy, each fed its own last token) ``warmup``
     times, then ``steps`` timed times. ``toks``: the first tokens (default random)."""
     import numpy as np
 
-    toks = [np.asarray(toks if toks is not None else (rng or np.random.default_rng(RANDOM_SEED)).integers(
+    toks = [np.asarray(toks if toks is not None else np.random.default_rng(RANDOM_SEED).integers(
         0, s.vocab, len(slots)), np.int64)]
 
     def step():
@@ -270,12 +270,12 @@ def decode_run(s, batch: int, steps: int, warmup: int, timer: Timer, probe=None)
             s.free(x)
 
 
-def prefill_run(s, length: int, reps: int, timer: Timer, rng=None) -> dict:
+def prefill_run(s, length: int, reps: int, timer: Timer) -> dict:
     """Prefill of a fresh slot with a random prompt of ``length`` tokens, ``reps`` times after one
     untimed run (kernel compilation for new lengths)."""
     import numpy as np
 
-    rng = rng or np.random.default_rng(RANDOM_SEED)
+    rng = np.random.default_rng(RANDOM_SEED)
     prompts = [rng.integers(0, s.vocab, length) for _ in range(reps + 1)]
     it = iter(prompts)
 
@@ -400,10 +400,9 @@ def parse_counts(text: str, flag: str) -> list[int]:
     return vals
 
 
-def _positive(value: int, flag: str, least: int = 1) -> int:
-    if value < least:
-        raise InputError(f"{flag} {value}: expected an integer >= {least}")
-    return value
+def _positive(value: int, flag: str) -> None:
+    if value < 1:
+        raise InputError(f"{flag} {value}: expected an integer >= 1")
 
 
 def add_arguments(p) -> None:

@@ -47,7 +47,6 @@ COPY_TOKENS = 16
 COPY_CONFIG = MambaConfig(d_model=64, n_layer=2, vocab_size=COPY_VOCAB, d_state=16, d_conv=4, expand=2)
 
 
-# -- the training-speed scan --------------------------------------------------------------------------
 # -- model init (mamba_ssm's recipe) ------------------------------------------------------------------
 def init_model(config: MambaConfig, device, seed: int) -> MambaLM:
     torch.manual_seed(seed)
@@ -337,7 +336,6 @@ def run_lm(args) -> dict:
 
 def run_copying(args) -> dict:
     from mamba_rt.checkpoint import save_checkpoint
-    from mamba_rt.exporters.model import REF_OPS
 
     dev = args.device
     cfg = COPY_CONFIG
@@ -362,7 +360,6 @@ def run_copying(args) -> dict:
     res = train(model, loss_fn, next_batch, x, y, args.steps, args.lr, args.warmup, args.wd, 1.0,
                 args.max_seconds, dev, args.log_every, log)
     model.eval()
-    model.ops = REF_OPS  # the accuracy reported is the reference ops'
     ids, ans = copying_batch(4096, torch.Generator(device=dev).manual_seed(args.seed + 99), device=dev)
     acc, _ = copying_accuracy(model, ids, ans)
     log(f"selective copying: per-token accuracy {acc:.5f} on 4096 fresh instances (reference ops)")

@@ -54,8 +54,8 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.f ? x : log1p
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 
-// The same two functions on the special-function unit, for the sequence kernels where they run once
-// per (channel, step): about 8 instructions each instead of ~30 (expf + log1pf / an IEEE division).
+// The same two functions on the special-function unit, for the kernels where they run once per
+// (channel, step) (the sequence kernels and the conv decode update): about 8 instructions each instead of ~30 (expf + log1pf / an IEEE division).
 // mufu_lg2: lg2.approx (absolute error ~2^-22 on [0.5, 2]); mufu_rcp: rcp.approx (~1 ulp).
 __device__ __forceinline__ float mufu_lg2(float x) {
   float y;

@@ -490,7 +490,7 @@ struct EmbedArgs {
   float eps;
 };
 
-// Block-wide sum for ROW_THREADS threads.
+// Block-wide sum over the block's threads (red: 32 floats of shared memory).
 __device__ __forceinline__ float block_sum(float v, float* red) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   v = warp_sum(v);
@@ -826,10 +826,6 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
       mrt_gemv_residual_mma_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, true>(a); }
 
-#define MRT_DECODE_XP(TAG, T, BM)                                                                      \
-  extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
-      mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
-
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
       mrt_ssm_step_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N>(a); }
@@ -849,8 +845,8 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
       mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }
 
-// 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them, with
-// MRT_DECODE_XP for conv_xproj, measured slower than the cuBLAS path: benchmarks/NOTES.md.)
+// 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them
+// measured slower than the cuBLAS path: benchmarks/NOTES.md.)
 #define MRT_DECODE_ENTRIES_16(TAG, T)                                                                  \
   MRT_DECODE_ENTRIES(TAG, T)                                                                           \
   MRT_DECODE_MMA(TAG, T, 1)                                                                            \

@@ -5,8 +5,8 @@ One NVRTC program per activation dtype and architecture holds every entry point;
 first use and cached on disk like the op kernels (compiler.py), under a key of the source hash, the
 architecture and the NVRTC version. On sm_90 and newer the kernels are launched with programmatic
 dependent launch (``cuLaunchKernelEx`` with programmatic stream serialization): a kernel starts while
-the previous one drains and prefetches its weights into L2, then waits (``griddepcontrol.wait``) for
-the previous kernel's results. Stream capture keeps that dependency in a CUDA graph.
+the previous one drains and loads its first weights (the tensor-core GEMVs into registers, the FMA
+ones also into L2), then waits (``griddepcontrol.wait``) for the previous kernel's results. Stream capture keeps that dependency in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -131,14 +131,12 @@ class Launch:
 class DecodeKernels:
     """The decode kernels of one dtype, loaded in the current CUDA context (torch's, in the backend)."""
 
-    def __init__(self, dtype: str, device: int | None = None, pdl: bool | None = None, mma: bool | None = None):
+    def __init__(self, dtype: str, pdl: bool | None = None, mma: bool | None = None):
         if dtype not in DTYPES:
             raise UnsupportedError(f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}")
         drv = launcher._driver()
-        self.dtype, self.tag = dtype, DTYPES[dtype][0]
-        self.itemsize = DTYPES[dtype][2]
-        self.ctx = launcher._context(device)
-        self.arch = launcher.current_arch(device)
+        self.tag, self.itemsize = DTYPES[dtype][0], DTYPES[dtype][2]
+        self.arch = launcher.current_arch()
         if self.arch < compiler.MIN_ARCH:
             raise UnsupportedError(f"fused decode needs compute capability 8.0 or newer, this GPU is "
                                    f"{self.arch // 10}.{self.arch % 10}")

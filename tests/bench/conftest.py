@@ -26,7 +26,6 @@ def run_suite_module():
 @pytest.fixture(scope="session")
 def bench_cache(tmp_path_factory):
     """One MAMBA_RT_CACHE_DIR for every bench test: the tiny package is exported once."""
-    pytest.importorskip("onnxruntime", reason="the CPU bench runs on the onnxruntime backend")
     return tmp_path_factory.mktemp("bench-cache")
 
 
@@ -40,6 +39,7 @@ def bench_env(bench_cache, monkeypatch):
 @pytest.fixture(scope="session")
 def bench_run(bench_cache, tmp_path_factory):
     """(result JSON, terminal output) of ``mamba-rt bench --config tiny ... --json out.json``."""
+    pytest.importorskip("onnxruntime", reason="the CPU bench runs on the onnxruntime backend")
     from mamba_rt.cli import main
 
     out = tmp_path_factory.mktemp("bench") / "out.json"
@@ -55,6 +55,7 @@ def bench_run(bench_cache, tmp_path_factory):
 @pytest.fixture(scope="session")
 def suite_run(bench_cache, tmp_path_factory):
     """Path of the results of a CPU suite run: decode, prefill and long-context rows of the tiny config."""
+    pytest.importorskip("onnxruntime", reason="the CPU suite runs on the onnxruntime backend")
     out = tmp_path_factory.mktemp("suite") / "cpu.json"
     rs = run_suite_module()
     with pytest.MonkeyPatch.context() as mp:

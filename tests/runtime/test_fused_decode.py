@@ -30,12 +30,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch on this machine")
-
-
 def _models(cfg, dtype, seed):
     w = random_weights(cfg, dtype, seed=seed)
     model = model_from_weights(cfg, w, dtype, "cuda", REF_OPS)
