@@ -50,9 +50,12 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--no-pdl", action="store_true")
-    ap.add_argument("--no-mma", action="store_true", help="FMA GEMVs instead of the tensor-core ones")
+    ap.add_argument("--gemv", choices=("fma", "mma", "bulk"), default=None,
+                    help="GEMV kind: FMA loop, tensor cores fed by loads or by the copy engine (default: fastest)")
     ap.add_argument("--mma-blocks", type=int, default=None, help="tensor-core GEMV blocks per SM (0: occupancy)")
     ap.add_argument("--define", action="append", default=[], help="NAME=VALUE: a tuning macro of decode_step.cu")
+    ap.add_argument("--knob", action="append", default=[],
+                    help="NAME=VALUE: a launch constant of decode_step.py (ints, or comma-separated for tuples)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config, copy_bandwidth
@@ -63,6 +66,12 @@ def main() -> int:
     from mamba_rt.plugins_cuda import decode_step
     if args.mma_blocks is not None:
         decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
+    for d in args.knob:
+        name, _, val = d.partition("=")
+        if not hasattr(decode_step, name):
+            ap.error(f"--knob {d!r}: decode_step has no constant {name!r}")
+        vals = tuple(int(v) for v in val.split(","))
+        setattr(decode_step, name, vals if "," in val else vals[0])
     for d in args.define:
         name, _, val = d.partition("=")
         decode_step.DEFINES[name] = int(val)
@@ -78,7 +87,7 @@ def main() -> int:
         state = SimpleNamespace(conv=torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
                                 ssm=torch.zeros(sh["ssm_state"], device="cuda"), scratch=max(batches))
         dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None,
-                           mma=False if args.no_mma else None)
+                           gemv=args.gemv)
         for B in batches:
             g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
             slots = np.arange(B, dtype=np.int64)
@@ -96,7 +105,7 @@ def main() -> int:
             row = {"config": name, "batch": B, "path": "gemv" if g.bk.gemv else "gemm", "gpu_ms": gpu,
                    "step_ms_median": statistics.median(ts), "step_ms_p99": sorted(ts)[int(0.99 * (len(ts) - 1))],
                    "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl,
-                   "mma": dec.k.mma}
+                   "gemv": dec.k.gemv}
             row["gpu_over_floor"] = gpu / (row["floor_ms"] if B == 1 else row["floor_with_state_ms"])
             if args.kernels:
                 from torch.profiler import ProfilerActivity, profile

@@ -42,6 +42,7 @@ constexpr int XP_CH = 64;          // channels per conv_xproj block
 constexpr int SSM_THREADS = 128;   // ssm_step
 constexpr int ROW_THREADS = 512;   // embed, residual_norm
 constexpr int CONV_THREADS = 256;  // conv_only
+constexpr int ARGMAX_THREADS = 1024;
 constexpr int MAX_CONV = 8;        // d_conv limit (registers)
 
 __device__ __forceinline__ void pdl_wait() {
@@ -357,19 +358,206 @@ struct NormGemvArgs {
   const void* W;         // [N, K] T
   const void* bias;      // [N] T or null
   void* out;             // [BM, N]: T, or float when out_float
-  long long G, N, K, out_float, pf_rows;  // pf_rows: GemvWarp's L2 prefetch (unused by GemvMma)
+  unsigned* ctr;         // GemvBulk's unit counter of this launch (zero before it; unused by the others)
+  long long G, N, K, out_float, param;  // param: GemvWarp's L2 prefetch rows, GemvBulk's ring stages
   float eps;
 };
 
-// The weight stream of norm_gemv / gemv_residual: GemvWarp (FMA; any T) or GemvMma (tensor cores;
-// 16-bit T). The kernels write x (values of T) with put_x between start() and run(); epi(n, acc) runs
-// on the one thread that owns row n. Dynamic shared memory: FMA BM K floats; MMA BM K values of T
-// (rounded up to 16 bytes), then 2 MMA_WARPS 16 BM floats for the cross-warp reduction.
-template <typename T, int BM, bool MMA>
+// ------------------------------------------------------------------------------------------------
+// The same product with the weights streamed by the copy engine (sm_90+). Work comes in units of 16
+// rows: each block's own unit first, then whichever is next on a counter (zeroed before the launch), so
+// that blocks which start early (programmatic dependent launch starts them as the previous kernel's
+// blocks leave, SM by SM) take more units (measured 1 % faster than a fixed range per block on 2.8b). A unit is cut into stages of 16 rows x BULK_KS columns; one producer warp
+// issues a cp.async.bulk per row of a stage (BULK_KS * sizeof(T) contiguous bytes) into a ring of
+// `stages` shared-memory slots, each with a "full" mbarrier (the copy engine's byte count) and an
+// "empty" one (one arrival per consumer warp), and writes the unit into the slot's tag (-1: no more
+// work). BULK_WARPS consumer warps split a stage's columns into 16-wide steps and multiply them on the
+// tensor cores (ldmatrix of the 16 x 16 weight tile, x from shared memory as in GemvMma), then reduce
+// D across warps per unit. The producer issues the first `stages` stages in start(), before
+// griddepcontrol.wait. Why: the load-instruction GEMVs above stream a 52 MB matrix at 1.8-1.9 TB/s,
+// this one at 2.3 TB/s standalone (benchmarks/NOTES.md, session 5), as fast as cuBLAS's TMA-fed kernel.
+// Rows are padded by 16 bytes in shared memory so that ldmatrix's eight row addresses hit different
+// banks. Needs K % 16 == 0, W 16-byte aligned; rows past N in a unit are stale and their sums unused.
+constexpr int BULK_WARPS = 8;
+constexpr int BULK_THREADS = (BULK_WARPS + 1) * 32;
+constexpr int BULK_KS = 512;                          // columns per stage
+constexpr int BULK_STEPS = BULK_KS / 16 / BULK_WARPS;  // 16-wide steps per consumer warp per stage
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_wait(const void* bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
+               ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+#endif
+}
+
+template <typename T, int BM>
+struct GemvBulk {
+  static_assert(sizeof(T) == 2 && BM >= 1 && BM <= 8, "16-bit T, at most 8 batch rows");
+  static constexpr int ROWB = BULK_KS * 2 + 16;
+  static constexpr int STAGE = 16 * ROWB;
+  const T* W;
+  unsigned char* ring;
+  unsigned long long* full;  // [stages], then empty [stages]
+  int* tag;                  // [stages]: the unit of the slot's stage, -1 after the last
+  unsigned* ctr;
+  long long N;
+  int K, S, nseg, units;
+  int t, unit, seg;          // producer: next stage, its unit and column segment
+  int nxt;                   // producer lane 0: the unit after this one
+  bool done;
+
+  // Lane 0 of the producer: the unit after `unit`, from the counter (units past the grid's first);
+  // asked a unit ahead, so that the atomic's latency hides behind the unit's stages.
+  __device__ __forceinline__ void ask() { nxt = (int)(gridDim.x + atomicAdd(ctr, 1u)); }
+
+  // Shared bytes in front of the ring (x, the reduction, the barriers, the tags), for BM rows of K.
+  static __device__ __host__ constexpr long long head_bytes(long long K, int S) {
+    return ((BM * K * 2 + 15) / 16) * 16 + 2 * BULK_WARPS * 16 * BM * 4 + ((20 * S + 15) / 16) * 16;
+  }
+
+  __device__ __forceinline__ void issue() {  // producer warp: the next stage into slot t % S
+#if __CUDA_ARCH__ >= 900
+    const int lane = threadIdx.x & 31, slot = t % S;
+    if (t >= S) mbar_wait(full + S + slot, ((t / S) - 1) & 1);
+    if (seg == nseg) {  // the next unit: the one lane 0 asked for a unit ago
+      const int u = __shfl_sync(0xffffffffu, nxt, 0);
+      unit = u < units ? u : -1;
+      seg = 0;
+      if (lane == 0 && unit >= 0) ask();
+    }
+    const unsigned fb = smem_addr(full + slot);
+    if (unit < 0) {  // no more work: an empty stage tagged -1 ends the consumers' loop
+      if (lane == 0) {
+        tag[slot] = -1;
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fb) : "memory");
+      }
+      done = true;
+      return;
+    }
+    const long long row0 = 16LL * unit;
+    const int rows = (int)min(16LL, N - row0);
+    const int cols = min(BULK_KS, K - seg * BULK_KS);
+    if (lane == 0) {
+      tag[slot] = unit;
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(rows * cols * 2) : "memory");
+    }
+    __syncwarp();
+    if (lane < rows)
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                   ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
+                   "r"(cols * 2), "r"(fb) : "memory");
+    ++seg;
+    ++t;
+#endif
+  }
+
+  // All threads; the producer warp (the last) issues the first stages. ctr_: this launch's counter.
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W_, long long N_, int K_, int stages,
+                                        unsigned* ctr_) {
+    W = W_; N = N_; K = K_; S = stages; ctr = ctr_;
+    nseg = (K + BULK_KS - 1) / BULK_KS;
+    units = (int)((N + 15) / 16);
+    t = 0; seg = 0; done = false;
+    unit = blockIdx.x < units ? (int)blockIdx.x : -1;  // first the block's own unit
+    if (unit >= 0 && (threadIdx.x & 31) == 0 && (threadIdx.x >> 5) == BULK_WARPS) ask();
+    const long long head = head_bytes(K, S);
+    full = reinterpret_cast<unsigned long long*>(smem + head - ((20 * S + 15) / 16) * 16);
+    tag = reinterpret_cast<int*>(full + 2 * S);
+    ring = smem + head;
+#if __CUDA_ARCH__ >= 900
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < S; ++s) {
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(full + s)));
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(full + S + s)), "r"(BULK_WARPS));
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if ((threadIdx.x >> 5) == BULK_WARPS)
+      while (!done && t < S) issue();
+#endif
+  }
+
+  // xs: BM rows of K values of T in shared memory; red: 2 x BULK_WARPS x 16 x BM floats.
+  template <typename Epi>
+  __device__ __forceinline__ void run(const T* xs, float* red, Epi epi) {
+#if __CUDA_ARCH__ >= 900
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (warp == BULK_WARPS) {
+      while (!done) issue();
+      return;
+    }
+    const int g = lane >> 2, q = lane & 3;
+    const int lrow = lane & 15, lcol = (lane >> 4) * 8;  // ldmatrix.x4: rows 0-15 at k0, then at k0 + 8
+    int tc = 0;
+    for (int grp = 0;; ++grp) {
+      mbar_wait(full + tc % S, (tc / S) & 1);
+      const int u = tag[tc % S];
+      if (u < 0) break;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int seg = 0; seg < nseg; ++seg, ++tc) {
+        const int slot = tc % S;
+        if (seg) mbar_wait(full + slot, (tc / S) & 1);
+        const unsigned char* st = ring + slot * STAGE;
+#pragma unroll
+        for (int i = 0; i < BULK_STEPS; ++i) {
+          const int k0 = (warp * BULK_STEPS + i) * 16, k = seg * BULK_KS + k0;
+          if (k < K) {  // warp-uniform
+            unsigned a0, a1, a2, a3;
+            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                         : "r"(smem_addr(st + lrow * ROWB + (k0 + lcol) * 2)));
+            unsigned b0 = 0u, b1 = 0u;
+            if (g < BM) {
+              b0 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q);
+              b1 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q + 8);
+            }
+            // ldmatrix's four 8 x 8 tiles are the mma's A registers in order; mma_16816 takes them as
+            // (wa.x, wb.x, wa.y, wb.y)
+            const uint4 wa{a0, a2, 0u, 0u}, wb{a1, a3, 0u, 0u};
+            mma_16816<T>(d, wa, wb, b0, b1, false);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(full + S + slot)) : "memory");
+      }
+      float* rd = red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM;
+      if (2 * q < BM) { rd[g * BM + 2 * q] = d[0]; rd[(g + 8) * BM + 2 * q] = d[2]; }
+      if (2 * q + 1 < BM) { rd[g * BM + 2 * q + 1] = d[1]; rd[(g + 8) * BM + 2 * q + 1] = d[3]; }
+      asm volatile("bar.sync 1, %0;" ::"r"(BULK_WARPS * 32) : "memory");
+      const long long row = 16LL * u + threadIdx.x;
+      if (threadIdx.x < 16 && row < N) {
+        const float* rr = red + (grp & 1) * (BULK_WARPS * 16 * BM) + threadIdx.x * BM;
+        float acc[BM];
+#pragma unroll
+        for (int b = 0; b < BM; ++b) {
+          float s = 0.f;
+#pragma unroll
+          for (int w = 0; w < BULK_WARPS; ++w) s += rr[w * 16 * BM + b];
+          acc[b] = s;
+        }
+        epi(row, acc);
+      }
+    }
+#endif
+  }
+};
+
+// The weight stream of norm_gemv / gemv_residual, by KIND: GemvWarp (GEMV_FMA; any T), GemvMma
+// (GEMV_MMA; tensor cores, 16-bit T) or GemvBulk (GEMV_BULK; copy engine + tensor cores, 16-bit T,
+// sm_90+). The kernels write x (values of T) with put_x between start() and run(); epi(n, acc) runs on
+// the one thread that owns row n. Dynamic shared memory: FMA BM K floats; MMA BM K values of T
+// (rounded up to 16 bytes), then 2 MMA_WARPS 16 BM floats for the cross-warp reduction; BULK
+// GemvBulk::head_bytes, then the ring.
+enum { GEMV_FMA = 0, GEMV_MMA = 1, GEMV_BULK = 2 };
+template <typename T, int BM, int KIND>
 struct GemvStream {
   GemvWarp<T, BM, GEMV_U> g;
   float* xs;
-  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long pf_rows) {
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long pf_rows,
+                                        unsigned*) {
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5;
     xs = reinterpret_cast<float*>(smem);
     g.start(W, N, K, (long long)blockIdx.x * warps + warp, (long long)gridDim.x * warps, pf_rows);
@@ -383,11 +571,11 @@ struct GemvStream {
   }
 };
 template <typename T, int BM>
-struct GemvStream<T, BM, true> {
+struct GemvStream<T, BM, GEMV_MMA> {
   GemvMma<T, BM> g;
   T* xs;
   float* red;
-  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long) {
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long, unsigned*) {
     xs = reinterpret_cast<T*>(smem);
     red = reinterpret_cast<float*>(smem + ((BM * K * sizeof(T) + 15) & ~(size_t)15));
     g.start(W, N, K);
@@ -396,16 +584,31 @@ struct GemvStream<T, BM, true> {
   template <typename Epi>
   __device__ __forceinline__ void run(Epi epi) { g.run(xs, red, epi); }
 };
+template <typename T, int BM>
+struct GemvStream<T, BM, GEMV_BULK> {
+  GemvBulk<T, BM> g;
+  T* xs;
+  float* red;
+  __device__ __forceinline__ void start(unsigned char* smem, const T* W, long long N, int K, long long stages,
+                                        unsigned* ctr) {
+    xs = reinterpret_cast<T*>(smem);
+    red = reinterpret_cast<float*>(smem + ((BM * K * sizeof(T) + 15) & ~(size_t)15));
+    g.start(smem, W, N, K, (int)stages, ctr);
+  }
+  __device__ __forceinline__ void put_x(int i, float v) { xs[i] = from_float<T>(v); }
+  template <typename Epi>
+  __device__ __forceinline__ void run(Epi epi) { g.run(xs, red, epi); }
+};
 
 // out = W . round_T(h * rstd * norm_w) (+ bias), rounded to T (then widened when out_float).
-template <typename T, int BM, bool MMA>
+template <typename T, int BM, int KIND>
 __device__ void norm_gemv(const NormGemvArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float rstd_s[BM];
   const int K = (int)a.K;
   const long long N = a.N;
-  GemvStream<T, BM, MMA> g;
-  g.start(smem, static_cast<const T*>(a.W), N, K, a.pf_rows);
+  GemvStream<T, BM, KIND> g;
+  g.start(smem, static_cast<const T*>(a.W), N, K, a.param, a.ctr);
   pdl_launch_dependents();
   pdl_wait();
   rstd_from_partials<BM>(a.ss, (int)a.G, K, a.eps, rstd_s);
@@ -434,19 +637,20 @@ struct GemvResidualArgs {
   const void* bias;      // [N] T or null
   float* h;              // [BM, N] residual stream, updated in place
   float* ss_out;         // [gridDim.x, BM] partial sums of squares of the new h
-  long long N, K, res_fp32, pf_rows;  // pf_rows as in NormGemvArgs
+  unsigned* ctr;         // as in NormGemvArgs
+  long long N, K, res_fp32, param;  // param as in NormGemvArgs
 };
 
 // h += round_T(W . y (+ bias)); ss_out[block] = sum over this block's rows of h^2.
-template <typename T, int BM, bool MMA>
+template <typename T, int BM, int KIND>
 __device__ void gemv_residual(const GemvResidualArgs& a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ float ss_s[32][BM];
   const int K = (int)a.K;
   const long long N = a.N;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  GemvStream<T, BM, MMA> g;
-  g.start(smem, static_cast<const T*>(a.W), N, K, a.pf_rows);
+  GemvStream<T, BM, KIND> g;
+  g.start(smem, static_cast<const T*>(a.W), N, K, a.param, a.ctr);
   pdl_launch_dependents();
   pdl_wait();
   const T* y = static_cast<const T*>(a.y);
@@ -538,6 +742,99 @@ __device__ void embed(const EmbedArgs& a) {
     }
     s = block_sum(s, red);
     if (threadIdx.x == 0) a.ss_out[blockIdx.x * B + b] = s;
+  }
+}
+
+struct ArgmaxArgs {
+  const float* x;   // [B, V] logits
+  long long* out;   // [B]
+  float* pv;        // [B, gridDim.x] the blocks' best values
+  int* pi;          // [B, gridDim.x] and their indices
+  unsigned* tk;     // [B] tickets: zero before the launch, zero again after it
+  long long V;
+};
+
+// (v, i) beats (bv, bi) as torch.argmax ranks them: NaN above every number, then the larger value,
+// then on ties the smaller index.
+__device__ __forceinline__ bool argmax_beats(float v, int i, float bv, int bi) {
+  const bool n = v != v, bn = bv != bv;
+  if (n != bn) return n;
+  return (!n && v > bv) || ((n || v == bv) && i < bi);
+}
+
+// The block's best (value, index) into thread 0's (bv, bi).
+__device__ __forceinline__ void argmax_block(float& bv, int& bi, float* sv, int* si) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float v = __shfl_xor_sync(0xffffffffu, bv, off);
+    const int i = __shfl_xor_sync(0xffffffffu, bi, off);
+    if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+  __syncthreads();
+  if (warp == 0) {
+    bv = lane < warps ? sv[lane] : -__int_as_float(0x7f800000);
+    bi = lane < warps ? si[lane] : 0x7fffffff;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float v = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int i = __shfl_xor_sync(0xffffffffu, bi, off);
+      if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+  }
+}
+
+// out[b] = the index of the first largest logit of row b, on the GPU: block (c, b) takes ARGMAX_CHUNK
+// logits of row b (8 loads in flight per thread; rows are not 16-byte aligned in general, vocab
+// 50277), and the last block of the row to finish (ticket) reduces the row's partial results and
+// resets the ticket. One block per row took ~10 us for a 50k row and torch.argmax 12-18 us
+// (benchmarks/NOTES.md, session 5).
+constexpr int ARGMAX_CHUNK = 8 * ARGMAX_THREADS;
+__device__ void argmax_rows(const ArgmaxArgs& a) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ bool last;
+  pdl_launch_dependents();
+  pdl_wait();
+  const int V = (int)a.V, b = blockIdx.y, C = gridDim.x;
+  const float* x = a.x + (long long)b * V;
+  float bv = -__int_as_float(0x7f800000);  // -inf
+  int bi = 0x7fffffff;
+  float v[8];
+  const int base = blockIdx.x * ARGMAX_CHUNK + threadIdx.x;
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int i = base + u * ARGMAX_THREADS;
+    v[u] = i < V ? x[i] : 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < 8; ++u) {
+    const int i = base + u * ARGMAX_THREADS;
+    if (i < V && argmax_beats(v[u], i, bv, bi)) { bv = v[u]; bi = i; }
+  }
+  argmax_block(bv, bi, sv, si);
+  if (threadIdx.x == 0) {
+    a.pv[b * C + blockIdx.x] = bv;
+    a.pi[b * C + blockIdx.x] = bi;
+    __threadfence();
+    last = atomicAdd(a.tk + b, 1u) == (unsigned)(C - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  bv = -__int_as_float(0x7f800000);
+  bi = 0x7fffffff;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    const float pv = __ldcg(a.pv + b * C + c);
+    const int pi = __ldcg(a.pi + b * C + c);
+    if (argmax_beats(pv, pi, bv, bi)) { bv = pv; bi = pi; }
+  }
+  argmax_block(bv, bi, sv, si);
+  if (threadIdx.x == 0) {
+    a.out[b] = bi;
+    a.tk[b] = 0u;
   }
 }
 
@@ -813,18 +1110,23 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // Entry points: <kernel>_<dtype tag>_<variant>. The host (decode_step.py) picks BM / N and the grid.
 #define MRT_DECODE_BM(TAG, T, BM)                                                                      \
   extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_norm_gemv_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, false>(a); }       \
+      mrt_norm_gemv_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_FMA>(a); }       \
   extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_gemv_residual_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, false>(a); } \
+      mrt_gemv_residual_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_FMA>(a); } \
   extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
       mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
 
-// The tensor-core GEMVs (16-bit T only), for BM up to 8.
+// The tensor-core GEMVs (16-bit T only), for BM up to 8: fed by loads, and by the copy engine (sm_90+;
+// empty bodies on older GPUs, where the host never launches them).
 #define MRT_DECODE_MMA(TAG, T, BM)                                                                     \
   extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
-      mrt_norm_gemv_mma_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, true>(a); }    \
+      mrt_norm_gemv_mma_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_MMA>(a); }    \
   extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
-      mrt_gemv_residual_mma_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, true>(a); }
+      mrt_gemv_residual_mma_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_MMA>(a); } \
+  extern "C" __global__ void __launch_bounds__(mrt::BULK_THREADS)                                     \
+      mrt_norm_gemv_bulk_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_BULK>(a); } \
+  extern "C" __global__ void __launch_bounds__(mrt::BULK_THREADS)                                     \
+      mrt_gemv_residual_bulk_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_BULK>(a); }
 
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
@@ -843,7 +1145,9 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
       mrt_embed_##TAG(const mrt::EmbedArgs a) { mrt::embed<T>(a); }                                    \
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
-      mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }
+      mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }               \
+  extern "C" __global__ void __launch_bounds__(mrt::ARGMAX_THREADS)                                   \
+      mrt_argmax_##TAG(const mrt::ArgmaxArgs a) { mrt::argmax_rows(a); }
 
 // 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them
 // measured slower than the cuBLAS path: benchmarks/NOTES.md.)

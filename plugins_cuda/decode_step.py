@@ -23,6 +23,8 @@ from .compiler import DTYPES
 
 SOURCE = "decode_step.cu"
 GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 256, 64, 128, 512, 256  # .cu
+ARGMAX_THREADS = 1024
+ARGMAX_CHUNK = 8 * ARGMAX_THREADS  # logits per argmax block
 MAX_CONV = 8
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
@@ -32,6 +34,18 @@ PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting 
 MMA_WARPS, MMA_THREADS = 8, 256  # .cu: the tensor-core GEMV kernels (16-bit dtypes)
 MMA_BUCKETS = (1, 2)  # batch rows the tensor-core GEMVs take (the kernels allow 8; 4 and 8 lost to cuBLAS)
 MMA_BLOCKS_PER_SM = 0  # cap on resident tensor-core GEMV blocks per SM (0: as many as fit); 1 measured slower
+# .cu: the copy-engine GEMV kernels (16-bit dtypes, sm_90+): consumer warps + one producer warp, stages of
+# 16 rows x BULK_KS columns (rows padded by 16 bytes), ring of BULK_STAGES[0]..[1] stages, two blocks per
+# SM where that many stages fit (one otherwise)
+BULK_WARPS, BULK_THREADS, BULK_KS = 8, 288, 512
+BULK_STAGE_BYTES = 16 * (BULK_KS * 2 + 16)
+BULK_STAGES = (4, 6)
+BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STAGES[0] stages fit two)
+# The copy-engine kind is the default only for models whose in_proj has at least this many bytes
+# (mamba-1.4b and up): smaller ones measured 3-5 % slower with it than with the load-fed kind, and
+# mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5).
+BULK_MIN_IN_PROJ = 32 << 20
+GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
 
 def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str | None:
@@ -102,12 +116,13 @@ def _struct(name, fields):
 
 
 NormGemvArgs = _struct("NormGemvArgs", [("h", _P), ("ss", _P), ("norm_w", _P), ("W", _P), ("bias", _P),
-                                        ("out", _P), ("G", _L), ("N", _L), ("K", _L), ("out_float", _L),
-                                        ("pf_rows", _L), ("eps", _F)])
+                                        ("out", _P), ("ctr", _P), ("G", _L), ("N", _L), ("K", _L), ("out_float", _L),
+                                        ("param", _L), ("eps", _F)])
 GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _P), ("h", _P), ("ss_out", _P),
-                                                ("N", _L), ("K", _L), ("res_fp32", _L), ("pf_rows", _L)])
+                                                ("ctr", _P), ("N", _L), ("K", _L), ("res_fp32", _L), ("param", _L)])
 EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
                                   ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F)])
+ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _P), ("tk", _P), ("V", _L)])
 ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w", _P), ("xn", _P), ("K", _L),
                                                 ("res_fp32", _L), ("eps", _F)])
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
@@ -131,7 +146,7 @@ class Launch:
 class DecodeKernels:
     """The decode kernels of one dtype, loaded in the current CUDA context (torch's, in the backend)."""
 
-    def __init__(self, dtype: str, pdl: bool | None = None, mma: bool | None = None):
+    def __init__(self, dtype: str, pdl: bool | None = None, gemv: str | None = None):
         if dtype not in DTYPES:
             raise UnsupportedError(f"fused decode: dtype {dtype!r} is not one of {tuple(DTYPES)}")
         drv = launcher._driver()
@@ -146,9 +161,17 @@ class DecodeKernels:
                                      "sm count")
         self.smem_optin = launcher._cu(drv.cuDeviceGetAttribute(
             attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, dev), "smem opt-in")
+        self.smem_sm = launcher._cu(drv.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR, dev), "smem per SM")
         self.pdl = (self.arch >= 90) if pdl is None else bool(pdl and self.arch >= 90)
-        # 16-bit models: the GEMVs multiply on the tensor cores unless told not to
-        self.mma = self.itemsize == 2 and (mma is None or bool(mma))
+        # The GEMVs' kind: the fastest this dtype and GPU allow (16-bit: tensor cores, fed by the copy
+        # engine on sm_90+), or the one asked for where it applies (matrices it cannot take fall back
+        # to the next kind: bulk -> mma -> fma).
+        if gemv is not None and gemv not in GEMV_KINDS:
+            raise UnsupportedError(f"fused decode: GEMV kind {gemv!r} is not one of {GEMV_KINDS}")
+        best = "fma" if self.itemsize != 2 else ("bulk" if self.arch >= 90 else "mma")
+        self.gemv = best if gemv is None or GEMV_KINDS.index(gemv) > GEMV_KINDS.index(best) else gemv
+        self.mma = self.gemv != "fma"
         self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
         self._fns: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -196,6 +219,24 @@ class DecodeKernels:
         16-byte vectors per row, W 16-byte aligned."""
         return self.mma and bm in MMA_BUCKETS and k % 8 == 0 and w % 16 == 0
 
+    def _bulk_launch(self, stem: str, bm: int, n: int, k: int, w: int) -> tuple[int, int, int] | None:
+        """(grid, shared bytes, stages) of the copy-engine GEMV for W [n, k] at address w, or None where
+        it does not apply (kind, whole 16-wide steps per row, alignment) or too few stages fit: as many
+        stages (up to BULK_STAGES[1]) as fit two blocks per SM, else one block with more; one wave of
+        blocks, which take units of 16 rows (their own, then from a counter)."""
+        if self.gemv != "bulk" or not self._use_mma(bm, k, w) or k % 16:
+            return None
+        head = -(-bm * k * self.itemsize // 16) * 16 + 2 * BULK_WARPS * 16 * bm * 4
+        tries = ((2, BULK_STAGES[1]), (1, 2 * BULK_STAGES[1]))
+        for per_sm, most in tries[2 - BULK_BLOCKS_PER_SM:]:
+            room = min(self.smem_sm // per_sm - 1024 - 1024, self.smem_optin - 1024) - head  # static + reserve
+            stages = min(most, (room - 16) // (BULK_STAGE_BYTES + 20))
+            if stages >= BULK_STAGES[0]:
+                smem = head + -(-20 * stages // 16) * 16 + stages * BULK_STAGE_BYTES
+                per_sm = min(per_sm, self._resident(stem, BULK_THREADS, smem))
+                return min(-(-n // 16), self.sm_count * per_sm), smem, stages
+        return None
+
     def _mma_launch(self, stem: str, bm: int, n: int, k: int) -> tuple[int, int]:
         """(grid, shared bytes) of a tensor-core GEMV: one wave of blocks, each a contiguous run of rows."""
         smem = -(-bm * k * self.itemsize // 16) * 16 + 2 * MMA_WARPS * 16 * bm * 4
@@ -212,8 +253,14 @@ class DecodeKernels:
         return max(1, PREFETCH_BYTES // (warps * K * self.itemsize))
 
     def _gemv(self, kind: str, bm: int, N: int, K: int, W: int) -> tuple[str, int, int, int, int]:
-        """(stem, grid, threads, shared bytes, pf_rows) of GEMV ``kind`` (norm_gemv / gemv_residual) for
-        W [N, K] at address W: the tensor-core kernel where it applies, else the FMA one."""
+        """(stem, grid, threads, shared bytes, param) of GEMV ``kind`` (norm_gemv / gemv_residual) for
+        W [N, K] at address W: the copy-engine kernel where it applies, else the tensor-core one, else the
+        FMA one. param: the ring's stages (bulk) or the rows to prefetch into L2 (FMA)."""
+        stem = f"{kind}_bulk_{self.tag}_b{bm}"
+        bulk = self._bulk_launch(stem, bm, N, K, W)
+        if bulk:
+            grid, smem, stages = bulk
+            return stem, grid, BULK_THREADS, smem, stages
         if self._use_mma(bm, K, W):
             stem = f"{kind}_mma_{self.tag}_b{bm}"
             grid, smem = self._mma_launch(stem, bm, N, K)
@@ -222,14 +269,17 @@ class DecodeKernels:
         grid = self._gemv_grid(stem, N, smem)
         return stem, grid, GEMV_THREADS, smem, self._pf_rows(grid, K)
 
-    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps) -> Launch:
+    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps, ctr) -> Launch:
+        """ctr: a 32-bit counter for this launch alone, zero when it runs (the copy-engine kernel hands
+        out its rows through it)."""
         stem, grid, threads, smem, pf = self._gemv("norm_gemv", bm, N, K, W)
-        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, G, N, K, int(out_float), pf, eps)
+        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps)
         return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
-    def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32) -> Launch:
+    def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32, ctr) -> Launch:
+        """ctr as in norm_gemv."""
         stem, grid, threads, smem, pf = self._gemv("gemv_residual", bm, N, K, W)
-        a = GemvResidualArgs(y, W, bias or 0, h, ss_out, N, K, int(res_fp32), pf)
+        a = GemvResidualArgs(y, W, bias or 0, h, ss_out, ctr, N, K, int(res_fp32), pf)
         return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
     def gemv_grid_residual(self, bm: int, n: int, k: int, w: int) -> int:
@@ -248,6 +298,19 @@ class DecodeKernels:
     def residual_norm(self, *, h, o, norm_w, xn, B, K, res_fp32, eps) -> Launch:
         a = ResidualNormArgs(h, o, norm_w, xn, K, int(res_fp32), eps)
         return Launch(self._fn(f"residual_norm_{self.tag}"), (B, 1), ROW_THREADS, 0, a, "residual_norm")
+
+    @staticmethod
+    def argmax_scratch_words(B: int, V: int) -> int:
+        """32-bit words of scratch argmax needs: partial values and indices per block, a ticket per row
+        (zero at first, and zero again after every launch)."""
+        return B * (2 * -(-V // ARGMAX_CHUNK) + 1)
+
+    def argmax(self, *, x, out, scratch, B, V) -> Launch:
+        """out[b] (int64) = the index of the first largest of x[b, :V] (float32), NaN ranked highest.
+        scratch: argmax_scratch_words(B, V) 32-bit words, the last B of them zero."""
+        C = -(-V // ARGMAX_CHUNK)
+        a = ArgmaxArgs(x, out, scratch, scratch + 4 * B * C, scratch + 8 * B * C, V)
+        return Launch(self._fn(f"argmax_{self.tag}"), (C, B), ARGMAX_THREADS, 0, a, "argmax")
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in GEMV_BUCKETS: conv + x_proj share; bm = 0: conv only (any B; Wx must be 0)."""
@@ -285,7 +348,7 @@ class DecodeKernels:
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None, mma: bool | None = None) -> DecodeKernels:
+def kernels(dtype: str, ctx_handle: int, pdl: bool | None = None, gemv: str | None = None) -> DecodeKernels:
     """One DecodeKernels per (dtype, context, options); ctx_handle is the current context's handle."""
     del ctx_handle  # part of the cache key only
-    return DecodeKernels(dtype, pdl=pdl, mma=mma)
+    return DecodeKernels(dtype, pdl=pdl, gemv=gemv)

@@ -265,7 +265,7 @@ class _FusedGraph:
         bk = self.bk
         bk.inp.copy_(self.pin_in, non_blocking=True)
         self._decoder.enqueue(bk)
-        torch.argmax(bk.logits, dim=-1, out=self.gid)
+        self._decoder.enqueue_argmax(bk, self.gid)
         self.pin_out.copy_(self.gid, non_blocking=True)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:

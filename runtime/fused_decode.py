@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from mamba_rt._optional import require
 from mamba_rt.checkpoint import DTYPES, torch_dtype
-from mamba_rt.errors import UnsupportedError
+from mamba_rt.errors import InternalError, UnsupportedError
 
 torch = require("torch")
 
@@ -50,6 +50,7 @@ class DecodeBucket:
         self.u = torch.empty(B, d, dtype=dt, device=dev)
         self.y = torch.empty(B, d, dtype=dt, device=dev)
         self.logits = torch.empty(B, c.vocab_size, **f32)
+        self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
         if self.gemv:
             self.ge = dec.k.embed_grid(dm)
             # blocks of each layer's gemv_residual = its partial sums of squares per row
@@ -57,7 +58,11 @@ class DecodeBucket:
                        for l in dec.model.backbone.layers]
             self.ss_embed = torch.empty(self.ge, B, **f32)
             self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
-            self.acc = torch.empty(c.n_layer, B, R, **f32)
+            # zeroed before every step (one memset): x_proj's accumulators, then a work counter per GEMV
+            # launch (the copy-engine kernels hand out their rows through it)
+            self.zeroed = torch.zeros(c.n_layer * B * R + 2 * c.n_layer + 1, **f32)
+            self.acc = self.zeroed[: c.n_layer * B * R].view(c.n_layer, B, R)
+            self.ctr = self.zeroed[c.n_layer * B * R:].view(torch.int32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
             self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
@@ -71,7 +76,7 @@ class FusedDecoder:
     """Fused decode steps of ``model`` (a CUDA ``MambaLM``) on the state ``conv`` [n_layer, slots, d,
     k-1] / ``ssm`` [n_layer, slots, d, n] (contiguous; updated in place, by slot)."""
 
-    def __init__(self, model, conv, ssm, dtype: str, pdl: bool | None = None, mma: bool | None = None):
+    def __init__(self, model, conv, ssm, dtype: str, pdl: bool | None = None, gemv: str | None = None):
         from mamba_rt.plugins_cuda import decode_step
 
         self.config = c = model.config
@@ -84,7 +89,9 @@ class FusedDecoder:
         self.device, self.tdtype = conv.device, torch_dtype(dtype)
         with torch.cuda.device(self.device):
             ctx = decode_step.launcher._context(self.device.index)
-            self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, mma)
+            if gemv is None and c.d_model * 2 * c.d_inner * torch_dtype(dtype).itemsize < decode_step.BULK_MIN_IN_PROJ:
+                gemv = "mma"  # the copy-engine GEMVs pay off from mamba-1.4b up (decode_step.BULK_MIN_IN_PROJ)
+            self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, gemv)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers
         self.A = [(-torch.exp(l.mixer.A_log.float())).contiguous() for l in layers]
@@ -119,7 +126,7 @@ class FusedDecoder:
             if bk.gemv:
                 out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(layer.norm.weight), W=p(m.in_proj.weight),
                                        bias=p(m.in_proj.bias), out=p(bk.xz), N=2 * d, K=dm, out_float=False,
-                                       eps=self.eps))
+                                       eps=self.eps, ctr=p(bk.ctr[2 * i])))
                 out.append(k.conv_xproj(B, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
                                         conv_b=p(m.conv1d.bias), Wx=p(m.x_proj.weight), u=p(bk.u),
                                         xdbl=p(bk.acc[i]), B=B, d=d, k=c.d_conv, R=R))
@@ -127,7 +134,7 @@ class FusedDecoder:
                                       dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D), u=p(bk.u), xz=p(bk.xz),
                                       ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
                 out.append(k.gemv_residual(B, y=p(bk.y), W=p(m.out_proj.weight), bias=p(m.out_proj.bias), h=p(bk.h),
-                                           ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32))
+                                           ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32, ctr=p(bk.ctr[2 * i + 1])))
                 ss, G = bk.ss[i], bk.g4[i]
             else:
                 out.append(self._linear(bk.xn, m.in_proj, bk.xz))
@@ -145,7 +152,7 @@ class FusedDecoder:
         if bk.gemv:
             out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(self.model.backbone.norm_f.weight),
                                    W=p(self.lm_head), bias=0, out=p(bk.logits), N=c.vocab_size, K=dm,
-                                   out_float=True, eps=self.eps))
+                                   out_float=True, eps=self.eps, ctr=p(bk.ctr[-1])))
         else:
             def head():
                 torch.mm(bk.xn, self.lm_head.t(), out=bk.logits_t)
@@ -170,9 +177,17 @@ class FusedDecoder:
         (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out."""
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if bk.gemv:
-            bk.acc.zero_()
+            bk.zeroed.zero_()
         for ln in bk.launches:
             if callable(ln):  # a cuBLAS projection (GEMM path)
                 ln()
             else:
                 self.k.launch(ln, stream)
+
+    def enqueue_argmax(self, bk: DecodeBucket, out: "torch.Tensor") -> None:
+        """out [bk.B] int64 = the greedy token of each row of bk.logits, on the current stream."""
+        if out.dtype != torch.int64 or out.shape != (bk.B,) or not out.is_contiguous():
+            raise InternalError(f"fused decode argmax: out must be int64 ({bk.B},), got {out.dtype} {tuple(out.shape)}")
+        ln = self.k.argmax(x=bk.logits.data_ptr(), out=out.data_ptr(), scratch=bk.argmax_scratch.data_ptr(), B=bk.B,
+                           V=self.config.vocab_size)
+        self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)

@@ -24,9 +24,13 @@ CASES = {
     "tiny": dict(d_model=36, n_layer=2, vocab_size=101, d_state=4, d_conv=3, dt_rank=5, pad_vocab_size_multiple=1),
     # vector paths, the published shape family (n 16, k 4), 3 x_proj chunks with a partial last one
     "mid": dict(d_model=160, n_layer=3, vocab_size=1000, d_state=16, d_conv=4),
-    # biases everywhere, residual in the model dtype, n 8, k 2
-    "bias": dict(d_model=128, n_layer=2, vocab_size=500, d_state=8, d_conv=2, bias=True, conv_bias=True,
+    # biases everywhere, residual in the model dtype, n 8, k 2; d_model 136: rows of whole 16-byte
+    # vectors but not of 16-wide steps (the copy-engine GEMV falls back to the load-fed one there)
+    "bias": dict(d_model=136, n_layer=2, vocab_size=500, d_state=8, d_conv=2, bias=True, conv_bias=True,
                  residual_in_fp32=False),
+    # rows of several copy-engine stages with a partial last one (544 = 512 + 32, 1088 = 2 x 512 + 64),
+    # and a head of 20000 rows: several groups of 16 rows per block, the stage ring wrapping around
+    "wide": dict(d_model=544, n_layer=2, vocab_size=20000, d_state=16, d_conv=4),
 }
 
 
@@ -43,19 +47,31 @@ def _models(cfg, dtype, seed):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_steps_match_reference(case, dtype, batch):
-    _check_steps(case, dtype, batch, mma=None)
+    _check_steps(case, dtype, batch, gemv=None)
 
 
+@pytest.mark.parametrize("gemv", ["fma", "bulk"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_steps_fma_gemv(case, dtype, batch):
-    """The GEMV buckets of 1 and 2 rows with the FMA matrix-vector kernels in every dtype (the default
-    for 16-bit models, whose rows are whole 16-byte vectors, is the tensor-core one tested above)."""
-    _check_steps(case, dtype, batch, mma=False)
+def test_fused_steps_other_gemv(case, dtype, batch, gemv):
+    """The GEMV buckets of 1 and 2 rows with the matrix-vector kernels that models this small do not
+    get by default (tensor cores fed by loads, tested above): the FMA loop in every dtype, and the
+    tensor cores fed by the copy engine (sm_90+; the default from mamba-1.4b up)."""
+    _check_steps(case, dtype, batch, gemv=gemv)
 
 
-def _check_steps(case, dtype, batch, mma):
+def _expected_gemv(asked, dtype, k, arch):
+    """The GEMV kind a matrix with rows of k elements gets in these (small) models: the fallbacks of
+    DecodeKernels, and no copy-engine kind unless asked for."""
+    if dtype == "fp32" or k % 8 or asked == "fma":
+        return "fma"
+    if asked != "bulk" or arch < 90 or k % 16:
+        return "mma"
+    return "bulk"
+
+
+def _check_steps(case, dtype, batch, gemv):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -67,16 +83,17 @@ def _check_steps(case, dtype, batch, mma):
     shapes = cfg.state_shapes(n_slots)
     conv = (0.5 * torch.randn(shapes["conv_state"], generator=g, device="cuda")).to(model.dtype)
     ssm = 0.5 * torch.randn(shapes["ssm_state"], generator=g, device="cuda")
-    dec = FusedDecoder(model, conv, ssm, dtype, mma=mma)
+    dec = FusedDecoder(model, conv, ssm, dtype, gemv=gemv)
     bucket = batch_bucket(batch, 16)
     bk = dec.bucket(bucket)
     assert bk.gemv == (bucket <= 2), "buckets of 1 and 2 rows take the GEMV path, larger ones the GEMM path"
-    if bk.gemv:  # which matrix-vector kernels run: tensor cores for 16-bit models, rows of 16-byte vectors
+    if bk.gemv:  # which matrix-vector kernels run (by the kind asked for, dtype, row length and GPU)
         names = [ln.name for ln in bk.launches if not callable(ln)]
+        arch = dec.k.arch
         for kind, k in (("norm_gemv", cfg.d_model), ("gemv_residual", cfg.d_inner)):
-            mma_expected = mma is not False and dtype != "fp32" and k % 8 == 0
-            got = {"_mma_" in n for n in names if n.startswith(kind)}
-            assert got == {mma_expected}, (kind, names)
+            want = _expected_gemv(gemv, dtype, k, arch)
+            got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
+            assert got == {want}, (kind, names)
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
@@ -127,3 +144,64 @@ def test_backend_uses_fused_decode_and_gemm_bucket(tmp_path):
             a = [g.ids for g in fused.generate(prompts, max_new_tokens=24, stream=False)]
             b = [g.ids for g in plain.generate(prompts, max_new_tokens=24, stream=False)]
             assert a == b
+
+
+@pytest.mark.parametrize("bucket", [1, 4])
+def test_argmax_matches_torch(bucket):
+    """The greedy token kernel against torch.argmax on poisoned-then-filled logits: random rows, a
+    tie (the first index wins), NaNs (ranked highest, the first wins), a row of -inf, rows longer than
+    the block."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    cfg = MambaConfig(**CASES["wide"])
+    model, _ = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
+    shapes = cfg.state_shapes(bucket + 1)
+    dec = FusedDecoder(model, torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda"),
+                       torch.zeros(shapes["ssm_state"], device="cuda"), "fp16")
+    bk = dec.bucket(bucket)
+    V = cfg.vocab_size
+    for trial in range(4):
+        x = torch.randn(bucket, V, device="cuda")
+        r = trial % bucket
+        if trial == 1:
+            i, j = sorted(torch.randperm(V)[:2].tolist())
+            x[r, i] = x[r, j] = x[r].max() + 1
+        elif trial == 2:
+            x[r, V - 3] = x[r, 7] = float("nan")
+            x[r, 5] = float("inf")
+        elif trial == 3:
+            x[r] = float("-inf")
+        bk.logits.copy_(x)
+        out = torch.full((bucket,), -1, dtype=torch.int64, device="cuda")
+        dec.enqueue_argmax(bk, out)
+        torch.cuda.synchronize()
+        assert torch.equal(out, torch.argmax(x, dim=-1)), (trial, out, torch.argmax(x, dim=-1))
+
+
+@pytest.mark.parametrize("d_model", [1536, 2048])
+def test_default_gemv_by_model_size(d_model):
+    """Models whose in_proj has 32 MiB or more (d_model 2048 in fp16: mamba-1.4b's) take the copy-engine
+    GEMVs by default on sm_90+, smaller ones the load-fed tensor-core kind; one step of the larger
+    shape (one layer) against the reference."""
+    from mamba_rt.plugins_cuda import decode_step
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    cfg = MambaConfig(d_model=d_model, n_layer=1, vocab_size=1000, d_state=16, d_conv=4)
+    model, hi = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
+    shapes = cfg.state_shapes(2)
+    conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
+    ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+    dec = FusedDecoder(model, conv, ssm, "fp16")
+    big = d_model * 2 * cfg.d_inner * 2 >= decode_step.BULK_MIN_IN_PROJ
+    assert big == (d_model == 2048)
+    assert dec.k.gemv == ("bulk" if big and dec.k.arch >= 90 else "mma")
+    bk = dec.bucket(1)
+    h_conv, h_ssm = conv[:, :1].float().clone(), ssm[:, :1].clone()  # before the step updates them
+    ids = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
+    bk.logits.fill_(float("nan"))
+    bk.ids.copy_(ids)
+    bk.idx.fill_(0)
+    dec.enqueue(bk)
+    with torch.no_grad():
+        ref, _ = hi(ids[:, None], MambaState(h_conv, h_ssm), last_only=True)
+    assert rel_err(bk.logits.double(), ref.double()) < TOL["fp16"]
