@@ -3,7 +3,7 @@ on the GPU (a development tool for issue 8; the user-facing numbers come from ``
 ``benchmarks/run_suite.py``).
 
     python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
-                                        [--kernels] [--out FILE.json]
+                                        [--kernels] [--gemv fma|mma|bulk] [--knob NAME=VAL] [--out FILE.json]
 
 Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
