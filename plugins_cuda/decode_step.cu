@@ -263,6 +263,26 @@ __device__ __forceinline__ void mma_16816(float* d, const uint4& a0, const uint4
 #endif
 }
 
+// D of one m16n8k16 tile (lane (g, q) holds rows g and g + 8, columns 2q and 2q + 1) into a warp's
+// 16 x BM slice rd of the cross-warp reduction buffer (batch columns only).
+template <int BM>
+__device__ __forceinline__ void mma_d_put(float* rd, int g, int q, const float* d) {
+  if (2 * q < BM) { rd[g * BM + 2 * q] = d[0]; rd[(g + 8) * BM + 2 * q] = d[2]; }
+  if (2 * q + 1 < BM) { rd[g * BM + 2 * q + 1] = d[1]; rd[(g + 8) * BM + 2 * q + 1] = d[3]; }
+}
+
+// Row t's BM sums over the WARPS warps' slices of red (16 x BM floats each).
+template <int BM, int WARPS>
+__device__ __forceinline__ void mma_d_sum(const float* red, int t, float* acc) {
+#pragma unroll
+  for (int b = 0; b < BM; ++b) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) s += red[w * 16 * BM + t * BM + b];
+    acc[b] = s;
+  }
+}
+
 template <typename T, int BM>
 struct GemvMma {
   static_assert(sizeof(T) == 2 && BM >= 1 && BM <= 8, "16-bit T, at most 8 batch rows");
@@ -317,21 +337,11 @@ struct GemvMma {
         if (j0 + MMA_U < jmax) load(row0, j0 + MMA_U);
         else if (row0 + 16 < r1) load(row0 + 16, 0);
       }
-      // D: lane (g, q) holds rows g and g + 8, columns 2q and 2q + 1
-      float* rd = red + par * (MMA_WARPS * 16 * BM) + warp * 16 * BM;
-      if (2 * q < BM) { rd[g * BM + 2 * q] = d[0]; rd[(g + 8) * BM + 2 * q] = d[2]; }
-      if (2 * q + 1 < BM) { rd[g * BM + 2 * q + 1] = d[1]; rd[(g + 8) * BM + 2 * q + 1] = d[3]; }
+      mma_d_put<BM>(red + par * (MMA_WARPS * 16 * BM) + warp * 16 * BM, g, q, d);
       __syncthreads();
       if (threadIdx.x < 16 && row0 + threadIdx.x < r1) {
-        const float* rr = red + par * (MMA_WARPS * 16 * BM) + threadIdx.x * BM;
         float acc[BM];
-#pragma unroll
-        for (int b = 0; b < BM; ++b) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < MMA_WARPS; ++w) s += rr[w * 16 * BM + b];
-          acc[b] = s;
-        }
+        mma_d_sum<BM, MMA_WARPS>(red + par * (MMA_WARPS * 16 * BM), threadIdx.x, acc);
         epi(row0 + threadIdx.x, acc);
       }
     }
@@ -523,21 +533,12 @@ struct GemvBulk {
         __syncwarp();
         if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(full + S + slot)) : "memory");
       }
-      float* rd = red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM;
-      if (2 * q < BM) { rd[g * BM + 2 * q] = d[0]; rd[(g + 8) * BM + 2 * q] = d[2]; }
-      if (2 * q + 1 < BM) { rd[g * BM + 2 * q + 1] = d[1]; rd[(g + 8) * BM + 2 * q + 1] = d[3]; }
+      mma_d_put<BM>(red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM, g, q, d);
       asm volatile("bar.sync 1, %0;" ::"r"(BULK_WARPS * 32) : "memory");
       const long long row = 16LL * u + threadIdx.x;
       if (threadIdx.x < 16 && row < N) {
-        const float* rr = red + (grp & 1) * (BULK_WARPS * 16 * BM) + threadIdx.x * BM;
         float acc[BM];
-#pragma unroll
-        for (int b = 0; b < BM; ++b) {
-          float s = 0.f;
-#pragma unroll
-          for (int w = 0; w < BULK_WARPS; ++w) s += rr[w * 16 * BM + b];
-          acc[b] = s;
-        }
+        mma_d_sum<BM, BULK_WARPS>(red + (grp & 1) * (BULK_WARPS * 16 * BM), threadIdx.x, acc);
         epi(row, acc);
       }
     }
