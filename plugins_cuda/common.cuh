@@ -86,6 +86,9 @@ __device__ __forceinline__ float silu_mufu(float x) {
   return x * mufu_rcp(1.f + fast_exp2(-x * LOG2E));
 }
 
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<bf16_t> { static constexpr bool value = true; };
+
 __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull;
 }

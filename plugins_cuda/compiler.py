@@ -156,13 +156,18 @@ def nvrtc_version() -> tuple[int, int]:
     return _check(_nvrtc().nvrtcVersion(), "nvrtcVersion")
 
 
-def source_hash(spec: KernelSpec) -> str:
+def source_digest(source: str, options: tuple[str, ...] | list[str]) -> str:
+    """12 hex digits of a program's source, the headers it may include and its NVRTC options."""
     h = hashlib.sha256()
-    h.update(spec.source().encode())
+    h.update(source.encode())
     for name in HEADERS:
         h.update(b"\0" + name.encode() + b"\0" + _read(name).encode())
-    h.update("\0".join(spec.options()).encode())
+    h.update("\0".join(options).encode())
     return h.hexdigest()[:12]
+
+
+def source_hash(spec: KernelSpec) -> str:
+    return source_digest(spec.source(), spec.options())
 
 
 def cache_key(spec: KernelSpec) -> str:
@@ -233,7 +238,12 @@ def _looks_like_cubin(data: bytes) -> bool:
 def get_cubin(spec: KernelSpec) -> bytes:
     """The cubin of ``spec``: from this process's memory, else the disk cache, else NVRTC (and then
     written to the disk cache atomically, so concurrent processes never read a partial file)."""
-    key = cache_key(spec)
+    return cached_cubin(cache_key(spec), lambda: compile_spec(spec))
+
+
+def cached_cubin(key: str, build) -> bytes:
+    """The cubin cached under ``key`` (memory, then disk), else ``build()``'s, written to the disk
+    cache atomically."""
     with _memo_lock:
         if key in _memo:
             return _memo[key]
@@ -248,7 +258,7 @@ def get_cubin(spec: KernelSpec) -> bytes:
     except FileNotFoundError:
         pass
     if data is None:
-        data = compile_spec(spec)
+        data = build()
         _write_atomic(path, data)
     with _memo_lock:
         _memo[key] = data

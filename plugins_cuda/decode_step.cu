@@ -44,6 +44,7 @@ constexpr int ROW_THREADS = 512;   // embed, residual_norm
 constexpr int CONV_THREADS = 256;  // conv_only
 constexpr int ARGMAX_THREADS = 1024;
 constexpr int MAX_CONV = 8;        // d_conv limit (registers)
+constexpr int MAX_XDBL = 1024;     // r + 2n limit (ssm_step's shared row)
 
 __device__ __forceinline__ void pdl_wait() {
 #if __CUDA_ARCH__ >= 900
@@ -252,8 +253,6 @@ template <int BM> struct MmaU { static constexpr int value = BM == 1 ? MRT_MMA_U
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                         \
                : "r"(hi ? a0.z : a0.x), "r"(hi ? a1.z : a1.x), "r"(hi ? a0.w : a0.y), "r"(hi ? a1.w : a1.y), \
                  "r"(b0), "r"(b1))
-template <typename T> struct IsBf16 { static constexpr bool value = false; };
-template <> struct IsBf16<bf16_t> { static constexpr bool value = true; };
 template <typename T>
 __device__ __forceinline__ void mma_16816(float* d, const uint4& a0, const uint4& a1, unsigned b0, unsigned b1,
                                           bool hi) {
@@ -879,7 +878,7 @@ struct ConvXprojArgs {
   const void* Wx;          // [R, d] T, or null: no x_proj share (batched path)
   void* u;                 // [B, d] T: silu(conv) output
   float* xdbl;             // [B, R] fp32 accumulator (zeroed before the step)
-  long long B, d, k, R;
+  long long d, k, R;       // rows: BM (conv_xproj) or the grid's y (conv_only)
 };
 
 // One (row, channel) of the conv update: window = (state, x), u = silu(bias + w . window), state shifted
@@ -1034,7 +1033,7 @@ struct SsmStepArgs {
 template <typename T, int N>
 __device__ void ssm_step(const SsmStepArgs& a) {
   constexpr int TPC = N / 4, CPB = SSM_THREADS / TPC, V = Vec<T>::N, WMAX = 8;
-  __shared__ float xs[1024];  // x_proj output row (r + 2n <= 1024)
+  __shared__ float xs[MAX_XDBL];  // x_proj output row
   const int d = (int)a.d, r = (int)a.r, R = (int)a.R, b = blockIdx.y;
   const int cl = threadIdx.x / TPC, g = threadIdx.x % TPC;
   const int c = blockIdx.x * CPB + cl;
@@ -1109,25 +1108,23 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 }  // namespace mrt
 
 // Entry points: <kernel>_<dtype tag>_<variant>. The host (decode_step.py) picks BM / N and the grid.
+// One pair of GEMV kernels (norm_gemv, gemv_residual) of a stream KIND: <kernel><NAME>_<tag>_b<BM>.
+#define MRT_DECODE_GEMVS(NAME, TAG, T, BM, KIND, THREADS)                                              \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                               \
+      mrt_norm_gemv##NAME##_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, KIND>(a); } \
+  extern "C" __global__ void __launch_bounds__(THREADS)                                               \
+      mrt_gemv_residual##NAME##_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, KIND>(a); }
+
 #define MRT_DECODE_BM(TAG, T, BM)                                                                      \
-  extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_norm_gemv_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_FMA>(a); }       \
-  extern "C" __global__ void __launch_bounds__(mrt::GEMV_THREADS)                                     \
-      mrt_gemv_residual_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_FMA>(a); } \
+  MRT_DECODE_GEMVS(, TAG, T, BM, mrt::GEMV_FMA, mrt::GEMV_THREADS)                                     \
   extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
       mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
 
 // The tensor-core GEMVs (16-bit T only), for BM up to 8: fed by loads, and by the copy engine (sm_90+;
 // empty bodies on older GPUs, where the host never launches them).
 #define MRT_DECODE_MMA(TAG, T, BM)                                                                     \
-  extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
-      mrt_norm_gemv_mma_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_MMA>(a); }    \
-  extern "C" __global__ void __launch_bounds__(mrt::MMA_THREADS)                                      \
-      mrt_gemv_residual_mma_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_MMA>(a); } \
-  extern "C" __global__ void __launch_bounds__(mrt::BULK_THREADS)                                     \
-      mrt_norm_gemv_bulk_##TAG##_b##BM(const mrt::NormGemvArgs a) { mrt::norm_gemv<T, BM, mrt::GEMV_BULK>(a); } \
-  extern "C" __global__ void __launch_bounds__(mrt::BULK_THREADS)                                     \
-      mrt_gemv_residual_bulk_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, mrt::GEMV_BULK>(a); }
+  MRT_DECODE_GEMVS(_mma, TAG, T, BM, mrt::GEMV_MMA, mrt::MMA_THREADS)                                  \
+  MRT_DECODE_GEMVS(_bulk, TAG, T, BM, mrt::GEMV_BULK, mrt::BULK_THREADS)
 
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \

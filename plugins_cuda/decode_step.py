@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import threading
 
-from mamba_rt import env
 from mamba_rt.errors import InternalError, UnsupportedError
 
 from . import compiler, launcher
@@ -48,6 +46,12 @@ BULK_MIN_IN_PROJ = 32 << 20
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
 
+def gemv_for(in_proj_bytes: int, gemv: str | None) -> str | None:
+    """The GEMV kind a model gets: the one asked for, else the fastest there is (None) where its in_proj
+    has at least BULK_MIN_IN_PROJ bytes, else the load-fed tensor-core kind."""
+    return "mma" if gemv is None and in_proj_bytes < BULK_MIN_IN_PROJ else gemv
+
+
 def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str | None:
     """None when the fused decode kernels serve this model shape, else why not."""
     if dtype not in DTYPES:
@@ -76,12 +80,9 @@ def program_source(dtype: str) -> str:
 
 
 def cache_key(dtype: str, arch: int) -> str:
-    h = hashlib.sha256(program_source(dtype).encode())
-    for name in compiler.HEADERS:
-        h.update(b"\0" + compiler._read(name).encode())
-    h.update("\0".join(compiler.OPTIONS).encode())
     major, minor = compiler.nvrtc_version()
-    return f"decode_step-{dtype}-sm{arch}-src{h.hexdigest()[:12]}-nvrtc{major}.{minor}"
+    digest = compiler.source_digest(program_source(dtype), compiler.OPTIONS)
+    return f"decode_step-{dtype}-sm{arch}-src{digest}-nvrtc{major}.{minor}"
 
 
 def compile_cubin(dtype: str, arch: int) -> bytes:
@@ -92,17 +93,8 @@ def compile_cubin(dtype: str, arch: int) -> bytes:
 
 
 def get_cubin(dtype: str, arch: int) -> bytes:
-    """The cubin from the disk cache, else compiled and cached (atomically)."""
-    path = env.cache_dir() / "kernels" / f"{cache_key(dtype, arch)}.cubin"
-    try:
-        data = path.read_bytes()
-        if compiler._looks_like_cubin(data):
-            return data
-    except FileNotFoundError:
-        pass
-    data = compile_cubin(dtype, arch)
-    compiler._write_atomic(path, data)
-    return data
+    """The cubin from this process's memory or the disk cache, else compiled and cached (compiler.py)."""
+    return compiler.cached_cubin(cache_key(dtype, arch), lambda: compile_cubin(dtype, arch))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _
 ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w", _P), ("xn", _P), ("K", _L),
                                                 ("res_fp32", _L), ("eps", _F)])
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
-                                          ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P), ("B", _L),
+                                          ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P),
                                           ("d", _L), ("k", _L), ("R", _L)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
@@ -191,13 +183,18 @@ class DecodeKernels:
                 self._fns[name] = fn
         return fn
 
+    def _xs_red_bytes(self, bm: int, k: int, warps: int) -> int:
+        """Shared bytes of a tensor-core GEMV's x (bm rows of k, 16-byte rounded) and its cross-warp
+        reduction (two buffers of warps x 16 x bm floats)."""
+        return -(-bm * k * self.itemsize // 16) * 16 + 2 * warps * 16 * bm * 4
+
     def gemv_fits(self, bm: int, *ks: int, aligned: bool = True) -> bool:
         """Whether the GEMV kernels serve bm rows for matrices with rows of every length in ks (model
         dtype) whose weights are 16-byte ``aligned``: bm in MMA_BUCKETS (tensor cores) or GEMV_BUCKETS
         (FMA), as far as x fits their shared memory."""
         k = max(ks)
         if self.mma and aligned and bm in MMA_BUCKETS and all(x % 8 == 0 for x in ks):
-            return bm * k * self.itemsize + 2 * MMA_WARPS * 16 * bm * 4 <= self.smem_optin - 4096
+            return self._xs_red_bytes(bm, k, MMA_WARPS) <= self.smem_optin - 4096
         return bm in GEMV_BUCKETS and bm * k * 4 <= self.smem_optin - 4096
 
     def _resident(self, stem: str, threads: int, smem: int) -> int:
@@ -226,7 +223,7 @@ class DecodeKernels:
         blocks, which take units of 16 rows (their own, then from a counter)."""
         if self.gemv != "bulk" or not self._use_mma(bm, k, w) or k % 16:
             return None
-        head = -(-bm * k * self.itemsize // 16) * 16 + 2 * BULK_WARPS * 16 * bm * 4
+        head = self._xs_red_bytes(bm, k, BULK_WARPS)
         tries = ((2, BULK_STAGES[1]), (1, 2 * BULK_STAGES[1]))
         for per_sm, most in tries[2 - BULK_BLOCKS_PER_SM:]:
             room = min(self.smem_sm // per_sm - 1024 - 1024, self.smem_optin - 1024) - head  # static + reserve
@@ -239,7 +236,7 @@ class DecodeKernels:
 
     def _mma_launch(self, stem: str, bm: int, n: int, k: int) -> tuple[int, int]:
         """(grid, shared bytes) of a tensor-core GEMV: one wave of blocks, each a contiguous run of rows."""
-        smem = -(-bm * k * self.itemsize // 16) * 16 + 2 * MMA_WARPS * 16 * bm * 4
+        smem = self._xs_red_bytes(bm, k, MMA_WARPS)
         per_sm = self._resident(stem, MMA_THREADS, smem)
         if MMA_BLOCKS_PER_SM:
             per_sm = min(per_sm, MMA_BLOCKS_PER_SM)
@@ -314,7 +311,7 @@ class DecodeKernels:
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in GEMV_BUCKETS: conv + x_proj share; bm = 0: conv only (any B; Wx must be 0)."""
-        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, B, d, k, R)
+        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, d, k, R)
         if bm:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")

@@ -184,9 +184,6 @@ __device__ __forceinline__ void st_run(T* __restrict__ row, long long ts, int t,
   }
 }
 
-template <typename T> struct IsBf16 { static constexpr bool value = false; };
-template <> struct IsBf16<bf16_t> { static constexpr bool value = true; };
-
 // Pack -> floats. bf16 pairs are split with one shift / mask each.
 template <typename T, int N>
 __device__ __forceinline__ void unpack(const Pack<T, N>& r, float (&f)[N]) {

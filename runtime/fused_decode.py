@@ -89,8 +89,7 @@ class FusedDecoder:
         self.device, self.tdtype = conv.device, torch_dtype(dtype)
         with torch.cuda.device(self.device):
             ctx = decode_step.launcher._context(self.device.index)
-            if gemv is None and c.d_model * 2 * c.d_inner * torch_dtype(dtype).itemsize < decode_step.BULK_MIN_IN_PROJ:
-                gemv = "mma"  # the copy-engine GEMVs pay off from mamba-1.4b up (decode_step.BULK_MIN_IN_PROJ)
+            gemv = decode_step.gemv_for(c.d_model * 2 * c.d_inner * self.tdtype.itemsize, gemv)
             self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, gemv)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers

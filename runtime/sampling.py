@@ -124,9 +124,9 @@ class Sampler:
     """Per-slot sampling state (seed, draw counter, tokens seen) plus the sampling itself.
 
     A :class:`~mamba_rt.runtime.state.StateCache` companion: it follows the state through reset, fork
-    and snapshot/restore. Seeds and counters live on the host in every implementation (the uniform
-    numbers are computed here); the seen-token mask lives where the logits are. Subclasses implement
-    the mask and ``_sample``.
+    and snapshot/restore. Seeds, counters and the seen-token mask live on the host in every
+    implementation (the uniform numbers are computed here; marking seen tokens costs no device work);
+    subclasses implement ``_sample`` where the logits are.
     """
 
     snapshot_key = "sampler"
@@ -135,20 +135,21 @@ class Sampler:
         self.max_batch, self.vocab = max_batch, vocab
         self.seeds = np.zeros(max_batch, np.uint64)
         self.counters = np.zeros(max_batch, np.int64)
+        self.seen = np.zeros((max_batch, vocab), bool)
 
     # -- companion protocol (see StateCache.add_companion) ----------------------------------------------
     def reset_slot(self, slot: int) -> None:
         self.seeds[slot] = 0
         self.counters[slot] = 0
-        self._seen_reset(slot)
+        self.seen[slot] = False
 
     def copy_slot(self, src: int, dst: int) -> None:
         self.seeds[dst], self.counters[dst] = self.seeds[src], self.counters[src]
-        self._seen_copy(src, dst)
+        self.seen[dst] = self.seen[src]
 
     def save_slot(self, slot: int):
         meta = {"seed": int(self.seeds[slot]), "counter": int(self.counters[slot]), "vocab": self.vocab}
-        return meta, {"seen": np.packbits(self._seen_get(slot))}
+        return meta, {"seen": np.packbits(self.seen[slot])}
 
     def check_slot_state(self, meta: dict, arrays: dict) -> None:
         from .state import SnapshotError
@@ -163,7 +164,7 @@ class Sampler:
 
     def load_slot(self, slot: int, meta: dict, arrays: dict) -> None:
         self.seeds[slot], self.counters[slot] = np.uint64(int(meta["seed"])), int(meta["counter"])
-        self._seen_set(slot, np.unpackbits(arrays["seen"], count=self.vocab).astype(bool))
+        self.seen[slot] = np.unpackbits(arrays["seen"], count=self.vocab).astype(bool)
 
     # -- use --------------------------------------------------------------------------------------------
     def seed(self, slot: int, seed: int) -> None:
@@ -172,7 +173,7 @@ class Sampler:
 
     def observe(self, slots, ids) -> None:
         """Mark the tokens ``ids`` (b, L) fed to ``slots`` as seen (for the repetition penalty)."""
-        self._seen_mark(np.asarray(slots, np.int64), np.asarray(ids, np.int64))
+        self.seen[np.asarray(slots, np.int64)[:, None], np.asarray(ids, np.int64)] = True
 
     def sample(self, logits, slots, params: SamplingParams) -> np.ndarray:
         """Pick one token for each row of ``logits`` (b, vocab) (row i belongs to ``slots[i]``);
@@ -184,45 +185,13 @@ class Sampler:
         self.counters[slots] += 1
         return self._sample(logits, slots, params, u)
 
-    # -- implementation hooks ---------------------------------------------------------------------------
-    def _seen_reset(self, slot): raise NotImplementedError
-
-    def _seen_copy(self, src, dst): raise NotImplementedError
-
-    def _seen_get(self, slot) -> np.ndarray: raise NotImplementedError
-
-    def _seen_set(self, slot, mask: np.ndarray): raise NotImplementedError
-
-    def _seen_mark(self, slots: np.ndarray, ids: np.ndarray): raise NotImplementedError
-
+    # -- implementation hook ----------------------------------------------------------------------------
     def _sample(self, logits, slots: np.ndarray, params: SamplingParams, u: np.ndarray | None) -> np.ndarray:
         raise NotImplementedError
 
 
 class HostSampler(Sampler):
     """numpy sampling on host logits."""
-
-    def __init__(self, max_batch: int, vocab: int):
-        super().__init__(max_batch, vocab)
-        self.seen = np.zeros((max_batch, vocab), bool)
-
-    def _seen_reset(self, slot):
-        self.seen[slot] = False
-
-    def _seen_copy(self, src, dst):
-        self.seen[dst] = self.seen[src]
-
-    def _seen_get(self, slot):
-        return self.seen[slot].copy()
-
-    def _seen_set(self, slot, mask):
-        self.seen[slot] = mask
-
-    def _seen_mark(self, slots, ids):
-        if ids.shape[1] == 1:  # a decode step
-            self.seen[slots, ids[:, 0]] = True
-        else:
-            self.seen[np.repeat(slots, ids.shape[1]), ids.reshape(-1)] = True
 
     def _sample(self, logits, slots, params, u):
         seen = self.seen[slots] if params.repetition_penalty != 1.0 else None
