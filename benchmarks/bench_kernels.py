@@ -278,7 +278,7 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
         cpb, threads = (32 // (n // spt)) * warps, 32 * warps
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
-    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, 11, flat=flat)
+    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat)
 
 
 def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS)) -> list[dict]:

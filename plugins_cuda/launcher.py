@@ -247,61 +247,52 @@ class LaunchPlan:
     (which is also the order of the flat entry's pointer parameters). Plans are built and cached by
     :func:`scan_plan` / :func:`conv_plan` (and the ``launch_*`` functions), one per context."""
 
-    __slots__ = ("fn", "handle", "ctx", "device", "grid", "block", "what", "nptr", "_keep", "_set",
+    __slots__ = ("fn", "handle", "ctx", "device", "grid", "block", "what", "_keep", "_set",
                  "_params", "_lock", "_check", "_rebuild")
 
-    def __init__(self, fn, ctx: int, device, grid, block, what, nptr, *, flat=None, struct=None,
-                 check=None, rebuild=None):
+    def __init__(self, fn, ctx: int, device, grid, block, what, *, flat=None, struct=None, check=None):
         self.fn, self.ctx, self.device = fn, ctx, device
         self.handle = int(fn)
-        self.grid, self.block, self.what, self.nptr = (int(grid[0]), int(grid[1])), int(block), what, nptr
-        self._check, self._rebuild = check, rebuild
+        self.grid, self.block, self.what = (int(grid[0]), int(grid[1])), int(block), what
+        self._check, self._rebuild = check, None  # _plan sets _rebuild (this key in another context)
         self._lock = threading.Lock()
-        if struct is not None:  # strided entry: the struct by value; its first nptr fields are pointers
+        if struct is not None:  # strided entry: the struct by value; its leading pointer fields
+            nptr = sum(1 for _, t in struct._fields_ if t is ctypes.c_void_p)
             view = (ctypes.c_uint64 * nptr).from_buffer(struct)
             params = (ctypes.c_void_p * 1)(ctypes.addressof(struct))
             self._keep = (struct, view, params)
 
             def _set(ptrs, view=view):
                 view[:] = ptrs
-        else:  # flat entry: one 8-byte slot per parameter (ints are read from the low 4 bytes)
+        else:  # flat entry: one 8-byte slot per parameter (ints are read from the low 4 bytes):
+            # the input pointers, the scalars, the output pointers
             vals = (ctypes.c_uint64 * len(flat))()
-            slots = []
-            for i, (kind, v) in enumerate(flat):
-                if kind == "p":
-                    slots.append(i)
-                else:
-                    vals[i] = v
+            kinds = "".join(kind for kind, _ in flat)
+            a1 = kinds.index("i")
+            b0 = kinds.index("p", a1)
+            if kinds != "p" * a1 + "i" * (b0 - a1) + "p" * (len(kinds) - b0):
+                raise InternalError(f"{what}: flat parameters must be pointers, ints, pointers; got {kinds}")
+            for i in range(a1, b0):
+                vals[i] = flat[i][1]
             params = (ctypes.c_void_p * len(flat))(*[ctypes.addressof(vals) + 8 * i for i in range(len(flat))])
             self._keep = (vals, params)
-            runs = []  # contiguous runs of pointer slots: (first slot, end slot, first pointer)
-            for n, i in enumerate(slots):
-                if runs and runs[-1][1] == i:
-                    runs[-1][1] = i + 1
-                else:
-                    runs.append([i, i + 1, n])
-            if len(runs) == 1:
-                def _set(ptrs, vals=vals, lo=runs[0][0], hi=runs[0][1]):
-                    vals[lo:hi] = ptrs
-            elif len(runs) == 2:  # the flat entries: input pointers, scalars, output pointers
-                (a0, a1, _), (b0, b1, n1) = runs
 
-                def _set(ptrs, vals=vals, a0=a0, a1=a1, b0=b0, b1=b1, n1=n1):
-                    vals[a0:a1] = ptrs[:n1]
-                    vals[b0:b1] = ptrs[n1:]
-            else:
-                def _set(ptrs, vals=vals, slots=tuple(slots)):
-                    for i, v in zip(slots, ptrs):
-                        vals[i] = v
+            def _set(ptrs, vals=vals, a1=a1, b0=b0):
+                vals[:a1] = ptrs[:a1]
+                vals[b0:] = ptrs[a1:]
         self._set = _set
         self._params = ctypes.addressof(params)
 
     def launch(self, ptrs, stream: int = 0) -> None:
         if self._check is not None:
             self._check(ptrs)
+        self._enqueue(ptrs, stream)
+
+    def _enqueue(self, ptrs, stream: int) -> None:
+        """launch() without the plan's pointer check (for callers that ran it already)."""
         ctx = _current_context(self.device)
         if ctx != self.ctx:  # another context is current (a different device or a foreign context)
-            self._rebuild().launch(ptrs, stream)
+            self._rebuild()._enqueue(ptrs, stream)
             return
         lib = _libcuda()
         with self._lock:
@@ -327,6 +318,7 @@ def _plan(key: tuple, device, build) -> LaunchPlan:
     plan = _plans.get((ctx,) + key)
     if plan is None:
         plan = build(ctx)
+        plan._rebuild = lambda: _plan(key, device, build)
         with _lock:
             plan = _plans.setdefault((ctx,) + key, plan)
     return plan
@@ -531,6 +523,12 @@ def conv_plan(
     shapes = _conv_shapes(batch, dim, seqlen, width)
     st = _resolve_strides(op, shapes, strides)
     check = _conv_overlap_check(op, shapes, st, itemsize, seqlen, step)
+    return _conv_plan(batch, dim, seqlen, width, dtype, activation, st, step, check, device)
+
+
+def _conv_plan(batch, dim, seqlen, width, dtype, activation, st, step, check, device) -> LaunchPlan:
+    """conv_plan for arguments already checked (st: resolved strides; check: the overlap check)."""
+    op = "causal_conv1d"
     silu = int(activation == "silu")
     key = (op, dtype, width, batch, dim, seqlen, silu, step, None if st is None else tuple(sorted(st.items())))
 
@@ -542,12 +540,10 @@ def conv_plan(
             flat = [("p", n) for n in ("x", "weight", "bias", "conv_state")]
             flat += [("i", v) for v in (batch, dim, seqlen, silu)]
             flat += [("p", "y"), ("p", "conv_state_out")]
-            return LaunchPlan(fn, ctx, device, grid, block, op, 6, flat=flat, check=check,
-                              rebuild=lambda: _plan(key, device, build))
+            return LaunchPlan(fn, ctx, device, grid, block, op, flat=flat, check=check)
         p = _ConvParams(batch=batch, dim=dim, seqlen=seqlen, silu=silu)
         _fill_strides(p, st, _CONV_STRIDE_FIELDS)
-        return LaunchPlan(fn, ctx, device, grid, block, op, 6, struct=p, check=check,
-                          rebuild=lambda: _plan(key, device, build))
+        return LaunchPlan(fn, ctx, device, grid, block, op, struct=p, check=check)
 
     return _plan(key, device, build)
 
@@ -556,8 +552,9 @@ def launch_causal_conv1d(
     *, x: int, weight: int, bias: int | None, conv_state: int | None, y: int, conv_state_out: int,
     batch: int, dim: int, seqlen: int, width: int, dtype: str, activation: str = "none",
     stream: int = 0, strides: dict | None = None, kernel: str = "auto", device: int | None = None,
-) -> None:
-    """Enqueue CausalConv1d on ``stream``. All tensors have ``dtype``; bias and conv_state may be 0.
+) -> LaunchPlan:
+    """Enqueue CausalConv1d on ``stream``; returns the plan it launched (for later calls with other
+    pointers). All tensors have ``dtype``; bias and conv_state may be 0.
 
     Shapes: x, y [batch, dim, seqlen]; weight [dim, width]; bias [dim]; conv_state, conv_state_out
     [batch, dim, width-1]. conv_state_out may be conv_state only when seqlen <= 8 (CONV_ITEMS) or
@@ -578,11 +575,11 @@ def launch_causal_conv1d(
     shapes = _conv_shapes(batch, dim, seqlen, width)
     st = _resolve_strides(op, shapes, strides)
     check = _conv_overlap_check(op, shapes, st, itemsize, seqlen, step)
-    if check:  # before the driver is touched (the plan checks again on its own launches)
+    if check:  # before the driver is touched
         check(ptrs)
-    plan = conv_plan(batch=batch, dim=dim, seqlen=seqlen, width=width, dtype=dtype, activation=activation,
-                     strides=st, kernel="step" if step else "seq", device=device)
-    plan.launch(ptrs, stream)
+    plan = _conv_plan(batch, dim, seqlen, width, dtype, activation, st, step, check, device)
+    plan._enqueue(ptrs, stream)
+    return plan
 
 
 def _fill_strides(p, strides: dict, fields: dict) -> None:
@@ -624,27 +621,29 @@ def scan_plan(
     enqueues it (D, z, delta_bias, ssm_state may be 0)."""
     op = "selective_scan"
     _, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
-    np_ = padded_dstate(dstate)
     step = _check_kernel(op, kernel, seqlen)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
+    return _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device)
+
+
+def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device) -> LaunchPlan:
+    """scan_plan for arguments already checked (st: resolved strides)."""
+    op = "selective_scan"
     softplus = int(bool(delta_softplus))
-    key = (op, dtype, np_, batch, dim, seqlen, dstate, softplus, step,
-           None if st is None else tuple(sorted(st.items())))
+    key = (op, dtype, batch, dim, seqlen, dstate, softplus, step, None if st is None else tuple(sorted(st.items())))
 
     def build(ctx: int) -> LaunchPlan:
         stem = "mrt_selective_state_update" if step else "mrt_selective_scan_fwd"
-        fn = _function(op, dtype, np_, stem if st is None else stem + "_strided", device)
+        fn = _function(op, dtype, padded_dstate(dstate), stem if st is None else stem + "_strided", device)
         grid, block = scan_launch_config(batch, dim, dstate, step=step)
         if st is None:
             flat = [("p", n) for n in _SCAN_PTRS[:9]]
             flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]
             flat += [("p", "y"), ("p", "ssm_state_out")]
-            return LaunchPlan(fn, ctx, device, grid, block, op, 11, flat=flat,
-                              rebuild=lambda: _plan(key, device, build))
+            return LaunchPlan(fn, ctx, device, grid, block, op, flat=flat)
         p = _ScanParams(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, softplus=softplus)
         _fill_strides(p, st, _SCAN_STRIDE_FIELDS)
-        return LaunchPlan(fn, ctx, device, grid, block, op, 11, struct=p,
-                          rebuild=lambda: _plan(key, device, build))
+        return LaunchPlan(fn, ctx, device, grid, block, op, struct=p)
 
     return _plan(key, device, build)
 
@@ -654,8 +653,9 @@ def launch_selective_scan(
     delta_bias: int | None, ssm_state: int | None, y: int, ssm_state_out: int,
     batch: int, dim: int, seqlen: int, dstate: int, dtype: str, delta_softplus: bool = True,
     stream: int = 0, strides: dict | None = None, kernel: str = "auto", device: int | None = None,
-) -> None:
-    """Enqueue SelectiveScan on ``stream``.
+) -> LaunchPlan:
+    """Enqueue SelectiveScan on ``stream``; returns the plan it launched (for later calls with other
+    pointers).
 
     u, delta, z, y [batch, dim, seqlen] and Bm, Cm [batch, dstate, seqlen] have ``dtype``; A [dim,
     dstate], D, delta_bias [dim] and ssm_state, ssm_state_out [batch, dim, dstate] are float32.
@@ -671,10 +671,9 @@ def launch_selective_scan(
              "delta_bias": delta_bias, "ssm_state": ssm_state, "y": y, "ssm_state_out": ssm_state_out}
     ptrs = tuple(_check_ptr(op, n, given[n], itemsize if n in act else 4, n in required) for n in _SCAN_PTRS)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
-    plan = scan_plan(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, dtype=dtype,
-                     delta_softplus=delta_softplus, strides=st, kernel="step" if step else "seq",
-                     device=device)
-    plan.launch(ptrs, stream)
+    plan = _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device)
+    plan._enqueue(ptrs, stream)
+    return plan
 
 
 launch_selective_scan.capability = SCAN_CAPABILITY

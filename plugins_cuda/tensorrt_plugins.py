@@ -217,12 +217,13 @@ def _launch_kwargs(op_id: str, in_names, out_names, check_dtypes, inputs, output
     if len(inputs) != len(in_names) or len(outputs) != len(out_names):
         raise PluginSignatureError(f"{op_id}: {len(inputs)} inputs and {len(outputs)} outputs, expected "
                                    f"{len(in_names)} and {len(out_names)}")
-    ins, outs = dict(zip(in_names, inputs)), dict(zip(out_names, outputs))
+    ins = dict(zip(in_names, inputs))
+    every = {**ins, **dict(zip(out_names, outputs))}
     check_dtypes({n: v.dtype for n, v in ins.items()})
     first = ins[in_names[0]]
     batch, dim, seqlen = first.shape
-    return ins, dict(**{n: v.ptr for n, v in {**ins, **outs}.items()}, batch=batch, dim=dim, seqlen=seqlen,
-                     dtype=first.dtype, stream=int(stream), strides=_strides_or_none({**ins, **outs}))
+    return ins, dict(**{n: v.ptr for n, v in every.items()}, batch=batch, dim=dim, seqlen=seqlen,
+                     dtype=first.dtype, stream=int(stream), strides=_strides_or_none(every))
 
 
 def conv_launch_kwargs(inputs: Sequence[TensorView], outputs: Sequence[TensorView], activation: str,

@@ -106,7 +106,7 @@ _plans: dict = {}
 
 
 def _lookup(op: str, tensors: tuple, flags: tuple):
-    """(signature, cached (plan, device) or None) of a call; (None, None) when an argument is not a
+    """(signature, cached (plan, device, extra) or None) of a call; (None, None) when an argument is not a
     tensor or not hashable (then the checked path runs and reports it)."""
     try:
         key = (op, *(_meta(t) for t in tensors), *flags)
@@ -141,13 +141,13 @@ def causal_conv1d_fn(x, weight, bias=None, conv_state=None, activation="none", *
     (seqlen 1 takes the single-step kernel), "seq" or "step" (tests and benchmarks)."""
     key, hit = _lookup("conv", (x, weight, bias, conv_state, out, conv_state_out), (activation, kernel))
     if hit is not None:
-        plan, dev = hit
+        plan, dev, extra = hit
         y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
-        so = (torch.empty((x.shape[0], x.shape[1], plan.extra[0]), dtype=x.dtype, device=dev)
+        so = (torch.empty((x.shape[0], x.shape[1], extra[0]), dtype=x.dtype, device=dev)
               if conv_state_out is None else conv_state_out)
         ptrs = (x.data_ptr(), weight.data_ptr(), _ptr(bias), _ptr(conv_state), y.data_ptr(), so.data_ptr())
-        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5]) & plan.extra[1]:
-            plan.plan.launch(ptrs, _stream(dev))
+        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4] | ptrs[5]) & extra[1]:
+            plan.launch(ptrs, _stream(dev))
             return y, so
         key = None
     op = "causal_conv1d_fn"
@@ -171,20 +171,9 @@ def _scan_aligned(p, amask: int) -> bool:
     return not ((p[0] | p[1] | p[3] | p[4] | p[6] | p[9]) & amask or (p[2] | p[5] | p[7] | p[8] | p[10]) & 3)
 
 
-class _Hit:
-    __slots__ = ("plan", "extra")
-
-    def __init__(self, plan, extra):
-        self.plan, self.extra = plan, extra
-
-
-def _remember(key, plan, dev, extra=None) -> None:
-    if key is None:
-        return
-    try:
-        _plans[key] = (_Hit(plan, extra), dev)
-    except TypeError:  # an unhashable argument (validation accepted it): no fast path for it
-        pass
+def _remember(key, plan, dev, extra) -> None:
+    if key is not None:  # _lookup hashed it already
+        _plans[key] = (plan, dev, extra)
 
 
 def causal_conv1d_update(x, conv_state, weight, bias=None, activation="none", *, out=None):
@@ -192,12 +181,12 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="none", *,
     weight: (dim, width) or (dim, 1, width); bias: (dim,). Returns y: (batch, dim)."""
     key, hit = _lookup("conv_update", (x, conv_state, weight, bias, out), (activation,))
     if hit is not None:
-        plan, dev = hit
+        plan, dev, extra = hit
         y = torch.empty(x.shape, dtype=x.dtype, device=dev) if out is None else out
         cs = conv_state.data_ptr()
         ptrs = (x.data_ptr(), weight.data_ptr(), _ptr(bias), cs, y.data_ptr(), cs)
-        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & plan.extra[1]:
-            plan.plan.launch(ptrs, _stream(dev))
+        if not (ptrs[0] | ptrs[1] | ptrs[2] | ptrs[3] | ptrs[4]) & extra[1]:
+            plan.launch(ptrs, _stream(dev))
             return y
         key = None
     op = "causal_conv1d_update"
@@ -222,14 +211,12 @@ def _launch_conv(x, weight, bias, conv_state, y, state_out, activation, kernel, 
     dtype = _DTYPE_NAMES[x.dtype]
     strides = _strides({"x": (x, 3), "weight": (weight, 2), "bias": (bias, 1), "conv_state": (conv_state, 3),
                         "y": (y, 3), "conv_state_out": (state_out, 3)})
-    launcher.launch_causal_conv1d(
+    return launcher.launch_causal_conv1d(
         x=x.data_ptr(), weight=weight.data_ptr(), bias=_ptr(bias), conv_state=_ptr(conv_state),
         y=y.data_ptr(), conv_state_out=state_out.data_ptr(), batch=batch, dim=dim, seqlen=seqlen,
         width=weight.shape[1], dtype=dtype, activation=activation, stream=_stream(dev), kernel=kernel,
         device=dev.index, strides=strides,
     )
-    return launcher.conv_plan(batch=batch, dim=dim, seqlen=seqlen, width=weight.shape[1], dtype=dtype,
-                              activation=activation, strides=strides, kernel=kernel, device=dev.index)
 
 
 def _check_scan(op, dev, batch, dim, seqlen, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, step):
@@ -262,14 +249,14 @@ def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_
     key, hit = _lookup("scan", (u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, out, ssm_state_out),
                        (bool(delta_softplus), kernel))
     if hit is not None:
-        plan, dev = hit
+        plan, dev, extra = hit
         y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out
         so = (torch.empty((u.shape[0], u.shape[1], A.shape[1]), dtype=torch.float32, device=dev)
               if ssm_state_out is None else ssm_state_out)
         ptrs = (u.data_ptr(), delta.data_ptr(), A.data_ptr(), Bm.data_ptr(), Cm.data_ptr(), _ptr(D), _ptr(z),
                 _ptr(delta_bias), _ptr(ssm_state), y.data_ptr(), so.data_ptr())
-        if _scan_aligned(ptrs, plan.extra):
-            plan.plan.launch(ptrs, _stream(dev))
+        if _scan_aligned(ptrs, extra):
+            plan.launch(ptrs, _stream(dev))
             return y, so
         key = None  # a misaligned view: the checked path below reports it
     op = "selective_scan_fn"
@@ -291,13 +278,13 @@ def selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta
     (batch, dim); Bm, Cm: (batch, dstate). Returns y: (batch, dim)."""
     key, hit = _lookup("ssu", (ssm_state, u, delta, A, Bm, Cm, D, z, delta_bias, out), (bool(delta_softplus),))
     if hit is not None:
-        plan, dev = hit
+        plan, dev, extra = hit
         y = torch.empty(u.shape, dtype=u.dtype, device=dev) if out is None else out
         h = ssm_state.data_ptr()
         ptrs = (u.data_ptr(), delta.data_ptr(), A.data_ptr(), Bm.data_ptr(), Cm.data_ptr(), _ptr(D), _ptr(z),
                 _ptr(delta_bias), h, y.data_ptr(), h)
-        if _scan_aligned(ptrs, plan.extra):
-            plan.plan.launch(ptrs, _stream(dev))
+        if _scan_aligned(ptrs, extra):
+            plan.launch(ptrs, _stream(dev))
             return y
         key = None
     op = "selective_state_update"
@@ -321,16 +308,13 @@ def _launch_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, y, state_out,
     strides = _strides({"u": (u, 3), "delta": (delta, 3), "A": (A, 2), "Bm": (Bm, 3), "Cm": (Cm, 3),
                         "D": (D, 1), "z": (z, 3), "delta_bias": (delta_bias, 1), "ssm_state": (ssm_state, 3),
                         "y": (y, 3), "ssm_state_out": (state_out, 3)})
-    launcher.launch_selective_scan(
+    return launcher.launch_selective_scan(
         u=u.data_ptr(), delta=delta.data_ptr(), A=A.data_ptr(), Bm=Bm.data_ptr(), Cm=Cm.data_ptr(),
         D=_ptr(D), z=_ptr(z), delta_bias=_ptr(delta_bias), ssm_state=_ptr(ssm_state),
         y=y.data_ptr(), ssm_state_out=state_out.data_ptr(), batch=batch, dim=dim, seqlen=seqlen,
         dstate=A.shape[1], dtype=dtype, delta_softplus=bool(delta_softplus), stream=_stream(dev),
         kernel=kernel, device=dev.index, strides=strides,
     )
-    return launcher.scan_plan(batch=batch, dim=dim, seqlen=seqlen, dstate=A.shape[1], dtype=dtype,
-                              delta_softplus=bool(delta_softplus), strides=strides, kernel=kernel,
-                              device=dev.index)
 
 
 causal_conv1d_fn.capability = launcher.CONV_CAPABILITY

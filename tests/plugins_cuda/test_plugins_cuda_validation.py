@@ -104,12 +104,9 @@ def test_launch_plan_packs_flat_arguments_in_entry_order():
     inputs before the scalars, outputs after), the scalars in between, untouched by a call."""
     import ctypes
 
-    class Fn(int):
-        pass
-
     flat = [("p", n) for n in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (2, 8, 16, 16, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
-    plan = launcher.LaunchPlan(Fn(7), 1, None, (3, 2), 128, "t", 11, flat=flat)
+    plan = launcher.LaunchPlan(7, 1, None, (3, 2), 128, "t", flat=flat)
     ptrs = tuple(P * (i + 1) for i in range(11))
     plan._set(ptrs)
     vals = list(plan._keep[0])
@@ -123,11 +120,8 @@ def test_launch_plan_packs_flat_arguments_in_entry_order():
 
 
 def test_launch_plan_fills_the_params_struct_pointers():
-    class Fn(int):
-        pass
-
     p = launcher._ScanParams(batch=2, dim=8, seqlen=16, dstate=16, softplus=1, u_cs=16)
-    plan = launcher.LaunchPlan(Fn(7), 1, None, (1, 1), 128, "t", 11, struct=p)
+    plan = launcher.LaunchPlan(7, 1, None, (1, 1), 128, "t", struct=p)
     ptrs = tuple(P + 64 * i for i in range(11))
     plan._set(ptrs)
     assert [getattr(p, f) or 0 for f in launcher._SCAN_PTRS] == list(ptrs)
