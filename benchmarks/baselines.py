@@ -57,38 +57,37 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
 
 
-def package_weights(pkg) -> tuple:
-    """(config, dtype, canonical weights as CPU tensors memory-mapped from the package)."""
+def package_weights(pkg) -> dict:
+    """The package's canonical weights as CPU tensors memory-mapped from it."""
     from mamba_rt.manifest import load_manifest
     from mamba_rt.runtime.backend_torch import weights_as_tensors
 
-    m = load_manifest(pkg)
-    return m.config, m.dtype, weights_as_tensors(pkg, m)
+    return weights_as_tensors(pkg, load_manifest(pkg))
 
 
-def largest_fitting(try_batch, guess: int, cap: int) -> tuple[int | None, object, list]:
+def largest_fitting(try_batch, guess: int, cap: int) -> tuple[int | None, list]:
     """The largest power-of-two batch for which ``try_batch(b)`` does not run out of memory, searched
     from ``guess`` (doubling while it fits, halving while it does not), at most ``cap``. Returns
-    (batch or None, its result, [{"batch", "fits"}...])."""
-    tried, best, b = [], (None, None), max(1, min(cap, 1 << int(math.log2(max(1, guess)))))
+    (batch or None, [{"batch", "fits"}...])."""
+    tried, best, b = [], None, max(1, min(cap, 1 << int(math.log2(max(1, guess)))))
     while 1 <= b <= cap:
         try:
-            r = try_batch(b)
+            try_batch(b)
         except Exception as e:  # noqa: BLE001 -- only running out of memory ends the search quietly
             if not is_oom(e):
                 raise
             free_cuda()
             tried.append({"batch": b, "fits": False})
-            if best[0] is not None:
+            if best is not None:
                 break
             b //= 2
             continue
         tried.append({"batch": b, "fits": True})
-        best = (b, r)
-        if b * 2 > cap or any(not t["fits"] for t in tried):
+        best = b
+        if b * 2 > cap or not tried[0]["fits"]:
             break
         b *= 2
-    return best[0], best[1], tried
+    return best, tried
 
 
 def timed_generate(model, ids, n: int, device: str, **kw) -> float:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 
 from mamba_rt.bench import copy_bandwidth
 from mamba_rt.exporters.ops_ref import causal_conv1d_update_ref, selective_state_update_ref
+from mamba_rt.exporters.tensorrt_build import slug
 from mamba_rt.plugins_cuda import compiler, launcher, torch_ops
 
 DT = torch.bfloat16
@@ -382,9 +382,8 @@ def main(argv=None) -> int:
         return 2
     props = torch.cuda.get_device_properties(0)
     name = props.name
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     full_run = only == set(SECTIONS)
-    out = args.out or (Path(__file__).parent / "results" / f"kernels-{slug}.json" if full_run else None)
+    out = args.out or (Path(__file__).parent / "results" / f"kernels-{slug(name)}.json" if full_run else None)
     reps = 10 if args.quick else 50
     l2 = getattr(props, "L2_cache_size", 50 << 20)
 

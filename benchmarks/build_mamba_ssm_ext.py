@@ -47,7 +47,7 @@ EXTENSIONS = {
 _INSTANTIATION = re.compile(r"^template void (\w+)<([^>]*)>\((\w+) &params, cudaStream_t stream\);", re.M)
 
 
-def backward_stub(src_dir: Path, bwd_files: list[Path], headers: list[str], out: Path) -> Path:
+def backward_stub(bwd_files: list[Path], headers: list[str], out: Path) -> Path:
     """A .cu file defining every backward instantiation found in ``bwd_files``, each raising when called."""
     found = [m.groups() for f in bwd_files for m in _INSTANTIATION.finditer(f.read_text())]
     if not found:
@@ -79,7 +79,7 @@ def build(name: str, checkout: Path, build_dir: Path, with_backward: bool, verbo
     out.mkdir(parents=True, exist_ok=True)
     sources = [src / binding] + [src / k for k in kernels if with_backward or "_bwd" not in k]
     if not with_backward:
-        sources.append(backward_stub(src, [src / k for k in kernels if "_bwd" in k], headers, out / f"{name}_bwd_stub.cu"))
+        sources.append(backward_stub([src / k for k in kernels if "_bwd" in k], headers, out / f"{name}_bwd_stub.cu"))
     t0 = time.time()
     load(name=name, sources=[str(s) for s in sources], extra_cflags=["-O3", "-std=c++17"],
          extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(src)], build_directory=str(out), verbose=verbose)

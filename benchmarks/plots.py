@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -136,7 +135,9 @@ def memory(doc: dict, plt):
 def write_plots(results: Path, out_dir: Path) -> list[Path]:
     plt = _plt()
     doc = json.loads(Path(results).read_text())
-    stem = re.sub(r"[^a-z0-9]+", "-", str(doc["device"].get("name", "device")).lower()).strip("-")
+    from mamba_rt.exporters.tensorrt_build import slug
+
+    stem = slug(str(doc["device"].get("name", "device")))
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = {f"{stem}-memory.png": memory(doc, plt)}
     for dtype in sorted({r["dtype"] for r in _timed(doc, "decode")}):

@@ -58,7 +58,7 @@ def main() -> int:
                     help="NAME=VALUE: a launch constant of decode_step.py (ints, or comma-separated for tuples)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from mamba_rt.bench import bench_config, copy_bandwidth
+    from mamba_rt.bench import bench_config, copy_bandwidth, state_bytes
     from mamba_rt.inspect import decode_bytes
     from mamba_rt.runtime.backend_torch import _FusedGraph
     from mamba_rt.runtime.fused_decode import FusedDecoder
@@ -79,10 +79,11 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     print(f"{dev}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     rows = []
+    batches = [int(b) for b in args.batches.split(",")]
     for name in args.configs.split(","):
         cfg = bench_config(name)
         model = gpu_model(cfg, args.dtype)
-        batches = [int(b) for b in args.batches.split(",")]
+        wb = decode_bytes(cfg, args.dtype)
         sh = cfg.state_shapes(max(batches) + 1)  # + the scratch slot that padding rows use
         state = SimpleNamespace(conv=torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
                                 ssm=torch.zeros(sh["ssm_state"], device="cuda"), scratch=max(batches))
@@ -100,8 +101,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 ids[:, 0] = g.run(slots, ids).greedy()
                 ts.append((time.perf_counter() - t0) * 1e3)
-            wb = decode_bytes(cfg, args.dtype)
-            sb = 2 * B * (cfg.state_bytes_per_sequence(2 if args.dtype != "fp32" else 4))
+            sb = 2 * B * state_bytes(cfg, args.dtype)
             row = {"config": name, "batch": B, "path": "gemv" if g.bk.gemv else "gemm", "gpu_ms": gpu,
                    "step_ms_median": statistics.median(ts), "step_ms_p99": sorted(ts)[int(0.99 * (len(ts) - 1))],
                    "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl,

@@ -36,21 +36,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # baselines.py beside this file
+from mamba_rt.exporters.tensorrt_build import slug  # noqa: E402  (torch-free)
+
 RESULTS = HERE / "results"
 BASELINE_IMPLS = ("mamba_ssm full", "mamba_ssm no-ext", "hf generate")
 CPU_BATCHES, CPU_PROMPTS = [1], [128]  # a CPU backend on a large model: minutes per extra point
 DECODE_FIELDS = ("median_ms", "p99_ms", "wall_per_call_ms", "timer", "steps", "memory_trace")
-
-
-def slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def csv(text: str) -> list[str]:
@@ -122,6 +119,12 @@ def timing_row(base: dict, batch: int, r: dict, floor_ms: float | None = None, *
     return row
 
 
+def prefill_row(base: dict, length: int, median_ms: float, p99_ms: float, timer: str, steps: int, detail) -> dict:
+    """A prefill row (batch 1): time to first token and prompt tokens/s."""
+    return {**base, "kind": "prefill", "batch": 1, "length": length, "median_ms": median_ms, "p99_ms": p99_ms,
+            "timer": timer, "steps": steps, "tokens_per_s": length / (median_ms / 1e3), "detail": detail}
+
+
 def rows_from_measure(m: dict, base: dict) -> list[dict]:
     """The decode and prefill rows of one :func:`mamba_rt.bench.measure` result."""
     detail = {"backend": m["backend"]["describe"], "prefill_chunk": m["backend"]["prefill_chunk"],
@@ -129,9 +132,8 @@ def rows_from_measure(m: dict, base: dict) -> list[dict]:
     rows = [timing_row({**base, "kind": "decode", "length": None}, d["batch"], d, d["floor_ms"],
                        peak_memory_bytes=m["memory"]["peak_bytes"],
                        detail={**detail, "floor_with_state_ms": d["floor_with_state_ms"]}) for d in m["decode"]]
-    rows += [{**base, "kind": "prefill", "batch": 1, "length": p["prompt_len"], "median_ms": p["ttft_ms"],
-              "p99_ms": p["ttft_p99_ms"], "timer": p["timer"], "steps": p["reps"], "tokens_per_s": p["tokens_per_s"],
-              "detail": detail} for p in m["prefill"]]
+    rows += [prefill_row(base, p["prompt_len"], p["ttft_ms"], p["ttft_p99_ms"], p["timer"], p["reps"], detail)
+             for p in m["prefill"]]
     return rows
 
 
@@ -262,16 +264,16 @@ def measure_models(suite: Suite) -> None:
         packages[name, dtype] = config_package(name, dtype, graphs=False, root=cache_root, log=log)
         base = {"kind": "decode", "config": name, "dtype": dtype, "params": cfg.n_params(), "impl": "hf generate",
                 "length": None}
-        if "error" in suite.hf:
-            suite.skip(base, suite.hf["error"], batch=1)
+        if "error" in suite.run["hf"]:
+            suite.skip(base, suite.run["hf"]["error"], batch=1)
             continue
         log(f"hf generate {name} {dtype}")
-        _, _, w = baselines.package_weights(packages[name, dtype])
+        w = baselines.package_weights(packages[name, dtype])
         r = suite.attempt(base, lambda: baselines.hf_mamba_decode(cfg, w, torch_dtype(dtype), a.hf_tokens,
                                                                   device=a.device), batch=1)
         if r:
             suite.add(timing_row(base, 1, r, floors[name, dtype], peak_memory_bytes=r["peak_memory_bytes"],
-                                 detail={"step_ms": r["step_ms"], "new_tokens": r["steps"], "hf": suite.hf}))
+                                 detail={"step_ms": r["step_ms"], "new_tokens": r["steps"], "hf": suite.run["hf"]}))
         w = None  # the next model's weights, not both
         suite.save()
 
@@ -320,7 +322,7 @@ def measure_models(suite: Suite) -> None:
         cfg_base = {"config": name, "dtype": dtype, "params": cfg.n_params()}
         if "full" in ssm.unavailable:
             suite.skip({**cfg_base, "kind": "decode", "impl": "mamba_ssm full"}, ssm.unavailable["full"])
-        _, _, w = baselines.package_weights(packages[name, dtype])
+        w = baselines.package_weights(packages[name, dtype])
         model = suite.attempt({**cfg_base, "kind": "decode", "impl": "mamba_ssm"},
                               lambda: ssm.model(cfg, w, torch_dtype(dtype)))
         w = None
@@ -340,9 +342,7 @@ def measure_models(suite: Suite) -> None:
                 r = suite.attempt({**base, "kind": "prefill", "batch": 1}, lambda: ssm.prefill(model, n, a.prefill_reps),
                                   length=n)
                 if r:
-                    suite.add({**base, "kind": "prefill", "batch": 1, "length": n, "median_ms": r["median_ms"],
-                               "p99_ms": r["p99_ms"], "timer": r["timer"], "steps": r["steps"],
-                               "tokens_per_s": n / (r["median_ms"] / 1e3), "detail": detail})
+                    suite.add(prefill_row(base, n, r["median_ms"], r["p99_ms"], r["timer"], r["steps"], detail))
         model = None
         baselines.free_cuda()
         suite.save()
@@ -355,9 +355,8 @@ def long_context(suite: Suite) -> None:
     import torch
 
     import baselines
-    from mamba_rt.bench import Timer, bench_config, config_package, state_bytes, time_decode
+    from mamba_rt.bench import Timer, bench_config, config_package, sequence_bytes, time_decode
     from mamba_rt.checkpoint import torch_dtype
-    from mamba_rt.manifest import load_manifest
     from mamba_rt.runtime import Session
 
     a, log = suite.args, suite.log
@@ -402,18 +401,17 @@ def long_context(suite: Suite) -> None:
                               largest=False)
 
     def mamba_largest():
-        per_seq = state_bytes(load_manifest(pkg)) + 5 * cfg.padded_vocab_size
+        per_seq = sequence_bytes(cfg, dtype)
 
         def fits(b):
             with Session.open(pkg, backend=backend, device=dev, max_batch=b) as s2:
                 slots = s2.alloc(b)
                 for _ in range(2):
                     s2.step(slots, np.zeros(b, np.int64))
-            return b
 
         free = torch.cuda.mem_get_info()[0]
         log(f"long context: {impl} largest batch (guess from {free / 1e9:.0f} GB free)")
-        best, _, tried = baselines.largest_fitting(fits, free // (3 * per_seq), a.max_batch_cap)
+        best, tried = baselines.largest_fitting(fits, free // (3 * per_seq), a.max_batch_cap)
         with Session.open(pkg, backend=backend, device=dev, max_batch=best, prefill_chunk=chunk) as s:
             for ctx in contexts:
                 log(f"long context: {impl} at {ctx} tokens, batch {best}")
@@ -488,13 +486,12 @@ def long_context(suite: Suite) -> None:
             ids = torch.zeros((b, 1), dtype=torch.long, device=dev)
             llama.forward(c, ids, 0)
             llama.forward(c, ids, 1)
-            return b
 
         guess = (torch.cuda.mem_get_info()[0]) // (llama.kv_bytes_per_token * ctx * 1.15)
         log(f"long context: Llama largest batch at {ctx} tokens (guess {int(guess)})")
         found = suite.attempt({**lc, "impl": e_impl}, lambda: baselines.largest_fitting(llama_fits, int(guess), a.max_batch_cap),
                               length=ctx, largest=True)
-        best, _, tried = found or (None, None, [])
+        best, tried = found or (None, [])
         if not best:
             continue
         where = {"length": ctx, "batch": best, "largest": True}
@@ -597,7 +594,6 @@ def main(argv=None) -> int:
               "parts, for tests)", file=sys.stderr)
         return 2
     suite = Suite(a, log)
-    suite.hf = hf
     suite.run["hf"] = hf
     if csv(a.configs):
         measure_models(suite)

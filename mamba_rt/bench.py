@@ -222,19 +222,26 @@ def check_device(device: str) -> tuple[str, int]:
     return kind, idx
 
 
-def state_bytes(manifest) -> int:
+def state_bytes(config, dtype: str) -> int:
+    """Recurrent state bytes of one sequence (conv state in the activation dtype, ssm state fp32)."""
     from .inspect import _ACT_BYTES
 
-    return manifest.config.state_bytes_per_sequence(_ACT_BYTES[manifest.dtype])
+    return config.state_bytes_per_sequence(_ACT_BYTES[dtype])
 
 
-def check_batch_fits(config, dtype: str, device: str, max_batch: int) -> None:
-    """Refuse a batch whose state (plus the weights) cannot fit in the memory free now."""
-    from .inspect import _ACT_BYTES, decode_bytes
+def sequence_bytes(config, dtype: str) -> int:
+    """Device bytes one more sequence costs a session: its state, its logits row (fp32) and its seen-token
+    mask (one byte per vocabulary entry)."""
+    return state_bytes(config, dtype) + config.padded_vocab_size * 5
 
-    kind, idx = check_device(device)
+
+def check_batch_fits(config, dtype: str, kind: str, idx: int, max_batch: int) -> None:
+    """Refuse a batch whose state (plus the weights) cannot fit in the memory free now on device
+    (kind, idx), as check_device returned it."""
+    from .inspect import decode_bytes
+
     weights = decode_bytes(config, dtype)  # about the stored size (the tied head counted once more)
-    per_seq = config.state_bytes_per_sequence(_ACT_BYTES[dtype]) + config.padded_vocab_size * 5  # + logits, mask
+    per_seq = sequence_bytes(config, dtype)
     need = weights + (max_batch + 1) * per_seq
     free = _free_memory(kind, idx)
     if free is not None and need > free:
@@ -301,8 +308,8 @@ def measure(pkg, backend: str = "auto", device: str = "cpu", batches=(1,), promp
     kind, idx = check_device(device)
     manifest = load_manifest(pkg)
     cfg, dtype = manifest.config, manifest.dtype
-    check_batch_fits(cfg, dtype, device, max(batches))
-    wbytes, sbytes = decode_bytes(cfg, dtype), state_bytes(manifest)
+    check_batch_fits(cfg, dtype, kind, idx, max(batches))
+    wbytes, sbytes = decode_bytes(cfg, dtype), state_bytes(cfg, dtype)
     bw_method = "given (--bandwidth)"
     if bandwidth is None:
         bandwidth, bw_method = copy_bandwidth(kind)
@@ -446,7 +453,7 @@ def run(args) -> int:
     from .demo import _default_device  # cuda when torch sees a GPU, as `mamba-rt demo` chooses
 
     device = args.device or _default_device()
-    kind, _ = check_device(device)
+    kind, idx = check_device(device)
     out = sys.stderr if args.json == "-" else sys.stdout
 
     def log(msg):
@@ -455,7 +462,7 @@ def run(args) -> int:
     backend = args.backend
     if args.config is not None:
         dtype = args.dtype or ("fp16" if kind == "cuda" else "fp32")
-        check_batch_fits(bench_config(args.config), dtype, device, max(batches))  # before anything is exported
+        check_batch_fits(bench_config(args.config), dtype, kind, idx, max(batches))  # before anything is exported
         if backend == "auto":  # the package kind depends on it: graphs only where a backend runs them
             backend = "torch" if kind == "cuda" else "onnxruntime"
         if backend in ("tensorrt", "tensorrt-rtx"):

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 
+from mamba_rt.exporters.tensorrt_build import slug
 from tests.bench.conftest import SUITE_CPU, run_suite_module
 
 
@@ -77,7 +78,7 @@ def test_plots_draw_the_measured_rows(suite_run, tmp_path):
     doc = json.loads(suite_run.read_text())
     paths = plots.write_plots(suite_run, tmp_path)
     assert sorted(p.name for p in paths) == sorted(
-        f"{plots.re.sub(r'[^a-z0-9]+', '-', doc['device']['name'].lower()).strip('-')}-{n}.png"
+        f"{slug(doc['device']['name'])}-{n}.png"
         for n in ("memory", "latency-fp32", "throughput-fp32"))
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
