@@ -13,9 +13,11 @@ Measures, in one run on one device:
     (each layer's state comes from HBM in a real model), median of the replays;
   * prefill selective_scan at (B, L) = (1, 2048), (1, 16384), (8, 2048) (d = 5120, n = 16) against its
     two floors, and causal_conv1d at B = 1; CUDA-graph replays of 3 calls, median;
-  * variants: compile-time variants of the scan kernel (-D overrides of selective_scan.cu, and the
-    previous kernel kept in benchmarks/baselines/) launched through the same flat entry point, each
-    checked against the shipped kernel's output before it is timed;
+  * variants: compile-time variants of the scan kernel (-D overrides of selective_scan.cu) launched
+    through the same flat entry point, each checked against the shipped kernel's output before it is
+    timed (the kernel before the rewrite, "v3" in NOTES.md, is plugins_cuda/selective_scan.cu at commit
+    e4b02c0; its rows in results/ were measured from a copy that is no longer kept, since it no longer
+    compiles against today's common.cuh);
   * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
     tiny tensors, so the GPU never holds the host back).
 Absolute times are only meaningful from a GPU; this script refuses to run without one. With --only,
@@ -248,34 +250,26 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
 # ---------------------------------------------------------------------------------------------
 # compile-time variants of the prefill scan, through the flat entry point
 
-ROOT = Path(__file__).resolve().parent
-# name -> (source file or None for the shipped one, -D options, (states per lane, warps per block) for
-# n = 16, or None for the v3 baseline's fixed 16 channels / 128 threads)
+# name -> (-D options, (states per lane, warps per block) for n = 16)
 SCAN_VARIANTS = {
-    "shipped": (None, (), (2, 4)),
-    "spt1": (None, ("-DMRT_SCAN_SPT16=1",), (1, 4)),
-    "spt2-qu2": (None, ("-DMRT_SCAN_QU=2",), (2, 4)),
-    "spt2-qu8": (None, ("-DMRT_SCAN_QU=8",), (2, 4)),
-    "spt4": (None, ("-DMRT_SCAN_SPT16=4",), (4, 4)),
-    "v3-baseline": (ROOT / "baselines" / "selective_scan_v3.cu", (), None),
+    "shipped": ((), (2, 4)),
+    "spt1": (("-DMRT_SCAN_SPT16=1",), (1, 4)),
+    "spt2-qu2": (("-DMRT_SCAN_QU=2",), (2, 4)),
+    "spt2-qu8": (("-DMRT_SCAN_QU=8",), (2, 4)),
+    "spt4": (("-DMRT_SCAN_SPT16=4",), (4, 4)),
 }
 
 
 def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
-    src_path, defines, cfg = SCAN_VARIANTS[name]
-    text = (src_path.read_text() if src_path else compiler._read("selective_scan.cu"))
-    text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
+    defines, (spt, warps) = SCAN_VARIANTS[name]
+    text = compiler._read("selective_scan.cu") + "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
     drv = launcher._driver()
     dev = torch.cuda.current_device()
     ctx = launcher._current_context(dev)
     cubin = compiler.compile_program(text, "selective_scan.cu", launcher.current_arch(dev), extra_options=defines)
     mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
     fn = launcher._cu(drv.cuModuleGetFunction(mod, b"mrt_selective_scan_fwd_bf16_n16"), "cuModuleGetFunction")
-    if cfg is None:
-        cpb, threads = 16, 128
-    else:
-        spt, warps = cfg
-        cpb, threads = (32 // (n // spt)) * warps, 32 * warps
+    cpb, threads = (32 // (n // spt)) * warps, 32 * warps
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
     return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat)
