@@ -62,13 +62,26 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
-// 16-byte weight load that bypasses L1 (weights are read once per step) and asks L2 to fetch the
-// whole 256-byte block around it (the neighbouring vectors are other lanes' or warps' next loads).
+// 16-byte weight load that bypasses L1 (weights are read once per step), asks L2 to fetch the whole
+// 256-byte block around it (the neighbouring vectors are other lanes' or warps' next loads) and, with
+// MRT_LD_EVICT_FIRST, to evict those lines first (read once per step; the default: 2-4 % faster steps
+// at 130m-790m, benchmarks/NOTES.md session 6).
+#ifndef MRT_LD_EVICT_FIRST
+#define MRT_LD_EVICT_FIRST 1
+#endif
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
+#if MRT_LD_EVICT_FIRST
+  unsigned long long pol;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "l"(pol));
+#else
   asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
       : "l"(p));
+#endif
   return v;
 }
 
@@ -387,6 +400,13 @@ struct NormGemvArgs {
 // this one at 2.3 TB/s standalone (benchmarks/NOTES.md, session 5), as fast as cuBLAS's TMA-fed kernel.
 // Rows are padded by 16 bytes in shared memory so that ldmatrix's eight row addresses hit different
 // banks. Needs K % 16 == 0, W 16-byte aligned; rows past N in a unit are stale and their sums unused.
+// The copies carry an L2 evict-first policy (MRT_BULK_EVICT_FIRST): a step reads each weight once, and
+// streaming 52 MB through the 50 MB L2 with the normal policy evicts what the kernels around the GEMVs
+// re-read (state, activations, the next GEMV's prefetch); measured 2-3 % faster steps at 1.4b and 2.8b
+// (benchmarks/NOTES.md, session 6).
+#ifndef MRT_BULK_EVICT_FIRST
+#define MRT_BULK_EVICT_FIRST 1
+#endif
 constexpr int BULK_WARPS = 8;
 constexpr int BULK_THREADS = (BULK_WARPS + 1) * 32;
 constexpr int BULK_KS = 512;                          // columns per stage
@@ -453,10 +473,19 @@ struct GemvBulk {
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(rows * cols * 2) : "memory");
     }
     __syncwarp();
-    if (lane < rows)
+    if (lane < rows) {
+#if MRT_BULK_EVICT_FIRST
+      unsigned long long pol;  // weights are read once per step: first out of L2 (see GemvBulk)
+      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+                   ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
+                   "r"(cols * 2), "r"(fb), "l"(pol) : "memory");
+#else
       asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                    ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
                    "r"(cols * 2), "r"(fb) : "memory");
+#endif
+    }
     ++seg;
     ++t;
 #endif
