@@ -64,24 +64,26 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 
 // 16-byte weight load that bypasses L1 (weights are read once per step), asks L2 to fetch the whole
 // 256-byte block around it (the neighbouring vectors are other lanes' or warps' next loads) and, with
-// MRT_LD_EVICT_FIRST, to evict those lines first (read once per step; the default: 2-4 % faster steps
-// at 130m-790m, benchmarks/NOTES.md session 6).
+// MRT_LD_EVICT_FIRST (else the normal policy), to evict those lines first (read once per step; the
+// default: 1-4 % faster steps at 130m-790m, benchmarks/NOTES.md session 6).
 #ifndef MRT_LD_EVICT_FIRST
 #define MRT_LD_EVICT_FIRST 1
 #endif
+
+// The L2 cache policy of a weight stream: evict first (read once per step), or normal.
+template <bool FIRST>
+__device__ __forceinline__ unsigned long long l2_policy() {
+  unsigned long long pol;
+  if (FIRST) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+  else asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  return pol;
+}
+
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
-#if MRT_LD_EVICT_FIRST
-  unsigned long long pol;
-  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
   asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
       : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(pol));
-#else
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-#endif
+      : "l"(p), "l"(l2_policy<MRT_LD_EVICT_FIRST>()));
   return v;
 }
 
@@ -473,19 +475,10 @@ struct GemvBulk {
       asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(rows * cols * 2) : "memory");
     }
     __syncwarp();
-    if (lane < rows) {
-#if MRT_BULK_EVICT_FIRST
-      unsigned long long pol;  // weights are read once per step: first out of L2 (see GemvBulk)
-      asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
+    if (lane < rows)
       asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
                    ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
-                   "r"(cols * 2), "r"(fb), "l"(pol) : "memory");
-#else
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                   ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
-                   "r"(cols * 2), "r"(fb) : "memory");
-#endif
-    }
+                   "r"(cols * 2), "r"(fb), "l"(l2_policy<MRT_BULK_EVICT_FIRST>()) : "memory");
     ++seg;
     ++t;
 #endif

@@ -163,7 +163,6 @@ class DecodeKernels:
             raise UnsupportedError(f"fused decode: GEMV kind {gemv!r} is not one of {GEMV_KINDS}")
         best = "fma" if self.itemsize != 2 else ("bulk" if self.arch >= 90 else "mma")
         self.gemv = best if gemv is None or GEMV_KINDS.index(gemv) > GEMV_KINDS.index(best) else gemv
-        self.mma = self.gemv != "fma"
         self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
         self._fns: dict[str, object] = {}
         self._lock = threading.Lock()
@@ -193,7 +192,7 @@ class DecodeKernels:
         dtype) whose weights are 16-byte ``aligned``: bm in MMA_BUCKETS (tensor cores) or GEMV_BUCKETS
         (FMA), as far as x fits their shared memory."""
         k = max(ks)
-        if self.mma and aligned and bm in MMA_BUCKETS and all(x % 8 == 0 for x in ks):
+        if all(self._use_mma(bm, x, aligned) for x in ks):
             return self._xs_red_bytes(bm, k, MMA_WARPS) <= self.smem_optin - 4096
         return bm in GEMV_BUCKETS and bm * k * 4 <= self.smem_optin - 4096
 
@@ -211,17 +210,17 @@ class DecodeKernels:
         """One wave: as many blocks as are resident at once (never more than the rows need)."""
         return max(1, min(-(-n // (GEMV_THREADS // 32)), self.sm_count * self._resident(stem, GEMV_THREADS, smem)))
 
-    def _use_mma(self, bm: int, k: int, w: int) -> bool:
-        """Whether the tensor-core GEMV takes W [*, k] at address w for bm rows: 16-bit dtype, whole
-        16-byte vectors per row, W 16-byte aligned."""
-        return self.mma and bm in MMA_BUCKETS and k % 8 == 0 and w % 16 == 0
+    def _use_mma(self, bm: int, k: int, aligned: bool) -> bool:
+        """Whether the tensor-core GEMV takes W [*, k] for bm rows: 16-bit dtype (kind not "fma"), whole
+        16-byte vectors per row, W 16-byte ``aligned``."""
+        return self.gemv != "fma" and bm in MMA_BUCKETS and k % 8 == 0 and aligned
 
     def _bulk_launch(self, stem: str, bm: int, n: int, k: int, w: int) -> tuple[int, int, int] | None:
         """(grid, shared bytes, stages) of the copy-engine GEMV for W [n, k] at address w, or None where
         it does not apply (kind, whole 16-wide steps per row, alignment) or too few stages fit: as many
         stages (up to BULK_STAGES[1]) as fit two blocks per SM, else one block with more; one wave of
         blocks, which take units of 16 rows (their own, then from a counter)."""
-        if self.gemv != "bulk" or not self._use_mma(bm, k, w) or k % 16:
+        if self.gemv != "bulk" or not self._use_mma(bm, k, w % 16 == 0) or k % 16:
             return None
         head = self._xs_red_bytes(bm, k, BULK_WARPS)
         tries = ((2, BULK_STAGES[1]), (1, 2 * BULK_STAGES[1]))
@@ -258,7 +257,7 @@ class DecodeKernels:
         if bulk:
             grid, smem, stages = bulk
             return stem, grid, BULK_THREADS, smem, stages
-        if self._use_mma(bm, K, W):
+        if self._use_mma(bm, K, W % 16 == 0):
             stem = f"{kind}_mma_{self.tag}_b{bm}"
             grid, smem = self._mma_launch(stem, bm, N, K)
             return stem, grid, MMA_THREADS, smem, 0
