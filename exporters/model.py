@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mamba_rt.config import MambaConfig
@@ -79,20 +78,38 @@ class MambaMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, ops: OpSet):
         """x: (batch, seqlen, d_model) model dtype; conv_state (batch, d_inner, d_conv-1);
-        ssm_state (batch, d_inner, d_state) float32. Returns (out, conv_state_out, ssm_state_out)."""
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2d, L)
-        xs, z = xz.chunk(2, dim=1)
-        conv_w = self.conv1d.weight.reshape(self.d_inner, -1)
-        xs, conv_state_out = ops.causal_conv1d(xs, conv_w, self.conv1d.bias, conv_state, "silu")
-        x_dbl = self.x_proj(xs.transpose(1, 2))  # (B, L, r + 2n)
-        dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)  # (B, d, L); the bias goes to the scan
+        ssm_state (batch, d_inner, d_state) float32. Returns (out, conv_state_out, ssm_state_out).
+
+        The projections feeding the two ops are computed transposed, ``W @ x^T`` over the batch's
+        tokens (as mamba_ssm does), so their outputs are channel-major with time-contiguous rows, the
+        ops' layout (DESIGN.md), without a copy: ``linear(x).transpose(1, 2)`` would hand the kernels
+        rows with a time stride of 2d, which they read an element at a time."""
+        batch, seqlen, _ = x.shape
+        d, n, r = self.d_inner, self.d_state, self.dt_rank
+        xz = channel_major(self.in_proj.weight, x.reshape(batch * seqlen, -1).t(), self.in_proj.bias)
+        xs, z = xz[:d], xz[d:]
+        conv_w = self.conv1d.weight.reshape(d, -1)
+        xs, conv_state_out = ops.causal_conv1d(tokens_view(xs, batch), conv_w, self.conv1d.bias, conv_state, "silu")
+        x_dbl = channel_major(self.x_proj.weight, xs.transpose(0, 1).reshape(d, batch * seqlen))  # (r+2n, BL)
+        delta = channel_major(self.dt_proj.weight, x_dbl[:r])  # the bias goes to the scan
         A = -torch.exp(self.A_log.float())
         y, ssm_state_out = ops.selective_scan(
-            xs, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z,
+            xs, tokens_view(delta, batch), A, tokens_view(x_dbl[r:r + n], batch),
+            tokens_view(x_dbl[r + n:], batch), self.D.float(), tokens_view(z, batch),
             self.dt_proj.bias.float(), ssm_state, True,
         )
         return self.out_proj(y.transpose(1, 2)), conv_state_out, ssm_state_out
+
+
+def channel_major(weight: torch.Tensor, xt: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight @ xt (+ bias)``: a linear layer applied to the columns of ``xt`` (in_features, tokens),
+    giving (out_features, tokens) with contiguous rows."""
+    return torch.mm(weight, xt) if bias is None else torch.addmm(bias[:, None], weight, xt)
+
+
+def tokens_view(m: torch.Tensor, batch: int) -> torch.Tensor:
+    """(channels, batch * seqlen) -> the (batch, channels, seqlen) view (time-contiguous rows)."""
+    return m.unflatten(1, (batch, -1)).transpose(0, 1)
 
 
 class MambaBlock(nn.Module):
