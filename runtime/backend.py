@@ -65,6 +65,8 @@ class Backend(abc.ABC):
     """
 
     name = "abstract"
+    #: prompt tokens per ``forward`` a Session feeds by default (its ``prefill_chunk``)
+    prefill_chunk = 256
 
     def __init__(self, pkg_dir: str | Path, device: str = "cpu", max_batch: int = 8,
                  manifest: Manifest | None = None):

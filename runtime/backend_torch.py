@@ -201,6 +201,22 @@ def run_slots(model, state: TorchStateBuffers, idx, ids):
     return logits
 
 
+def _capture(fn: Callable, dev, pool, warmup: int):
+    """Run ``fn`` ``warmup`` times on a side stream (kernel loading, cuBLAS workspaces), then capture
+    one call in a CUDA graph drawing on memory ``pool``; returns (graph, what the captured call
+    returned)."""
+    side = torch.cuda.Stream(device=dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class _DecodeGraph:
     """One CUDA graph for a decode step of ``bucket`` rows (static ids, slot indices and logits)."""
 
@@ -210,19 +226,8 @@ class _DecodeGraph:
         self.state = state
         self.ids = torch.zeros((bucket, 1), dtype=torch.int64, device=dev)
         self.idx = torch.full((bucket,), state.scratch, dtype=torch.int64, device=dev)
-        self._model = model
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up (kernel compilation, allocator) on the scratch slot only
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = self._step()
-
-    def _step(self):
-        return run_slots(self._model, self.state, self.idx, self.ids)
+        # warm-up on the scratch slot only
+        self.graph, self.logits = _capture(lambda: run_slots(model, state, self.idx, self.ids), dev, pool, 2)
 
     def run(self, slots: np.ndarray, ids: np.ndarray):
         n = len(slots)
@@ -234,6 +239,27 @@ class _DecodeGraph:
         self.ids.copy_(torch.from_numpy(tok), non_blocking=False)
         self.graph.replay()
         return self.logits[:n]
+
+
+class _PrefillGraph:
+    """One CUDA graph of the prompt forward of one slot over ``length`` tokens: gather the slot's
+    state, run the model, scatter the state back, the last position's logits. The ids and the slot
+    index sit in one static device buffer (one copy in per call), outside the graphs' memory pool."""
+
+    def __init__(self, model, state: TorchStateBuffers, length: int, pool):
+        dev = state.conv.device
+        self.length = length
+        self.inp = torch.full((length + 1,), state.scratch, dtype=torch.int64, device=dev)
+        ids, idx = self.inp[:length].view(1, length), self.inp[length:]
+        # warm-up on the scratch slot only (the buffer holds its index until the first run)
+        self.graph, self.logits = _capture(lambda: run_slots(model, state, idx, ids), dev, pool, 1)
+
+    def run(self, slot: int, ids: np.ndarray):
+        host = np.empty(self.length + 1, np.int64)
+        host[:-1], host[-1] = ids, slot
+        self.inp.copy_(torch.from_numpy(host))
+        self.graph.replay()
+        return self.logits
 
 
 class _FusedGraph:
@@ -252,15 +278,8 @@ class _FusedGraph:
         self.gid = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self.done = torch.cuda.Event()
         self._decoder = decoder
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self._step()
+        # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
+        self.graph, _ = _capture(self._step, dev, pool, 2)
 
     def _step(self):
         bk = self.bk
@@ -307,9 +326,12 @@ class TorchBackend(Backend):
         if fused and why:
             raise UnsupportedError(why)
         self.fused = why is None if fused is None else bool(fused)
+        if self.cuda_graph:  # a prompt chunk is a few graph replays: longer chunks cost no host time
+            self.prefill_chunk = 2048
         self.decoder = None
-        self._graphs: dict[int, _DecodeGraph] = {}
-        self._pool = None
+        self._graphs: dict[int, _DecodeGraph | _FusedGraph] = {}
+        self._prefill_graphs: dict[int, _PrefillGraph] = {}
+        self._pool = self._prefill_pool = None
 
     @classmethod
     def unavailable_reason(cls, manifest, device):
@@ -338,17 +360,18 @@ class TorchBackend(Backend):
         self.torch_device = torch.device(self.device)
         self.model = self.loader()
         self.state = TorchStateBuffers(self.manifest, self.max_batch, self.torch_device)
-        if self.cuda_graph:
-            self._pool = torch.cuda.graph_pool_handle()
+        if self.cuda_graph:  # decode and prefill graphs in separate pools: a prefill never clobbers a step's buffers
+            self._pool, self._prefill_pool = torch.cuda.graph_pool_handle(), torch.cuda.graph_pool_handle()
         if self.fused:
             from .fused_decode import FusedDecoder
             self.decoder = FusedDecoder(self.model, self.state.conv, self.state.ssm, self.manifest.dtype)
 
     def _deactivate_impl(self):
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self.decoder = None
         self.model = None
-        self._pool = None
+        self._pool = self._prefill_pool = None
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
 
@@ -367,11 +390,33 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def _forward_impl(self, slots, ids):
         if self.cuda_graph and ids.shape[1] == 1:
-            b = batch_bucket(len(slots), self.max_batch)
-            g = self._graphs.get(b)
-            if g is None:
-                g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
-                                       else _DecodeGraph(self.model, self.state, b, self._pool))
-            return g.run(slots, ids)
+            return self._decode(slots, ids)
+        if self.cuda_graph and len(slots) == 1:
+            return self._prefill(int(slots[0]), ids[0])
         dev = self.torch_device
         return run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))
+
+    def _decode(self, slots, ids):
+        b = batch_bucket(len(slots), self.max_batch)
+        g = self._graphs.get(b)
+        if g is None:
+            g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
+                                   else _DecodeGraph(self.model, self.state, b, self._pool))
+        return g.run(slots, ids)
+
+    def _prefill(self, slot: int, ids: np.ndarray):
+        """A prompt (chunk) of one slot as pieces of power-of-two lengths, longest first, each the
+        replay of a CUDA graph captured at the first use of its length (the last piece of one token
+        is a decode step): every length up to 2**k is served by at most k + 1 graphs, and none runs
+        the model eagerly, whose per-kernel host cost exceeds the GPU time of small models."""
+        a, n = 0, len(ids)
+        while a < n:
+            p = 1 << ((n - a).bit_length() - 1)
+            if p == 1:
+                return self._decode(np.array([slot], np.int64), ids[None, a:])
+            g = self._prefill_graphs.get(p)
+            if g is None:
+                g = self._prefill_graphs[p] = _PrefillGraph(self.model, self.state, p, self._prefill_pool)
+            logits = g.run(slot, ids[a:a + p])
+            a += p
+        return logits

@@ -38,8 +38,6 @@ from .sampling import GREEDY, SamplingParams, derive_seed
 from .state import StateCache
 from .tokenizer import TextStream, Tokenizer, load_tokenizer
 
-DEFAULT_PREFILL_CHUNK = 256
-
 
 class Token(NamedTuple):
     """One generated token of sequence ``index``; ``text`` is the text it adds (possibly "", while a
@@ -94,13 +92,13 @@ class Session:
     """A model package opened for generation. Context manager; ``close()`` frees the backend."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         _check_chunk(prefill_chunk)
         self.backend = backend.activate()
         self.manifest = backend.manifest
         self.vocab = backend.vocab
         self.max_batch = backend.max_batch
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = backend.prefill_chunk if prefill_chunk is None else prefill_chunk
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(backend.pkg_dir, backend.manifest)
         self.cache = StateCache(backend.state, backend.manifest)
         self.sampler = backend.make_sampler()
@@ -112,8 +110,10 @@ class Session:
 
     @classmethod
     def open(cls, pkg_dir: str | Path, backend: str = AUTO, device: str = "cpu", max_batch: int = 8,
-             prefill_chunk: int = DEFAULT_PREFILL_CHUNK, **options) -> "Session":
-        """Open a model package; ``backend`` is 'auto', 'onnxruntime' or 'torch' (``options`` go to it)."""
+             prefill_chunk: int | None = None, **options) -> "Session":
+        """Open a model package; ``backend`` is 'auto', 'onnxruntime' or 'torch' (``options`` go to it).
+        ``prefill_chunk``: prompt tokens per backend call (default: the backend's, 256, or 2048 for
+        the torch backend on a GPU)."""
         _check_chunk(prefill_chunk)  # before loading anything
         return cls(load_backend(pkg_dir, backend, device, max_batch, **options), prefill_chunk=prefill_chunk)
 
@@ -329,6 +329,8 @@ class Session:
 
 
 def _check_chunk(prefill_chunk) -> None:
+    if prefill_chunk is None:
+        return
     if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise InputError(f"prefill_chunk: expected an integer >= 1, got {prefill_chunk!r}")
 

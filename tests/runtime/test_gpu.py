@@ -102,6 +102,37 @@ def test_torch_cuda_graph_equals_eager_and_sampling_matches_host(packages):
         assert [g.ids for g in s.generate(prompts, 48, sp, stream=False)] == outs[True], seed
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_torch_prefill_graphs_match_reference_and_touch_only_their_slot(packages, chunk):
+    """Prompts run as power-of-two pieces, each a CUDA graph captured once per length: logits and the
+    state carried into the next step match the reference model, graphs are reused across prompts,
+    and another slot's state is untouched."""
+    pkgs, seed = packages
+    ref = _reference(pkgs["fp32"])
+    lengths = [13, 13, 2, 37, 1]
+    prompts = _prompts(ref.config.vocab_size, lengths)
+    with Session.open(pkgs["fp32"], backend="torch", device="cuda", max_batch=2, prefill_chunk=chunk) as s:
+        assert s.prefill_chunk == (chunk or 2048)
+        other = s.alloc()
+        s.prefill(other, prompts[0])
+        other_state = s.cache.buffers.read(other)
+        slot = s.alloc()
+        for i, p in enumerate(prompts):
+            s.reset(slot)
+            got = [s.prefill(slot, p, return_logits=True), s.step([slot], [p[0]], return_logits=True)[0]]
+            with torch.no_grad():
+                lg, st = ref(torch.tensor([p], device="cuda"), None, last_only=True)
+                lg2, _ = ref(torch.tensor([[p[0]]], device="cuda"), st, last_only=True)
+            for g, w in zip(got, (lg[0], lg2[0])):
+                assert rel_err(torch.from_numpy(g), w.cpu()) < 1e-4, (seed, chunk, i, len(p))
+        pieces = sorted(s.backend._prefill_graphs)
+        after = s.cache.buffers.read(other)
+    # 13 = 8 + 4 + 1, 2, 37 = 32 + 4 + 1 (chunks of 5: 4 + 1, and 3 = 2 + 1); one-token pieces are
+    # decode steps
+    assert pieces == ([2, 4] if chunk == 5 else [2, 4, 8, 32]), pieces
+    assert np.array_equal(other_state[0], after[0]) and np.array_equal(other_state[1], after[1])
+
+
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_device_state_fork_snapshot_and_untouched_slots(packages, name):
     pkgs, seed = packages
