@@ -22,15 +22,17 @@ from torch import nn
 
 from mamba_rt.config import MambaConfig
 
-from .ops_ref import causal_conv1d_ref, selective_scan_ref
+from .ops_ref import add_rms_norm_ref, causal_conv1d_ref, selective_scan_ref
 
 
 class OpSet(NamedTuple):
-    """The two custom ops, with the signatures of ``ops_ref``."""
+    """The two custom ops, with the signatures of ``ops_ref``, and the pre-norm residual step (not an
+    exported op; the reference unless a backend has a faster twin)."""
 
     causal_conv1d: Callable
     selective_scan: Callable
     name: str = "ref"
+    add_rms_norm: Callable = add_rms_norm_ref
 
 
 REF_OPS = OpSet(causal_conv1d_ref, selective_scan_ref, "ref")
@@ -54,9 +56,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return y.to(self.weight.dtype)
+        return add_rms_norm_ref(x, None, self.weight, self.eps, False)[0]
 
 
 class MambaMixer(nn.Module):
@@ -165,16 +165,18 @@ class MambaLM(nn.Module):
         ops = self.ops
         h = self.backbone.embedding(input_ids)
         residual_fp32 = self.config.residual_in_fp32
+        residual = None  # the residual stream: the embedding plus every block's output so far
         conv_out, ssm_out = [], []
         for i, layer in enumerate(self.backbone.layers):
-            residual = h.float() if residual_fp32 else h
-            y, c_i, s_i = layer.mixer(layer.norm(h), state.conv[i], state.ssm[i], ops)
-            h = residual + y
+            x, residual = ops.add_rms_norm(h, residual, layer.norm.weight, layer.norm.eps, residual_fp32)
+            h, c_i, s_i = layer.mixer(x, state.conv[i], state.ssm[i], ops)
             conv_out.append(c_i)
             ssm_out.append(s_i)
         if last_only:
-            h = h[:, -1]
-        logits = self.lm_head(self.backbone.norm_f(h)).float()
+            h, residual = h[:, -1:], residual[:, -1:]
+        norm_f = self.backbone.norm_f
+        x, _ = ops.add_rms_norm(h, residual, norm_f.weight, norm_f.eps, residual_fp32)
+        logits = self.lm_head(x[:, -1] if last_only else x).float()
         if logits.shape[-1] != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits, MambaState(torch.stack(conv_out), torch.stack(ssm_out))

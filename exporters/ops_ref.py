@@ -15,6 +15,9 @@ Sequence ops (any L >= 1):
 Single-step twins (one token, state updated in place, like mamba_ssm's ``*_update``):
     causal_conv1d_update_ref(x, conv_state, weight, bias, activation)     -> y
     selective_state_update_ref(ssm_state, u, delta, A, Bm, Cm, D, z, delta_bias, delta_softplus) -> y
+The model's pre-norm residual step (not an exported op: it stays standard ONNX ops in the graphs; the
+torch backend's twin is ``plugins_cuda.torch_ops.add_rms_norm``):
+    add_rms_norm_ref(x, residual, weight, eps, residual_fp32)              -> (normed, residual_out)
 """
 from __future__ import annotations
 
@@ -165,3 +168,21 @@ def selective_state_update_ref(
     )
     ssm_state.copy_(new_state)
     return y.squeeze(-1)
+
+
+def add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     residual_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm residual step of Mamba's blocks (mamba_ssm's ``prenorm`` RMSNorm).
+
+    x (..., K) in the model dtype (a block's output; the embedding before the first block); residual
+    (..., K) or None (before the first block); weight (K,). Returns (normed, residual_out) with
+    residual_out = x + residual (x itself when residual is None), in float32 when ``residual_fp32``
+    (else in x's dtype, rounded after the add), and normed = rms_norm(residual_out) * weight computed in
+    float32 and rounded once to weight's dtype.
+    """
+    h = x if residual is None else residual + x
+    if residual_fp32:
+        h = h.float()
+    hf = h.float()
+    normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return normed.to(weight.dtype), h

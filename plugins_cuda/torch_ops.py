@@ -8,6 +8,8 @@ Same positional signatures and semantics as the ``*_ref`` twins in ``mamba_rt.ex
                       delta_softplus=True)                                        -> (y, ssm_state_out)
     selective_state_update(ssm_state, u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None,
                            delta_softplus=True)                                   -> y   (state in place)
+    add_rms_norm(x, residual, weight, eps, residual_fp32)                        -> (normed, residual)
+                                                                        (residual updated in place)
 
 Each also takes keyword-only output buffers (``out=``, ``conv_state_out=`` / ``ssm_state_out=``) so a
 caller (CUDA graphs, the tests' poisoned outputs) can own the memory. Inputs may be non-contiguous:
@@ -321,3 +323,43 @@ causal_conv1d_fn.capability = launcher.CONV_CAPABILITY
 causal_conv1d_update.capability = launcher.CONV_CAPABILITY
 selective_scan_fn.capability = launcher.SCAN_CAPABILITY
 selective_state_update.capability = launcher.SCAN_CAPABILITY
+
+
+def add_rms_norm(x, residual, weight, eps, residual_fp32, *, out=None):
+    """The model's pre-norm residual step, ``add_rms_norm_ref``'s twin: x (..., K) in the model dtype,
+    residual (..., K) float32 or None, weight (K,) -> (normed, residual_out). With a float32 residual
+    stream, contiguous rows and x on a GPU of compute capability 8.0+, one block per row of
+    decode_step.cu's ``residual_norm`` adds x into ``residual`` **in place** (returned as residual_out)
+    and writes normed (into ``out`` if given) in one pass; otherwise (the first block, whose residual is
+    the embedding; a residual stream in the model dtype) the reference runs."""
+    from mamba_rt.exporters.ops_ref import add_rms_norm_ref
+
+    K = x.shape[-1]
+    if (residual is None or not residual_fp32 or residual.dtype != torch.float32 or x.dtype not in _DTYPE_NAMES
+            or residual.shape != x.shape or weight.shape != (K,) or weight.dtype != x.dtype or not x.is_cuda
+            or not (x.is_contiguous() and residual.is_contiguous() and weight.is_contiguous())
+            or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        normed, residual = add_rms_norm_ref(x, residual, weight, eps, residual_fp32)
+        if out is None:
+            return normed, residual
+        out.copy_(normed)
+        return out, residual
+    from . import decode_step
+
+    if residual.device != x.device or weight.device != x.device:
+        raise InputError(f"add_rms_norm: x is on {x.device}, residual on {residual.device}, weight on "
+                         f"{weight.device}; expected one device")
+    with torch.cuda.device(x.device):
+        k = decode_step.kernels(_DTYPE_NAMES[x.dtype], int(launcher._context(x.device.index)))
+        if out is None:
+            out = torch.empty_like(x)
+        else:
+            _check("add_rms_norm", "out", out, tuple(x.shape), x.dtype, x.device)
+            if not out.is_contiguous():
+                raise InputError("add_rms_norm: out must be contiguous")
+        rows = x.numel() // K
+        if rows:
+            k.launch(k.residual_norm(h=residual.data_ptr(), o=x.data_ptr(), norm_w=weight.data_ptr(),
+                                     xn=out.data_ptr(), B=rows, K=K, res_fp32=True, eps=float(eps)),
+                     _stream(x.device))
+    return out, residual

@@ -50,11 +50,11 @@ def cuda_ops():
     except ImportError as e:
         raise MissingDependencyError(f"the plugins_cuda kernels cannot be loaded ({e}); install "
                                      "'mamba-rt[gpu]' or pass ops='ref'") from e
-    missing = [n for n in ("causal_conv1d_fn", "selective_scan_fn") if not hasattr(pc, n)]
+    missing = [n for n in ("causal_conv1d_fn", "selective_scan_fn", "add_rms_norm") if not hasattr(pc, n)]
     if missing:
         raise UnsupportedError(f"mamba_rt.plugins_cuda.torch_ops does not provide {missing} in this build; "
                                "pass ops='ref' to run the reference ops on the GPU")
-    return OpSet(pc.causal_conv1d_fn, pc.selective_scan_fn, "cuda")
+    return OpSet(pc.causal_conv1d_fn, pc.selective_scan_fn, "cuda", pc.add_rms_norm)
 
 
 def weights_as_tensors(pkg_dir: str | Path, manifest: Manifest) -> dict:

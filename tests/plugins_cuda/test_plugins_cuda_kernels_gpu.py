@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 
 from mamba_rt.errors import InputError  # noqa: E402
 from mamba_rt.exporters.ops_ref import (  # noqa: E402
+    add_rms_norm_ref,
     causal_conv1d_ref,
     causal_conv1d_update_ref,
     selective_scan_ref,
@@ -395,3 +396,41 @@ def test_scan_rejects_wrong_state_dtype_and_shape(ops, rng):
         ops.selective_scan_fn(**{**inp, "ssm_state": inp["ssm_state"].half()})
     with pytest.raises(InputError, match=r"Bm has shape \(1, 15, 3\), expected \(1, 16, 3\)"):
         ops.selective_scan_fn(**{**inp, "Bm": inp["Bm"][:, 1:]})
+
+
+# ------------------------------------------------------------------------------------------------
+# add_rms_norm (the model's pre-norm residual step; decode_step.cu's residual_norm, one block per row)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 2048, 768), (2, 37, 2560), (3, 1, 5)], ids=str)
+def test_add_rms_norm_matches_ref(ops, rng, dtype, shape):
+    seed, gen = rng
+    K = shape[-1]
+    x = _randn(gen, *shape, dtype=dtype)
+    res = _randn(gen, *shape, scale=2.0)
+    w = _randn(gen, K, dtype=dtype, scale=0.2, offset=1.0)
+    want_n, want_h = add_rms_norm_ref(_up(x), _up(res), _up(w), 1e-5, True)
+    out = _poison(shape, dtype)
+    n, h = ops.add_rms_norm(x, res, w, 1e-5, True, out=out)
+    assert n.data_ptr() == out.data_ptr() and h.data_ptr() == res.data_ptr(), "expected out and in-place residual"
+    assert_close("normed", n, want_n, TOL[dtype], seed)
+    assert_close("residual", h, want_h, STATE_TOL, seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_add_rms_norm_first_block_and_model_dtype_residual(ops, rng, dtype):
+    """No residual yet (the embedding starts it, in float32) and a residual stream kept in the model
+    dtype: both are the reference's arithmetic."""
+    seed, gen = rng
+    x, prev = _randn(gen, 2, 9, 64, dtype=dtype), _randn(gen, 2, 9, 64, dtype=dtype)
+    w = _randn(gen, 64, dtype=dtype, scale=0.2, offset=1.0)
+    n, h = ops.add_rms_norm(x, None, w, 1e-6, True)
+    want_n, _ = add_rms_norm_ref(_up(x), None, _up(w), 1e-6, True)
+    assert h.dtype == torch.float32 and torch.equal(h, x.float()), seed
+    assert_close("normed (first block)", n, want_n, TOL[dtype], seed)
+    n, h = ops.add_rms_norm(x, prev, w, 1e-6, False)
+    want_n, want_h = add_rms_norm_ref(_up(x), _up(prev), _up(w), 1e-6, False)
+    assert h.dtype == dtype, seed
+    assert_close("residual (model dtype)", h, want_h, TOL[dtype], seed)
+    assert_close("normed (model dtype residual)", n, want_n.to(dtype), TOL[dtype], seed)
