@@ -3,12 +3,13 @@ of ``Session.prefill``) at the published sizes, on the GPU (a development tool f
 user-facing numbers come from ``mamba-rt bench`` and ``benchmarks/run_suite.py``).
 
     python benchmarks/profile_prefill.py [--configs 130m,2.8b] [--dtype fp16] [--lengths 2048]
-                                         [--chunks 256,2048] [--kernels] [--out FILE.json]
+                                         [--eager] [--kernels] [--out FILE.json]
 
-Per (config, length, chunk): the wall time of feeding a random prompt of ``length`` tokens to a fresh
-slot in chunks of ``chunk`` (the state carried, the last position's logits synchronised), median of
-``--reps`` after one untimed run; the GPU time of the same work (sum of its kernels, torch profiler)
-by kernel family with ``--kernels``; and the matrix-multiply floor, 2 * parameters * tokens at the
+Per (config, length): the backend's CUDA graph of a prompt of ``length`` tokens (``_PrefillGraph``):
+wall time of one prefill of a random prompt (ids in, graph, last position's logits on the host),
+median of ``--reps`` after one untimed run, and its GPU time (graph replays, CUDA events); with
+``--eager`` the same forward run eagerly; with ``--kernels`` one replay's kernel time by kernel family
+(torch profiler); and the matrix-multiply floor, 2 * parameters * tokens at the
 fp16 matmul rate measured in the same run (a large square ``torch.matmul``), with the parameters
 the prompt multiplies (the embedding is a lookup and the LM head runs once).
 """
@@ -24,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from profile_decode import gpu_model
+from profile_decode import gpu_model, replay_ms
 
 
 def matmul_rate(n: int = 8192, dtype=torch.float16, reps: int = 20) -> float:
@@ -66,13 +67,13 @@ def main() -> int:
     ap.add_argument("--configs", default="130m,2.8b")
     ap.add_argument("--dtype", default="fp16")
     ap.add_argument("--lengths", default="2048")
-    ap.add_argument("--chunks", default="256,2048")
+    ap.add_argument("--eager", action="store_true", help="also time the eager forward (no graph)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config
-    from mamba_rt.runtime.backend_torch import cuda_ops, run_slots
+    from mamba_rt.runtime.backend_torch import _PrefillGraph, cuda_ops, run_slots
 
     rate = matmul_rate()
     dev = torch.cuda.get_device_name()
@@ -85,42 +86,54 @@ def main() -> int:
         model.ops = cuda_ops()
         sh = cfg.state_shapes(2)
         state = SimpleNamespace(conv=torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
-                                ssm=torch.zeros(sh["ssm_state"], device="cuda"))
-        idx = torch.zeros(1, dtype=torch.int64, device="cuda")
+                                ssm=torch.zeros(sh["ssm_state"], device="cuda"), scratch=1)
+        pool = torch.cuda.graph_pool_handle()
         for length in (int(x) for x in args.lengths.split(",")):
-            floor = 2 * prompt_params(cfg) * length / rate * 1e3
-            for chunk in (int(x) for x in args.chunks.split(",")):
-                def once():
-                    ids = torch.from_numpy(rng.integers(0, cfg.vocab_size, (1, length))).cuda()
-                    state.conv.zero_(); state.ssm.zero_()
+            row = {"config": name, "length": length,
+                   "matmul_floor_ms": 2 * prompt_params(cfg) * length / rate * 1e3}
+            prompts = [rng.integers(0, cfg.vocab_size, length) for _ in range(args.reps + 1)]
+            g = _PrefillGraph(model, state, length, pool)
+
+            def graphed(ids):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                g.run(0, ids).cpu()
+                return (time.perf_counter() - t0) * 1e3
+
+            graphed(prompts[0])
+            row["wall_ms"] = statistics.median(graphed(p) for p in prompts[1:])
+            row["gpu_ms"] = replay_ms(g.graph, reps=10, rounds=3)
+            row["gpu_over_floor"] = row["gpu_ms"] / row["matmul_floor_ms"]
+            if args.eager:
+                idx = torch.zeros(1, dtype=torch.int64, device="cuda")
+
+                def eager(ids):
+                    ids = torch.from_numpy(ids[None]).cuda()
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    for a in range(0, length, chunk):
-                        logits = run_slots(model, state, idx, ids[:, a:a + chunk])
-                    logits.cpu()
+                    run_slots(model, state, idx, ids).cpu()
                     return (time.perf_counter() - t0) * 1e3
 
-                once()
-                wall = statistics.median(once() for _ in range(args.reps))
-                row = {"config": name, "length": length, "chunk": chunk, "wall_ms": wall,
-                       "matmul_floor_ms": floor, "wall_over_floor": wall / floor}
-                if args.kernels:
-                    from torch.profiler import ProfilerActivity, profile
-                    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                        once()
-                    fam, n = {}, 0
-                    for ev in prof.events():
-                        if ev.device_type.name == "CUDA":
-                            t = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
-                            f = family(ev.name)
-                            fam[f] = fam.get(f, 0.0) + t / 1e3
-                            n += 1
-                    row["gpu_ms"] = sum(fam.values())
-                    row["kernels"] = n
-                    row["gpu_ms_by_family"] = dict(sorted(fam.items(), key=lambda kv: -kv[1]))
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-        del model, state
+                eager(prompts[0])
+                row["eager_wall_ms"] = statistics.median(eager(p) for p in prompts[1:])
+            if args.kernels:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    g.graph.replay()
+                    torch.cuda.synchronize()
+                fam, n = {}, 0
+                for ev in prof.events():
+                    if ev.device_type.name == "CUDA":
+                        t = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
+                        f = family(ev.name)
+                        fam[f] = fam.get(f, 0.0) + t / 1e3
+                        n += 1
+                row["kernels"] = n
+                row["kernel_ms_by_family"] = dict(sorted(fam.items(), key=lambda kv: -kv[1]))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            g = None
+        model = state = None
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
