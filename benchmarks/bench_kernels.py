@@ -257,6 +257,10 @@ SCAN_VARIANTS = {
     "spt2-qu2": (("-DMRT_SCAN_QU=2",), (2, 4)),
     "spt2-qu8": (("-DMRT_SCAN_QU=8",), (2, 4)),
     "spt4": (("-DMRT_SCAN_SPT16=4",), (4, 4)),
+    "w1": (("-DMRT_SCAN_WARPS=1",), (2, 1)),
+    "w2": (("-DMRT_SCAN_WARPS=2",), (2, 2)),
+    "spt1-w1": (("-DMRT_SCAN_SPT16=1", "-DMRT_SCAN_WARPS=1"), (1, 1)),
+    "spt1-w2": (("-DMRT_SCAN_SPT16=1", "-DMRT_SCAN_WARPS=2"), (1, 2)),
 }
 
 
@@ -275,10 +279,11 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
     return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat)
 
 
-def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS)) -> list[dict]:
+def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS),
+                   dims=(5120,)) -> list[dict]:
     rows = []
-    d, n = 5120, 16
-    for B, L in shapes:
+    n = 16
+    for d, (B, L) in ((d, s) for d in dims for s in shapes):
         t = _prefill_inputs(B, d, n, L, 4, 1234)
         ref_y, ref_h = torch_ops.selective_scan_fn(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"],
                                                    t["db"], t["h0"], True)
@@ -367,6 +372,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variant-shapes", default=",".join(f"{b}x{l}" for b, l in PREFILL_SCAN),
                     help="BxL list for the variants section")
     ap.add_argument("--variants", default=",".join(SCAN_VARIANTS), help="variant names for the variants section")
+    ap.add_argument("--variant-dims", default="5120", help="d_inner list for the variants section")
     args = ap.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if only - set(SECTIONS):
@@ -414,13 +420,14 @@ def main(argv=None) -> int:
             print(line, flush=True)
     if "variants" in only:
         vshapes = tuple(tuple(int(v) for v in x.split("x")) for x in args.variant_shapes.split(","))
-        variants = bench_variants(reps, ex2, vshapes, tuple(x for x in args.variants.split(",") if x))
+        variants = bench_variants(reps, ex2, vshapes, tuple(x for x in args.variants.split(",") if x),
+                                  tuple(int(x) for x in args.variant_dims.split(",")))
         result["scan_variants"] = variants
         for r in variants:
             if "error" in r:
-                print(f"variant {r['variant']:12s} B={r['batch']} L={r['L']:>5}: {r['error']}")
+                print(f"variant {r['variant']:12s} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['error']}")
             else:
-                print(f"variant {r['variant']:12s} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
+                print(f"variant {r['variant']:12s} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
                       f"({r['exps_per_s'] / 1e12:.2f}e12 exp/s; y err vs shipped {r['y_rel_err_vs_shipped']:.1e}, "
                       f"state {r['state_rel_err_vs_shipped']:.1e})", flush=True)
     if "host" in only:

@@ -12,6 +12,11 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
   (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
   device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
 
+* CUDA, prefill (one slot, L > 1): the prompt chunk as pieces of power-of-two lengths, longest first,
+  each the replay of a CUDA graph of ``run_slots`` captured at the first use of its length (one-token
+  pieces are decode steps), in a memory pool of their own. The model's pre-norm residual step is
+  ``plugins_cuda``'s fused kernel (``OpSet.add_rms_norm``).
+
 * CUDA, fused decode (the default where the model's shape allows it): the decode step is the fused
   kernels of ``plugins_cuda/decode_step.cu`` (:mod:`~mamba_rt.runtime.fused_decode`), four per layer,
   on the slots' state in place, captured with the input copy and a greedy argmax in one CUDA graph per
@@ -306,8 +311,9 @@ class _FusedGraph:
 
 class TorchBackend(Backend):
     """Runner over the reference model. Options: ``ops`` ('ref' | 'cuda'; default 'cuda' on a GPU),
-    ``cuda_graph`` (default True on a GPU: decode steps replay a captured graph), ``fused`` (default
-    True where supported with cuda ops and graphs: the fused decode kernels run the decode step)."""
+    ``cuda_graph`` (default True on a GPU: decode steps and one slot's prompt chunks replay captured
+    graphs), ``fused`` (default True where supported with cuda ops and graphs: the fused decode
+    kernels run the decode step)."""
 
     name = "torch"
 

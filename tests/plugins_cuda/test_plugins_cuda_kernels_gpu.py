@@ -232,7 +232,10 @@ SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L
              {"L": 257, "B": 4, "d": 48}, {"L": 100, "with_state": False, "d": 17},
              {"L": 40, "n": 64, "d": 9}, {"L": 70, "n": 8, "d": 70}, {"L": 70, "n": 32, "d": 20},
              {"L": 100, "layout": "strided", "d": 20}, {"L": 130, "softplus": False, "d": 16},
-             {"L": 2, "B": 2, "d": 3}]
+             {"L": 2, "B": 2, "d": 3},
+             # long rows over few blocks, n = 64's 16-step chunks, strided rows of two batches
+             {"L": 600, "B": 1, "d": 40, "n": 64}, {"L": 1000, "layout": "strided", "B": 2, "d": 24},
+             {"L": 4097, "B": 1, "d": 16, "softplus": False}, {"L": 777, "B": 1, "d": 7, "with_state": False}]
 _FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
 
 
