@@ -31,6 +31,20 @@ def gpu_model(cfg, dtype):
     return model_from_weights(cfg, random_weights(cfg, dtype, seed=0), dtype, "cuda")
 
 
+def kernel_times(graph, key=lambda name: name.split("(")[0][:60]) -> dict:
+    """{key(kernel name): [GPU µs of each launch]} of one replay of ``graph`` (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    per = {}
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            per.setdefault(key(ev.name), []).append(ev.device_time if hasattr(ev, "device_time") else ev.cuda_time)
+    return per
+
+
 def replay_ms(graph, reps=100, rounds=5):
     out = []
     for _ in range(rounds):
@@ -108,14 +122,7 @@ def main() -> int:
                    "gemv": dec.k.gemv}
             row["gpu_over_floor"] = gpu / (row["floor_ms"] if B == 1 else row["floor_with_state_ms"])
             if args.kernels:
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    g.graph.replay(); torch.cuda.synchronize()
-                per = {}
-                for ev in prof.events():
-                    if ev.device_type.name == "CUDA":
-                        k = ev.name.split("(")[0][:60]
-                        per.setdefault(k, []).append(ev.device_time if hasattr(ev, "device_time") else ev.cuda_time)
+                per = kernel_times(g.graph)
                 row["kernels_us"] = {k: {"n": len(v), "total": sum(v), "mean": sum(v) / len(v)} for k, v in per.items()}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "kernels_us"}), flush=True)

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from profile_decode import gpu_model, replay_ms
+from profile_decode import gpu_model, kernel_times, replay_ms
 
 
 def matmul_rate(n: int = 8192, dtype=torch.float16, reps: int = 20) -> float:
@@ -117,19 +117,10 @@ def main() -> int:
                 eager(prompts[0])
                 row["eager_wall_ms"] = statistics.median(eager(p) for p in prompts[1:])
             if args.kernels:
-                from torch.profiler import ProfilerActivity, profile
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    g.graph.replay()
-                    torch.cuda.synchronize()
-                fam, n = {}, 0
-                for ev in prof.events():
-                    if ev.device_type.name == "CUDA":
-                        t = ev.device_time if hasattr(ev, "device_time") else ev.cuda_time
-                        f = family(ev.name)
-                        fam[f] = fam.get(f, 0.0) + t / 1e3
-                        n += 1
-                row["kernels"] = n
-                row["kernel_ms_by_family"] = dict(sorted(fam.items(), key=lambda kv: -kv[1]))
+                fam = kernel_times(g.graph, family)
+                row["kernels"] = sum(len(v) for v in fam.values())
+                row["kernel_ms_by_family"] = dict(sorted(((f, sum(v) / 1e3) for f, v in fam.items()),
+                                                         key=lambda kv: -kv[1]))
             rows.append(row)
             print(json.dumps(row), flush=True)
             g = None
