@@ -5,7 +5,7 @@ user-facing numbers come from ``mamba-rt bench`` and ``benchmarks/run_suite.py``
     python benchmarks/profile_prefill.py [--configs 130m,2.8b] [--dtype fp16] [--lengths 2048]
                                          [--eager] [--kernels] [--out FILE.json]
 
-Per (config, length): the backend's CUDA graph of a prompt of ``length`` tokens (``_PrefillGraph``):
+Per (config, length): the backend's CUDA graph of a prompt of ``length`` tokens (``_ModelGraph``):
 wall time of one prefill of a random prompt (ids in, graph, last position's logits on the host),
 median of ``--reps`` after one untimed run, and its GPU time (graph replays, CUDA events); with
 ``--eager`` the same forward run eagerly; with ``--kernels`` one replay's kernel time by kernel family
@@ -73,7 +73,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config
-    from mamba_rt.runtime.backend_torch import _PrefillGraph, cuda_ops, run_slots
+    from mamba_rt.runtime.backend_torch import _ModelGraph, cuda_ops, run_slots
 
     rate = matmul_rate()
     dev = torch.cuda.get_device_name()
@@ -92,12 +92,12 @@ def main() -> int:
             row = {"config": name, "length": length,
                    "matmul_floor_ms": 2 * prompt_params(cfg) * length / rate * 1e3}
             prompts = [rng.integers(0, cfg.vocab_size, length) for _ in range(args.reps + 1)]
-            g = _PrefillGraph(model, state, length, pool)
+            g = _ModelGraph(model, state, 1, length, pool, 1)
 
             def graphed(ids):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                g.run(0, ids).cpu()
+                g.run(np.zeros(1, np.int64), ids[None]).cpu()
                 return (time.perf_counter() - t0) * 1e3
 
             graphed(prompts[0])

@@ -173,10 +173,10 @@ class MambaLM(nn.Module):
             conv_out.append(c_i)
             ssm_out.append(s_i)
         if last_only:
-            h, residual = h[:, -1:], residual[:, -1:]
+            h, residual = h[:, -1], residual[:, -1]
         norm_f = self.backbone.norm_f
         x, _ = ops.add_rms_norm(h, residual, norm_f.weight, norm_f.eps, residual_fp32)
-        logits = self.lm_head(x[:, -1] if last_only else x).float()
+        logits = self.lm_head(x).float()
         if logits.shape[-1] != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]
         return logits, MambaState(torch.stack(conv_out), torch.stack(ssm_out))

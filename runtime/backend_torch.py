@@ -222,49 +222,31 @@ def _capture(fn: Callable, dev, pool, warmup: int):
     return graph, out
 
 
-class _DecodeGraph:
-    """One CUDA graph for a decode step of ``bucket`` rows (static ids, slot indices and logits)."""
+class _ModelGraph:
+    """One CUDA graph of the model over ``rows`` slots and ``length`` tokens each: gather the slots'
+    state, run the model, scatter the state back, the last position's logits. A decode step of a
+    batch bucket is (bucket, 1), a prompt piece of one slot (1, length). The ids and the slot indices
+    sit in one static device buffer (one copy in per call), outside the graphs' memory pool; padding
+    rows read and write the scratch slot."""
 
-    def __init__(self, model, state: TorchStateBuffers, bucket: int, pool):
+    def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int):
         dev = state.conv.device
-        self.bucket = bucket
-        self.state = state
-        self.ids = torch.zeros((bucket, 1), dtype=torch.int64, device=dev)
-        self.idx = torch.full((bucket,), state.scratch, dtype=torch.int64, device=dev)
-        # warm-up on the scratch slot only
-        self.graph, self.logits = _capture(lambda: run_slots(model, state, self.idx, self.ids), dev, pool, 2)
+        self.rows, self.length, self.scratch = rows, length, state.scratch
+        self.inp = torch.full((rows * (length + 1),), state.scratch, dtype=torch.int64, device=dev)
+        ids, idx = self.inp[:rows * length].view(rows, length), self.inp[rows * length:]
+        # warm-up on the scratch slot only (the buffer holds its index until the first run)
+        self.graph, self.logits = _capture(lambda: run_slots(model, state, idx, ids), dev, pool, warmup)
 
     def run(self, slots: np.ndarray, ids: np.ndarray):
-        n = len(slots)
-        idx = np.full(self.bucket, self.state.scratch, np.int64)
-        idx[:n] = slots
-        tok = np.zeros((self.bucket, 1), np.int64)
-        tok[:n] = ids
-        self.idx.copy_(torch.from_numpy(idx), non_blocking=False)
-        self.ids.copy_(torch.from_numpy(tok), non_blocking=False)
-        self.graph.replay()
-        return self.logits[:n]
-
-
-class _PrefillGraph:
-    """One CUDA graph of the prompt forward of one slot over ``length`` tokens: gather the slot's
-    state, run the model, scatter the state back, the last position's logits. The ids and the slot
-    index sit in one static device buffer (one copy in per call), outside the graphs' memory pool."""
-
-    def __init__(self, model, state: TorchStateBuffers, length: int, pool):
-        dev = state.conv.device
-        self.length = length
-        self.inp = torch.full((length + 1,), state.scratch, dtype=torch.int64, device=dev)
-        ids, idx = self.inp[:length].view(1, length), self.inp[length:]
-        # warm-up on the scratch slot only (the buffer holds its index until the first run)
-        self.graph, self.logits = _capture(lambda: run_slots(model, state, idx, ids), dev, pool, 1)
-
-    def run(self, slot: int, ids: np.ndarray):
-        host = np.empty(self.length + 1, np.int64)
-        host[:-1], host[-1] = ids, slot
+        """slots (n,), ids (n, length) with n <= rows; returns the logits of the n rows."""
+        n, cut = len(slots), self.rows * self.length
+        host = np.empty(self.rows * (self.length + 1), np.int64)
+        host[:cut].reshape(self.rows, self.length)[:n] = ids
+        host[n * self.length:cut] = 0
+        host[cut:cut + n], host[cut + n:] = slots, self.scratch
         self.inp.copy_(torch.from_numpy(host))
         self.graph.replay()
-        return self.logits
+        return self.logits[:n]
 
 
 class _FusedGraph:
@@ -335,8 +317,8 @@ class TorchBackend(Backend):
         if self.cuda_graph:  # a prompt chunk is a few graph replays: longer chunks cost no host time
             self.prefill_chunk = 2048
         self.decoder = None
-        self._graphs: dict[int, _DecodeGraph | _FusedGraph] = {}
-        self._prefill_graphs: dict[int, _PrefillGraph] = {}
+        self._graphs: dict[int, _ModelGraph | _FusedGraph] = {}
+        self._prefill_graphs: dict[int, _ModelGraph] = {}
         self._pool = self._prefill_pool = None
 
     @classmethod
@@ -407,7 +389,7 @@ class TorchBackend(Backend):
         g = self._graphs.get(b)
         if g is None:
             g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
-                                   else _DecodeGraph(self.model, self.state, b, self._pool))
+                                   else _ModelGraph(self.model, self.state, b, 1, self._pool, 2))
         return g.run(slots, ids)
 
     def _prefill(self, slot: int, ids: np.ndarray):
@@ -422,7 +404,7 @@ class TorchBackend(Backend):
                 return self._decode(np.array([slot], np.int64), ids[None, a:])
             g = self._prefill_graphs.get(p)
             if g is None:
-                g = self._prefill_graphs[p] = _PrefillGraph(self.model, self.state, p, self._prefill_pool)
-            logits = g.run(slot, ids[a:a + p])
+                g = self._prefill_graphs[p] = _ModelGraph(self.model, self.state, 1, p, self._prefill_pool, 1)
+            logits = g.run(np.array([slot], np.int64), ids[None, a:a + p])
             a += p
         return logits

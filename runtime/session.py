@@ -113,7 +113,7 @@ class Session:
              prefill_chunk: int | None = None, **options) -> "Session":
         """Open a model package; ``backend`` is 'auto', 'onnxruntime' or 'torch' (``options`` go to it).
         ``prefill_chunk``: prompt tokens per backend call (default: the backend's, 256, or 2048 for
-        the torch backend on a GPU)."""
+        the torch backend with CUDA graphs, its default on a GPU)."""
         _check_chunk(prefill_chunk)  # before loading anything
         return cls(load_backend(pkg_dir, backend, device, max_batch, **options), prefill_chunk=prefill_chunk)
 
