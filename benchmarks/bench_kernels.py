@@ -13,9 +13,9 @@ Measures, in one run on one device:
     (each layer's state comes from HBM in a real model), median of the replays;
   * prefill selective_scan at (B, L) = (1, 2048), (1, 16384), (8, 2048) (d = 5120, n = 16) against its
     two floors, and causal_conv1d at B = 1; CUDA-graph replays of 3 calls, median;
-  * variants: compile-time variants of the scan kernel (-D overrides of selective_scan.cu) launched
-    through the same flat entry point, each checked against the shipped kernel's output before it is
-    timed (the kernel before the rewrite, "v3" in NOTES.md, is plugins_cuda/selective_scan.cu at commit
+  * variants: the two prefill scan kernels ("seq" channel-parallel, "tp" time-parallel) and
+    compile-time variants of them (-D overrides of selective_scan.cu) launched through their flat entry
+    points, each checked against the shipped dispatch's output (torch_ops) before it is timed (the kernel before the rewrite, "v3" in NOTES.md, is plugins_cuda/selective_scan.cu at commit
     e4b02c0; its rows in results/ were measured from a copy that is no longer kept, since it no longer
     compiles against today's common.cuh);
   * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
@@ -250,30 +250,51 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
 # ---------------------------------------------------------------------------------------------
 # compile-time variants of the prefill scan, through the flat entry point
 
-# name -> (-D options, (states per lane, warps per block) for n = 16)
+# name -> (kernel, -D options): "seq" is the channel-parallel scan_fwd (launcher.SCAN_CFG), "tp" the
+# time-parallel scan_fwd_tp with its TpCfg knobs (MRT_TP_WARPS / _G / _IPL / _MINB)
 SCAN_VARIANTS = {
-    "shipped": ((), (2, 4)),
-    "spt1": (("-DMRT_SCAN_SPT16=1",), (1, 4)),
-    "spt2-qu2": (("-DMRT_SCAN_QU=2",), (2, 4)),
-    "spt2-qu8": (("-DMRT_SCAN_QU=8",), (2, 4)),
-    "spt4": (("-DMRT_SCAN_SPT16=4",), (4, 4)),
-    "w1": (("-DMRT_SCAN_WARPS=1",), (2, 1)),
-    "w2": (("-DMRT_SCAN_WARPS=2",), (2, 2)),
-    "spt1-w1": (("-DMRT_SCAN_SPT16=1", "-DMRT_SCAN_WARPS=1"), (1, 1)),
-    "spt1-w2": (("-DMRT_SCAN_SPT16=1", "-DMRT_SCAN_WARPS=2"), (1, 2)),
+    "seq": ("seq", ()),
+    "tp": ("tp", ()),
+    "tp-g16": ("tp", ("-DMRT_TP_G=16",)),
+    "tp-ipl8": ("tp", ("-DMRT_TP_IPL=8",)),
+    "tp-minb2": ("tp", ("-DMRT_TP_MINB=2",)),
+    "tp-w8": ("tp", ("-DMRT_TP_WARPS=8", "-DMRT_TP_MINB=2")),
 }
+# A kernel from another source file (--baseline-source, e.g. an earlier selective_scan.cu taken from
+# git) launched with its own (channels per block, threads per block): version 7 used (16, 128).
+BASELINE = {"source": None, "geometry": (16, 128)}
+_VARIANT_FN: dict = {}
+_VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
+
+
+def _knob(defines, name: str, default: int) -> int:
+    return next((int(o.split("=")[1]) for o in defines if o.startswith(f"-D{name}=")), default)
 
 
 def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
-    defines, (spt, warps) = SCAN_VARIANTS[name]
-    text = compiler._read("selective_scan.cu") + "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
-    drv = launcher._driver()
+    if name == "baseline":
+        with open(BASELINE["source"]) as f:
+            text = f.read()
+        kind, defines, (cpb, threads) = "seq", (), BASELINE["geometry"]
+    else:
+        text = compiler._read("selective_scan.cu")
+        kind, defines = SCAN_VARIANTS[name]
+        if kind == "seq":
+            threads, cpb = launcher.SCAN_CFG[16]
+        else:
+            threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
+            cpb = threads // _knob(defines, "MRT_TP_G", 32)
     dev = torch.cuda.current_device()
     ctx = launcher._current_context(dev)
-    cubin = compiler.compile_program(text, "selective_scan.cu", launcher.current_arch(dev), extra_options=defines)
-    mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
-    fn = launcher._cu(drv.cuModuleGetFunction(mod, b"mrt_selective_scan_fwd_bf16_n16"), "cuModuleGetFunction")
-    cpb, threads = (32 // (n // spt)) * warps, 32 * warps
+    if (name, ctx) not in _VARIANT_FN:  # one compile per variant and process
+        text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
+        drv = launcher._driver()
+        cubin = compiler.compile_program(text, "selective_scan.cu", launcher.current_arch(dev),
+                                         extra_options=defines)
+        mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+        _VARIANT_FN[name, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, _VARIANT_ENTRY[kind]),
+                                              "cuModuleGetFunction")
+    fn = _VARIANT_FN[name, ctx]
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
     return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat)
@@ -373,6 +394,10 @@ def main(argv=None) -> int:
                     help="BxL list for the variants section")
     ap.add_argument("--variants", default=",".join(SCAN_VARIANTS), help="variant names for the variants section")
     ap.add_argument("--variant-dims", default="5120", help="d_inner list for the variants section")
+    ap.add_argument("--baseline-source", default=None,
+                    help="a selective_scan.cu to time beside the variants as 'baseline' (e.g. from git show)")
+    ap.add_argument("--baseline-geometry", default="16x128",
+                    help="channels per block x threads per block of the baseline's launch")
     args = ap.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if only - set(SECTIONS):
@@ -419,8 +444,13 @@ def main(argv=None) -> int:
                 line += f" conv {r['conv_ms']:.4f} ms (floor {r['conv_floor_ms']:.3f})"
             print(line, flush=True)
     if "variants" in only:
+        names = [x for x in args.variants.split(",") if x]
+        if args.baseline_source:
+            BASELINE["source"] = args.baseline_source
+            BASELINE["geometry"] = tuple(int(v) for v in args.baseline_geometry.split("x"))
+            names.append("baseline")
         vshapes = tuple(tuple(int(v) for v in x.split("x")) for x in args.variant_shapes.split(","))
-        variants = bench_variants(reps, ex2, vshapes, tuple(x for x in args.variants.split(",") if x),
+        variants = bench_variants(reps, ex2, vshapes, tuple(names),
                                   tuple(int(x) for x in args.variant_dims.split(",")))
         result["scan_variants"] = variants
         for r in variants:

@@ -14,7 +14,9 @@ Pointers are ints (0 = absent, allowed only for optional tensors). Layout is cha
 Without ``strides`` every tensor is taken as contiguous and the flat entry point (TensorRT's argument
 order) is launched; ``strides`` maps a tensor name to its element strides (one per dimension, for the
 3-D logical shape above even when L = 1), and then the strided entry point runs. seqlen == 1 runs the
-single-step kernel unless ``kernel="seq"``.
+single-step kernel unless ``kernel="seq"``. Longer sequences run the channel-parallel sequence
+kernel (``"seq"``) or, for few rows (``TP_MAX_ROWS``, ``TP_MIN_SEQLEN``), the time-parallel one
+(``"tp"``); ``kernel`` forces either.
 
 Everything is validated before any CUDA call: a bad argument raises InputError / UnsupportedError and
 nothing is launched. Every CUDA driver return code is checked. Kernels are compiled on first use for
@@ -38,6 +40,15 @@ CONV_ITEMS = 8      # causal_conv1d.cu CONV_ITEMS
 SSU_THREADS = 128   # selective_scan.cu SSU_THREADS
 # selective_scan.cu ScanCfg<NP>: padded state size -> (threads per block, channels per block)
 SCAN_CFG = {8: (128, 16), 16: (128, 16), 32: (128, 8), 64: (128, 8)}
+# selective_scan.cu TpCfg (the time-parallel kernel, every NP): threads per block, channels per block
+TP_CFG = (128, 4)
+# kernel="auto" takes the time-parallel kernel for sequences of at least TP_MIN_SEQLEN steps over at
+# most TP_MAX_ROWS (batch x channel) rows: there the channel-parallel kernel has fewer blocks than an
+# H100 has SMs, while the time-parallel one's 4-warp blocks, one warp per row, still fill them at 4
+# blocks per SM (132 x 16 = 2112 warps). Shorter sequences leave most of its 512-step chunk idle.
+# benchmarks/NOTES.md, item 21.
+TP_MAX_ROWS = 2048
+TP_MIN_SEQLEN = 512
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1
 
@@ -427,6 +438,19 @@ def _span(ptr: int, shape, strides, itemsize: int) -> tuple[int, int]:
     return ptr, ptr + (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * itemsize
 
 
+def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int) -> str:
+    """The SelectiveScan kernel a launch runs: 'step', 'seq' or 'tp'."""
+    if kernel not in ("auto", "seq", "step", "tp"):
+        raise InputError(f"{op}: kernel must be 'auto', 'seq', 'step' or 'tp', got {kernel!r}")
+    if kernel == "tp":
+        return kernel
+    if _check_kernel(op, kernel, seqlen):
+        return "step"
+    if kernel == "auto" and seqlen >= TP_MIN_SEQLEN and batch * dim <= TP_MAX_ROWS:
+        return "tp"
+    return "seq"
+
+
 def _check_kernel(op: str, kernel: str, seqlen: int) -> bool:
     """True for the single-step kernel."""
     if kernel not in ("auto", "seq", "step"):
@@ -460,13 +484,14 @@ def padded_dstate(dstate: int) -> int:
     raise UnsupportedError(f"selective_scan: dstate {dstate} is not supported; expected 1..{MAX_DSTATE}")
 
 
-def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool) -> tuple[tuple[int, int], int]:
-    """((grid_x, grid_y), threads per block) of the selective_scan kernels."""
+def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool,
+                       tp: bool = False) -> tuple[tuple[int, int], int]:
+    """((grid_x, grid_y), threads per block) of the selective_scan kernels (tp: the time-parallel one)."""
     np_ = padded_dstate(dstate)
     if step:
         tpc = np_ // 4
         return ((batch * dim * tpc + SSU_THREADS - 1) // SSU_THREADS, 1), SSU_THREADS
-    threads, cpb = SCAN_CFG[np_]
+    threads, cpb = TP_CFG if tp else SCAN_CFG[np_]
     return ((dim + cpb - 1) // cpb, batch), threads
 
 
@@ -621,21 +646,25 @@ def scan_plan(
     enqueues it (D, z, delta_bias, ssm_state may be 0)."""
     op = "selective_scan"
     _, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
-    step = _check_kernel(op, kernel, seqlen)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
-    return _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device)
+    return _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device)
 
 
-def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device) -> LaunchPlan:
-    """scan_plan for arguments already checked (st: resolved strides)."""
+_SCAN_STEMS = {"step": "mrt_selective_state_update", "seq": "mrt_selective_scan_fwd",
+               "tp": "mrt_selective_scan_tp_fwd"}
+
+
+def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device) -> LaunchPlan:
+    """scan_plan for arguments already checked (st: resolved strides; kind: _scan_kernel's)."""
     op = "selective_scan"
     softplus = int(bool(delta_softplus))
-    key = (op, dtype, batch, dim, seqlen, dstate, softplus, step, None if st is None else tuple(sorted(st.items())))
+    key = (op, dtype, batch, dim, seqlen, dstate, softplus, kind, None if st is None else tuple(sorted(st.items())))
 
     def build(ctx: int) -> LaunchPlan:
-        stem = "mrt_selective_state_update" if step else "mrt_selective_scan_fwd"
+        stem = _SCAN_STEMS[kind]
         fn = _function(op, dtype, padded_dstate(dstate), stem if st is None else stem + "_strided", device)
-        grid, block = scan_launch_config(batch, dim, dstate, step=step)
+        grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp")
         if st is None:
             flat = [("p", n) for n in _SCAN_PTRS[:9]]
             flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]
@@ -664,14 +693,14 @@ def launch_selective_scan(
     op = "selective_scan"
     itemsize, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
     stream = _check_stream(stream)
-    step = _check_kernel(op, kernel, seqlen)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen)
     act = {"u", "delta", "Bm", "Cm", "z", "y"}
     required = {"u", "delta", "A", "Bm", "Cm", "y", "ssm_state_out"}
     given = {"u": u, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "D": D, "z": z,
              "delta_bias": delta_bias, "ssm_state": ssm_state, "y": y, "ssm_state_out": ssm_state_out}
     ptrs = tuple(_check_ptr(op, n, given[n], itemsize if n in act else 4, n in required) for n in _SCAN_PTRS)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
-    plan = _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, step, device)
+    plan = _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device)
     plan._enqueue(ptrs, stream)
     return plan
 

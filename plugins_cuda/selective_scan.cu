@@ -6,7 +6,7 @@
 //   h_t = exp(dt_t A) * h_{t-1} + dt_t Bm_t u_t ;  y_t = (Cm_t . h_t + D u_t) * silu(z_t)
 //
 // NP is n rounded up to 8, 16, 32 or 64; states past n are padding (A = B = C = 0, so h stays 0).
-// Each lane owns SPT states of one (b, c) (ScanCfg); TPC = NP / SPT lanes share a channel.
+// In scan_fwd each lane owns SPT states of one (b, c) (ScanCfg); TPC = NP / SPT lanes share a channel.
 //
 //   scan_fwd     any L >= 1. A block owns CPB channels of one batch row and walks the whole sequence
 //                in chunks of TCH steps, so L is unbounded (65,537 tokens in one call) and the state
@@ -20,6 +20,11 @@
 //                sums the partials of its own IPL steps and writes y, coalesced along time. Full
 //                chunks of time-contiguous, aligned rows use vector loads and no bounds checks.
 //                The chunk loop must stay small (about 8 KB of SASS): see ScanCfg::QU.
+//   scan_fwd_tp  the same contract, time-parallel: a warp per (b, c), each lane owning a run of IPL
+//                steps of every 512-step chunk, the states walked one after another with a warp
+//                scan of each state's segment aggregates (TpCfg). Faster where the grid of scan_fwd
+//                would leave SMs idle (few rows of long sequences: mamba-130m / 370m prompts at
+//                batch 1); the launcher picks (TP_MAX_ROWS, TP_MIN_SEQLEN).
 //   state_update L == 1, the decode step (memory-bound: the fp32 state is read and written once).
 //                TPC threads per (b, c), each loading its 4 states and 4 A values as one 16-byte
 //                vector when the layout allows (checked per thread), so a warp's state access is one
@@ -454,6 +459,196 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   }
 }
 
+// The time-parallel kernel (scan_fwd_tp). Benchmark-only overrides as above; the launcher's TP_CFG
+// mirrors the defaults.
+#ifndef MRT_TP_WARPS
+#define MRT_TP_WARPS 4
+#endif
+#ifndef MRT_TP_IPL
+#define MRT_TP_IPL 16
+#endif
+#ifndef MRT_TP_G
+#define MRT_TP_G 32
+#endif
+#ifndef MRT_TP_MINB
+#define MRT_TP_MINB 4
+#endif
+
+template <int NP>
+struct TpCfg {
+  // G lanes per (b, c); lane g of a channel owns steps g * IPL .. g * IPL + IPL - 1 of each chunk of
+  // TCH = G * IPL steps. The states are a runtime loop; NP only sizes the shared per-state arrays.
+  // Measured (benchmarks/NOTES.md, item 21): G = 32 fastest at every shape tried (8, 16: slower, the
+  // scan rounds were not the limit); 4 blocks per SM (128 registers, a few spilled) against 2
+  // unbounded: 0.046 against 0.066 ms at d = 1536.
+  static constexpr int WARPS = MRT_TP_WARPS;
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int G = MRT_TP_G;
+  static constexpr int CPB = WARPS * (32 / G);  // channels per block
+  static constexpr int IPL = MRT_TP_IPL;
+  static constexpr int TCH = G * IPL;
+  static constexpr int MINB = MRT_TP_MINB;      // __launch_bounds__ blocks per SM (caps registers)
+  static_assert(G >= 2 && G <= 32 && (G & (G - 1)) == 0, "G: a power of two that divides a warp");
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void zero_pack(Pack<T, N>& r) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) r.e[i] = T{};
+}
+
+// Time-parallel scan: G lanes per (b, c). Per chunk of TCH steps, each lane computes dt and dt * u
+// of its IPL steps once; then for every state s:
+//   pass 1  a_t = 2^(dt_t A_s log2 e), b_t = dt_t u_t B_st and the lane's segment aggregate
+//           H = fold(h -> a_t h + b_t) from 0 (the decay over the segment, P = 2^(sum dt A_s log2 e),
+//           is one more ex2); the channel's first lane folds in the state carried from the previous
+//           chunk;
+//   scan    an inclusive scan of the segments' (P, H) over the channel's G lanes (log2 G shuffle
+//           rounds), so lane g's H is the state after its segment and lane g - 1's the state it
+//           starts from; the last lane's is carried to the next chunk;
+//   pass 2  h_t = a_t h_{t-1} + b_t from that start, y_t += C_st h_t (a_t, b_t still in registers).
+// One ex2 per state-step plus 1/IPL for P; A and the carried state sit in shared memory per
+// (channel, state); no block barriers.
+template <typename T, int NP>
+__device__ __forceinline__ void scan_fwd_tp(const ScanParams& p) {
+  using Cfg = TpCfg<NP>;
+  constexpr int IPL = Cfg::IPL, TCH = Cfg::TCH, G = Cfg::G, CPB = Cfg::CPB;
+  constexpr unsigned int FULL = 0xffffffffu;
+  constexpr unsigned int VA = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);  // a lane's run, bytes
+  __shared__ float a2_s[CPB][NP];  // A * log2(e)
+  __shared__ float h_s[CPB][NP];   // the state carried across chunks
+
+  const int lane = threadIdx.x % 32, g = lane % G;
+  const int lc = threadIdx.x / G;  // channel within the block
+  const long long b = blockIdx.y;
+  const long long craw = (long long)blockIdx.x * CPB + lc;
+  const bool cok = craw < p.dim;
+  // A channel past dim (a partial last block) computes on channel dim - 1 and writes nothing: its
+  // lanes stay in the warp's shuffles.
+  const long long c = cok ? craw : p.dim - 1;
+  const int L = static_cast<int>(p.seqlen);  // the launcher keeps seqlen within int32
+  const int n = static_cast<int>(p.dstate);
+
+  const T* __restrict__ urow = static_cast<const T*>(p.u) + b * p.u_bs + c * p.u_cs;
+  const T* __restrict__ drow = static_cast<const T*>(p.delta) + b * p.d_bs + c * p.d_cs;
+  const T* __restrict__ zrow = p.z ? static_cast<const T*>(p.z) + b * p.z_bs + c * p.z_cs : nullptr;
+  T* __restrict__ yrow = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+  const T* __restrict__ Bb = static_cast<const T*>(p.Bm) + b * p.B_bs;
+  const T* __restrict__ Cb = static_cast<const T*>(p.Cm) + b * p.C_bs;
+  const bool lvec = p.u_ts == 1 && p.d_ts == 1 && p.y_ts == 1 && aligned_to(urow, VA) &&
+                    aligned_to(drow, VA) && aligned_to(yrow, VA) &&
+                    (!zrow || (p.z_ts == 1 && aligned_to(zrow, VA)));
+  const bool bcvec = p.B_ts == 1 && p.C_ts == 1 && aligned_to(Bb, VA) && aligned_to(Cb, VA) &&
+                     (p.B_ss * sizeof(T)) % VA == 0 && (p.C_ss * sizeof(T)) % VA == 0;
+
+  float* __restrict__ a2c = a2_s[lc];
+  float* __restrict__ hc = h_s[lc];
+  for (int s = g; s < n; s += G) {
+    a2c[s] = static_cast<const float*>(p.A)[c * p.A_cs + s * p.A_ss] * LOG2E;
+    hc[s] = p.ssm_state ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + c * p.h_cs + s * p.h_ss] : 0.f;
+  }
+  __syncwarp();
+  const float dbias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[c * p.db_cs] : 0.f;
+  const float Dc = p.D ? static_cast<const float*>(p.D)[c * p.D_cs] : 0.f;
+
+#pragma unroll 1
+  for (int t0 = 0; t0 < L; t0 += TCH) {
+    const int tl = t0 + g * IPL;
+    const bool full = tl + IPL <= L;
+    const bool vec = lvec && full, bvec = bcvec && full;
+    Pack<T, IPL> pb;  // B row of state 0; later states' are loaded one state ahead
+    ld_run(pb, Bb, p.B_ts, tl, L, bvec);
+
+    // dt = softplus(delta + bias) and dt * u, once per step; steps past L get dt = 0 (a = 1, b = 0:
+    // the state passes through those lanes unchanged).
+    float dt[IPL], du[IPL], y[IPL];
+    {
+      Pack<T, IPL> pu, pd;
+      ld_run(pu, urow, p.u_ts, tl, L, vec);
+      ld_run(pd, drow, p.d_ts, tl, L, vec);
+      float uf[IPL], xf[IPL];
+      unpack(pu, uf);
+      unpack(pd, xf);
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        const float x = xf[i] + dbias;
+        const float v = p.softplus ? softplus_mufu(x) : x;
+        dt[i] = tl + i < L ? v : 0.f;
+        du[i] = dt[i] * uf[i];
+        y[i] = 0.f;
+      }
+    }
+    float dsum = 0.f;
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) dsum += dt[i];
+    asm volatile("" : "+f"(dsum));  // kept in a register: not re-summed in every state's iteration
+
+#pragma unroll 1
+    for (int s = 0; s < n; ++s) {
+      const float a2 = a2c[s];
+      const float carry = hc[s];
+      Pack<T, IPL> pc, pbn;
+      ld_run(pc, Cb + s * p.C_ss, p.C_ts, tl, L, bvec);
+      if (s + 1 < n) ld_run(pbn, Bb + (s + 1) * p.B_ss, p.B_ts, tl, L, bvec);
+      else zero_pack(pbn);
+
+      float bf[IPL], ea[IPL], eb[IPL];
+      unpack(pb, bf);
+      float H = 0.f;
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        ea[i] = fast_exp2(dt[i] * a2);
+        eb[i] = du[i] * bf[i];
+        H = fmaf(ea[i], H, eb[i]);
+      }
+      float P = fast_exp2(dsum * a2);
+      if (g == 0) H = fmaf(P, carry, H);
+#pragma unroll
+      for (int off = 1; off < G; off <<= 1) {
+        const float Pu = __shfl_up_sync(FULL, P, off, G);
+        const float Hu = __shfl_up_sync(FULL, H, off, G);
+        if (g >= off) {
+          H = fmaf(P, Hu, H);
+          P *= Pu;
+        }
+      }
+      float h = __shfl_up_sync(FULL, H, 1, G);
+      if (g == 0) h = carry;
+      if (g == G - 1) hc[s] = H;  // read again by lane 0 in the next chunk (after __syncwarp)
+
+      float cf[IPL];
+      unpack(pc, cf);
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) {
+        h = fmaf(ea[i], h, eb[i]);
+        y[i] = fmaf(cf[i], h, y[i]);
+      }
+      pb = pbn;
+    }
+    __syncwarp();
+
+    // u and z again (cache hits) rather than held through the state loop: registers.
+    Pack<T, IPL> pu, pz;
+    ld_run(pu, urow, p.u_ts, tl, L, vec);
+    if (zrow) ld_run(pz, zrow, p.z_ts, tl, L, vec);
+    float uf[IPL], zf[IPL];
+    unpack(pu, uf);
+    if (zrow) unpack(pz, zf);
+    Pack<T, IPL> py;
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      float yv = fmaf(Dc, uf[i], y[i]);
+      if (zrow) yv *= silu_mufu(zf[i]);
+      py.e[i] = from_float<T>(yv);
+    }
+    if (cok) st_run(yrow, p.y_ts, tl, L, vec, py);
+  }
+
+  if (cok)
+    for (int s = g; s < n; s += G)
+      static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + c * p.ho_cs + s * p.ho_ss] = hc[s];
+}
+
 constexpr int SSU_THREADS = 128;
 
 template <typename T, int NP>
@@ -556,6 +751,14 @@ __device__ __forceinline__ void state_update(const ScanParams& p) {
   extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::THREADS)                         \
       mrt_selective_scan_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) {    \
     mrt::scan_fwd<T, NP>(p);                                                                       \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::TpCfg<NP>::THREADS, mrt::TpCfg<NP>::MINB)     \
+      mrt_selective_scan_tp_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                             \
+    mrt::scan_fwd_tp<T, NP>(MRT_SCAN_FLAT_PARAMS(seqlen));                                         \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::TpCfg<NP>::THREADS, mrt::TpCfg<NP>::MINB)     \
+      mrt_selective_scan_tp_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) { \
+    mrt::scan_fwd_tp<T, NP>(p);                                                                    \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(mrt::SSU_THREADS)                                  \
       mrt_selective_state_update_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                            \

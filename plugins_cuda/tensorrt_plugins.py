@@ -139,6 +139,9 @@ def conv_kernel(dtype: str, width: int, arch: int, *, step: bool) -> KernelChoic
 
 
 def scan_kernel(dtype: str, dstate: int, arch: int, *, step: bool) -> KernelChoice:
+    """The ahead-of-time kernel: the channel-parallel scan for sequences. The launcher's time-parallel
+    kernel (chosen at run time by rows and length, which an engine's profile does not fix) runs only
+    through the JIT path and the torch backend."""
     spec = KernelSpec("selective_scan", dtype, launcher.padded_dstate(dstate), arch)
     return KernelChoice(spec, spec.entry("mrt_selective_state_update" if step else "mrt_selective_scan_fwd"), step)
 

@@ -50,7 +50,10 @@ def test_ptx_output_for_tensorrt():
 
 def test_hot_kernels_do_not_spill():
     """The scan keeps state, prefetch buffers and the chunk loop in registers; a spill (local memory
-    traffic) would make it several times slower."""
+    traffic) would make it several times slower. The time-parallel kernel is capped at 128 registers
+    (4 blocks per SM) and spills a few values that are used once per 512-step chunk, outside the state
+    loop (checked in its SASS; measured faster than 2 blocks per SM without spills, NOTES item 21): it
+    may spill at most 192 bytes."""
     spec = KernelSpec("selective_scan", "bfloat16", 16, 90)
     nvrtc = compiler._nvrtc()
     headers = [compiler._read(n).encode() for n in compiler.HEADERS]
@@ -61,9 +64,10 @@ def test_hot_kernels_do_not_spill():
     compiler._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compile", prog)
     log = compiler._log(prog)
     nvrtc.nvrtcDestroyProgram(prog)
-    spills = re.findall(r"(\d+) bytes spill stores", log)
-    assert len(spills) == 4, log
-    assert all(s == "0" for s in spills), log
+    spills = dict(re.findall(r"Function properties for (\w+)\s+ptxas\s+\.\s+\d+ bytes stack frame, (\d+) bytes spill stores", log))
+    assert len(spills) == 6, log
+    for name, stored in spills.items():
+        assert int(stored) <= (192 if "_tp_" in name else 0), f"{name} spills {stored} bytes\n{log}"
 
 
 def test_cache_key_is_readable_and_complete(tmp_path, monkeypatch):

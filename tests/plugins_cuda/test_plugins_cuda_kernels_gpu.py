@@ -239,11 +239,14 @@ SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L
 _FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "tp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("row", SCAN_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
-def test_selective_scan_fn_matches_ref(ops, rng, dtype, row):
+def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
+    """Every row through kernel="auto" (the channel-parallel kernel for these short or many-row
+    cases, the step kernel at L = 1) and through the time-parallel kernel forced."""
     seed, gen = rng
-    cfg = {**SCAN_BASE, **_FLAGS, "kernel": "auto", **row}
+    cfg = {**SCAN_BASE, **_FLAGS, "kernel": kernel, **row}
     B, d, L, n = cfg["B"], cfg["d"], cfg["L"], cfg["n"]
     inp = scan_inputs(gen, B, d, L, n, dtype, *(cfg[k] for k in _FLAGS))
     state_before = None if inp["ssm_state"] is None else inp["ssm_state"].clone()
@@ -258,16 +261,18 @@ def test_selective_scan_fn_matches_ref(ops, rng, dtype, row):
         assert torch.equal(inp["ssm_state"], state_before), "the input state must not change"
 
 
+@pytest.mark.parametrize("kernel", ["seq", "tp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031)], ids=["2.8b-2048", "b2-1031"])
-def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L):
-    """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt): same oracle,
-    computed on the GPU in float64."""
+@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031), (1, 1536, 2048)],
+                         ids=["2.8b-2048", "b2-1031", "130m-2048"])
+def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L, kernel):
+    """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt), both sequence
+    kernels: same oracle, computed on the GPU in float64."""
     seed, gen = rng
     inp = scan_inputs(gen, B, d, L, 16, dtype)
     y = _poison((B, d, L), dtype)
     so = _poison((B, d, 16), torch.float32)
-    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel=kernel)
     ref_y, ref_s = _scan_ref(inp)
     assert_close(f"scan y B={B} d={d} L={L}", y, ref_y, TOL[dtype], seed)
     assert_close(f"scan state B={B} d={d} L={L}", so, ref_s, STATE_TOL, seed)
@@ -335,20 +340,28 @@ def test_selective_scan_65537_tokens_in_one_call(ops, rng, dtype):
     assert_close("scan state, L=65537", so.cpu(), ref_s, STATE_TOL, seed)
 
 
+@pytest.mark.parametrize("kernel", ["seq", "tp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_selective_scan_chunks_compose(ops, rng, dtype):
-    """Scan over L1, then over L2 from the carried state == one scan over L1 + L2, bit for bit: each
-    step does the same fp32 operations on the same values wherever the launch boundaries fall."""
+def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
+    """Scan over L1, then over L2 from the carried state == one scan over L1 + L2: bit for bit for the
+    channel-parallel kernel; to fp32 rounding for the time-parallel one (it associates the recurrence
+    by lane segments counted from the launch's first step, so where a launch starts changes the
+    rounding, not the result)."""
     seed, gen = rng
     B, d, n, L1, L2 = 2, 45, 16, 100, 61
     inp = scan_inputs(gen, B, d, L1 + L2, n, dtype)
-    y, s = ops.selective_scan_fn(**inp)
+    y, s = ops.selective_scan_fn(**inp, kernel=kernel)
     first = {k: (v[..., :L1] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
     second = {k: (v[..., L1:] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
-    y1, s1 = ops.selective_scan_fn(**first)
-    y2, s2 = ops.selective_scan_fn(**{**second, "ssm_state": s1})
-    assert torch.equal(torch.cat([y1, y2], -1), y), f"seed={seed}"
-    assert torch.equal(s2, s), f"seed={seed}"
+    y1, s1 = ops.selective_scan_fn(**first, kernel=kernel)
+    y2, s2 = ops.selective_scan_fn(**{**second, "ssm_state": s1}, kernel=kernel)
+    if kernel == "seq":  # each step does the same fp32 operations wherever a launch starts: bit for bit
+        assert torch.equal(torch.cat([y1, y2], -1), y), f"seed={seed}"
+        assert torch.equal(s2, s), f"seed={seed}"
+    else:
+        assert_close("chunked y", torch.cat([y1, y2], -1), y.double(), STATE_TOL if dtype == torch.float32
+                     else TOL[dtype], seed)
+        assert_close("chunked state", s2, s.double(), STATE_TOL, seed)
 
 
 SSU_ROWS = [{}, {"d": 1}, {"d": 1544}, {"B": 1}, {"n": 1}, {"n": 5}, {"n": 64}, {"with_z": False},

@@ -89,6 +89,28 @@ def test_launch_configs():
     assert launcher.scan_launch_config(1, 5120, 16, step=False) == ((320, 1), 128)
     assert launcher.scan_launch_config(3, 5, 64, step=False) == ((1, 3), 128)
     assert launcher.scan_launch_config(1, 5120, 16, step=True) == ((160, 1), 128)
+    assert launcher.scan_launch_config(1, 1536, 16, step=False, tp=True) == ((384, 1), 128)
+    assert launcher.scan_launch_config(3, 5, 64, step=False, tp=True) == ((2, 3), 128)
+
+
+@pytest.mark.parametrize("kernel, batch, dim, seqlen, kind", [
+    ("auto", 1, 1536, 2048, "tp"),    # 130m prompt: few rows, long sequence
+    ("auto", 1, 2048, 512, "tp"),     # both limits
+    ("auto", 1, 2049, 2048, "seq"),   # rows over TP_MAX_ROWS
+    ("auto", 8, 1536, 2048, "seq"),
+    ("auto", 1, 1536, 511, "seq"),    # shorter than TP_MIN_SEQLEN
+    ("auto", 1, 1536, 1, "step"),
+    ("seq", 1, 1536, 2048, "seq"), ("tp", 64, 5120, 1, "tp"), ("step", 1, 1536, 1, "step"),
+])
+def test_scan_kernel_choice(kernel, batch, dim, seqlen, kind):
+    assert launcher._scan_kernel("selective_scan", kernel, batch, dim, seqlen) == kind
+
+
+def test_scan_kernel_choice_rejects():
+    with pytest.raises(InputError, match=r"kernel must be 'auto', 'seq', 'step' or 'tp', got 'fast'"):
+        launcher._scan_kernel("selective_scan", "fast", 1, 1, 2)
+    with pytest.raises(InputError, match="the single-step kernel needs seqlen 1, got 2"):
+        launcher._scan_kernel("selective_scan", "step", 1, 1, 2)
 
 
 def test_capability_reasons():
