@@ -18,7 +18,7 @@
 //
 // For larger batches (> 2 rows) the projections are cuBLAS GEMMs and these kernels do the
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
-// x_proj share, ssm_step reading a precomputed delta.
+// x_proj share, ssm_step_pre reading a precomputed delta.
 //
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
 // holds in the model dtype T (normalised input, xz, conv output u, x_proj output, dt_proj output, y,
@@ -869,26 +869,61 @@ struct ResidualNormArgs {
   float eps;
 };
 
-// Batched path, one block per row: h += o; xn = round_T(h * rstd * norm_w).
+// Batched path and prompts, one block per row: h += o; xn = round_T(h * rstd * norm_w). The first
+// RN_ITEMS * blockDim columns are held in registers, their loads all issued before any store (h and o
+// may alias for the compiler, which would otherwise order each load after the previous store), so a
+// row costs one memory round trip instead of one per strided pass; wider rows loop over the rest.
+constexpr int RN_ITEMS = 8;
+
 template <typename T>
 __device__ void residual_norm(const ResidualNormArgs& a) {
   __shared__ float red[32];
   pdl_launch_dependents();
   pdl_wait();
-  const int K = (int)a.K;
+  const int K = (int)a.K, nt = (int)blockDim.x;
   const long long row = (long long)blockIdx.x * K;
   const T* o = static_cast<const T*>(a.o);
+  const T* nw = static_cast<const T*>(a.norm_w);
+  float hv[RN_ITEMS], ov[RN_ITEMS];
+#pragma unroll
+  for (int i = 0; i < RN_ITEMS; ++i) {
+    const int k = threadIdx.x + i * nt;
+    hv[i] = k < K ? a.h[row + k] : 0.f;
+    ov[i] = k < K ? to_float(o[row + k]) : 0.f;
+  }
   float s = 0.f;
-  for (int k = threadIdx.x; k < K; k += blockDim.x) {
+#pragma unroll
+  for (int i = 0; i < RN_ITEMS; ++i) {
+    const int k = threadIdx.x + i * nt;
+    float hn = hv[i] + ov[i];
+    if (!a.res_fp32) hn = round_t<T>(hn);
+    hv[i] = hn;
+    if (k < K) {
+      a.h[row + k] = hn;
+      s = fmaf(hn, hn, s);
+    }
+  }
+  for (int k = threadIdx.x + RN_ITEMS * nt; k < K; k += nt) {
     float hn = a.h[row + k] + to_float(o[row + k]);
     if (!a.res_fp32) hn = round_t<T>(hn);
     a.h[row + k] = hn;
     s = fmaf(hn, hn, s);
   }
+  float wv[RN_ITEMS];
+#pragma unroll
+  for (int i = 0; i < RN_ITEMS; ++i) {
+    const int k = threadIdx.x + i * nt;
+    wv[i] = k < K ? to_float(nw[k]) : 0.f;
+  }
   const float rstd = rsqrtf(block_sum(s, red) / (float)K + a.eps);
-  const T* nw = static_cast<const T*>(a.norm_w);
-  for (int k = threadIdx.x; k < K; k += blockDim.x)
-    static_cast<T*>(a.xn)[row + k] = from_float<T>(a.h[row + k] * rstd * to_float(nw[k]));
+  T* xn = static_cast<T*>(a.xn);
+#pragma unroll
+  for (int i = 0; i < RN_ITEMS; ++i) {
+    const int k = threadIdx.x + i * nt;
+    if (k < K) xn[row + k] = from_float<T>(hv[i] * rstd * wv[i]);
+  }
+  for (int k = threadIdx.x + RN_ITEMS * nt; k < K; k += nt)
+    xn[row + k] = from_float<T>(a.h[row + k] * rstd * to_float(nw[k]));
 }
 
 struct ConvXprojArgs {
@@ -1051,18 +1086,21 @@ struct SsmStepArgs {
 
 // grid (ceil(d / CPB), B); TPC = N / 4 threads per channel (a power of two), 4 states each. The
 // state, A, D, the bias and this thread's share of the dt_proj row are loaded before waiting for the
-// previous kernel; after it, only x_proj's output, u and z.
-template <typename T, int N>
+// previous kernel; after it, only x_proj's output, u and z. PRE (the batched path: delta precomputed
+// by cuBLAS, x_proj's output in T): no dt_proj share, and each thread reads its 4 B and 4 C values
+// directly (the block's threads share them through L1), so no shared row and no barrier; 30-odd
+// registers instead of 70, i.e. full occupancy for a kernel that streams the batch's state.
+template <typename T, int N, bool PRE>
 __device__ void ssm_step(const SsmStepArgs& a) {
-  constexpr int TPC = N / 4, CPB = SSM_THREADS / TPC, V = Vec<T>::N, WMAX = 8;
-  __shared__ float xs[MAX_XDBL];  // x_proj output row
+  constexpr int TPC = N / 4, CPB = SSM_THREADS / TPC, V = Vec<T>::N, WMAX = PRE ? 1 : 8;
+  __shared__ float xs[PRE ? 1 : MAX_XDBL];  // x_proj output row
   const int d = (int)a.d, r = (int)a.r, R = (int)a.R, b = blockIdx.y;
   const int cl = threadIdx.x / TPC, g = threadIdx.x % TPC;
   const int c = blockIdx.x * CPB + cl;
   const bool active = c < d;
   const int cc = active ? c : 0;
   const T* w = static_cast<const T*>(a.Wdt) + (long long)cc * r;
-  const bool wvec = !a.delta && (r % V) == 0 && aligned16(a.Wdt) && r / V <= WMAX * TPC;
+  const bool wvec = !PRE && (r % V) == 0 && aligned16(a.Wdt) && r / V <= WMAX * TPC;
   uint4 wv[WMAX];
   if (wvec) {
 #pragma unroll
@@ -1079,12 +1117,20 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   pdl_wait();
   const float uv = to_float(static_cast<const T*>(a.u)[(long long)b * d + cc]);
   const float zv = to_float(static_cast<const T*>(a.xz)[(long long)b * 2 * d + d + cc]);
-  float dt = a.delta ? to_float(static_cast<const T*>(a.delta)[(long long)b * d + cc]) : 0.f;
-  for (int j = threadIdx.x; j < R; j += blockDim.x)
-    xs[j] = a.xdbl_acc ? round_t<T>(a.xdbl_acc[(long long)b * R + j])
-                       : to_float(static_cast<const T*>(a.xdbl_t)[(long long)b * R + j]);
-  __syncthreads();
-  if (!a.delta) {
+  float dt, Bv[4], Cv[4];
+  if constexpr (PRE) {
+    const T* xr = static_cast<const T*>(a.xdbl_t) + (long long)b * R + r + g * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Bv[j] = to_float(xr[j]);
+      Cv[j] = to_float(xr[N + j]);
+    }
+    dt = to_float(static_cast<const T*>(a.delta)[(long long)b * d + cc]);
+  } else {
+    for (int j = threadIdx.x; j < R; j += blockDim.x)
+      xs[j] = a.xdbl_acc ? round_t<T>(a.xdbl_acc[(long long)b * R + j])
+                         : to_float(static_cast<const T*>(a.xdbl_t)[(long long)b * R + j]);
+    __syncthreads();
     float s = 0.f;
     if (wvec) {
 #pragma unroll
@@ -1103,11 +1149,14 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 #pragma unroll
     for (int off = TPC / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     dt = round_t<T>(s);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      Bv[j] = xs[r + g * 4 + j];
+      Cv[j] = xs[r + N + g * 4 + j];
+    }
   }
   dt = softplus(dt + dbias);
   const float dtu = dt * uv;
-  const float* Bv = xs + r + g * 4;
-  const float* Cv = xs + r + N + g * 4;
   hv.x = fmaf(expf(dt * av.x), hv.x, dtu * Bv[0]);
   hv.y = fmaf(expf(dt * av.y), hv.y, dtu * Bv[1]);
   hv.z = fmaf(expf(dt * av.z), hv.z, dtu * Bv[2]);
@@ -1150,7 +1199,9 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
-      mrt_ssm_step_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N>(a); }
+      mrt_ssm_step_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, false>(a); }        \
+  extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
+      mrt_ssm_step_pre_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, true>(a); }
 
 #define MRT_DECODE_ENTRIES(TAG, T)                                                                     \
   MRT_DECODE_BM(TAG, T, 1)                                                                             \

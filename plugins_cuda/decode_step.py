@@ -24,6 +24,7 @@ GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 2
 ARGMAX_THREADS = 1024
 ARGMAX_CHUNK = 8 * ARGMAX_THREADS  # logits per argmax block
 MAX_CONV = 8
+RN_ITEMS = 8              # .cu: columns per thread residual_norm holds in registers
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
 STATE_SIZES = (4, 8, 16, 32, 64)
@@ -44,6 +45,14 @@ BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STA
 # mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5).
 BULK_MIN_IN_PROJ = 32 << 20
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
+
+
+def residual_norm_threads(K: int) -> int:
+    """Threads per row of residual_norm: enough warps to hold the row in registers (RN_ITEMS columns
+    each), at least 4 and at most ROW_THREADS (wider rows loop over the rest). Fewer threads for narrow
+    rows leave room for more rows per SM (prompts: a block per token): 4 warps for mamba-130m's 768."""
+    per = -(-K // RN_ITEMS)
+    return min(ROW_THREADS, max(128, -(-per // 32) * 32))
 
 
 def gemv_for(in_proj_bytes: int, gemv: str | None) -> str | None:
@@ -293,7 +302,8 @@ class DecodeKernels:
 
     def residual_norm(self, *, h, o, norm_w, xn, B, K, res_fp32, eps) -> Launch:
         a = ResidualNormArgs(h, o, norm_w, xn, K, int(res_fp32), eps)
-        return Launch(self._fn(f"residual_norm_{self.tag}"), (B, 1), ROW_THREADS, 0, a, "residual_norm")
+        return Launch(self._fn(f"residual_norm_{self.tag}"), (B, 1), residual_norm_threads(K), 0, a,
+                      "residual_norm")
 
     @staticmethod
     def argmax_scratch_words(B: int, V: int) -> int:
@@ -319,10 +329,16 @@ class DecodeKernels:
                  d, r) -> Launch:
         if n not in STATE_SIZES:
             raise UnsupportedError(f"fused decode: d_state {n} is not one of {STATE_SIZES}")
+        # two kernels: dt_proj computed here from x_proj's fp32 accumulator (GEMV path), or delta and
+        # x_proj's output precomputed in T by the GEMMs (ssm_step_pre)
+        pre = bool(delta)
+        if pre != bool(xdbl_t) or pre == bool(xdbl_acc):
+            raise InternalError("fused decode ssm_step: give xdbl_acc, or xdbl_t with delta")
         a = SsmStepArgs(xdbl_acc or 0, xdbl_t or 0, delta or 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx,
                         y, d, r, r + 2 * n)
         cpb = SSM_THREADS // (n // 4)
-        return Launch(self._fn(f"ssm_step_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
+        stem = "ssm_step_pre" if pre else "ssm_step"
+        return Launch(self._fn(f"{stem}_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
 
     # -- launching -----------------------------------------------------------------------------------
     def launch(self, ln: Launch, stream: int) -> None:

@@ -419,7 +419,8 @@ def test_scan_rejects_wrong_state_dtype_and_shape(ops, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(1, 2048, 768), (2, 37, 2560), (3, 1, 5)], ids=str)
+# (2, 3, 5000): wider than the 8 x 512 columns the kernel holds in registers, so its loop runs too
+@pytest.mark.parametrize("shape", [(1, 2048, 768), (2, 37, 2560), (3, 1, 5), (2, 3, 5000)], ids=str)
 def test_add_rms_norm_matches_ref(ops, rng, dtype, shape):
     seed, gen = rng
     K = shape[-1]
