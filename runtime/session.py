@@ -173,12 +173,12 @@ class Session:
         return a
 
     def _check_slots(self, slots) -> np.ndarray:
-        s = [self.cache.check_slot(x) for x in np.asarray(slots).reshape(-1).tolist()] if len(slots) else []
-        if not s:
+        s = self.cache.check_slots(slots) if len(slots) else np.zeros(0, np.int64)
+        if not s.size:
             raise InputError("slots: expected at least one slot")
-        if len(set(s)) != len(s):
-            raise InputError(f"slots: each slot may appear once per step, got {s}")
-        return np.asarray(s, np.int64)
+        if np.unique(s).size != s.size:
+            raise InputError(f"slots: each slot may appear once per step, got {s.tolist()}")
+        return s
 
     # -- low level ------------------------------------------------------------------------------------
     def prefill(self, slot: int, ids, sampling: SamplingParams | None = None, return_logits: bool = False):

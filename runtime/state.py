@@ -149,6 +149,26 @@ class StateCache:
             raise InputError(f"{name} {slot}: not allocated (call alloc() first); slots in use: {self.in_use()}")
         return slot
 
+    def check_slots(self, slots, name: str = "slot") -> np.ndarray:
+        """``slots`` (any sequence, flattened) as int64 slot ids, each checked as :meth:`check_slot`
+        does (same errors); integer arrays are checked in one pass (a decode step calls this for
+        every row, every token)."""
+        if isinstance(slots, np.ndarray):
+            plain = slots.dtype.kind in "iu"
+        else:  # bools would pass as integers once in an array ([0, True] -> [0, 1]): not plain
+            plain = all(type(x) is int or isinstance(x, np.integer) for x in slots)
+        if not plain:  # element by element, as given, for check_slot's message
+            return np.asarray([self.check_slot(x, name) for x in np.asarray(slots, dtype=object).reshape(-1).tolist()],
+                              np.int64)
+        a = np.asarray(slots).reshape(-1)
+        free = np.zeros(self.max_batch, bool)
+        free[self._free] = True
+        bad = (a < 0) | (a >= self.max_batch)
+        bad[~bad] = free[a[~bad].astype(np.int64)]
+        if bad.any():
+            self.check_slot(int(a[np.flatnonzero(bad)[0]]), name)  # raises
+        return a.astype(np.int64)
+
     def alloc(self, n: int | None = None):
         """One fresh (zeroed) slot, or a list of ``n``. Refuses when not enough slots are free."""
         want = 1 if n is None else n

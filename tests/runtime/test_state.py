@@ -116,6 +116,24 @@ def test_bad_slot_calls_refused_and_touch_nothing(kind):
     assert _same(_all(c), before)
 
 
+def test_check_slots_matches_check_slot():
+    """The batched check (every decode step) accepts what check_slot accepts and refuses with the
+    error check_slot gives for the first bad entry, whatever the container and integer type."""
+    c, a, b = _two_filled(next(iter(BUFFERS)))
+    assert (a, b) == (0, 1) and c.max_batch == MAX_BATCH == 4
+    for good in ([a, b], np.array([b, a], np.int32), np.array([[a], [b]], np.uint8), (np.int64(a),)):
+        got = c.check_slots(good)
+        assert got.dtype == np.int64 and got.tolist() == [int(x) for x in np.asarray(good).reshape(-1)]
+    for bad, first in [([a, 2], 2), (np.array([a, 9]), 9), (np.array([-1, a]), -1),
+                       (np.array([a, 2**63 + 5], np.uint64), 2**63 + 5), ([a, True], True), ([1.0], 1.0),
+                       (["0"], "0"), ([b, 3, 2], 3)]:
+        with pytest.raises(InputError) as want:
+            c.check_slot(first)
+        with pytest.raises(InputError) as got:
+            c.check_slots(bad)
+        assert str(got.value) == str(want.value), (bad, str(got.value), str(want.value))
+
+
 def _corrupt(blob, **header_changes):
     n = len(SNAPSHOT_MAGIC)
     (hlen,) = struct.unpack("<Q", blob[n:n + 8])
