@@ -551,7 +551,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-cap", type=int, default=4096, help="largest batch tried in the batch search")
     ap.add_argument("--steps", type=int, default=MIN_STEPS, help=f"timed decode steps (at least {MIN_STEPS})")
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--prefill-reps", type=int, default=3)
+    ap.add_argument("--prefill-reps", type=int, default=10, help="timed prefills per point (after one untimed)")
     ap.add_argument("--prefill-chunk", type=int, default=2048, help="mamba-rt prefill chunk (session option)")
     ap.add_argument("--hf-tokens", type=int, default=32, help="tokens per timed HF generate")
     ap.add_argument("--quick", action="store_true", help=f"allow fewer than {MIN_STEPS} steps (tests)")
