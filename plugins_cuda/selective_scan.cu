@@ -189,6 +189,20 @@ __device__ __forceinline__ void st_run(T* __restrict__ row, long long ts, int t,
   }
 }
 
+// A lane's run of outputs: y = (scan + D u) * silu(z) (no gate without z), rounded to T.
+template <typename T, int N>
+__device__ __forceinline__ Pack<T, N> gate_run(float Dc, const float (&uf)[N], const float (&ys)[N],
+                                               const float (&zf)[N], bool has_z) {
+  Pack<T, N> py;
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    float yv = fmaf(Dc, uf[i], ys[i]);
+    if (has_z) yv *= silu_mufu(zf[i]);
+    py.e[i] = from_float<T>(yv);
+  }
+  return py;
+}
+
 // Pack -> floats. bf16 pairs are split with one shift / mask each.
 template <typename T, int N>
 __device__ __forceinline__ void unpack(const Pack<T, N>& r, float (&f)[N]) {
@@ -438,14 +452,7 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     if (cok) {
       float zf[IPL];
       unpack(zk, zf);
-      Pack<T, IPL> py;
-#pragma unroll
-      for (int i = 0; i < IPL; ++i) {
-        float yv = fmaf(Dc, uf[i], out[i]);
-        if (zrow) yv *= silu_mufu(zf[i]);
-        py.e[i] = from_float<T>(yv);
-      }
-      st_run(yrow, p.y_ts, t0 + g * IPL, L, lvec && full, py);
+      st_run(yrow, p.y_ts, t0 + g * IPL, L, lvec && full, gate_run<T, IPL>(Dc, uf, out, zf, zrow != nullptr));
     }
     if (k + 1 < nchunks) stage_bc((k + 1) & 1);
     __syncthreads();
@@ -634,14 +641,7 @@ __device__ __forceinline__ void scan_fwd_tp(const ScanParams& p) {
     float uf[IPL], zf[IPL];
     unpack(pu, uf);
     if (zrow) unpack(pz, zf);
-    Pack<T, IPL> py;
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) {
-      float yv = fmaf(Dc, uf[i], y[i]);
-      if (zrow) yv *= silu_mufu(zf[i]);
-      py.e[i] = from_float<T>(yv);
-    }
-    if (cok) st_run(yrow, p.y_ts, tl, L, vec, py);
+    if (cok) st_run(yrow, p.y_ts, tl, L, vec, gate_run<T, IPL>(Dc, uf, y, zf, zrow != nullptr));
   }
 
   if (cok)
