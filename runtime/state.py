@@ -127,6 +127,7 @@ class StateCache:
         self.dtype = manifest.dtype
         self.max_batch = buffers.max_batch
         self._free = list(range(self.max_batch))  # kept sorted: alloc returns the lowest free slot
+        self._used = bytearray(self.max_batch)     # 1 where allocated: O(1) checks, every decode step
         # hooks run on reset/copy/snapshot/restore so per-slot companions (the sampler) follow the state
         self._companions: list[Any] = []
 
@@ -145,29 +146,22 @@ class StateCache:
         slot = int(slot)
         if not 0 <= slot < self.max_batch:
             raise InputError(f"{name} {slot}: out of range, expected 0 <= slot < max_batch={self.max_batch}")
-        if slot in self._free:
+        if not self._used[slot]:
             raise InputError(f"{name} {slot}: not allocated (call alloc() first); slots in use: {self.in_use()}")
         return slot
 
     def check_slots(self, slots, name: str = "slot") -> np.ndarray:
         """``slots`` (any sequence, flattened) as int64 slot ids, each checked as :meth:`check_slot`
-        does (same errors); integer arrays are checked in one pass (a decode step calls this for
-        every row, every token)."""
-        if isinstance(slots, np.ndarray):
-            plain = slots.dtype.kind in "iu"
-        else:  # bools would pass as integers once in an array ([0, True] -> [0, 1]): not plain
-            plain = all(type(x) is int or isinstance(x, np.integer) for x in slots)
-        if not plain:  # element by element, as given, for check_slot's message
-            return np.asarray([self.check_slot(x, name) for x in np.asarray(slots, dtype=object).reshape(-1).tolist()],
-                              np.int64)
-        a = np.asarray(slots).reshape(-1)
-        free = np.zeros(self.max_batch, bool)
-        free[self._free] = True
-        bad = (a < 0) | (a >= self.max_batch)
-        bad[~bad] = free[a[~bad].astype(np.int64)]
-        if bad.any():
-            self.check_slot(int(a[np.flatnonzero(bad)[0]]), name)  # raises
-        return a.astype(np.int64)
+        does (same errors). A decode step calls this for every row of every token, so the common case
+        (plain ints, or an integer array) is one loop over bytes; anything else takes check_slot's
+        way element by element, for its message."""
+        items = slots.reshape(-1).tolist() if isinstance(slots, np.ndarray) and slots.dtype.kind in "iu" else slots
+        used, n = self._used, self.max_batch
+        for x in items:
+            if type(x) is not int or not 0 <= x < n or not used[x]:
+                return np.asarray([self.check_slot(y, name) for y in np.asarray(slots, dtype=object).reshape(-1).tolist()],
+                                  np.int64)
+        return np.array(items, np.int64)
 
     def alloc(self, n: int | None = None):
         """One fresh (zeroed) slot, or a list of ``n``. Refuses when not enough slots are free."""
@@ -181,6 +175,8 @@ class StateCache:
         slots = self._free[:want]
         del self._free[:want]
         for s in slots:
+            self._used[s] = 1
+        for s in slots:
             self._reset(s)
         return slots[0] if n is None else slots
 
@@ -188,6 +184,7 @@ class StateCache:
         slot = self.check_slot(slot)
         self._free.append(slot)
         self._free.sort()
+        self._used[slot] = 0
 
     def reset(self, slot: int) -> None:
         """Zero a slot's state (a fresh sequence), keeping it allocated."""
