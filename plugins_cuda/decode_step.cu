@@ -18,7 +18,8 @@
 //
 // For larger batches (> 2 rows) the projections are cuBLAS GEMMs and these kernels do the
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
-// x_proj share, ssm_step_pre reading a precomputed delta.
+// x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
+// reading a delta precomputed by a dt_proj GEMM (large ones).
 //
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
 // holds in the model dtype T (normalised input, xz, conv output u, x_proj output, dt_proj output, y,

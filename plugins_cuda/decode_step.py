@@ -27,6 +27,12 @@ MAX_CONV = 8
 RN_ITEMS = 8              # .cu: columns per thread residual_norm holds in registers
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
+# GEMM path: buckets of at most this many rows x d_inner compute dt_proj inside ssm_step (each block
+# reads its channels' dt_proj rows from L2, once per batch row) instead of a cuBLAS GEMM feeding
+# ssm_step_pre. H100 fp16, GPU ms per step, GEMM / inside: 130m batch 4 0.651 / 0.607, 8 0.656 / 0.611,
+# 16 0.677 / 0.639, 64 0.803 / 0.820; 2.8b batch 4 3.385 / 3.257, 8 3.753 / 3.724, 16 3.966 / 4.092,
+# 64 5.07 / 6.28 (benchmarks/NOTES.md, item 25): inside wins up to ~40k rows x channels.
+DT_FOLD_MAX_ROW_CHANNELS = 49152
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -329,11 +335,11 @@ class DecodeKernels:
                  d, r) -> Launch:
         if n not in STATE_SIZES:
             raise UnsupportedError(f"fused decode: d_state {n} is not one of {STATE_SIZES}")
-        # two kernels: dt_proj computed here from x_proj's fp32 accumulator (GEMV path), or delta and
-        # x_proj's output precomputed in T by the GEMMs (ssm_step_pre)
+        # two kernels: dt_proj computed here from x_proj's output (the GEMV path's fp32 accumulator, or
+        # the GEMM path's T row), or delta precomputed by a GEMM (ssm_step_pre)
         pre = bool(delta)
-        if pre != bool(xdbl_t) or pre == bool(xdbl_acc):
-            raise InternalError("fused decode ssm_step: give xdbl_acc, or xdbl_t with delta")
+        if bool(xdbl_acc) == bool(xdbl_t) or (pre and not xdbl_t):
+            raise InternalError("fused decode ssm_step: give xdbl_acc or xdbl_t, and delta only with xdbl_t")
         a = SsmStepArgs(xdbl_acc or 0, xdbl_t or 0, delta or 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx,
                         y, d, r, r + 2 * n)
         cpb = SSM_THREADS // (n // 4)

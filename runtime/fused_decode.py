@@ -14,7 +14,9 @@ Two paths, chosen per batch bucket:
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
   kernels (``embed``/``residual_norm`` one block per row, ``conv_xproj`` without its x_proj share,
-  ``ssm_step_pre`` reading delta), the head over the padded vocabulary.
+  ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
+  delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``), the head over
+  the padded vocabulary.
 
 A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
 enqueues one step on the current stream (the backend captures it in a CUDA graph).
@@ -115,6 +117,8 @@ class FusedDecoder:
         emb = self.model.backbone.embedding.weight
         layers = self.model.backbone.layers
         res32 = c.residual_in_fp32
+        from mamba_rt.plugins_cuda.decode_step import DT_FOLD_MAX_ROW_CHANNELS
+        fold_dt = B * d <= DT_FOLD_MAX_ROW_CHANNELS  # GEMM path: dt_proj inside ssm_step
         out = []
         if bk.gemv:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
@@ -144,8 +148,9 @@ class FusedDecoder:
                 out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
                                         conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv, R=R))
                 out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
-                out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
-                out.append(k.ssm_step(n=n, B=B, xdbl_acc=0, xdbl_t=p(bk.xdbl), delta=p(bk.delta),
+                if not fold_dt:
+                    out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
+                out.append(k.ssm_step(n=n, B=B, xdbl_acc=0, xdbl_t=p(bk.xdbl), delta=0 if fold_dt else p(bk.delta),
                                       Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
                                       u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
                 out.append(self._linear(bk.y, m.out_proj, bk.o))

@@ -61,6 +61,18 @@ def test_fused_steps_other_gemv(case, dtype, batch, gemv):
     _check_steps(case, dtype, batch, gemv=gemv)
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["dt-in-ssm-step", "dt-gemm"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_steps_gemm_path_dt_proj_both_ways(case, dtype, fold, monkeypatch):
+    """The GEMM path's dt_proj both ways, whatever the size threshold picks for these small models:
+    inside ssm_step (from x_proj's output row) and as a cuBLAS GEMM feeding ssm_step_pre."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 1 << 40 if fold else 0)
+    _check_steps(case, dtype, 16, gemv=None, fold=fold)
+
+
 def _expected_gemv(asked, dtype, k, arch):
     """The GEMV kind a matrix with rows of k elements gets in these (small) models: the fallbacks of
     DecodeKernels, and no copy-engine kind unless asked for."""
@@ -71,7 +83,7 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv):
+def _check_steps(case, dtype, batch, gemv, fold=None):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -94,6 +106,9 @@ def _check_steps(case, dtype, batch, gemv):
             want = _expected_gemv(gemv, dtype, k, arch)
             got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
             assert got == {want}, (kind, names)
+    elif fold is not None:  # cuBLAS calls: in_proj, x_proj, (dt_proj,) out_proj per layer, and the head
+        gemms = sum(callable(ln) for ln in bk.launches)
+        assert gemms == cfg.n_layer * (3 if fold else 4) + 1, (fold, gemms)
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
