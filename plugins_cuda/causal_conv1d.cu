@@ -8,8 +8,10 @@
 // Two kernels, one params struct:
 //   conv_fwd    any L >= 1. One thread per (b, c, run of CONV_ITEMS consecutive outputs); the thread
 //               keeps a sliding window of K-1+CONV_ITEMS inputs in registers, so each input is read
-//               from memory once per run (the K-1 halo comes from L1). Threads of a warp cover
-//               consecutive runs of one row, so loads and stores are coalesced along time.
+//               from memory once (the K-1 inputs before a run come from the previous lane by shuffle,
+//               from memory only at a row's or a warp's first run). Threads of a warp cover
+//               consecutive runs of one row, so loads and stores are coalesced along time. Index
+//               math in 32 bits where it fits.
 //               conv_state_out must not overlap conv_state when L > CONV_ITEMS (the launcher checks).
 //   conv_update L == 1, the decode step: one thread per (b, c). Reads its whole state before writing,
 //               so conv_state_out may be conv_state (in-place update).
@@ -35,8 +37,23 @@ struct ConvParams {  // mirrored field for field by launcher._ConvParams (all 8-
   long long so_bs, so_cs, so_ks;
 };
 
+#ifndef MRT_CONV_ITEMS  // outputs per thread (a compile-time knob for experiments; launcher.CONV_ITEMS)
+#define MRT_CONV_ITEMS 16
+#endif
 constexpr int CONV_THREADS = 128;
-constexpr int CONV_ITEMS = 8;
+constexpr int CONV_ITEMS = MRT_CONV_ITEMS;
+
+// q = n / d, r = n - q d; in 32 bits when both fit (a 64-bit division is a ~70-instruction routine).
+__device__ __forceinline__ void divmod(long long n, long long d, long long& q, long long& r) {
+  if (((unsigned long long)n | (unsigned long long)d) >> 32 == 0) {
+    const unsigned q32 = (unsigned)n / (unsigned)d;
+    q = q32;
+    r = (unsigned)n - q32 * (unsigned)d;
+  } else {
+    q = n / d;
+    r = n - q * d;
+  }
+}
 
 // One thread's run of CONV_ITEMS values of T, viewable as 16-byte vectors.
 template <typename T>
@@ -64,13 +81,18 @@ __device__ __forceinline__ ConvParams conv_contiguous(
 
 template <typename T, int K>
 __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
+  static_assert(CONV_ITEMS >= K - 1, "the halo comes from the previous run");
   const long long nruns = (p.seqlen + CONV_ITEMS - 1) / CONV_ITEMS;
-  const long long gid = (long long)blockIdx.x * CONV_THREADS + threadIdx.x;
-  if (gid >= p.batch * p.dim * nruns) return;
-  const long long row = gid / nruns;
-  const long long run = gid - row * nruns;
-  const long long b = row / p.dim;
-  const long long c = row - b * p.dim;
+  const long long total = p.batch * p.dim * nruns;
+  const unsigned lane = threadIdx.x & 31;
+  const long long gid0 = (long long)blockIdx.x * CONV_THREADS + threadIdx.x;
+  if (gid0 - lane >= total) return;  // whole warps only: the halo shuffle below needs every lane
+  // lanes past the end redo the last run and store nothing
+  const bool valid = gid0 < total;
+  const long long gid = valid ? gid0 : total - 1;
+  long long row, run, b, c;
+  divmod(gid, nruns, row, run);
+  divmod(row, p.dim, b, c);
 
   const T* __restrict__ x = static_cast<const T*>(p.x) + b * p.x_bs + c * p.x_cs;
   const T* __restrict__ st =
@@ -88,27 +110,32 @@ __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
   T* __restrict__ y = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
   const bool vec = p.x_ts == 1 && p.y_ts == 1 && t0 + CONV_ITEMS <= p.seqlen && aligned16(x + t0) &&
                    aligned16(y + t0);
-#pragma unroll
-  for (int i = 0; i < K - 1 + CONV_ITEMS; ++i) {
-    const long long t = t0 - (K - 1) + i;
-    float v = 0.f;
-    if (vec && i >= K - 1) continue;
-    if (t >= 0) {
-      if (t < p.seqlen) v = ld(x, t * p.x_ts);
-    } else if (st) {
-      v = ld(st, (t + K - 1) * p.s_ks);
-    }
-    win[i] = v;
-  }
   if (vec) {
     Run<T> r;
 #pragma unroll
     for (int k = 0; k < Run<T>::NV; ++k) r.v[k] = reinterpret_cast<const uint4*>(x + t0)[k];
 #pragma unroll
     for (int i = 0; i < CONV_ITEMS; ++i) win[K - 1 + i] = to_float(r.e[i]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < CONV_ITEMS; ++i) win[K - 1 + i] = t0 + i < p.seqlen ? ld(x, (t0 + i) * p.x_ts) : 0.f;
+  }
+  // The K-1 inputs before the run: the end of the previous lane's run when that lane holds this row's
+  // previous run (the usual case: consecutive lanes take consecutive runs), else from memory.
+#pragma unroll
+  for (int j = 0; j < K - 1; ++j) win[j] = __shfl_up_sync(0xffffffffu, win[CONV_ITEMS + j], 1);
+  if (lane == 0 || run == 0) {
+#pragma unroll
+    for (int j = 0; j < K - 1; ++j) {
+      const long long t = t0 - (K - 1) + j;
+      float v = 0.f;
+      if (t >= 0) v = ld(x, t * p.x_ts);
+      else if (st) v = ld(st, (t + K - 1) * p.s_ks);
+      win[j] = v;
+    }
   }
   // The last run also produces the final state: xt[L + j], j < K-1. Read before any write.
-  const bool last = run == nruns - 1;
+  const bool last = valid && run == nruns - 1;
   float fin[K - 1];
 #pragma unroll
   for (int j = 0; j < K - 1; ++j) {
@@ -129,7 +156,8 @@ __device__ __forceinline__ void conv_fwd(const ConvParams& p) {
     if (p.silu) acc = silu_mufu(acc);
     out.e[i] = from_float<T>(acc);
   }
-  if (vec) {
+  if (!valid) {
+  } else if (vec) {
 #pragma unroll
     for (int k = 0; k < Run<T>::NV; ++k) reinterpret_cast<uint4*>(y + t0)[k] = out.v[k];
   } else {
@@ -148,8 +176,8 @@ template <typename T, int K>
 __device__ __forceinline__ void conv_update(const ConvParams& p) {
   const long long row = (long long)blockIdx.x * CONV_THREADS + threadIdx.x;
   if (row >= p.batch * p.dim) return;
-  const long long b = row / p.dim;
-  const long long c = row - b * p.dim;
+  long long b, c;
+  divmod(row, p.dim, b, c);
   const T* __restrict__ st =
       p.conv_state ? static_cast<const T*>(p.conv_state) + b * p.s_bs + c * p.s_cs : nullptr;
   const T* __restrict__ wp = static_cast<const T*>(p.weight) + c * p.w_cs;

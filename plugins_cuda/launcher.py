@@ -36,7 +36,7 @@ from .compiler import DTYPES, FAMILIES, MIN_ARCH, KernelSpec
 
 ACTIVATIONS = ("none", "silu")
 CONV_THREADS = 128  # causal_conv1d.cu CONV_THREADS
-CONV_ITEMS = 8      # causal_conv1d.cu CONV_ITEMS
+CONV_ITEMS = 16     # causal_conv1d.cu CONV_ITEMS
 SSU_THREADS = 128   # selective_scan.cu SSU_THREADS
 # selective_scan.cu ScanCfg<NP>: padded state size -> (threads per block, channels per block)
 SCAN_CFG = {8: (128, 16), 16: (128, 16), 32: (128, 8), 64: (128, 8)}
@@ -582,7 +582,7 @@ def launch_causal_conv1d(
     pointers). All tensors have ``dtype``; bias and conv_state may be 0.
 
     Shapes: x, y [batch, dim, seqlen]; weight [dim, width]; bias [dim]; conv_state, conv_state_out
-    [batch, dim, width-1]. conv_state_out may be conv_state only when seqlen <= 8 (CONV_ITEMS) or
+    [batch, dim, width-1]. conv_state_out may be conv_state only when seqlen <= 16 (CONV_ITEMS) or
     for the single-step kernel (in-place decode update).
     """
     op = "causal_conv1d"

@@ -31,6 +31,7 @@ from mamba_rt.exporters.ops_ref import (  # noqa: E402
     selective_scan_ref,
     selective_state_update_ref,
 )
+from mamba_rt.plugins_cuda import launcher  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -104,7 +105,7 @@ def conv_inputs(gen, B, d, L, k, dtype, layout="contiguous", with_bias=True, wit
 CONV_BASE = dict(B=3, d=5, L=127, k=4, activation="silu")
 # L = 8 and 512 take the 16-byte vector path (whole aligned runs); the others the scalar one.
 CONV_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L": 3}, {"L": 8},
-             {"L": 9}, {"L": 512}, {"L": 2049}, {"k": 2}, {"k": 3}, {"B": 1}, {"with_bias": False},
+             {"L": 9}, {"L": 16}, {"L": 17}, {"L": 47}, {"L": 512}, {"L": 2049}, {"L": 47, "layout": "strided"}, {"k": 2}, {"k": 3}, {"B": 1}, {"with_bias": False},
              {"with_state": False}, {"activation": "none"}, {"layout": "strided"},
              {"layout": "strided", "L": 1}]
 
@@ -164,7 +165,7 @@ def test_causal_conv1d_chunks_compose(ops, rng, dtype, L1, L2):
 
 def test_causal_conv1d_rejects_in_place_state_for_long_sequences(ops, rng):
     _, gen = rng
-    x, w, bias, st = conv_inputs(gen, 1, 4, 9, 4, torch.float32)
+    x, w, bias, st = conv_inputs(gen, 1, 4, launcher.CONV_ITEMS + 1, 4, torch.float32)
     with pytest.raises(InputError, match="overlaps conv_state"):
         ops.causal_conv1d_fn(x, w, bias, st, "silu", conv_state_out=st)
 

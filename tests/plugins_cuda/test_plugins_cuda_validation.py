@@ -2,6 +2,9 @@
 machines with no GPU and no driver: reaching the driver would raise a different error type)."""
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 from mamba_rt.errors import InputError, UnsupportedError
@@ -38,7 +41,7 @@ def scan_args(**over):
     (dict(stream=-1), InputError, "stream must be a CUDA stream handle"),
     (dict(kernel="step"), InputError, "single-step kernel needs seqlen 1, got 16"),
     (dict(kernel="fast"), InputError, "kernel must be"),
-    (dict(conv_state_out=P), InputError, "conv_state_out overlaps conv_state"),
+    (dict(conv_state_out=P, seqlen=17), InputError, "conv_state_out overlaps conv_state"),
     (dict(strides={"x": (1, 2)}), InputError, r"strides\['x'\] must be 3 non-negative ints"),
     (dict(strides={"w": (4, 1)}), InputError, r"unknown tensors \['w'\]"),
 ])
@@ -83,8 +86,14 @@ def test_padded_dstate(dstate, np_):
     assert launcher.padded_dstate(dstate) == np_
 
 
+def test_conv_launch_constants_mirror_the_kernel():
+    src = (Path(launcher.__file__).parent / "causal_conv1d.cu").read_text()
+    assert int(re.search(r"#define MRT_CONV_ITEMS (\d+)", src).group(1)) == launcher.CONV_ITEMS
+    assert int(re.search(r"constexpr int CONV_THREADS = (\d+);", src).group(1)) == launcher.CONV_THREADS
+
+
 def test_launch_configs():
-    assert launcher.conv_launch_config(2, 1536, 2048, step=False) == (((2 * 1536 * 256) // 128, 1), 128)
+    assert launcher.conv_launch_config(2, 1536, 2048, step=False) == (((2 * 1536 * 128) // 128, 1), 128)
     assert launcher.conv_launch_config(64, 5120, 1, step=True) == ((64 * 5120 // 128, 1), 128)
     assert launcher.scan_launch_config(1, 5120, 16, step=False) == ((320, 1), 128)
     assert launcher.scan_launch_config(3, 5, 64, step=False) == ((1, 3), 128)
