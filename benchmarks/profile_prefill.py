@@ -6,7 +6,7 @@ user-facing numbers come from ``mamba-rt bench`` and ``benchmarks/run_suite.py``
                                          [--eager] [--kernels] [--out FILE.json]
 
 Per (config, length): the backend's CUDA graph of a prompt of ``length`` tokens (``_ModelGraph``):
-wall time of one prefill of a random prompt (ids in, graph, last position's logits on the host),
+wall time of one prefill of a random prompt (ids in, graph, the greedy id of the last position on the host),
 median of ``--reps`` after one untimed run, and its GPU time (graph replays, CUDA events); with
 ``--eager`` the same forward run eagerly; with ``--kernels`` one replay's kernel time by kernel family
 (torch profiler); and the matrix-multiply floor, 2 * parameters * tokens at the
@@ -97,7 +97,7 @@ def main() -> int:
             def graphed(ids):
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                g.run(np.zeros(1, np.int64), ids[None]).cpu()
+                g.run(np.zeros(1, np.int64), ids[None]).greedy()
                 return (time.perf_counter() - t0) * 1e3
 
             graphed(prompts[0])

@@ -14,7 +14,9 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
 
 * CUDA, prefill (one slot, L > 1): the prompt chunk as pieces of power-of-two lengths, longest first,
   each the replay of a CUDA graph of ``run_slots`` captured at the first use of its length (one-token
-  pieces are decode steps), in a memory pool of their own. The model's pre-norm residual step is
+  pieces are decode steps), in a memory pool of their own. Like the decode graphs, each copies its
+  ids in from pinned host memory and the last position's greedy id back (``_GraphIO``): a greedy
+  prompt is one graph launch per piece and one wait. The model's pre-norm residual step is
   ``plugins_cuda``'s fused kernel (``OpSet.add_rms_norm``).
 
 * CUDA, fused decode (the default where the model's shape allows it): the decode step is the fused
@@ -163,8 +165,9 @@ def sample_torch(logits, seen, params: SamplingParams, u):
 
 
 class StepLogits(NamedTuple):
-    """What a fused decode step returns: the logits (b, vocab) on the device, and ``greedy()``, the
-    argmax ids (b,) the step's graph already copied to pinned host memory (waits for the step)."""
+    """What a graph replay (a decode step, a prompt piece) returns: the logits (b, vocab) on the
+    device, and ``greedy()``, the argmax ids (b,) the graph already copied to pinned host memory
+    (waits for the replay)."""
 
     logits: "torch.Tensor"
     greedy: Callable[[], np.ndarray]
@@ -173,8 +176,8 @@ class StepLogits(NamedTuple):
 class TorchSampler(HostSampler):
     """Sampling on the device where the logits are; only the ids (b,) come back to the host. The
     seen-token mask stays on the host (marking it costs no device work per step) and goes to the
-    device only when a repetition penalty needs it. Plain greedy steps of the fused decode graph take
-    the ids its graph already computed."""
+    device only when a repetition penalty needs it. Plain greedy steps and prompts on CUDA graphs take
+    the ids their graph already computed."""
 
     def __init__(self, max_batch: int, vocab: int, device):
         self.device = torch.device(device)
@@ -222,31 +225,68 @@ def _capture(fn: Callable, dev, pool, warmup: int):
     return graph, out
 
 
-class _ModelGraph:
-    """One CUDA graph of the model over ``rows`` slots and ``length`` tokens each: gather the slots'
-    state, run the model, scatter the state back, the last position's logits. A decode step of a
-    batch bucket is (bucket, 1), a prompt piece of one slot (1, length). The ids and the slot indices
-    sit in one static device buffer (one copy in per call), outside the graphs' memory pool; padding
-    rows read and write the scratch slot."""
+class _GraphIO:
+    """Pinned host memory a graph copies its int64 inputs from and its greedy ids (one per row) to,
+    both copies captured in the graph, and the event of its last replay: a call is one graph launch
+    with no separate copy or argmax launch. ``wait()`` before writing ``host_in`` (the previous replay
+    may still be reading it); ``launched(n, logits)`` after the replay."""
 
-    def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int):
+    def __init__(self, shape, rows: int, fill: int):
+        self.pin_in = torch.full(shape, fill, dtype=torch.int64).pin_memory()
+        self.pin_out = torch.zeros(rows, dtype=torch.int64).pin_memory()
+        self.host_in, self.host_out = self.pin_in.numpy(), self.pin_out.numpy()  # host views, made once
+        self.done = torch.cuda.Event()
+
+    def wait(self) -> None:
+        self.done.synchronize()
+
+    def launched(self, n: int, logits) -> StepLogits:
+        self.done.record()
+
+        def greedy() -> np.ndarray:
+            self.done.synchronize()
+            return self.host_out[:n].copy()
+
+        return StepLogits(logits, greedy)
+
+
+class _ModelGraph:
+    """One CUDA graph of the model over ``rows`` slots and ``length`` tokens each: the ids and slot
+    indices copied in from pinned memory, gather the slots' state, run the model, scatter the state
+    back, the last position's logits and their greedy ids (``argmax(logits, out)``, torch's by
+    default) copied back to pinned memory. A decode step of a batch bucket is (bucket, 1), a prompt
+    piece of one slot (1, length). Padding rows read and write the scratch slot."""
+
+    def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int, argmax=None):
         dev = state.conv.device
         self.rows, self.length, self.scratch = rows, length, state.scratch
-        self.inp = torch.full((rows * (length + 1),), state.scratch, dtype=torch.int64, device=dev)
-        ids, idx = self.inp[:rows * length].view(rows, length), self.inp[rows * length:]
         # warm-up on the scratch slot only (the buffer holds its index until the first run)
-        self.graph, self.logits = _capture(lambda: run_slots(model, state, idx, ids), dev, pool, warmup)
+        self.io = _GraphIO((rows * (length + 1),), rows, state.scratch)
+        self.inp = torch.empty(rows * (length + 1), dtype=torch.int64, device=dev)
+        self.gid = torch.zeros(rows, dtype=torch.int64, device=dev)
+        ids, idx = self.inp[:rows * length].view(rows, length), self.inp[rows * length:]
+        # kept with the graph: the replays use whatever device memory it holds (the kernel's scratch)
+        self.argmax = argmax = argmax or (lambda x, out: torch.argmax(x, -1, out=out))
 
-    def run(self, slots: np.ndarray, ids: np.ndarray):
-        """slots (n,), ids (n, length) with n <= rows; returns the logits of the n rows."""
+        def body():
+            self.inp.copy_(self.io.pin_in, non_blocking=True)
+            logits = run_slots(model, state, idx, ids)
+            argmax(logits, self.gid)
+            self.io.pin_out.copy_(self.gid, non_blocking=True)
+            return logits
+
+        self.graph, self.logits = _capture(body, dev, pool, warmup)
+
+    def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
+        """slots (n,), ids (n, length) with n <= rows: the logits of the n rows and their greedy ids."""
         n, cut = len(slots), self.rows * self.length
-        host = np.empty(self.rows * (self.length + 1), np.int64)
+        self.io.wait()
+        host = self.io.host_in
         host[:cut].reshape(self.rows, self.length)[:n] = ids
         host[n * self.length:cut] = 0
         host[cut:cut + n], host[cut + n:] = slots, self.scratch
-        self.inp.copy_(torch.from_numpy(host))
         self.graph.replay()
-        return self.logits[:n]
+        return self.io.launched(n, self.logits[:n])
 
 
 class _FusedGraph:
@@ -258,37 +298,28 @@ class _FusedGraph:
         dev = state.conv.device
         self.scratch = state.scratch
         self.bk = decoder.bucket(bucket)
-        self.pin_in = torch.zeros((2, bucket), dtype=torch.int64).pin_memory()
-        self.pin_out = torch.zeros(bucket, dtype=torch.int64).pin_memory()
-        self.pin_in[1] = self.scratch
-        self.inp, self.out = self.pin_in.numpy(), self.pin_out.numpy()  # host views, made once
+        self.io = _GraphIO((2, bucket), bucket, 0)
+        self.io.host_in[1] = self.scratch
         self.gid = torch.zeros(bucket, dtype=torch.int64, device=dev)
-        self.done = torch.cuda.Event()
         self._decoder = decoder
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
 
     def _step(self):
         bk = self.bk
-        bk.inp.copy_(self.pin_in, non_blocking=True)
+        bk.inp.copy_(self.io.pin_in, non_blocking=True)
         self._decoder.enqueue(bk)
         self._decoder.enqueue_argmax(bk, self.gid)
-        self.pin_out.copy_(self.gid, non_blocking=True)
+        self.io.pin_out.copy_(self.gid, non_blocking=True)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         n = len(slots)
-        self.done.synchronize()  # the previous replay no longer reads pin_in
-        inp = self.inp
+        self.io.wait()  # the previous replay no longer reads pin_in
+        inp = self.io.host_in
         inp[0, :n], inp[0, n:] = ids[:, 0], 0
         inp[1, :n], inp[1, n:] = slots, self.scratch
         self.graph.replay()
-        self.done.record()
-
-        def greedy() -> np.ndarray:
-            self.done.synchronize()
-            return self.out[:n].copy()
-
-        return StepLogits(self.bk.logits[:n], greedy)
+        return self.io.launched(n, self.bk.logits[:n])
 
 
 class TorchBackend(Backend):
@@ -404,7 +435,8 @@ class TorchBackend(Backend):
                 return self._decode(np.array([slot], np.int64), ids[None, a:])
             g = self._prefill_graphs.get(p)
             if g is None:
-                g = self._prefill_graphs[p] = _ModelGraph(self.model, self.state, 1, p, self._prefill_pool, 1)
+                g = self._prefill_graphs[p] = _ModelGraph(self.model, self.state, 1, p, self._prefill_pool, 1,
+                                                          self.decoder.argmax_fn(1) if self.decoder else None)
             logits = g.run(np.array([slot], np.int64), ids[None, a:a + p])
             a += p
         return logits

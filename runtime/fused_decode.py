@@ -194,8 +194,26 @@ class FusedDecoder:
 
     def enqueue_argmax(self, bk: DecodeBucket, out: "torch.Tensor") -> None:
         """out [bk.B] int64 = the greedy token of each row of bk.logits, on the current stream."""
-        if out.dtype != torch.int64 or out.shape != (bk.B,) or not out.is_contiguous():
-            raise InternalError(f"fused decode argmax: out must be int64 ({bk.B},), got {out.dtype} {tuple(out.shape)}")
-        ln = self.k.argmax(x=bk.logits.data_ptr(), out=out.data_ptr(), scratch=bk.argmax_scratch.data_ptr(), B=bk.B,
-                           V=self.config.vocab_size)
+        self._argmax(bk.logits, out, bk.argmax_scratch)
+
+    def argmax_fn(self, rows: int):
+        """``argmax(logits, out)`` for a graph of ``rows`` rows (logits [rows, vocab_size] float32 on
+        this device): the greedy kernel above, with a scratch of its own, on the current stream. A
+        graph that captures it must keep the function (its scratch) alive as long as the graph."""
+        scratch = torch.zeros(self.k.argmax_scratch_words(rows, self.config.vocab_size), dtype=torch.int32,
+                              device=self.device)
+        return lambda logits, out: self._argmax(logits, out, scratch)
+
+    def _argmax(self, logits, out, scratch) -> None:
+        if out.dtype != torch.int64 or out.dim() != 1 or not out.is_contiguous():
+            raise InternalError(f"fused decode argmax: out must be contiguous int64 (rows,), got {out.dtype} "
+                                f"{tuple(out.shape)}")
+        B, V = out.shape[0], self.config.vocab_size
+        if logits.dtype != torch.float32 or tuple(logits.shape) != (B, V) or logits.device != self.device:
+            raise InternalError(f"fused decode argmax: logits must be float32 ({B}, {V}) on {self.device}, got "
+                                f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")
+        if scratch.numel() < self.k.argmax_scratch_words(B, V):
+            raise InternalError(f"fused decode argmax: scratch of {scratch.numel()} words for {B} rows")
+        logits = logits.contiguous()
+        ln = self.k.argmax(x=logits.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(), B=B, V=V)
         self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)

@@ -104,9 +104,9 @@ def test_torch_cuda_graph_equals_eager_and_sampling_matches_host(packages):
 
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_torch_prefill_graphs_match_reference_and_touch_only_their_slot(packages, chunk):
-    """Prompts run as power-of-two pieces, each a CUDA graph captured once per length: logits and the
-    state carried into the next step match the reference model, graphs are reused across prompts,
-    and another slot's state is untouched."""
+    """Prompts run as power-of-two pieces, each a CUDA graph captured once per length: logits, the
+    greedy id and the state carried into the next step match the reference model, graphs are reused
+    across prompts, and another slot's state is untouched."""
     pkgs, seed = packages
     ref = _reference(pkgs["fp32"])
     lengths = [13, 13, 2, 37, 1]
@@ -125,6 +125,8 @@ def test_torch_prefill_graphs_match_reference_and_touch_only_their_slot(packages
                 lg2, _ = ref(torch.tensor([[p[0]]], device="cuda"), st, last_only=True)
             for g, w in zip(got, (lg[0], lg2[0])):
                 assert rel_err(torch.from_numpy(g), w.cpu()) < 1e-4, (seed, chunk, i, len(p))
+            s.reset(slot)  # greedy: the id the last piece's graph computed and copied back
+            assert s.prefill(slot, p) == int(lg[0].argmax()), (seed, chunk, i, len(p))
         pieces = sorted(s.backend._prefill_graphs)
         after = s.cache.buffers.read(other)
     # 13 = 8 + 4 + 1, 2, 37 = 32 + 4 + 1 (chunks of 5: 4 + 1, and 3 = 2 + 1); one-token pieces are
