@@ -75,6 +75,25 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(d, c.d_model, bias=c.bias, **kw)
         with torch.no_grad():
             self.dt_proj.bias.data = self.dt_proj.bias.data.float()
+        self._A, self._A_key = None, None
+
+    def A(self) -> torch.Tensor:
+        """A = -exp(A_log), float32 (d_inner, d_state). Computed on every call, and so a node of every
+        trace (export runs on the meta device) and of autograd; on a CUDA device without autograd it
+        is kept until A_log changes (its storage or version), so the prompt graphs of the torch
+        backend (captured after a warm-up call) do not re-run two elementwise kernels per layer. A
+        graph capture never stores it: a tensor made inside a capture holds its values only once
+        the graph runs."""
+        a = self.A_log
+        if a.device.type != "cuda" or (a.requires_grad and torch.is_grad_enabled()):
+            return -torch.exp(a.float())
+        key = (a.data_ptr(), a._version)
+        if self._A_key != key:
+            A = -torch.exp(a.float())
+            if torch.cuda.is_current_stream_capturing():
+                return A
+            self._A, self._A_key = A, key
+        return self._A
 
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, ops: OpSet):
         """x: (batch, seqlen, d_model) model dtype; conv_state (batch, d_inner, d_conv-1);
@@ -92,9 +111,8 @@ class MambaMixer(nn.Module):
         xs, conv_state_out = ops.causal_conv1d(tokens_view(xs, batch), conv_w, self.conv1d.bias, conv_state, "silu")
         x_dbl = channel_major(self.x_proj.weight, xs.transpose(0, 1).reshape(d, batch * seqlen))  # (r+2n, BL)
         delta = channel_major(self.dt_proj.weight, x_dbl[:r])  # the bias goes to the scan
-        A = -torch.exp(self.A_log.float())
         y, ssm_state_out = ops.selective_scan(
-            xs, tokens_view(delta, batch), A, tokens_view(x_dbl[r:r + n], batch),
+            xs, tokens_view(delta, batch), self.A(), tokens_view(x_dbl[r:r + n], batch),
             tokens_view(x_dbl[r + n:], batch), self.D.float(), tokens_view(z, batch),
             self.dt_proj.bias.float(), ssm_state, True,
         )

@@ -95,7 +95,7 @@ class FusedDecoder:
             self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, gemv)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers
-        self.A = [(-torch.exp(l.mixer.A_log.float())).contiguous() for l in layers]
+        self.A = [l.mixer.A().contiguous() for l in layers]
         self.conv_w = [l.mixer.conv1d.weight.reshape(c.d_inner, c.d_conv).contiguous() for l in layers]
         self.lm_head = model.lm_head.weight[: c.vocab_size]
         # the GEMM path's head runs over the padded vocabulary: cuBLAS picks a slow kernel for an N
