@@ -12,9 +12,11 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
   (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
   device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
 
-* CUDA, prefill (one slot, L > 1): the prompt chunk as pieces of power-of-two lengths, longest first,
-  each the replay of a CUDA graph of ``run_slots`` captured at the first use of its length (one-token
-  pieces are decode steps), in a memory pool of their own. Like the decode graphs, each copies its
+* CUDA, prefill (one slot, L > 1): the prompt chunk as a few pieces (:func:`prompt_pieces`; at most 5 up to 4096 tokens), each
+  the replay of a CUDA graph of ``run_slots`` of a power-of-two length captured at its first use
+  (one-token pieces are decode steps), in a memory pool of their own; a piece of fewer tokens than its
+  graph sits behind padding positions that leave the state as it was (:class:`_PaddedOps`: the two
+  ops unchanged, their inputs prepared). Like the decode graphs, each copies its
   ids in from pinned host memory and the last position's greedy id back (``_GraphIO``): a greedy
   prompt is one graph launch per piece and one wait. The model's pre-norm residual step is
   ``plugins_cuda``'s fused kernel (``OpSet.add_rms_norm``).
@@ -36,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mamba_rt._optional import available, require
-from mamba_rt.errors import MissingDependencyError, UnsupportedError
+from mamba_rt.errors import InternalError, MissingDependencyError, UnsupportedError
 from mamba_rt.checkpoint import torch_dtype
 from mamba_rt.manifest import ONNX_DTYPES, Manifest, load_manifest, read_weights
 
@@ -250,27 +252,76 @@ class _GraphIO:
         return StepLogits(logits, greedy)
 
 
+class _PaddedOps:
+    """The model's ops for a prompt of one slot right-aligned in a longer graph: the first ``start``
+    positions (a device scalar the graph reads on every replay) are padding that leaves the state as
+    it was. The carried conv state is written into the k-1 positions just before the first real
+    token (so the real tokens' windows see it; needs start >= k-1), and delta is -inf on the padding,
+    so softplus gives a zero step there: exp(0 · A) = 1 and 0 · B · u = 0 keep h. The outputs at
+    padding positions are junk that nothing reads: the rest of the model works per position and the
+    graph keeps only the last position's logits. Both ops keep their contracts (DESIGN.md)."""
+
+    def __init__(self, base, start: "torch.Tensor", length: int, k1: int):
+        self.base, self.start, self.k1 = base, start, k1
+        self.pos = torch.arange(length, device=start.device)
+        self.back = torch.arange(-k1, 0, device=start.device)
+        self.ops = base._replace(causal_conv1d=self.causal_conv1d, selective_scan=self.selective_scan)
+
+    def prepare(self):
+        """The padding mask and the carried state's positions of this replay (kernels in the graph)."""
+        self.pad = self.pos < self.start
+        self.carry_at = self.start + self.back
+
+    def causal_conv1d(self, x, weight, bias, conv_state, activation):
+        x.index_copy_(2, self.carry_at, conv_state.to(x.dtype))
+        return self.base.causal_conv1d(x, weight, bias, conv_state, activation)
+
+    def selective_scan(self, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, delta_softplus):
+        if not delta_softplus:
+            raise InternalError("padded prompt graphs need delta_softplus (a zero step is softplus(-inf))")
+        delta.masked_fill_(self.pad, float("-inf"))
+        return self.base.selective_scan(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, delta_softplus)
+
+
 class _ModelGraph:
     """One CUDA graph of the model over ``rows`` slots and ``length`` tokens each: the ids and slot
     indices copied in from pinned memory, gather the slots' state, run the model, scatter the state
     back, the last position's logits and their greedy ids (``argmax(logits, out)``, torch's by
     default) copied back to pinned memory. A decode step of a batch bucket is (bucket, 1), a prompt
-    piece of one slot (1, length). Padding rows read and write the scratch slot."""
+    piece of one slot (1, length). Padding rows read and write the scratch slot. ``padded`` (one
+    row): prompts of fewer tokens, right-aligned behind padding positions (:class:`_PaddedOps`)."""
 
-    def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int, argmax=None):
+    def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int, argmax=None,
+                 padded: bool = False):
         dev = state.conv.device
         self.rows, self.length, self.scratch = rows, length, state.scratch
-        # warm-up on the scratch slot only (the buffer holds its index until the first run)
-        self.io = _GraphIO((rows * (length + 1),), rows, state.scratch)
-        self.inp = torch.empty(rows * (length + 1), dtype=torch.int64, device=dev)
+        self.k1 = state.conv.shape[-1]
+        if padded and (rows != 1 or length <= self.k1):
+            raise InternalError(f"padded graph of {rows} rows x {length} tokens")
+        # warm-up on the scratch slot only (the buffer holds its index until the first run); ids, then
+        # the slot of each row, then (padded) the first real position
+        n_in = rows * (length + 1) + int(padded)
+        self.io = _GraphIO((n_in,), rows, state.scratch)
+        if padded:
+            self.io.host_in[-1] = self.k1  # the warm-up's start: any value >= k-1
+        self.inp = torch.empty(n_in, dtype=torch.int64, device=dev)
         self.gid = torch.zeros(rows, dtype=torch.int64, device=dev)
-        ids, idx = self.inp[:rows * length].view(rows, length), self.inp[rows * length:]
-        # kept with the graph: the replays use whatever device memory it holds (the kernel's scratch)
+        cut = rows * length
+        ids, idx = self.inp[:cut].view(rows, length), self.inp[cut:cut + rows]
+        # kept with the graph: the replays use whatever device memory they hold (the kernel's scratch)
         self.argmax = argmax = argmax or (lambda x, out: torch.argmax(x, -1, out=out))
+        self.padded = _PaddedOps(model.ops, self.inp[cut + rows:], length, self.k1) if padded else None
 
         def body():
             self.inp.copy_(self.io.pin_in, non_blocking=True)
-            logits = run_slots(model, state, idx, ids)
+            base = model.ops
+            if self.padded:
+                self.padded.prepare()
+                model.ops = self.padded.ops
+            try:
+                logits = run_slots(model, state, idx, ids)
+            finally:
+                model.ops = base
             argmax(logits, self.gid)
             self.io.pin_out.copy_(self.gid, non_blocking=True)
             return logits
@@ -278,13 +329,22 @@ class _ModelGraph:
         self.graph, self.logits = _capture(body, dev, pool, warmup)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
-        """slots (n,), ids (n, length) with n <= rows: the logits of the n rows and their greedy ids."""
-        n, cut = len(slots), self.rows * self.length
+        """slots (n,), ids (n, length) with n <= rows: the logits of the n rows and their greedy ids.
+        A padded graph takes one row of 1 <= k <= length - (k-1) tokens."""
+        n, cut, L = len(slots), self.rows * self.length, ids.shape[1]
         self.io.wait()
         host = self.io.host_in
-        host[:cut].reshape(self.rows, self.length)[:n] = ids
-        host[n * self.length:cut] = 0
-        host[cut:cut + n], host[cut + n:] = slots, self.scratch
+        if self.padded is None:
+            host[:cut].reshape(self.rows, self.length)[:n] = ids
+            host[n * self.length:cut] = 0
+            host[cut:cut + n], host[cut + n:] = slots, self.scratch
+        else:
+            start = self.length - L
+            if n != 1 or not self.k1 <= start < self.length:
+                raise InternalError(f"padded graph of {self.length} tokens given {n} x {L}")
+            host[:start] = 0
+            host[start:cut] = ids[0]
+            host[cut], host[cut + 1] = slots[0], start
         self.graph.replay()
         return self.io.launched(n, self.logits[:n])
 
@@ -349,7 +409,7 @@ class TorchBackend(Backend):
             self.prefill_chunk = 2048
         self.decoder = None
         self._graphs: dict[int, _ModelGraph | _FusedGraph] = {}
-        self._prefill_graphs: dict[int, _ModelGraph] = {}
+        self._prefill_graphs: dict[tuple[int, bool], _ModelGraph] = {}
         self._pool = self._prefill_pool = None
 
     @classmethod
@@ -424,19 +484,49 @@ class TorchBackend(Backend):
         return g.run(slots, ids)
 
     def _prefill(self, slot: int, ids: np.ndarray):
-        """A prompt (chunk) of one slot as pieces of power-of-two lengths, longest first, each the
-        replay of a CUDA graph captured at the first use of its length (the last piece of one token
-        is a decode step): every length up to 2**k is served by at most k + 1 graphs, and none runs
-        the model eagerly, whose per-kernel host cost exceeds the GPU time of small models."""
-        a, n = 0, len(ids)
-        while a < n:
-            p = 1 << ((n - a).bit_length() - 1)
-            if p == 1:
-                return self._decode(np.array([slot], np.int64), ids[None, a:])
-            g = self._prefill_graphs.get(p)
+        """A prompt (chunk) of one slot as a few pieces (:func:`prompt_pieces`), each the replay of a
+        CUDA graph captured at the first use of its (length, padded) pair (a piece of one token is a
+        decode step): none runs the model eagerly, whose per-kernel host cost exceeds the GPU time of
+        small models, and every piece costs a whole pass over the weights, so there are few."""
+        a, slots = 0, np.array([slot], np.int64)
+        for take, length, padded in prompt_pieces(len(ids), self.state.conv.shape[-1]):
+            piece = ids[None, a:a + take]
+            a += take
+            if length == 1:
+                logits = self._decode(slots, piece)
+                continue
+            g = self._prefill_graphs.get((length, padded))
             if g is None:
-                g = self._prefill_graphs[p] = _ModelGraph(self.model, self.state, 1, p, self._prefill_pool, 1,
-                                                          self.decoder.argmax_fn(1) if self.decoder else None)
-            logits = g.run(np.array([slot], np.int64), ids[None, a:a + p])
-            a += p
+                g = self._prefill_graphs[length, padded] = _ModelGraph(
+                    self.model, self.state, 1, length, self._prefill_pool, 1,
+                    self.decoder.argmax_fn(1) if self.decoder else None, padded)
+            logits = g.run(slots, piece)
         return logits
+
+
+def prompt_pieces(n: int, k1: int) -> list[tuple[int, int, bool]]:
+    """How a prompt (chunk) of ``n`` tokens runs: (tokens, graph length, padded) per piece, in order.
+    Graph lengths are powers of two; a power-of-two rest is one exact piece; otherwise the rest
+    m goes into the next power of two P as a padded piece when it fills more than 3/4 of it or P <=
+    64 (where a piece costs about the same whatever its length), else an exact piece of P/2 goes
+    first. A padded piece needs k1 padding positions (:class:`_PaddedOps`): where P - m is fewer, a
+    small exact piece goes first. So 2047 tokens are 2 + 2045 in 2048 (eleven pieces before), 1500
+    are 1024 + 476 in 512, and a padded piece wastes at most a quarter of its length beyond 64."""
+    out, m = [], n
+    while m:
+        P = 1 << (m - 1).bit_length()
+        if P == m:
+            out.append((m, m, False))
+            break
+        if 4 * m > 3 * P or P <= 64:
+            if P - m >= max(k1, 1):
+                out.append((m, P, True))
+                break
+            q = 1 << (max(k1, 1) - (P - m) - 1).bit_length()  # then P - (m - q) >= k1
+            if q < m:
+                out.append((q, q, False))
+                m -= q
+                continue
+        out.append((P // 2, P // 2, False))
+        m -= P // 2
+    return out

@@ -104,12 +104,13 @@ def test_torch_cuda_graph_equals_eager_and_sampling_matches_host(packages):
 
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_torch_prefill_graphs_match_reference_and_touch_only_their_slot(packages, chunk):
-    """Prompts run as power-of-two pieces, each a CUDA graph captured once per length: logits, the
-    greedy id and the state carried into the next step match the reference model, graphs are reused
-    across prompts, and another slot's state is untouched."""
+    """Prompts run as a few pieces, each a CUDA graph captured once per (length, padded), a padded one
+    taking fewer tokens behind padding positions that leave the state as it was: logits, the greedy
+    id and the state carried into the next step match the reference model, graphs are reused across
+    prompts, and another slot's state is untouched."""
     pkgs, seed = packages
     ref = _reference(pkgs["fp32"])
-    lengths = [13, 13, 2, 37, 1]
+    lengths = [13, 13, 2, 37, 1, 70, 100, 6]
     prompts = _prompts(ref.config.vocab_size, lengths)
     with Session.open(pkgs["fp32"], backend="torch", device="cuda", max_batch=2, prefill_chunk=chunk) as s:
         assert s.prefill_chunk == (chunk or 2048)
@@ -129,9 +130,11 @@ def test_torch_prefill_graphs_match_reference_and_touch_only_their_slot(packages
             assert s.prefill(slot, p) == int(lg[0].argmax()), (seed, chunk, i, len(p))
         pieces = sorted(s.backend._prefill_graphs)
         after = s.cache.buffers.read(other)
-    # 13 = 8 + 4 + 1, 2, 37 = 32 + 4 + 1 (chunks of 5: 4 + 1, and 3 = 2 + 1); one-token pieces are
-    # decode steps
-    assert pieces == ([2, 4] if chunk == 5 else [2, 4, 8, 32]), pieces
+    # (graph length, padded): 13 in 16, 2, 37 in 64, 70 = 64 + 1 + 5 in 8, 100 in 128, 6 = 1 + 5 in 8;
+    # chunks of 5: 5 in 8, 3 = 2 + 1, 2; one-token pieces are decode steps
+    want = [(2, False), (8, True)] if chunk == 5 else [(2, False), (8, True), (16, True), (64, False), (64, True),
+                                                       (128, True)]
+    assert pieces == want, pieces
     assert np.array_equal(other_state[0], after[0]) and np.array_equal(other_state[1], after[1])
 
 

@@ -68,3 +68,23 @@ def test_backend_option_errors(torch_only_package):
         Session.open(pkg, backend="onnxruntime")
     with Session.open(pkg, backend="auto") as s:
         assert s.backend.name == "torch" and "onnxruntime: the package has no portable graph" in s.backend.choice
+
+
+@pytest.mark.parametrize("k1", [1, 2, 3])
+def test_prompt_pieces_cover_the_prompt_with_few_graphs(k1):
+    """Every prompt length up to 4096 is covered in order by at most 5 pieces (at most 11 before:
+    one per set bit); graph lengths are powers of two; a padded piece has at least k1 padding
+    positions and, past 64 tokens, fills more than 3/4 of its graph."""
+    from mamba_rt.runtime.backend_torch import prompt_pieces
+
+    for n in range(1, 4097):
+        pieces = prompt_pieces(n, k1)
+        assert sum(t for t, _, _ in pieces) == n and len(pieces) <= 5, (n, pieces)
+        for t, length, padded in pieces:
+            assert length & (length - 1) == 0, (n, pieces)
+            if padded:
+                assert length - t >= k1 and (length <= 64 or 4 * t > 3 * length), (n, pieces)
+            else:
+                assert t == length, (n, pieces)
+    assert prompt_pieces(2047, 3) == [(2, 2, False), (2045, 2048, True)]
+    assert prompt_pieces(2048, 3) == [(2048, 2048, False)]
