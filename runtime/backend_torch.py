@@ -12,13 +12,13 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
   (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
   device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
 
-* CUDA, prefill (one slot, L > 1): the prompt chunk as a few pieces (:func:`prompt_pieces`; at most 5 up to 4096 tokens), each
-  the replay of a CUDA graph of ``run_slots`` of a power-of-two length captured at its first use
-  (one-token pieces are decode steps), in a memory pool of their own; a piece of fewer tokens than its
-  graph sits behind padding positions that leave the state as it was (:class:`_PaddedOps`: the two
-  ops unchanged, their inputs prepared). Like the decode graphs, each copies its
-  ids in from pinned host memory and the last position's greedy id back (``_GraphIO``): a greedy
-  prompt is one graph launch per piece and one wait. The model's pre-norm residual step is
+* CUDA, prefill (one slot, L > 1): the prompt chunk as a few pieces (:func:`prompt_pieces`; at most 5
+  up to 4096 tokens), each the replay of a CUDA graph of ``run_slots`` of a power-of-two length
+  captured at its first use (one-token pieces are decode steps), in a memory pool of their own; a
+  piece of fewer tokens than its graph sits behind padding positions that leave the state as it was
+  (:class:`_PaddedOps`: the two ops unchanged, their inputs prepared). Like the decode graphs, each
+  copies its ids in from pinned host memory and the last position's greedy id back (``_GraphIO``):
+  a greedy prompt is one graph launch per piece and one wait. The model's pre-norm residual step is
   ``plugins_cuda``'s fused kernel (``OpSet.add_rms_norm``).
 
 * CUDA, fused decode (the default where the model's shape allows it): the decode step is the fused
