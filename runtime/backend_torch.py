@@ -228,16 +228,24 @@ def _capture(fn: Callable, dev, pool, warmup: int):
 
 
 class _GraphIO:
-    """Pinned host memory a graph copies its int64 inputs from and its greedy ids (one per row) to,
-    both copies captured in the graph, and the event of its last replay: a call is one graph launch
-    with no separate copy or argmax launch. ``wait()`` before writing ``host_in`` (the previous replay
-    may still be reading it); ``launched(n, logits)`` after the replay."""
+    """Pinned host memory a graph copies its int64 inputs from and its greedy ids (``gid``, one per
+    row, on the device) to, both copies captured in the graph (``copy_in``, ``copy_out``), and the
+    event of its last replay: a call is one graph launch with no separate copy or argmax launch.
+    ``wait()`` before writing ``host_in`` (the previous replay may still be reading it);
+    ``launched(n, logits)`` after the replay."""
 
-    def __init__(self, shape, rows: int, fill: int):
+    def __init__(self, shape, rows: int, fill: int, device):
         self.pin_in = torch.full(shape, fill, dtype=torch.int64).pin_memory()
         self.pin_out = torch.zeros(rows, dtype=torch.int64).pin_memory()
         self.host_in, self.host_out = self.pin_in.numpy(), self.pin_out.numpy()  # host views, made once
+        self.gid = torch.zeros(rows, dtype=torch.int64, device=device)
         self.done = torch.cuda.Event()
+
+    def copy_in(self, dst: "torch.Tensor") -> None:
+        dst.copy_(self.pin_in, non_blocking=True)
+
+    def copy_out(self) -> None:
+        self.pin_out.copy_(self.gid, non_blocking=True)
 
     def wait(self) -> None:
         self.done.synchronize()
@@ -273,7 +281,7 @@ class _PaddedOps:
         self.carry_at = self.start + self.back
 
     def causal_conv1d(self, x, weight, bias, conv_state, activation):
-        x.index_copy_(2, self.carry_at, conv_state.to(x.dtype))
+        x.index_copy_(2, self.carry_at, conv_state)
         return self.base.causal_conv1d(x, weight, bias, conv_state, activation)
 
     def selective_scan(self, u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, delta_softplus):
@@ -301,11 +309,10 @@ class _ModelGraph:
         # warm-up on the scratch slot only (the buffer holds its index until the first run); ids, then
         # the slot of each row, then (padded) the first real position
         n_in = rows * (length + 1) + int(padded)
-        self.io = _GraphIO((n_in,), rows, state.scratch)
+        self.io = _GraphIO((n_in,), rows, state.scratch, dev)
         if padded:
             self.io.host_in[-1] = self.k1  # the warm-up's start: any value >= k-1
         self.inp = torch.empty(n_in, dtype=torch.int64, device=dev)
-        self.gid = torch.zeros(rows, dtype=torch.int64, device=dev)
         cut = rows * length
         ids, idx = self.inp[:cut].view(rows, length), self.inp[cut:cut + rows]
         # kept with the graph: the replays use whatever device memory they hold (the kernel's scratch)
@@ -313,7 +320,7 @@ class _ModelGraph:
         self.padded = _PaddedOps(model.ops, self.inp[cut + rows:], length, self.k1) if padded else None
 
         def body():
-            self.inp.copy_(self.io.pin_in, non_blocking=True)
+            self.io.copy_in(self.inp)
             base = model.ops
             if self.padded:
                 self.padded.prepare()
@@ -322,8 +329,8 @@ class _ModelGraph:
                 logits = run_slots(model, state, idx, ids)
             finally:
                 model.ops = base
-            argmax(logits, self.gid)
-            self.io.pin_out.copy_(self.gid, non_blocking=True)
+            argmax(logits, self.io.gid)
+            self.io.copy_out()
             return logits
 
         self.graph, self.logits = _capture(body, dev, pool, warmup)
@@ -358,19 +365,18 @@ class _FusedGraph:
         dev = state.conv.device
         self.scratch = state.scratch
         self.bk = decoder.bucket(bucket)
-        self.io = _GraphIO((2, bucket), bucket, 0)
+        self.io = _GraphIO((2, bucket), bucket, 0, dev)
         self.io.host_in[1] = self.scratch
-        self.gid = torch.zeros(bucket, dtype=torch.int64, device=dev)
         self._decoder = decoder
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
 
     def _step(self):
         bk = self.bk
-        bk.inp.copy_(self.io.pin_in, non_blocking=True)
+        self.io.copy_in(bk.inp)
         self._decoder.enqueue(bk)
-        self._decoder.enqueue_argmax(bk, self.gid)
-        self.io.pin_out.copy_(self.gid, non_blocking=True)
+        self._decoder.enqueue_argmax(bk, self.io.gid)
+        self.io.copy_out()
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         n = len(slots)
