@@ -2,6 +2,7 @@
 
     python benchmarks/bench_kernels.py [--out benchmarks/results/kernels-<device>.json] [--quick]
                                        [--only ceilings,decode,prefill,variants,host]
+                                       [--mamba-ssm-ext DIR]
 
 Measures, in one run on one device:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and MUFU ex2 throughput
@@ -12,12 +13,14 @@ Measures, in one run on one device:
     Timed as CUDA-graph replays of many launches that rotate over enough input sets to overflow L2
     (each layer's state comes from HBM in a real model), median of the replays;
   * prefill selective_scan at (B, L) = (1, 2048), (1, 16384), (8, 2048) (d = 5120, n = 16) against its
-    two floors, and causal_conv1d at B = 1; CUDA-graph replays of 3 calls, median;
-  * variants: the two prefill scan kernels ("seq" channel-parallel, "tp" time-parallel) and
-    compile-time variants of them (-D overrides of selective_scan.cu) launched through their flat entry
-    points, each checked against the shipped dispatch's output (torch_ops) before it is timed (the kernel before the rewrite, "v3" in NOTES.md, is plugins_cuda/selective_scan.cu at commit
-    e4b02c0; its rows in results/ were measured from a copy that is no longer kept, since it no longer
-    compiles against today's common.cuh);
+    two floors and, with --mamba-ssm-ext, against mamba_ssm's CUDA selective scan on the same inputs
+    (outputs compared first), and causal_conv1d at B = 1; CUDA-graph replays of 3 calls, median;
+  * variants: the prefill scan kernels ("seq" channel-parallel, "wide" its configuration for many
+    rows, "tp" time-parallel) and compile-time variants of them (-D overrides of selective_scan.cu;
+    ``NAME+MACRO=VALUE`` adds one) launched through their flat entry points, each checked against the
+    shipped dispatch's output (torch_ops) before it is timed (the kernel before the rewrite, "v3" in
+    NOTES.md, is plugins_cuda/selective_scan.cu at commit e4b02c0; its rows in results/ were measured
+    from a copy that is no longer kept, since it no longer compiles against today's common.cuh);
   * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
     tiny tensors, so the GPU never holds the host back).
 Absolute times are only meaningful from a GPU; this script refuses to run without one. With --only,
@@ -209,10 +212,28 @@ def _prefill_inputs(B, d, n, L, k, seed):
 
 
 PREFILL_SCAN = ((1, 2048), (1, 16384), (8, 2048))
+
+
+def _mamba_ssm_scan(ext_dir):
+    """mamba_ssm's CUDA selective scan (``selective_scan_cuda.fwd``, built by build_mamba_ssm_ext.py into
+    ``ext_dir``), or None and why not."""
+    if ext_dir is None:
+        return None, "not requested (--mamba-ssm-ext DIR)"
+    from baselines import ext_dirs
+
+    sys.path[:0] = ext_dirs(ext_dir)
+    try:
+        import selective_scan_cuda
+    except Exception as e:  # ImportError, or an extension built for another torch / GPU
+        return None, f"not available ({type(e).__name__}: {e})"
+    return selective_scan_cuda.fwd, "available"
 PREFILL_CONV = ((1, 2048), (1, 16384))
 
 
-def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, conv_shapes=PREFILL_CONV) -> list[dict]:
+def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, conv_shapes=PREFILL_CONV,
+                  mamba_scan=None) -> list[dict]:
+    """``mamba_scan``: mamba_ssm's ``selective_scan_cuda.fwd``, timed on the same inputs (its own initial
+    state is zero and it also writes the chunk states its backward needs) after a check against ours."""
     rows = []
     d, n, k = 5120, 16, 4
     for B, L in sorted(set(scan_shapes) | set(conv_shapes)):
@@ -228,6 +249,10 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
         def conv():
             torch_ops.causal_conv1d_fn(t["u"], t["w"], t["bias"], t["cs"], "silu", out=y, conv_state_out=cso)
 
+        def mamba():
+            return mamba_scan(t["u"], t["delta"], t["A"], t["Bm"].unsqueeze(1), t["Cm"].unsqueeze(1), t["D"], t["z"],
+                              t["db"], True)
+
         row = dict(L=L, d=d, dstate=n, batch=B, dtype=str(DT))
         # CUDA-graph replays: an eager call's host-side work (validation, argument packing) would
         # otherwise sit inside the events for the shorter kernels
@@ -237,6 +262,18 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
             exps = B * d * n * L  # one exp(dt*A) per state per step; softplus/silu add ~4 per (c, t)
             row.update(scan_ms=scan_ms, scan_bytes=scan_bytes, scan_bytes_floor_ms=scan_bytes / bw * 1e3,
                        scan_exps=exps, scan_exp_floor_ms=exps / ex2 * 1e3, scan_exps_per_s=exps / (scan_ms * 1e-3))
+            if mamba_scan is not None:
+                # same contract from a zero state: both outputs must agree before either is timed
+                ours, h_ours = torch_ops.selective_scan_fn(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"],
+                                                           t["z"], t["db"], None, True)
+                out, x, *rest = mamba()
+                theirs = rest[0] if rest else out
+                err = float(((theirs.float() - ours.float()).norm() / ours.float().norm()).item())
+                herr = float(((x[:, :, -1, 1::2] - h_ours).norm() / h_ours.norm()).item())
+                mamba_ms = graph_per_call_us([mamba] * 3, reps) / 1e3
+                row.update(scan_mamba_ssm_ms=mamba_ms, scan_mamba_ssm_y_rel_err=err,
+                           scan_mamba_ssm_state_rel_err=herr, scan_speedup_vs_mamba_ssm=mamba_ms / scan_ms)
+                ours = h_ours = out = x = rest = theirs = None
         if (B, L) in conv_shapes:
             conv_ms = graph_per_call_us([conv] * 3, reps) / 1e3
             conv_bytes = 2 * B * d * L * 2
@@ -250,10 +287,14 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
 # ---------------------------------------------------------------------------------------------
 # compile-time variants of the prefill scan, through the flat entry point
 
-# name -> (kernel, -D options): "seq" is the channel-parallel scan_fwd (launcher.SCAN_CFG), "tp" the
-# time-parallel scan_fwd_tp with its TpCfg knobs (MRT_TP_WARPS / _G / _IPL / _MINB)
+# name -> (kernel, -D options): "seq" is the channel-parallel scan_fwd (launcher.SCAN_CFG), "wide" its
+# wide configuration (launcher.SCAN_WIDE_CFG), "tp" the time-parallel scan_fwd_tp with its TpCfg knobs
+# (MRT_TP_WARPS / _G / _IPL / _MINB); "seq" also takes MRT_SCAN_SPT16 / _BC16 / _QU / _WARPS / _TCH.
 SCAN_VARIANTS = {
     "seq": ("seq", ()),
+    "seq-bc16": ("seq", ("-DMRT_SCAN_BC16=1",)),
+    "seq-spt4": ("seq", ("-DMRT_SCAN_SPT16=4",)),
+    "wide": ("wide", ()),
     "tp": ("tp", ()),
     "tp-g16": ("tp", ("-DMRT_TP_G=16",)),
     "tp-ipl8": ("tp", ("-DMRT_TP_IPL=8",)),
@@ -264,11 +305,23 @@ SCAN_VARIANTS = {
 # git) launched with its own (channels per block, threads per block): version 7 used (16, 128).
 BASELINE = {"source": None, "geometry": (16, 128)}
 _VARIANT_FN: dict = {}
-_VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
+_VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
+                  "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
+
+
+def scan_variant(name: str) -> tuple[str, tuple]:
+    """(kernel, -D options) of a variant: a SCAN_VARIANTS name, optionally followed by +MACRO=VALUE
+    overrides (e.g. ``seq+MRT_SCAN_WARPS=8+MRT_SCAN_QU=2``)."""
+    base, *extra = name.split("+")
+    if base not in SCAN_VARIANTS or any("=" not in x for x in extra):
+        raise ValueError(f"unknown scan variant {name!r}; expected one of {sorted(SCAN_VARIANTS)}, "
+                         "optionally followed by +MACRO=VALUE")
+    kind, defines = SCAN_VARIANTS[base]
+    return kind, tuple(defines) + tuple(f"-D{x}" for x in extra)
 
 
 def _knob(defines, name: str, default: int) -> int:
-    return next((int(o.split("=")[1]) for o in defines if o.startswith(f"-D{name}=")), default)
+    return next((int(o.split("=")[1]) for o in reversed(defines) if o.startswith(f"-D{name}=")), default)
 
 
 def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
@@ -278,9 +331,11 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
         kind, defines, (cpb, threads) = "seq", (), BASELINE["geometry"]
     else:
         text = compiler._read("selective_scan.cu")
-        kind, defines = SCAN_VARIANTS[name]
-        if kind == "seq":
-            threads, cpb = launcher.SCAN_CFG[16]
+        kind, defines = scan_variant(name)
+        if kind in ("seq", "wide"):  # ScanCfg<16>: 16 / SPT lanes per channel
+            warps, spt = _knob(defines, "MRT_SCAN_WARPS", 4), _knob(defines, "MRT_SCAN_SPT16", 2)
+            spt = min(2 * spt, 4) if kind == "wide" else spt
+            threads, cpb = 32 * warps, warps * 32 // (16 // spt)
         else:
             threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
             cpb = threads // _knob(defines, "MRT_TP_G", 32)
@@ -394,6 +449,8 @@ def main(argv=None) -> int:
                     help="BxL list for the variants section")
     ap.add_argument("--variants", default=",".join(SCAN_VARIANTS), help="variant names for the variants section")
     ap.add_argument("--variant-dims", default="5120", help="d_inner list for the variants section")
+    ap.add_argument("--mamba-ssm-ext", default=None, metavar="DIR",
+                    help="build_mamba_ssm_ext.py's --build-dir: time mamba_ssm's CUDA selective scan beside ours")
     ap.add_argument("--baseline-source", default=None,
                     help="a selective_scan.cu to time beside the variants as 'baseline' (e.g. from git show)")
     ap.add_argument("--baseline-geometry", default="16x128",
@@ -433,13 +490,18 @@ def main(argv=None) -> int:
                   f"{r['ssu_bytes'] / (bw or 3e12) * 1e6:6.2f} | {r['conv_ours_us']:7.2f} {r['conv_ref_us']:7.1f} "
                   f"{r['conv_bytes'] / (bw or 3e12) * 1e6:6.2f}", flush=True)
     if "prefill" in only:
-        prefill = bench_prefill(reps, bw, ex2)
-        result["prefill"] = prefill
+        mamba_scan, scan_status = _mamba_ssm_scan(args.mamba_ssm_ext)
+        prefill = bench_prefill(reps, bw, ex2, mamba_scan=mamba_scan)
+        result.update(mamba_ssm_scan_cuda=scan_status, prefill=prefill)
+        print(f"mamba_ssm selective_scan_cuda: {scan_status}")
         for r in prefill:
             line = f"prefill B={r['batch']} L={r['L']}:"
             if "scan_ms" in r:
                 line += (f" scan {r['scan_ms']:.4f} ms (bytes floor {r['scan_bytes_floor_ms']:.3f}, exp floor "
                          f"{r['scan_exp_floor_ms']:.3f}; {r['scan_exps_per_s'] / 1e12:.2f}e12 exp/s)")
+                if "scan_mamba_ssm_ms" in r:
+                    line += (f" mamba_ssm {r['scan_mamba_ssm_ms']:.4f} ms ({r['scan_speedup_vs_mamba_ssm']:.2f}x; "
+                             f"y err {r['scan_mamba_ssm_y_rel_err']:.1e}, state {r['scan_mamba_ssm_state_rel_err']:.1e})")
             if "conv_ms" in r:
                 line += f" conv {r['conv_ms']:.4f} ms (floor {r['conv_floor_ms']:.3f})"
             print(line, flush=True)

@@ -54,6 +54,7 @@ FAMILIES: dict[str, _Family] = {
     "selective_scan": _Family(
         "selective_scan.cu", "MRT_SCAN_ENTRIES", "n", (8, 16, 32, 64),
         ("mrt_selective_scan_fwd", "mrt_selective_scan_fwd_strided",
+         "mrt_selective_scan_wide_fwd", "mrt_selective_scan_wide_fwd_strided",
          "mrt_selective_scan_tp_fwd", "mrt_selective_scan_tp_fwd_strided",
          "mrt_selective_state_update", "mrt_selective_state_update_strided"),
     ),

@@ -15,8 +15,9 @@ Without ``strides`` every tensor is taken as contiguous and the flat entry point
 order) is launched; ``strides`` maps a tensor name to its element strides (one per dimension, for the
 3-D logical shape above even when L = 1), and then the strided entry point runs. seqlen == 1 runs the
 single-step kernel unless ``kernel="seq"``. Longer sequences run the channel-parallel sequence
-kernel (``"seq"``) or, for few rows (``TP_MAX_ROWS``, ``TP_MIN_SEQLEN``), the time-parallel one
-(``"tp"``); ``kernel`` forces either.
+kernel (``"seq"``), for few rows (``TP_MAX_ROWS``, ``TP_MIN_SEQLEN``) the time-parallel one
+(``"tp"``), and for many rows of n = 16 (``WIDE_MIN_ROWS``) the channel-parallel kernel's wide
+configuration (``"wide"``); ``kernel`` forces any of them.
 
 Everything is validated before any CUDA call: a bad argument raises InputError / UnsupportedError and
 nothing is launched. Every CUDA driver return code is checked. Kernels are compiled on first use for
@@ -40,6 +41,8 @@ CONV_ITEMS = 16     # causal_conv1d.cu CONV_ITEMS
 SSU_THREADS = 128   # selective_scan.cu SSU_THREADS
 # selective_scan.cu ScanCfg<NP>: padded state size -> (threads per block, channels per block)
 SCAN_CFG = {8: (128, 16), 16: (128, 16), 32: (128, 8), 64: (128, 8)}
+# ScanCfg<NP, true>, the "wide" configuration (twice the states per lane, at most 4)
+SCAN_WIDE_CFG = {8: (128, 32), 16: (128, 32), 32: (128, 16), 64: (128, 8)}
 # selective_scan.cu TpCfg (the time-parallel kernel, every NP): threads per block, channels per block
 TP_CFG = (128, 4)
 # kernel="auto" takes the time-parallel kernel for sequences of at least TP_MIN_SEQLEN steps over at
@@ -49,6 +52,10 @@ TP_CFG = (128, 4)
 # benchmarks/NOTES.md, item 21.
 TP_MAX_ROWS = 2048
 TP_MIN_SEQLEN = 512
+# kernel="auto" takes the wide configuration for n = 16 (the one measured) over at least WIDE_MIN_ROWS
+# rows: half the warps of "seq", each with fewer shared-memory accesses per state-step. On the H100
+# 6-19 % faster from 10,240 rows up, 8-18 % slower at 5,120-6,144 (benchmarks/NOTES.md, item 30).
+WIDE_MIN_ROWS = 8192
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1
 
@@ -438,16 +445,21 @@ def _span(ptr: int, shape, strides, itemsize: int) -> tuple[int, int]:
     return ptr, ptr + (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * itemsize
 
 
-def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int) -> str:
-    """The SelectiveScan kernel a launch runs: 'step', 'seq' or 'tp'."""
-    if kernel not in ("auto", "seq", "step", "tp"):
-        raise InputError(f"{op}: kernel must be 'auto', 'seq', 'step' or 'tp', got {kernel!r}")
-    if kernel == "tp":
+SCAN_KERNELS = ("auto", "seq", "step", "tp", "wide")
+
+
+def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int, dstate: int) -> str:
+    """The SelectiveScan kernel a launch runs: 'step', 'seq', 'tp' or 'wide'."""
+    if kernel not in SCAN_KERNELS:
+        raise InputError(f"{op}: kernel must be one of {', '.join(map(repr, SCAN_KERNELS))}, got {kernel!r}")
+    if kernel in ("tp", "wide"):
         return kernel
     if _check_kernel(op, kernel, seqlen):
         return "step"
     if kernel == "auto" and seqlen >= TP_MIN_SEQLEN and batch * dim <= TP_MAX_ROWS:
         return "tp"
+    if kernel == "auto" and batch * dim >= WIDE_MIN_ROWS and padded_dstate(dstate) == 16:
+        return "wide"
     return "seq"
 
 
@@ -484,14 +496,15 @@ def padded_dstate(dstate: int) -> int:
     raise UnsupportedError(f"selective_scan: dstate {dstate} is not supported; expected 1..{MAX_DSTATE}")
 
 
-def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool,
-                       tp: bool = False) -> tuple[tuple[int, int], int]:
-    """((grid_x, grid_y), threads per block) of the selective_scan kernels (tp: the time-parallel one)."""
+def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: bool = False,
+                       wide: bool = False) -> tuple[tuple[int, int], int]:
+    """((grid_x, grid_y), threads per block) of the selective_scan kernels (tp: the time-parallel one,
+    wide: the sequence kernel's wide configuration)."""
     np_ = padded_dstate(dstate)
     if step:
         tpc = np_ // 4
         return ((batch * dim * tpc + SSU_THREADS - 1) // SSU_THREADS, 1), SSU_THREADS
-    threads, cpb = TP_CFG if tp else SCAN_CFG[np_]
+    threads, cpb = TP_CFG if tp else SCAN_WIDE_CFG[np_] if wide else SCAN_CFG[np_]
     return ((dim + cpb - 1) // cpb, batch), threads
 
 
@@ -646,13 +659,13 @@ def scan_plan(
     enqueues it (D, z, delta_bias, ssm_state may be 0)."""
     op = "selective_scan"
     _, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
-    kind = _scan_kernel(op, kernel, batch, dim, seqlen)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
     return _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device)
 
 
 _SCAN_STEMS = {"step": "mrt_selective_state_update", "seq": "mrt_selective_scan_fwd",
-               "tp": "mrt_selective_scan_tp_fwd"}
+               "tp": "mrt_selective_scan_tp_fwd", "wide": "mrt_selective_scan_wide_fwd"}
 
 
 def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device) -> LaunchPlan:
@@ -664,7 +677,8 @@ def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, devi
     def build(ctx: int) -> LaunchPlan:
         stem = _SCAN_STEMS[kind]
         fn = _function(op, dtype, padded_dstate(dstate), stem if st is None else stem + "_strided", device)
-        grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp")
+        grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp",
+                                         wide=kind == "wide")
         if st is None:
             flat = [("p", n) for n in _SCAN_PTRS[:9]]
             flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]
@@ -693,7 +707,7 @@ def launch_selective_scan(
     op = "selective_scan"
     itemsize, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
     stream = _check_stream(stream)
-    kind = _scan_kernel(op, kernel, batch, dim, seqlen)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate)
     act = {"u", "delta", "Bm", "Cm", "z", "y"}
     required = {"u", "delta", "A", "Bm", "Cm", "y", "ssm_state_out"}
     given = {"u": u, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "D": D, "z": z,

@@ -19,7 +19,9 @@
 //                step) leaving each lane's partial C . h per step in shared memory; then each lane
 //                sums the partials of its own IPL steps and writes y, coalesced along time. Full
 //                chunks of time-contiguous, aligned rows use vector loads and no bounds checks.
-//                The chunk loop must stay small (about 8 KB of SASS): see ScanCfg::QU.
+//                The chunk loop must stay small (about 8 KB of SASS): see ScanCfg::QU. Its WIDE
+//                configuration (entry mrt_selective_scan_wide_fwd_*) gives each lane more states
+//                and keeps Bm / Cm in 16 bits, for many rows (ScanCfg).
 //   scan_fwd_tp  the same contract, time-parallel: a warp per (b, c), each lane owning a run of IPL
 //                steps of every 512-step chunk, the states walked one after another with a warp
 //                scan of each state's segment aggregates (TpCfg). Faster where the grid of scan_fwd
@@ -93,19 +95,31 @@ __device__ __forceinline__ ScanParams scan_contiguous(
 #ifndef MRT_SCAN_TCH
 #define MRT_SCAN_TCH 32
 #endif
+#ifndef MRT_SCAN_BC16
+#define MRT_SCAN_BC16 0
+#endif
 
-template <int NP>
+template <bool C, typename A, typename B> struct Pick { using type = A; };
+template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
+
+template <int NP, bool WIDE = false>
 struct ScanCfg {
   // Lane mapping: a warp holds CPW channels, TPC lanes each; a lane owns SPT of its channel's states
   // (states g, g + TPC, ...). n = 16: two states per lane (1,280 warps at batch 1, d = 5120) measured
   // fastest at batch 1 (one: 0.176 ms, MIO-bound on the per-lane shared loads; two: 0.124 ms; four:
   // 0.152 ms, too few warps); benchmarks/NOTES.md.
-  static constexpr int SPT = NP <= 8 ? 1 : NP == 16 ? MRT_SCAN_SPT16 : NP == 32 ? 2 : 4;
-  static constexpr int TPC = NP / SPT;                  // lanes per channel: 8, 8, 16, 16
+  static constexpr int SPT0 = NP <= 8 ? 1 : NP == 16 ? MRT_SCAN_SPT16 : NP == 32 ? 2 : 4;
+  // WIDE (the launcher's "wide" kernel, for many rows: batch x d_inner >= launcher.WIDE_MIN_ROWS):
+  // twice the states per lane (at most 4) and Bm / Cm kept in shared memory in their 16-bit type,
+  // i.e. fewer shared-memory wavefronts per state-step for half the warps; n = 16: 6-19 % faster
+  // from 10,240 rows up, slower below ~6,000 (benchmarks/NOTES.md, item 30).
+  static constexpr int SPT = WIDE ? (2 * SPT0 < 4 ? 2 * SPT0 : 4) : SPT0;
+  static constexpr bool BC16 = WIDE || MRT_SCAN_BC16;   // (only where the input type is 16-bit)
+  static constexpr int TPC = NP / SPT;                  // lanes per channel: 8, 8, 16, 16 (wide 4, 4, 8, 16)
   static constexpr int CPW = 32 / TPC;                  // channels per warp: 4, 4, 2, 2
   static constexpr int WARPS = MRT_SCAN_WARPS;
   static constexpr int THREADS = 32 * WARPS;
-  static constexpr int CPB = CPW * WARPS;               // channels per block: 16, 16, 8, 8
+  static constexpr int CPB = CPW * WARPS;               // channels per block: 16, 16, 8, 8 (wide 32, 32, 16, 8)
   static constexpr int TCH = NP == 64 ? 16 : MRT_SCAN_TCH;  // steps per chunk (64: static smem < 48 KB)
   static constexpr int IPL = TCH / TPC;                 // (channel, step) items per lane: 4, 4, 2, 1
   // 4-step groups unrolled per iteration of the recurrence loop: at most 32 state-steps of code per
@@ -255,19 +269,22 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned int bytes) {
   return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0ull;
 }
 
-template <typename T, int NP>
+template <typename T, int NP, bool WIDE>
 __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
-  using Cfg = ScanCfg<NP>;
+  using Cfg = ScanCfg<NP, WIDE>;
   constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPW = Cfg::CPW, WARPS = Cfg::WARPS;
   constexpr int THREADS = Cfg::THREADS, CPB = Cfg::CPB, TCH = Cfg::TCH, IPL = Cfg::IPL;
   constexpr int RS = Cfg::RS, YPL = Cfg::YPL, BCV = Cfg::BCV, BCE = Cfg::BCE;
   constexpr unsigned int LANE_ALIGN = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);
   constexpr unsigned int BC_ALIGN = 4 * sizeof(T) >= 16 ? 16 : 4 * sizeof(T);
 
-  // Bm, Cm of a chunk as fp32 [state][step], double-buffered: the block stages chunk k+1's while
-  // (after) chunk k's recurrence, so one barrier per chunk suffices.
-  __shared__ __align__(16) float B_s[2][NP][RS];
-  __shared__ __align__(16) float C_s[2][NP][RS];
+  // Bm, Cm of a chunk as [state][step], double-buffered: the block stages chunk k+1's while
+  // (after) chunk k's recurrence, so one barrier per chunk suffices. BC16: kept in the input's 16-bit
+  // type (half the shared-memory wavefronts per value; widened at use), else as fp32.
+  constexpr bool BC16 = Cfg::BC16 && sizeof(T) == 2;
+  using BCT = typename Pick<BC16, T, float>::type;
+  __shared__ __align__(16) BCT B_s[2][NP][RS];
+  __shared__ __align__(16) BCT C_s[2][NP][RS];
   // Per warp: dt and dt*u per (channel, step), and the lanes' partial C . h per step (one plane
   // per lane group g). Only the warp's own lanes touch these (__syncwarp).
   __shared__ __align__(16) float dt_s[WARPS][CPW][RS];
@@ -341,11 +358,16 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
       const int v = tid + e * THREADS;
       if (v < BCV) {
         const int s = v / (TCH / 4), m = 4 * (v % (TCH / 4));
-        float fb[4], fc[4];
-        unpack(pb[e], fb);
-        unpack(pc[e], fc);
-        sts_floats<4>(&B_s[buf][s][m], fb);
-        sts_floats<4>(&C_s[buf][s][m], fc);
+        if constexpr (BC16) {
+          st_pack(&B_s[buf][s][m], pb[e]);
+          st_pack(&C_s[buf][s][m], pc[e]);
+        } else {
+          float fb[4], fc[4];
+          unpack(pb[e], fb);
+          unpack(pc[e], fc);
+          sts_floats<4>(&B_s[buf][s][m], fb);
+          sts_floats<4>(&C_s[buf][s][m], fc);
+        }
       }
     }
   };
@@ -402,8 +424,8 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     // The recurrence, 4 steps per group: one 16-byte shared load each of dt, dt*u and of every
     // owned state's Bm and Cm; per state and step one ex2 and 4 FP32 operations. The lane's partial
     // C . h per step goes to its plane of y_s.
-    const float* __restrict__ Bb = &B_s[k & 1][g][0];
-    const float* __restrict__ Cb = &C_s[k & 1][g][0];
+    const BCT* __restrict__ Bb = &B_s[k & 1][g][0];
+    const BCT* __restrict__ Cb = &C_s[k & 1][g][0];
     float* __restrict__ yp = yw + g * YPL + lc * RS;
     // Operands of group q+1 are loaded before group q is computed (shared-memory latency hidden
     // inside the warp, not only by other warps).
@@ -413,8 +435,16 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
       lds_floats<4>(dus + 4 * q, u4[slot]);
 #pragma unroll
       for (int j = 0; j < SPT; ++j) {
-        lds_floats<4>(Bb + j * TPC * RS + 4 * q, bq[slot][j]);
-        lds_floats<4>(Cb + j * TPC * RS + 4 * q, cq[slot][j]);
+        if constexpr (BC16) {
+          Pack<T, 4> rb, rc;
+          ld_pack(rb, Bb + j * TPC * RS + 4 * q);
+          ld_pack(rc, Cb + j * TPC * RS + 4 * q);
+          unpack(rb, bq[slot][j]);
+          unpack(rc, cq[slot][j]);
+        } else {
+          lds_floats<4>(Bb + j * TPC * RS + 4 * q, bq[slot][j]);
+          lds_floats<4>(Cb + j * TPC * RS + 4 * q, cq[slot][j]);
+        }
       }
     };
     lds_group(0, 0);
@@ -746,11 +776,19 @@ __device__ __forceinline__ void state_update(const ScanParams& p) {
 #define MRT_SCAN_ENTRIES(TAG, T, NP)                                                               \
   extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::THREADS)                         \
       mrt_selective_scan_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                                \
-    mrt::scan_fwd<T, NP>(MRT_SCAN_FLAT_PARAMS(seqlen));                                            \
+    mrt::scan_fwd<T, NP, false>(MRT_SCAN_FLAT_PARAMS(seqlen));                                     \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::THREADS)                         \
       mrt_selective_scan_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) {    \
-    mrt::scan_fwd<T, NP>(p);                                                                       \
+    mrt::scan_fwd<T, NP, false>(p);                                                                \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::THREADS)                   \
+      mrt_selective_scan_wide_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                           \
+    mrt::scan_fwd<T, NP, true>(MRT_SCAN_FLAT_PARAMS(seqlen));                                      \
+  }                                                                                                \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::THREADS)                   \
+      mrt_selective_scan_wide_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) { \
+    mrt::scan_fwd<T, NP, true>(p);                                                                 \
   }                                                                                                \
   extern "C" __global__ void __launch_bounds__(mrt::TpCfg<NP>::THREADS, mrt::TpCfg<NP>::MINB)     \
       mrt_selective_scan_tp_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                             \

@@ -240,12 +240,13 @@ SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L
 _FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "tp"])
+@pytest.mark.parametrize("kernel", ["auto", "tp", "wide"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("row", SCAN_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
 def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
-    """Every row through kernel="auto" (the channel-parallel kernel for these short or many-row
-    cases, the step kernel at L = 1) and through the time-parallel kernel forced."""
+    """Every row through kernel="auto" (the channel-parallel kernel for these short or few-row
+    cases, the step kernel at L = 1), and through the time-parallel kernel and the channel-parallel
+    kernel's wide configuration forced."""
     seed, gen = rng
     cfg = {**SCAN_BASE, **_FLAGS, "kernel": kernel, **row}
     B, d, L, n = cfg["B"], cfg["d"], cfg["L"], cfg["n"]
@@ -262,13 +263,14 @@ def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
         assert torch.equal(inp["ssm_state"], state_before), "the input state must not change"
 
 
-@pytest.mark.parametrize("kernel", ["seq", "tp"])
+@pytest.mark.parametrize("kernel", ["seq", "tp", "wide", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031), (1, 1536, 2048)],
-                         ids=["2.8b-2048", "b2-1031", "130m-2048"])
+@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031), (1, 1536, 2048), (2, 5120, 515)],
+                         ids=["2.8b-2048", "b2-1031", "130m-2048", "2.8b-b2-515"])
 def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L, kernel):
-    """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt), both sequence
-    kernels: same oracle, computed on the GPU in float64."""
+    """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt), every
+    sequence kernel and the automatic choice (2.8b at B = 2: the wide configuration): same oracle,
+    computed on the GPU in float64."""
     seed, gen = rng
     inp = scan_inputs(gen, B, d, L, 16, dtype)
     y = _poison((B, d, L), dtype)
@@ -341,11 +343,11 @@ def test_selective_scan_65537_tokens_in_one_call(ops, rng, dtype):
     assert_close("scan state, L=65537", so.cpu(), ref_s, STATE_TOL, seed)
 
 
-@pytest.mark.parametrize("kernel", ["seq", "tp"])
+@pytest.mark.parametrize("kernel", ["seq", "wide", "tp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
     """Scan over L1, then over L2 from the carried state == one scan over L1 + L2: bit for bit for the
-    channel-parallel kernel; to fp32 rounding for the time-parallel one (it associates the recurrence
+    channel-parallel kernel (both configurations); to fp32 rounding for the time-parallel one (it associates the recurrence
     by lane segments counted from the launch's first step, so where a launch starts changes the
     rounding, not the result)."""
     seed, gen = rng
@@ -356,7 +358,7 @@ def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
     second = {k: (v[..., L1:] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
     y1, s1 = ops.selective_scan_fn(**first, kernel=kernel)
     y2, s2 = ops.selective_scan_fn(**{**second, "ssm_state": s1}, kernel=kernel)
-    if kernel == "seq":  # each step does the same fp32 operations wherever a launch starts: bit for bit
+    if kernel != "tp":  # each step does the same fp32 operations wherever a launch starts: bit for bit
         assert torch.equal(torch.cat([y1, y2], -1), y), f"seed={seed}"
         assert torch.equal(s2, s), f"seed={seed}"
     else:

@@ -100,26 +100,58 @@ def test_launch_configs():
     assert launcher.scan_launch_config(1, 5120, 16, step=True) == ((160, 1), 128)
     assert launcher.scan_launch_config(1, 1536, 16, step=False, tp=True) == ((384, 1), 128)
     assert launcher.scan_launch_config(3, 5, 64, step=False, tp=True) == ((2, 3), 128)
+    assert launcher.scan_launch_config(2, 5120, 16, step=False, wide=True) == ((160, 2), 128)
+    assert launcher.scan_launch_config(1, 33, 8, step=False, wide=True) == ((2, 1), 128)
+    assert launcher.scan_launch_config(3, 17, 32, step=False, wide=True) == ((2, 3), 128)
+    assert launcher.scan_launch_config(1, 9, 64, step=False, wide=True) == ((2, 1), 128)
+
+
+def test_scan_launch_constants_mirror_the_kernel():
+    """SCAN_CFG / SCAN_WIDE_CFG restate ScanCfg's threads and channels per block (4 warps; a lane
+    owns SPT states, 2 for n = 16 by default, twice that (at most 4) in the wide configuration)."""
+    src = (Path(launcher.__file__).parent / "selective_scan.cu").read_text()
+    warps = int(re.search(r"#define MRT_SCAN_WARPS (\d+)", src).group(1))
+    spt16 = int(re.search(r"#define MRT_SCAN_SPT16 (\d+)", src).group(1))
+    m = re.search(r"SPT0 = NP <= 8 \? (\d+) : NP == 16 \? MRT_SCAN_SPT16 : NP == 32 \? (\d+) : (\d+);", src)
+    assert m and "SPT = WIDE ? (2 * SPT0 < 4 ? 2 * SPT0 : 4) : SPT0;" in src
+    assert warps == 4 and all(threads == 32 * warps for threads, _ in launcher.SCAN_CFG.values())
+    spt = {8: int(m.group(1)), 16: spt16, 32: int(m.group(2)), 64: int(m.group(3))}
+    for np_, s in spt.items():
+        for cfg, states in ((launcher.SCAN_CFG, s), (launcher.SCAN_WIDE_CFG, min(2 * s, 4))):
+            assert cfg[np_] == (32 * warps, warps * (32 // (np_ // states))), (np_, cfg)
 
 
 @pytest.mark.parametrize("kernel, batch, dim, seqlen, kind", [
     ("auto", 1, 1536, 2048, "tp"),    # 130m prompt: few rows, long sequence
     ("auto", 1, 2048, 512, "tp"),     # both limits
     ("auto", 1, 2049, 2048, "seq"),   # rows over TP_MAX_ROWS
-    ("auto", 8, 1536, 2048, "seq"),
+    ("auto", 8, 1536, 2048, "wide"),
     ("auto", 1, 1536, 511, "seq"),    # shorter than TP_MIN_SEQLEN
     ("auto", 1, 1536, 1, "step"),
+    ("auto", 2, 5120, 2048, "wide"),  # 2.8b, two prompts: rows over WIDE_MIN_ROWS
+    ("auto", 8, 1024, 7, "wide"),     # both limits, any length > 1
+    ("auto", 8, 1023, 2048, "seq"),   # rows under WIDE_MIN_ROWS
+    ("auto", 1, 1536, 1, "step"),
     ("seq", 1, 1536, 2048, "seq"), ("tp", 64, 5120, 1, "tp"), ("step", 1, 1536, 1, "step"),
+    ("wide", 1, 40, 3, "wide"), ("seq", 8, 5120, 2048, "seq"),
 ])
 def test_scan_kernel_choice(kernel, batch, dim, seqlen, kind):
-    assert launcher._scan_kernel("selective_scan", kernel, batch, dim, seqlen) == kind
+    assert launcher._scan_kernel("selective_scan", kernel, batch, dim, seqlen, 16) == kind
+
+
+@pytest.mark.parametrize("dstate, kind", [(1, "seq"), (8, "seq"), (9, "wide"), (16, "wide"), (17, "seq"),
+                                         (64, "seq")])
+def test_scan_kernel_choice_wide_only_for_n16(dstate, kind):
+    """The wide configuration was measured for the n = 16 specialisation only (state sizes 9-16);
+    the others keep "seq"."""
+    assert launcher._scan_kernel("selective_scan", "auto", 8, 5120, 2048, dstate) == kind
 
 
 def test_scan_kernel_choice_rejects():
-    with pytest.raises(InputError, match=r"kernel must be 'auto', 'seq', 'step' or 'tp', got 'fast'"):
-        launcher._scan_kernel("selective_scan", "fast", 1, 1, 2)
+    with pytest.raises(InputError, match=r"kernel must be one of 'auto', 'seq', 'step', 'tp', 'wide', got 'fast'"):
+        launcher._scan_kernel("selective_scan", "fast", 1, 1, 2, 16)
     with pytest.raises(InputError, match="the single-step kernel needs seqlen 1, got 2"):
-        launcher._scan_kernel("selective_scan", "step", 1, 1, 2)
+        launcher._scan_kernel("selective_scan", "step", 1, 1, 2, 16)
 
 
 def test_capability_reasons():
