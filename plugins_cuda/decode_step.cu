@@ -1187,10 +1187,13 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(THREADS)                                               \
       mrt_gemv_residual##NAME##_##TAG##_b##BM(const mrt::GemvResidualArgs a) { mrt::gemv_residual<T, BM, KIND>(a); }
 
-#define MRT_DECODE_BM(TAG, T, BM)                                                                      \
-  MRT_DECODE_GEMVS(, TAG, T, BM, mrt::GEMV_FMA, mrt::GEMV_THREADS)                                     \
+#define MRT_DECODE_XP(TAG, T, BM)                                                                      \
   extern "C" __global__ void __launch_bounds__(mrt::XP_THREADS)                                       \
       mrt_conv_xproj_##TAG##_b##BM(const mrt::ConvXprojArgs a) { mrt::conv_xproj<T, BM>(a); }
+
+#define MRT_DECODE_BM(TAG, T, BM)                                                                      \
+  MRT_DECODE_GEMVS(, TAG, T, BM, mrt::GEMV_FMA, mrt::GEMV_THREADS)                                     \
+  MRT_DECODE_XP(TAG, T, BM)
 
 // The tensor-core GEMVs (16-bit T only), for BM up to 8: fed by loads, and by the copy engine (sm_90+;
 // empty bodies on older GPUs, where the host never launches them).
@@ -1207,6 +1210,9 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 #define MRT_DECODE_ENTRIES(TAG, T)                                                                     \
   MRT_DECODE_BM(TAG, T, 1)                                                                             \
   MRT_DECODE_BM(TAG, T, 2)                                                                             \
+  MRT_DECODE_XP(TAG, T, 4)                                                                             \
+  MRT_DECODE_XP(TAG, T, 8)                                                                             \
+  MRT_DECODE_XP(TAG, T, 16)                                                                            \
   MRT_DECODE_N(TAG, T, 4)                                                                              \
   MRT_DECODE_N(TAG, T, 8)                                                                              \
   MRT_DECODE_N(TAG, T, 16)                                                                             \

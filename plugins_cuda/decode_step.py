@@ -33,6 +33,12 @@ GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the G
 # 16 0.677 / 0.639, 64 0.803 / 0.820; 2.8b batch 4 3.385 / 3.257, 8 3.753 / 3.724, 16 3.966 / 4.092,
 # 64 5.07 / 6.28 (benchmarks/NOTES.md, item 25): inside wins up to ~40k rows x channels.
 DT_FOLD_MAX_ROW_CHANNELS = 49152
+# conv_xproj entry points (.cu MRT_DECODE_XP): conv update + SiLU + x_proj share for these many rows
+XP_BUCKETS = (1, 2, 4, 8, 16)
+# GEMM path: buckets of at most this many rows that also compute dt_proj inside ssm_step take x_proj
+# in conv_xproj (its share of the sums added into a float32 accumulator, zeroed once per step) instead
+# of a cuBLAS GEMM (split-K, ~7 us on the H100 whatever the rows: benchmarks/NOTES.md, item 32)
+XPROJ_FOLD_MAX_ROWS = 8
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -325,8 +331,12 @@ class DecodeKernels:
         return Launch(self._fn(f"argmax_{self.tag}"), (C, B), ARGMAX_THREADS, 0, a, "argmax")
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
-        """bm in GEMV_BUCKETS: conv + x_proj share; bm = 0: conv only (any B; Wx must be 0)."""
+        """bm in XP_BUCKETS: conv + x_proj share (B == bm); bm = 0: conv only (any B; Wx must be 0)."""
         a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, d, k, R)
+        if bm and (bm not in XP_BUCKETS or B != bm):
+            raise InternalError(f"fused decode conv_xproj: {B} rows in a launch for {bm}; expected {XP_BUCKETS}")
+        if not bm and Wx:
+            raise InternalError("fused decode conv_only: no x_proj share (Wx must be 0)")
         if bm:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")

@@ -13,7 +13,8 @@ Two paths, chosen per batch bucket:
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
-  kernels (``embed``/``residual_norm`` one block per row, ``conv_xproj`` without its x_proj share,
+  kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
+  buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
   delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``), the head over
   the padded vocabulary.
@@ -53,6 +54,9 @@ class DecodeBucket:
         self.y = torch.empty(B, d, dtype=dt, device=dev)
         self.logits = torch.empty(B, c.vocab_size, **f32)
         self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
+        # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path)
+        self.fold_dt, self.fold_x = (True, True) if self.gemv else dec.gemm_folds(B)
+        self.zeroed = None  # zeroed at the start of every step (one memset), where there is one
         if self.gemv:
             self.ge = dec.k.embed_grid(dm)
             # blocks of each layer's gemv_residual = its partial sums of squares per row
@@ -67,6 +71,9 @@ class DecodeBucket:
             self.ctr = self.zeroed[c.n_layer * B * R:].view(torch.int32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
+            if self.fold_x:  # x_proj's sums, added up by conv_xproj's blocks
+                self.zeroed = torch.zeros(c.n_layer * B * R, **f32)
+                self.acc = self.zeroed.view(c.n_layer, B, R)
             self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
             self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
@@ -117,8 +124,7 @@ class FusedDecoder:
         emb = self.model.backbone.embedding.weight
         layers = self.model.backbone.layers
         res32 = c.residual_in_fp32
-        from mamba_rt.plugins_cuda.decode_step import DT_FOLD_MAX_ROW_CHANNELS
-        fold_dt = B * d <= DT_FOLD_MAX_ROW_CHANNELS  # GEMM path: dt_proj inside ssm_step
+        fold_dt, fold_x = bk.fold_dt, bk.fold_x
         out = []
         if bk.gemv:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
@@ -145,12 +151,19 @@ class FusedDecoder:
                 ss, G = bk.ss[i], bk.g4[i]
             else:
                 out.append(self._linear(bk.xn, m.in_proj, bk.xz))
-                out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
-                                        conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv, R=R))
-                out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
+                if fold_x:
+                    out.append(k.conv_xproj(B, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
+                                            conv_b=p(m.conv1d.bias), Wx=p(m.x_proj.weight), u=p(bk.u),
+                                            xdbl=p(bk.acc[i]), B=B, d=d, k=c.d_conv, R=R))
+                else:
+                    out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
+                                            conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv,
+                                            R=R))
+                    out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
                 if not fold_dt:
                     out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
-                out.append(k.ssm_step(n=n, B=B, xdbl_acc=0, xdbl_t=p(bk.xdbl), delta=0 if fold_dt else p(bk.delta),
+                out.append(k.ssm_step(n=n, B=B, xdbl_acc=p(bk.acc[i]) if fold_x else 0,
+                                      xdbl_t=0 if fold_x else p(bk.xdbl), delta=0 if fold_dt else p(bk.delta),
                                       Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
                                       u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
                 out.append(self._linear(bk.y, m.out_proj, bk.o))
@@ -176,6 +189,14 @@ class FusedDecoder:
             return lambda: torch.addmm(lin.bias, x, w, out=out)
         return lambda: torch.mm(x, w, out=out)
 
+    def gemm_folds(self, B: int) -> tuple[bool, bool]:
+        """(dt_proj inside ssm_step, x_proj inside conv_xproj) for a GEMM-path bucket of B rows, by the
+        launch constants of decode_step (read at each bucket's creation: the tests switch them)."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
+        fold_dt = B * self.config.d_inner <= ds.DT_FOLD_MAX_ROW_CHANNELS
+        return fold_dt, fold_dt and B <= ds.XPROJ_FOLD_MAX_ROWS and B in ds.XP_BUCKETS
+
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)
 
@@ -184,7 +205,7 @@ class FusedDecoder:
         """One decode step of bucket ``bk`` on the current stream: bk.ids (token per row) and bk.idx
         (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out."""
         stream = torch.cuda.current_stream(self.device).cuda_stream
-        if bk.gemv:
+        if bk.zeroed is not None:
             bk.zeroed.zero_()
         for ln in bk.launches:
             if callable(ln):  # a cuBLAS projection (GEMM path)

@@ -61,15 +61,19 @@ def test_fused_steps_other_gemv(case, dtype, batch, gemv):
     _check_steps(case, dtype, batch, gemv=gemv)
 
 
-@pytest.mark.parametrize("fold", [True, False], ids=["dt-in-ssm-step", "dt-gemm"])
+@pytest.mark.parametrize("fold", [(True, True), (True, False), (False, False)],
+                         ids=["dt-and-x-folded", "dt-in-ssm-step", "dt-gemm"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_steps_gemm_path_dt_proj_both_ways(case, dtype, fold, monkeypatch):
-    """The GEMM path's dt_proj both ways, whatever the size threshold picks for these small models:
-    inside ssm_step (from x_proj's output row) and as a cuBLAS GEMM feeding ssm_step_pre."""
+    """The GEMM path's dt_proj and x_proj every way, whatever the size thresholds pick for these small
+    models: x_proj inside conv_xproj (its sums in a float32 accumulator) with dt_proj inside ssm_step;
+    x_proj a cuBLAS GEMM with dt_proj inside ssm_step (from x_proj's output row); both GEMMs, feeding
+    ssm_step_pre."""
     from mamba_rt.plugins_cuda import decode_step
 
-    monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 1 << 40 if fold else 0)
+    monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 1 << 40 if fold[0] else 0)
+    monkeypatch.setattr(decode_step, "XPROJ_FOLD_MAX_ROWS", 16 if fold[1] else 0)
     _check_steps(case, dtype, 16, gemv=None, fold=fold)
 
 
@@ -106,9 +110,12 @@ def _check_steps(case, dtype, batch, gemv, fold=None):
             want = _expected_gemv(gemv, dtype, k, arch)
             got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
             assert got == {want}, (kind, names)
-    elif fold is not None:  # cuBLAS calls: in_proj, x_proj, (dt_proj,) out_proj per layer, and the head
+    elif fold is not None:  # cuBLAS calls: in_proj, (x_proj, (dt_proj,)) out_proj per layer, and the head
         gemms = sum(callable(ln) for ln in bk.launches)
-        assert gemms == cfg.n_layer * (3 if fold else 4) + 1, (fold, gemms)
+        assert (bk.fold_dt, bk.fold_x) == fold
+        assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
+        xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
+        assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
