@@ -54,7 +54,7 @@ TP_MAX_ROWS = 2048
 TP_MIN_SEQLEN = 512
 # kernel="auto" takes the wide configuration for n = 16 (the one measured) over at least WIDE_MIN_ROWS
 # rows: half the warps of "seq", each with fewer shared-memory accesses per state-step. On the H100
-# 6-19 % faster from 10,240 rows up, 8-18 % slower at 5,120-6,144 (benchmarks/NOTES.md, item 30).
+# 5-19 % faster from 8,192 rows up, 10-20 % slower at 3,072-6,144 (benchmarks/NOTES.md, item 31).
 WIDE_MIN_ROWS = 8192
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1

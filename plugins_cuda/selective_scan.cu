@@ -111,8 +111,8 @@ struct ScanCfg {
   static constexpr int SPT0 = NP <= 8 ? 1 : NP == 16 ? MRT_SCAN_SPT16 : NP == 32 ? 2 : 4;
   // WIDE (the launcher's "wide" kernel, for many rows: batch x d_inner >= launcher.WIDE_MIN_ROWS):
   // twice the states per lane (at most 4) and Bm / Cm kept in shared memory in their 16-bit type,
-  // i.e. fewer shared-memory wavefronts per state-step for half the warps; n = 16: 6-19 % faster
-  // from 10,240 rows up, slower below ~6,000 (benchmarks/NOTES.md, item 30).
+  // i.e. fewer shared-memory wavefronts per state-step for half the warps; n = 16: 5-19 % faster
+  // from 8,192 rows up, 10-20 % slower at 3,072-6,144 (benchmarks/NOTES.md, item 31).
   static constexpr int SPT = WIDE ? (2 * SPT0 < 4 ? 2 * SPT0 : 4) : SPT0;
   static constexpr bool BC16 = WIDE || MRT_SCAN_BC16;   // (only where the input type is 16-bit)
   static constexpr int TPC = NP / SPT;                  // lanes per channel: 8, 8, 16, 16 (wide 4, 4, 8, 16)
