@@ -344,14 +344,22 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_host_memory_is_constant_while_generating(hf_package):
+    """Host memory does not grow with the generated length. A leak grows across every stretch of
+    tokens; the allocators may take one step of a few MB at any time (once 2 MB over 8,000 tokens in
+    CI with onnxruntime 1.32, < 100 KB in other runs). So of four stretches of ~2,000 tokens, the three
+    that grew least may grow by 512 KiB together (a leak of ~90 bytes per token would not stay under
+    it), and all four by 4 MiB."""
     pkg, _, cfg, seed = hf_package
     n = 4000
+    marks = (200, n // 2, n, 3 * n // 2, 2 * n - 1)  # tokens of both sequences counted together
     with Session.open(pkg, backend="onnxruntime", max_batch=2) as s:
         list(s.generate([[1, 2], [3]], 120, SAMPLED))  # warm-up: allocator arenas settle
         rss = {}
         for i, tok in enumerate(s.generate([[4, 5, 6], [7]], n, SAMPLED)):
-            if i in (200, 2 * n - 1):  # 100 tokens per sequence, and the end
+            if i in marks:
                 rss[i] = _rss_bytes()
-    assert len(rss) == 2
-    grew = rss[2 * n - 1] - rss[200]
-    assert abs(grew) <= 1 << 20, f"host RSS changed by {grew / 1024:.0f} KiB over {2 * n} tokens"
+    assert sorted(rss) == list(marks)
+    steps = [rss[b] - rss[a] for a, b in zip(marks, marks[1:])]
+    kib = [g // 1024 for g in steps]
+    assert sum(sorted(steps)[:-1]) <= 512 << 10, f"host RSS grew across the stretches of tokens: {kib} KiB"
+    assert abs(rss[marks[-1]] - rss[marks[0]]) <= 4 << 20, f"host RSS changed by {sum(kib)} KiB over {2 * n} tokens"
