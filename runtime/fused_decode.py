@@ -56,26 +56,27 @@ class DecodeBucket:
         self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
         # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path)
         self.fold_dt, self.fold_x = (True, True) if self.gemv else dec.gemm_folds(B)
-        self.zeroed = None  # zeroed at the start of every step (one memset), where there is one
+        # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
+        # conv_xproj's blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
+        # kernels hand out their rows through it)
+        n_acc, n_ctr = (c.n_layer * B * R if self.fold_x else 0), (2 * c.n_layer + 1 if self.gemv else 0)
+        self.zeroed = torch.zeros(n_acc + n_ctr, **f32) if n_acc + n_ctr else None
+        if self.fold_x:
+            self.acc = self.zeroed[:n_acc].view(c.n_layer, B, R)
         if self.gemv:
+            self.ctr = self.zeroed[n_acc:].view(torch.int32)
             self.ge = dec.k.embed_grid(dm)
             # blocks of each layer's gemv_residual = its partial sums of squares per row
             self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
                        for l in dec.model.backbone.layers]
             self.ss_embed = torch.empty(self.ge, B, **f32)
             self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
-            # zeroed before every step (one memset): x_proj's accumulators, then a work counter per GEMV
-            # launch (the copy-engine kernels hand out their rows through it)
-            self.zeroed = torch.zeros(c.n_layer * B * R + 2 * c.n_layer + 1, **f32)
-            self.acc = self.zeroed[: c.n_layer * B * R].view(c.n_layer, B, R)
-            self.ctr = self.zeroed[c.n_layer * B * R:].view(torch.int32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
-            if self.fold_x:  # x_proj's sums, added up by conv_xproj's blocks
-                self.zeroed = torch.zeros(c.n_layer * B * R, **f32)
-                self.acc = self.zeroed.view(c.n_layer, B, R)
-            self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
-            self.delta = torch.empty(B, d, dtype=dt, device=dev)
+            if not self.fold_x:  # x_proj's output for ssm_step (and the dt_proj GEMM)
+                self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
+            if not self.fold_dt:  # the dt_proj GEMM's output
+                self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
             self.logits_t = torch.empty(B, dec.lm_head_padded.shape[0], dtype=dt, device=dev)
         self.launches = dec._prepare(self)
@@ -151,19 +152,17 @@ class FusedDecoder:
                 ss, G = bk.ss[i], bk.g4[i]
             else:
                 out.append(self._linear(bk.xn, m.in_proj, bk.xz))
-                if fold_x:
-                    out.append(k.conv_xproj(B, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
-                                            conv_b=p(m.conv1d.bias), Wx=p(m.x_proj.weight), u=p(bk.u),
-                                            xdbl=p(bk.acc[i]), B=B, d=d, k=c.d_conv, R=R))
-                else:
-                    out.append(k.conv_xproj(0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
-                                            conv_b=p(m.conv1d.bias), Wx=0, u=p(bk.u), xdbl=0, B=B, d=d, k=c.d_conv,
-                                            R=R))
+                acc = p(bk.acc[i]) if fold_x else 0  # x_proj's sums, else x_proj is a GEMM
+                out.append(k.conv_xproj(B if fold_x else 0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
+                                        conv_w=p(self.conv_w[i]), conv_b=p(m.conv1d.bias),
+                                        Wx=p(m.x_proj.weight) if fold_x else 0, u=p(bk.u), xdbl=acc, B=B, d=d,
+                                        k=c.d_conv, R=R))
+                if not fold_x:
                     out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
                 if not fold_dt:
                     out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
-                out.append(k.ssm_step(n=n, B=B, xdbl_acc=p(bk.acc[i]) if fold_x else 0,
-                                      xdbl_t=0 if fold_x else p(bk.xdbl), delta=0 if fold_dt else p(bk.delta),
+                out.append(k.ssm_step(n=n, B=B, xdbl_acc=acc, xdbl_t=0 if fold_x else p(bk.xdbl),
+                                      delta=0 if fold_dt else p(bk.delta),
                                       Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
                                       u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
                 out.append(self._linear(bk.y, m.out_proj, bk.o))
