@@ -4,12 +4,17 @@ on the GPU (a development tool for issue 8; the user-facing numbers come from ``
 
     python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
                                         [--kernels] [--gemv fma|mma|bulk] [--knob NAME=VAL] [--out FILE.json]
+                                        [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8]]
 
 Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
 wait), the weight-read floor (and the floor with the state read and written, for batch > 1) at the
 copy bandwidth measured in the same run, and with ``--kernels`` the per-kernel GPU time from the torch
 profiler (one replay). Weights are random (time does not depend on their values).
+
+``--ab NAME=V1/V2``: an A/B comparison in one process: per (config, batch) one graph per value of the
+launch constant NAME (set before the graph's bucket is made), replayed in turn for ``--ab-rounds``
+rounds of 100; a row per value with the median of its rounds (and its spread).
 """
 from __future__ import annotations
 
@@ -57,6 +62,35 @@ def replay_ms(graph, reps=100, rounds=5):
     return statistics.median(out)
 
 
+def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
+    """One graph per (constant, value) of ``ab`` for bucket B, replayed in turn; a row per value."""
+    from mamba_rt.runtime.backend_torch import _FusedGraph
+
+    graphs = []
+    for name, val in ab:
+        old = getattr(decode_step, name)
+        setattr(decode_step, name, val)
+        try:
+            graphs.append(_FusedGraph(dec, state, B, torch.cuda.graph_pool_handle()))
+        finally:
+            setattr(decode_step, name, old)
+    slots, ids = np.arange(B, dtype=np.int64), np.zeros((B, 1), np.int64)
+    for g in graphs:
+        for _ in range(20):
+            ids[:, 0] = g.run(slots, ids).greedy()
+    times = [[] for _ in graphs]
+    for _ in range(rounds):
+        for g, t in zip(graphs, times):
+            t.append(replay_ms(g.graph, rounds=1))
+    rows = []
+    for (name, val), t in zip(ab, times):
+        row = {"config": config, "batch": B, "ab": f"{name}={val}", "gpu_ms": statistics.median(t),
+               "gpu_ms_min": min(t), "gpu_ms_max": max(t), "rounds": rounds}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="130m,1.4b,2.8b")
@@ -70,6 +104,9 @@ def main() -> int:
     ap.add_argument("--define", action="append", default=[], help="NAME=VALUE: a tuning macro of decode_step.cu")
     ap.add_argument("--knob", action="append", default=[],
                     help="NAME=VALUE: a launch constant of decode_step.py (ints, or comma-separated for tuples)")
+    ap.add_argument("--ab", default=None, help="NAME=V1/V2[/...]: graphs of each value of a launch constant, "
+                                               "replayed in turn (ints, or comma-separated for tuples)")
+    ap.add_argument("--ab-rounds", type=int, default=8)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config, copy_bandwidth, state_bytes
@@ -80,12 +117,19 @@ def main() -> int:
     from mamba_rt.plugins_cuda import decode_step
     if args.mma_blocks is not None:
         decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
-    for d in args.knob:
+    def knob(d, opt="--knob"):
         name, _, val = d.partition("=")
         if not hasattr(decode_step, name):
-            ap.error(f"--knob {d!r}: decode_step has no constant {name!r}")
+            ap.error(f"{opt} {d!r}: decode_step has no constant {name!r}")
         vals = tuple(int(v) for v in val.split(","))
-        setattr(decode_step, name, vals if "," in val else vals[0])
+        return name, vals if "," in val else vals[0]
+
+    for d in args.knob:
+        setattr(decode_step, *knob(d))
+    ab = None
+    if args.ab:
+        name, _, vals = args.ab.partition("=")
+        ab = [knob(f"{name}={v}", "--ab") for v in vals.split("/")]
     for d in args.define:
         name, _, val = d.partition("=")
         decode_step.DEFINES[name] = int(val)
@@ -104,6 +148,9 @@ def main() -> int:
         dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None,
                            gemv=args.gemv)
         for B in batches:
+            if ab:
+                rows += ab_rows(ab, dec, state, B, name, decode_step, args.ab_rounds)
+                continue
             g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
             slots = np.arange(B, dtype=np.int64)
             ids = np.zeros((B, 1), np.int64)
