@@ -117,6 +117,7 @@ def main() -> int:
     from mamba_rt.plugins_cuda import decode_step
     if args.mma_blocks is not None:
         decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
+
     def knob(d, opt="--knob"):
         name, _, val = d.partition("=")
         if not hasattr(decode_step, name):
