@@ -212,6 +212,7 @@ def _prefill_inputs(B, d, n, L, k, seed):
 
 
 PREFILL_SCAN = ((1, 2048), (1, 16384), (8, 2048))
+PREFILL_CONV = ((1, 2048), (1, 16384))
 
 
 def _mamba_ssm_scan(ext_dir):
@@ -227,7 +228,6 @@ def _mamba_ssm_scan(ext_dir):
     except Exception as e:  # ImportError, or an extension built for another torch / GPU
         return None, f"not available ({type(e).__name__}: {e})"
     return selective_scan_cuda.fwd, "available"
-PREFILL_CONV = ((1, 2048), (1, 16384))
 
 
 def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, conv_shapes=PREFILL_CONV,

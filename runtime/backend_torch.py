@@ -270,7 +270,7 @@ class _PaddedOps:
     graph keeps only the last position's logits. Both ops keep their contracts (DESIGN.md)."""
 
     def __init__(self, base, start: "torch.Tensor", length: int, k1: int):
-        self.base, self.start, self.k1 = base, start, k1
+        self.base, self.start = base, start
         self.pos = torch.arange(length, device=start.device)
         self.back = torch.arange(-k1, 0, device=start.device)
         self.ops = base._replace(causal_conv1d=self.causal_conv1d, selective_scan=self.selective_scan)

@@ -131,7 +131,6 @@ def test_scan_launch_constants_mirror_the_kernel():
     ("auto", 2, 5120, 2048, "wide"),  # 2.8b, two prompts: rows over WIDE_MIN_ROWS
     ("auto", 8, 1024, 7, "wide"),     # both limits, any length > 1
     ("auto", 8, 1023, 2048, "seq"),   # rows under WIDE_MIN_ROWS
-    ("auto", 1, 1536, 1, "step"),
     ("seq", 1, 1536, 2048, "seq"), ("tp", 64, 5120, 1, "tp"), ("step", 1, 1536, 1, "step"),
     ("wide", 1, 40, 3, "wide"), ("seq", 8, 5120, 2048, "seq"),
 ])
