@@ -4,17 +4,22 @@ on the GPU (a development tool for issue 8; the user-facing numbers come from ``
 
     python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
                                         [--kernels] [--gemv fma|mma|bulk] [--knob NAME=VAL] [--out FILE.json]
-                                        [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8]]
+                                        [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8]] [--session]
 
 Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
-wait), the weight-read floor (and the floor with the state read and written, for batch > 1) at the
-copy bandwidth measured in the same run, and with ``--kernels`` the per-kernel GPU time from the torch
-profiler (one replay). Weights are random (time does not depend on their values).
+wait), steps queued one ahead as ``Session.decode`` runs them (each fed the ids the step before left
+on the device, queued before the host reads those; wall time per step), the weight-read floor (and the
+floor with the state read and written, for batch > 1) at the copy bandwidth measured in the same run,
+and with ``--kernels`` the per-kernel GPU time from the torch profiler (one replay). Weights are random (time does not depend on their values).
 
 ``--ab NAME=V1/V2``: an A/B comparison in one process: per (config, batch) one graph per value of the
 launch constant NAME (set before the graph's bucket is made), replayed in turn for ``--ab-rounds``
 rounds of 100; a row per value with the median of its rounds (and its spread).
+
+``--session``: instead, through ``Session`` (a package of random weights): 100 greedy steps as
+``step()`` calls, each waiting for its tokens, and as one ``decode()``, which queues each step before
+reading the one before, in turn for 6 rounds; wall ms per step.
 """
 from __future__ import annotations
 
@@ -91,6 +96,40 @@ def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
     return rows
 
 
+def session_rows(name, dtype, batches, rounds=6, steps=100) -> list:
+    """Session level, one process: ``steps`` greedy steps of B slots as ``step()`` calls (each waits
+    for its tokens) and as one ``decode()`` (steps queued ahead), in turn for ``rounds`` rounds; wall
+    ms per step, the median of the rounds."""
+    from mamba_rt.bench import config_package
+    from mamba_rt.runtime import Session
+
+    rows = []
+    with Session.open(config_package(name, dtype, graphs=False), backend="torch", device="cuda",
+                      max_batch=max(batches)) as s:
+        for B in batches:
+            slots = s.alloc(B)
+            toks = np.zeros(B, np.int64)
+            times = {"wait": [], "ahead": []}
+            for r in range(rounds + 1):  # round 0: graphs captured, not timed
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    toks = s.step(slots, toks)
+                t1 = time.perf_counter()
+                toks = s.decode(slots, steps, toks)[-1]
+                t2 = time.perf_counter()
+                if r:
+                    times["wait"].append((t1 - t0) * 1e3 / steps)
+                    times["ahead"].append((t2 - t1) * 1e3 / steps)
+            for x in slots:
+                s.free(x)
+            row = {"config": name, "batch": B, "session": True, "rounds": rounds,
+                   **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+                   **{f"{k}_ms_spread": [min(v), max(v)] for k, v in times.items()}}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="130m,1.4b,2.8b")
@@ -107,6 +146,8 @@ def main() -> int:
     ap.add_argument("--ab", default=None, help="NAME=V1/V2[/...]: graphs of each value of a launch constant, "
                                                "replayed in turn (ints, or comma-separated for tuples)")
     ap.add_argument("--ab-rounds", type=int, default=8)
+    ap.add_argument("--session", action="store_true",
+                    help="only Session.step at a time against Session.decode (steps queued ahead), per batch")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from mamba_rt.bench import bench_config, copy_bandwidth, state_bytes
@@ -140,6 +181,9 @@ def main() -> int:
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
     for name in args.configs.split(","):
+        if args.session:
+            rows += session_rows(name, args.dtype, batches)
+            continue
         cfg = bench_config(name)
         model = gpu_model(cfg, args.dtype)
         wb = decode_bytes(cfg, args.dtype)
@@ -158,14 +202,21 @@ def main() -> int:
             for _ in range(20):
                 ids[:, 0] = g.run(slots, ids).greedy()
             gpu = replay_ms(g.graph)
-            ts = []
+            ts, ahead = [], []
             for _ in range(200):
                 t0 = time.perf_counter()
                 ids[:, 0] = g.run(slots, ids).greedy()
                 ts.append((time.perf_counter() - t0) * 1e3)
+            h = g.run(slots, ids)
+            for _ in range(200):  # each step queued before the one before is read (Session.decode)
+                t0 = time.perf_counter()
+                h, ids[:, 0] = g.run_next(slots, h), h.greedy()
+                ahead.append((time.perf_counter() - t0) * 1e3)
+            h.greedy()
             sb = 2 * B * state_bytes(cfg, args.dtype)
             row = {"config": name, "batch": B, "path": "gemv" if g.bk.gemv else "gemm", "gpu_ms": gpu,
                    "step_ms_median": statistics.median(ts), "step_ms_p99": sorted(ts)[int(0.99 * (len(ts) - 1))],
+                   "step_ahead_ms_median": statistics.median(ahead),
                    "floor_ms": wb / bw * 1e3, "floor_with_state_ms": (wb + sb) / bw * 1e3, "pdl": dec.k.pdl,
                    "gemv": dec.k.gemv}
             row["gpu_over_floor"] = gpu / (row["floor_ms"] if B == 1 else row["floor_with_state_ms"])

@@ -1,11 +1,13 @@
 """``mamba-rt bench PKG | --config NAME``: decode latency, prefill speed, memory and the weight-read floor
-of one model on one backend, measured through the public runtime API (``Session.open``, ``alloc``,
-``prefill``, ``step``).
+of one model on one backend, measured through the runtime API (``Session.open``, ``alloc``,
+``prefill``, and the decode steps as ``Session.decode`` runs them).
 
-* **decode**, for each ``--batch`` B: B slots step together. Per step, CUDA events on torch's current
-  stream around each ``Session.step`` (torch backend on a GPU; elsewhere ``perf_counter``), median and
-  p99 over ``--steps`` steps after ``--warmup`` steps (the first step of a batch size captures its CUDA
-  graph). Also the wall time per step, host round trip included, and tokens/s = B / wall time per step.
+* **decode**, for each ``--batch`` B: B slots step together, greedy, each step queued before the host
+  reads the one before where the backend can (``Session.decode``). Per step (one call that returns a
+  step's tokens), CUDA events on torch's current stream around the call (torch backend on a GPU;
+  elsewhere ``perf_counter``), median and p99 over ``--steps`` steps after ``--warmup`` steps (the first
+  step of a batch size captures its CUDA graph). Also the wall time per step, host work included, and
+  tokens/s = B / wall time per step.
 * **prefill**, for each ``--prompt-len`` L: a fresh slot fed a random prompt of L tokens. TTFT is the time
   of ``Session.prefill`` (it returns the first sampled token); median of ``--prefill-reps`` after one
   untimed run; tokens/s = L / TTFT.
@@ -253,18 +255,17 @@ def check_batch_fits(config, dtype: str, kind: str, idx: int, max_batch: int) ->
 
 def time_decode(s, slots, steps: int, warmup: int, timer: Timer, probe=None, toks=None) -> dict:
     """``slots`` of session ``s`` stepping together (greedy, each fed its own last token) ``warmup``
-    times, then ``steps`` timed times. ``toks``: the first tokens (default random)."""
+    times, then ``steps`` timed times, as ``Session.decode`` runs them (each step queued before the
+    host reads the one before, where the backend can). A timed call returns one step's tokens.
+    ``toks``: the first tokens (default random)."""
     import numpy as np
 
-    toks = [np.asarray(toks if toks is not None else np.random.default_rng(RANDOM_SEED).integers(
-        0, s.vocab, len(slots)), np.int64)]
-
-    def step():
-        toks[0] = s.step(slots, toks[0])
-
+    toks = np.asarray(toks if toks is not None else np.random.default_rng(RANDOM_SEED).integers(
+        0, s.vocab, len(slots)), np.int64)
+    run = s._step_run(slots, warmup + steps, toks)
     for _ in range(warmup):
-        step()
-    return timer.run(step, steps, probe, max(1, steps // 16))
+        run.next()
+    return timer.run(run.next, steps, probe, max(1, steps // 16))
 
 
 def decode_run(s, batch: int, steps: int, warmup: int, timer: Timer, probe=None) -> dict:

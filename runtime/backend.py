@@ -113,6 +113,19 @@ class Backend(abc.ABC):
             raise InternalError(f"forward: ids {ids.shape} and slots {slots.shape} do not agree")
         return self._forward_impl(slots, ids)
 
+    #: True where ``forward``'s greedy ids stay readable after later calls (the torch backend's CUDA
+    #: graphs keep them): only then may a caller queue another step before reading them
+    runs_ahead = False
+
+    def forward_next(self, slots, after):
+        """Queue the decode step after ``after`` (what the last ``forward`` or ``forward_next`` call
+        returned, a decode step of these ``slots``): each slot fed the greedy token that step chose,
+        without waiting for it (the ids stay on the device). Returns what ``forward`` returns, or None
+        where this backend cannot or something else ran since ``after`` (the caller then reads the
+        tokens of ``after`` and feeds them to ``forward``). For greedy decoding without a repetition
+        penalty: the logits are those of the last step queued."""
+        return None
+
     def make_sampler(self) -> Sampler:
         """A sampler that works on this backend's logits (host numpy unless overridden)."""
         return HostSampler(self.max_batch, self.vocab)

@@ -227,12 +227,30 @@ def _capture(fn: Callable, dev, pool, warmup: int):
     return graph, out
 
 
+class _Ids:
+    """The greedy ids (n,) of one graph replay, in a pinned buffer until first read (``ids()`` waits
+    for the replay); ``keep()`` copies them out before a later replay reuses the buffer."""
+
+    def __init__(self, event, host: np.ndarray, n: int):
+        self.event, self.host, self.n, self.value = event, host, n, None
+
+    def keep(self) -> None:
+        if self.value is None:
+            self.event.synchronize()
+            self.value = self.host[:self.n].copy()
+            self.event = self.host = None
+
+    def __call__(self) -> np.ndarray:
+        self.keep()
+        return self.value.copy()
+
+
 class _GraphIO:
     """Pinned host memory a graph copies its int64 inputs from and its greedy ids (``gid``, one per
     row, on the device) to, both copies captured in the graph (``copy_in``, ``copy_out``), and the
     event of its last replay: a call is one graph launch with no separate copy or argmax launch.
-    ``wait()`` before writing ``host_in`` (the previous replay may still be reading it);
-    ``launched(n, logits)`` after the replay."""
+    ``wait()`` before writing ``host_in`` (the previous replay may still be reading it, and its ids
+    not read yet are kept); ``launched(n, logits)`` after the replay."""
 
     def __init__(self, shape, rows: int, fill: int, device):
         self.pin_in = torch.full(shape, fill, dtype=torch.int64).pin_memory()
@@ -240,6 +258,7 @@ class _GraphIO:
         self.host_in, self.host_out = self.pin_in.numpy(), self.pin_out.numpy()  # host views, made once
         self.gid = torch.zeros(rows, dtype=torch.int64, device=device)
         self.done = torch.cuda.Event()
+        self.last: _Ids | None = None
 
     def copy_in(self, dst: "torch.Tensor") -> None:
         dst.copy_(self.pin_in, non_blocking=True)
@@ -249,15 +268,13 @@ class _GraphIO:
 
     def wait(self) -> None:
         self.done.synchronize()
+        if self.last is not None:
+            self.last.keep()
 
     def launched(self, n: int, logits) -> StepLogits:
         self.done.record()
-
-        def greedy() -> np.ndarray:
-            self.done.synchronize()
-            return self.host_out[:n].copy()
-
-        return StepLogits(logits, greedy)
+        self.last = _Ids(self.done, self.host_out, n)
+        return StepLogits(logits, self.last)
 
 
 class _PaddedOps:
@@ -359,7 +376,12 @@ class _ModelGraph:
 class _FusedGraph:
     """One CUDA graph per bucket for a fused decode step (runtime/fused_decode.py): copy the token ids
     and slot indices in from pinned host memory, run every layer's fused kernels on the slots' state
-    in place, take the argmax and copy it back to pinned host memory: one graph launch per token."""
+    in place, take the argmax and copy it back to pinned host memory: one graph launch per token.
+
+    ``run_next`` replays one of two more graphs of the same step (captured at its first use) whose
+    ids are the argmax ids the last replay left on the device and whose slots are the last replay's:
+    the step after needs nothing from the host, so it can be queued before the host has read the
+    ids of the one before. The two copy their ids to two pinned buffers in turn."""
 
     def __init__(self, decoder, state: TorchStateBuffers, bucket: int, pool):
         dev = state.conv.device
@@ -367,16 +389,26 @@ class _FusedGraph:
         self.bk = decoder.bucket(bucket)
         self.io = _GraphIO((2, bucket), bucket, 0, dev)
         self.io.host_in[1] = self.scratch
-        self._decoder = decoder
+        self._decoder, self._pool, self._dev = decoder, pool, dev
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
+        self._next: list | None = None  # [graph, pinned ids, event, their unread _Ids] x 2, at the first run_next
+        self._turn = 0
+        self._last: StepLogits | None = None  # what the last replay returned
+        self._slots: np.ndarray | None = None  # and its slots
 
-    def _step(self):
+    def _step(self, pin_out=None):
         bk = self.bk
-        self.io.copy_in(bk.inp)
+        if pin_out is None:
+            self.io.copy_in(bk.inp)
+        else:  # the last replay's ids; its slot indices are still in bk.idx
+            bk.ids.copy_(self.io.gid)
         self._decoder.enqueue(bk)
         self._decoder.enqueue_argmax(bk, self.io.gid)
-        self.io.copy_out()
+        if pin_out is None:
+            self.io.copy_out()
+        else:
+            pin_out.copy_(self.io.gid, non_blocking=True)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         n = len(slots)
@@ -385,7 +417,32 @@ class _FusedGraph:
         inp[0, :n], inp[0, n:] = ids[:, 0], 0
         inp[1, :n], inp[1, n:] = slots, self.scratch
         self.graph.replay()
-        return self.io.launched(n, self.bk.logits[:n])
+        self._slots = slots.copy()
+        self._last = self.io.launched(n, self.bk.logits[:n])
+        return self._last
+
+    def run_next(self, slots: np.ndarray, after: StepLogits) -> StepLogits | None:
+        """The step after ``after`` (what the last replay returned, for these slots), or None when
+        this graph replayed something else since."""
+        if after is not self._last:
+            return None
+        if not np.array_equal(self._slots, slots):
+            raise InternalError(f"run_next for slots {slots.tolist()} after a step of {self._slots.tolist()}")
+        if self._next is None:  # no warm-up: it would run a step of the last replay's (real) slots
+            self._next = []
+            for _ in range(2):
+                pin = torch.zeros(len(self.bk.ids), dtype=torch.int64).pin_memory()
+                graph, _ = _capture(lambda p=pin: self._step(p), self._dev, self._pool, 0)
+                self._next.append([graph, pin.numpy(), torch.cuda.Event(), None])
+        nx = self._next[self._turn]
+        self._turn ^= 1
+        if nx[3] is not None:
+            nx[3].keep()  # the ids of this buffer's previous replay, if nobody read them yet
+        nx[0].replay()
+        nx[2].record()
+        nx[3] = _Ids(nx[2], nx[1], len(slots))
+        self._last = StepLogits(self.bk.logits[:len(slots)], nx[3])
+        return self._last
 
 
 class TorchBackend(Backend):
@@ -417,6 +474,7 @@ class TorchBackend(Backend):
         self._graphs: dict[int, _ModelGraph | _FusedGraph] = {}
         self._prefill_graphs: dict[tuple[int, bool], _ModelGraph] = {}
         self._pool = self._prefill_pool = None
+        self._eager_last = (None, None)  # an eager call's logits and slots (forward_next)
 
     @classmethod
     def unavailable_reason(cls, manifest, device):
@@ -457,6 +515,7 @@ class TorchBackend(Backend):
         self.decoder = None
         self.model = None
         self._pool = self._prefill_pool = None
+        self._eager_last = (None, None)
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
 
@@ -479,7 +538,9 @@ class TorchBackend(Backend):
         if self.cuda_graph and len(slots) == 1:
             return self._prefill(int(slots[0]), ids[0])
         dev = self.torch_device
-        return run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))
+        logits = run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))
+        self._eager_last = (logits, slots.copy())
+        return logits
 
     def _decode(self, slots, ids):
         b = batch_bucket(len(slots), self.max_batch)
@@ -488,6 +549,24 @@ class TorchBackend(Backend):
             g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
                                    else _ModelGraph(self.model, self.state, b, 1, self._pool, 2))
         return g.run(slots, ids)
+
+    runs_ahead = True  # graphs keep their ids (_Ids); eager steps return logits of their own
+
+    @torch.no_grad()
+    def forward_next(self, slots, after):
+        if not self.active:
+            raise InternalError(f"{self.name} backend used before activate()")
+        slots = np.asarray(slots, dtype=np.int64)
+        if not self.cuda_graph:  # eager: the argmax stays on the device
+            last, last_slots = self._eager_last
+            if after is not last or not np.array_equal(slots, last_slots):
+                return None
+            logits = run_slots(self.model, self.state, torch.from_numpy(slots).to(self.torch_device),
+                               after.float().argmax(-1)[:, None])
+            self._eager_last = (logits, slots.copy())
+            return logits
+        g = self._graphs.get(batch_bucket(len(slots), self.max_batch)) if self.fused else None
+        return g.run_next(slots, after) if isinstance(g, _FusedGraph) else None
 
     def _prefill(self, slot: int, ids: np.ndarray):
         """A prompt (chunk) of one slot as a few pieces (:func:`prompt_pieces`), each the replay of a

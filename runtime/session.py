@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mamba_rt.errors import InputError
+from mamba_rt.errors import InputError, InternalError
 
 from .backend import AUTO, Backend, load_backend
 from .sampling import GREEDY, SamplingParams, derive_seed
@@ -89,7 +89,13 @@ class _Pending:
 
 
 class Session:
-    """A model package opened for generation. Context manager; ``close()`` frees the backend."""
+    """A model package opened for generation. Context manager; ``close()`` frees the backend.
+
+    ``run_ahead`` (default True): :meth:`generate` on slots of its own queues each decode step before
+    handing out the tokens of the one before (see :meth:`decode`); False waits for every step's tokens
+    first (the same tokens either way)."""
+
+    run_ahead = True
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer | None = None,
                  prefill_chunk: int | None = None):
@@ -210,6 +216,36 @@ class Session:
         self.sampler.observe(slots, ids[:, None])
         return self._finish_step(slots, logits, sampling, return_logits)
 
+    def decode(self, slots: Sequence[int], steps: int, token_ids=None,
+               sampling: SamplingParams | None = None) -> np.ndarray:
+        """``steps`` decode steps of ``slots`` together, each feeding every slot the token the step
+        before chose (the first feeds ``token_ids``, by default the slots' pending tokens); returns
+        the chosen tokens, (steps, len(slots)) int64. Tokens, state and pending tokens afterwards are
+        those of as many :meth:`step` calls; but where the backend can (the torch backend's fused
+        decode graphs; greedy, no repetition penalty) each step is queued on the GPU, fed from the
+        device, before the host reads the step before it, so the GPU never waits for the host."""
+        run = self._step_run(slots, steps, token_ids, sampling)
+        return np.stack([run.next() for _ in range(steps)])
+
+    def _step_run(self, slots, steps: int, token_ids=None, sampling: SamplingParams | None = None) -> "_StepRun":
+        """decode()'s loop as an object (the benchmarks time its ``next()`` per step)."""
+        slots = self._check_slots(slots)
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise InputError(f"steps: expected an integer >= 1, got {steps!r}")
+        if token_ids is None:
+            missing = [int(s) for s in slots if self._pending.tokens[s] is None]
+            if missing:
+                raise InputError(f"slots {missing} have no pending token (prefill or step them first, or "
+                                 "pass token_ids)")
+            token_ids = [self._pending.tokens[s] for s in slots]
+        ids = self.check_ids(token_ids, "token_ids")
+        if ids.shape != slots.shape:
+            raise InputError(f"token_ids: expected one id per slot ({len(slots)}), got {ids.size}")
+        sampling = GREEDY if sampling is None else sampling
+        if not isinstance(sampling, SamplingParams):
+            raise InputError(f"sampling: expected SamplingParams, got {type(sampling).__name__}")
+        return _StepRun(self, slots, ids, sampling, int(steps))
+
     def _finish_step(self, slots, logits, sampling, return_logits):
         if return_logits:
             for s in slots:
@@ -286,6 +322,7 @@ class Session:
         texts = ["" for _ in range(n)]
         counts = [0] * n
         tail = 2 * max([len(x) for x in stop_strs], default=0) + 64
+        run = None  # the _StepRun of the active sequences, while they run a step ahead
         self.stats = {"prefill_s": 0.0, "decode_s": 0.0, "prompt_tokens": int(sum(f.size for f in feeds)),
                       "generated": 0}
         try:
@@ -294,6 +331,14 @@ class Session:
             self.stats["prefill_s"] = time.perf_counter() - t0
             active = list(range(n))
             while True:
+                # Slots of its own (freed at the end) may run a step ahead: it is queued before this
+                # step's tokens are handed out, fed them, and thrown away if a sequence stops on one.
+                if own and self.run_ahead and run is None and counts[active[0]] + 1 < max_new:
+                    t0 = time.perf_counter()  # (the active sequences' counts are all equal)
+                    run = _StepRun(self, np.array([slots[i] for i in active], np.int64),
+                                   np.array([nxt[i] for i in active], np.int64), sampling,
+                                   max_new - counts[active[0]] - 1)
+                    self.stats["decode_s"] += time.perf_counter() - t0
                 still = []
                 for i in active:
                     tok = nxt[i]
@@ -314,18 +359,79 @@ class Session:
                     yield Token(i, tok, text, finish)
                     if finish is None:
                         still.append(i)
-                active = still
-                if not active:
+                if not still:
                     break
                 t0 = time.perf_counter()
-                out = self.step([slots[i] for i in active], [nxt[i] for i in active], sampling)
+                if run is not None:  # every sequence goes on: the next step is in flight already
+                    out = run.next() if still == active else run.close()
+                    if still != active:
+                        run = None
+                    rows = active
+                else:
+                    out = self.step([slots[i] for i in still], [nxt[i] for i in still], sampling)
+                    rows = still
                 self.stats["decode_s"] += time.perf_counter() - t0
-                for i, t in zip(active, out.tolist()):
+                for i, t in zip(rows, out.tolist()):
                     nxt[i] = t
+                active = still
         finally:
             if own:
                 for s in slots:
                     self.cache.free(s)
+
+
+class _StepRun:
+    """``limit`` decode steps of fixed ``slots`` (Session.decode, generate): the first fed ``ids``,
+    each next one the tokens of the one before. ``next()`` returns the oldest unread step's tokens
+    (observed by the sampler, the slots' pending tokens). For greedy decoding without a repetition
+    penalty it first queues the step after that one where the backend can (``Backend.forward_next``),
+    so at most two steps are unread; otherwise each step is read (sampled) as soon as it is queued.
+    No step is queued past ``limit``."""
+
+    def __init__(self, session: Session, slots: np.ndarray, ids: np.ndarray, sampling: SamplingParams,
+                 limit: int):
+        self.s, self.slots, self.sampling, self.left = session, slots, sampling, limit
+        self.ahead = sampling.greedy and sampling.repetition_penalty == 1.0 and session.backend.runs_ahead
+        self.fed = ids  # the ids the oldest unread step was fed
+        self.flight: list = []  # what forward / forward_next returned (sampled tokens unless ahead)
+        self._queue(ids)
+
+    def _queue(self, ids) -> bool:
+        b = self.s.backend
+        out = b.forward(self.slots, ids[:, None]) if ids is not None else b.forward_next(self.slots, self.flight[-1])
+        if out is None:
+            return False
+        self.left -= 1
+        if not self.ahead:  # sampled now: the logits are the backend's until its next call
+            self.s.sampler.observe(self.slots, ids[:, None])
+            out = self.s._finish_step(self.slots, out, self.sampling, False)
+        self.flight.append(out)
+        return True
+
+    def next(self) -> np.ndarray:
+        if not self.flight:
+            raise InternalError(f"decode: all {len(self.slots)}-slot steps were read already")
+        if self.ahead and self.left > 0 and len(self.flight) == 1:
+            self._queue(None)
+        toks = self._read()
+        if self.left > 0 and not self.flight:
+            self._queue(toks)
+        return toks
+
+    def close(self) -> np.ndarray | None:
+        """Read what is still in flight; the last tokens read (None if there were none)."""
+        toks = None
+        while self.flight:
+            toks = self._read()
+        return toks
+
+    def _read(self) -> np.ndarray:
+        out = self.flight.pop(0)
+        if self.ahead:
+            self.s.sampler.observe(self.slots, self.fed[:, None])
+            out = self.s._finish_step(self.slots, out, self.sampling, False)
+        self.fed = out
+        return out
 
 
 def _check_chunk(prefill_chunk) -> None:

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch", reason="the GPU tests drive the GPU through
 
 from mamba_rt.runtime import SamplingParams, Session  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
-from tests.runtime.packages import export_tiny  # noqa: E402
+from tests.runtime.packages import diverse_prompts, export_tiny  # noqa: E402
 
 HALF_TOL = {"fp16": 2e-2, "bf16": 6e-2}
 
@@ -160,16 +160,34 @@ def test_device_state_fork_snapshot_and_untouched_slots(packages, name):
     assert np.array_equal(before_a[0], after_a[0]) and np.array_equal(before_a[1], after_a[1])
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_torch_decode_queues_fused_steps_ahead_exactly(packages, dtype):
+    """Session.decode on the fused decode graphs: every step after the first queued ahead (fed the ids
+    the step before left on the device), the same tokens, state and pending tokens as step() at a
+    time, at bucket 1 (GEMV kernels) and bucket 8 (GEMM path, 6 rows); generate likewise, also with
+    two streams whose steps alternate on one graph."""
+    from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
+
+    pkgs, seed = packages
+    with Session.open(pkgs[dtype], backend="torch", device="cuda", max_batch=16) as s:
+        assert s.backend.fused
+        prompts = diverse_prompts(s, [1, 5, 11, 3, 8, 2], 40)
+        check_decode_equals_steps(s, prompts[:1], 40)
+        check_decode_equals_steps(s, prompts, 40)
+        check_generate_ahead_equals_waiting(s, prompts, 40)
+
+
 def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.parametrize("name", list(BACKENDS))
-def test_constant_device_and_host_memory_over_20000_tokens(packages, name):
+@pytest.mark.parametrize("name,sampled", [("torch", True), ("torch", False), ("onnxruntime", True)])
+def test_constant_device_and_host_memory_over_20000_tokens(packages, name, sampled):
+    """Sampled (each step read before the next) and greedy (the torch backend queues steps ahead)."""
     pkgs, _ = packages
     n = 20000
-    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1)
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1) if sampled else None
     with _open(name, pkgs["fp16"], max_batch=1) as s:
         list(s.generate([1, 2, 3], 150, sp))  # warm-up: graphs captured, arenas settled
         mark = {}

@@ -55,6 +55,41 @@ def test_batch_of_three_equals_each_alone_with_sampling(torch_only_package):
             assert alone.ids == together[i].ids, (seed, i)
 
 
+def test_decode_runs_ahead_and_equals_steps(torch_only_package):
+    """The eager backend queues each greedy step ahead, its argmax on the device (CPU here)."""
+    from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
+
+    pkg, model, seed = torch_only_package
+    sp = SamplingParams(temperature=0.9, top_k=30, repetition_penalty=1.2, seed=seed)
+    with Session.open(pkg, backend="torch", max_batch=6) as s:
+        prompts = diverse_prompts(s, [3, 8, 1], 16)
+        check_decode_equals_steps(s, prompts[:2], 16)
+        check_decode_equals_steps(s, prompts[:3], 12, sp)
+        check_generate_ahead_equals_waiting(s, prompts, 16)
+
+
+def test_decode_errors(torch_only_package):
+    from mamba_rt.errors import InputError
+
+    with Session.open(torch_only_package[0], backend="torch", max_batch=2) as s:
+        a, b = s.alloc(2)
+        s.prefill(a, [1, 2])
+        before = s.snapshot(a)
+        for call, match in [
+            (lambda: s.decode([a, b], 3), rf"slots \[{b}\] have no pending token"),
+            (lambda: s.decode([a], 0), "steps: expected an integer >= 1, got 0"),
+            (lambda: s.decode([a], True), "steps: expected an integer >= 1, got True"),
+            (lambda: s.decode([a], 2, [1, 2]), r"token_ids: expected one id per slot \(1\), got 2"),
+            (lambda: s.decode([a], 2, [s.vocab]), f"token id {s.vocab} at position 0 is outside"),
+            (lambda: s.decode([a, a], 2), "each slot may appear once"),
+            (lambda: s.decode([a], 2, sampling="greedy"), "sampling: expected SamplingParams, got str"),
+        ]:
+            with pytest.raises(InputError, match=match):
+                call()
+        assert s.snapshot(a) == before  # nothing ran
+        assert s.decode([a], 2, [5]).shape == (2, 1)
+
+
 def test_backend_option_errors(torch_only_package):
     from mamba_rt.errors import MambaRTError, UnsupportedError
 

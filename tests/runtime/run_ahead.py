@@ -1,0 +1,90 @@
+"""Checks of decoding a step ahead (Session.decode, generate on slots of its own), shared by the CPU
+tests (the eager torch backend) and the GPU ones (fused decode graphs): the same tokens, state,
+pending tokens and seen-token masks as one step() at a time, with the steps really queued ahead."""
+from __future__ import annotations
+
+import numpy as np
+
+from mamba_rt.runtime import SamplingParams
+
+
+def _spy_forward_next(s):
+    """Count the steps the backend queued ahead (forward_next calls that queued one)."""
+    inner, queued = s.backend.forward_next, []
+
+    def spy(slots, after):
+        out = inner(slots, after)
+        queued.append(out is not None)
+        return out
+
+    s.backend.forward_next = spy
+    return queued
+
+
+def _prefilled(s, prompts):
+    slots = s.alloc(len(prompts))
+    first = [int(s.prefill(x, p)) for x, p in zip(slots, prompts)]
+    return slots, first
+
+
+def check_decode_equals_steps(s, prompts, steps: int, sampling: SamplingParams | None = None) -> None:
+    """``decode`` of fresh slots against ``step`` called ``steps`` times on others with the same
+    prompts: tokens, then snapshots (state, pending token, sampler) bit for bit. Greedy decode must
+    queue every step after the first ahead; sampled decode none."""
+    a, first = _prefilled(s, prompts)
+    b, first_b = _prefilled(s, prompts)
+    assert first == first_b
+    if sampling is not None:
+        for i, (x, y) in enumerate(zip(a, b)):
+            s.seed(x, 1000 + i)
+            s.seed(y, 1000 + i)
+    want, toks = [], np.array(first)
+    for _ in range(steps):
+        toks = s.step(a, toks, sampling)
+        want.append(toks)
+    queued = _spy_forward_next(s)
+    try:
+        got = s.decode(b, steps, sampling=sampling)  # the pending tokens: the prefills' ones
+    finally:
+        del s.backend.forward_next
+    assert got.shape == (steps, len(prompts)) and got.dtype == np.int64
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert len({int(t) for t in got.ravel()}) >= 4, "degenerate sequences: the comparison would not discriminate"
+    for x, y in zip(a, b):
+        assert s.pending(x) == s.pending(y)
+        assert s.snapshot(x) == s.snapshot(y)
+    greedy = sampling is None or (sampling.greedy and sampling.repetition_penalty == 1.0)
+    assert queued == ([True] * (steps - 1) if greedy else []), queued
+    for x in (*a, *b):
+        s.free(x)
+
+
+def check_generate_ahead_equals_waiting(s, prompts, new_tokens: int) -> None:
+    """generate on slots of its own, with a stop token hit mid-way by one sequence, run ahead and
+    not; then two generate streams interleaved by their consumer, each equal to itself alone."""
+    full = s.generate(prompts, new_tokens, stream=False)
+    stop = full[0].ids[new_tokens // 2]  # sequence 0 stops there (or earlier, on the same token)
+    out = {}
+    for ahead in (True, False):
+        s.run_ahead = ahead
+        try:
+            queued = _spy_forward_next(s)
+            out[ahead] = list(s.generate(prompts, new_tokens, stop=[stop]))
+            del s.backend.forward_next
+        finally:
+            del s.run_ahead
+        assert any(queued) == ahead, (ahead, queued)
+    assert out[True] == out[False]
+    assert [t.finish for t in out[True] if t.index == 0][-1] == "stop"
+    assert s.cache.n_free == s.max_batch
+
+    alone = [s.generate(p, new_tokens, stream=False)[0].ids for p in prompts[:2]]
+    g0, g1 = (s.generate(p, new_tokens) for p in prompts[:2])
+    got: list[list[int]] = [[], []]
+    for t0, t1 in zip(g0, g1):  # one token of each in turn: their steps share the backend's graphs
+        got[0].append(t0.id)
+        got[1].append(t1.id)
+    g0.close()
+    g1.close()  # (suspended after its last token: its slots are freed on exhaustion or close)
+    assert got == alone
+    assert s.cache.n_free == s.max_batch
