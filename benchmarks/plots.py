@@ -71,6 +71,8 @@ def latency(doc: dict, dtype: str, plt):
 
 def throughput(doc: dict, dtype: str, plt):
     rows = [r for r in _timed(doc, "decode") if r["dtype"] == dtype]
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # one colour per impl in every panel
+    colour = {impl: cycle[i % len(cycle)] for i, impl in enumerate(sorted({r["impl"] for r in rows}))}
     configs = sorted({r["config"] for r in rows}, key=lambda c: min(r["params"] for r in rows if r["config"] == c))
     n = max(1, len(configs))
     cols = min(3, n)
@@ -84,7 +86,7 @@ def throughput(doc: dict, dtype: str, plt):
                 series[r["impl"]].append((r["batch"], r["tokens_per_s"]))
         for impl, pts in sorted(series.items()):
             pts.sort()
-            ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.plot(*zip(*pts), marker="o", label=impl, color=colour[impl])
         if config is None:
             _empty(ax, f"no decode rows in {dtype}")
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="tokens/s", title=config or "")
