@@ -67,6 +67,9 @@ class Backend(abc.ABC):
     name = "abstract"
     #: prompt tokens per ``forward`` a Session feeds by default (its ``prefill_chunk``)
     prefill_chunk = 256
+    #: True where ``forward``'s greedy ids stay readable after later calls (the torch backend's CUDA
+    #: graphs keep them): only then may a caller queue another step before reading them
+    runs_ahead = False
 
     def __init__(self, pkg_dir: str | Path, device: str = "cpu", max_batch: int = 8,
                  manifest: Manifest | None = None):
@@ -112,10 +115,6 @@ class Backend(abc.ABC):
         if ids.ndim != 2 or ids.shape[1] < 1 or slots.shape != (ids.shape[0],):
             raise InternalError(f"forward: ids {ids.shape} and slots {slots.shape} do not agree")
         return self._forward_impl(slots, ids)
-
-    #: True where ``forward``'s greedy ids stay readable after later calls (the torch backend's CUDA
-    #: graphs keep them): only then may a caller queue another step before reading them
-    runs_ahead = False
 
     def forward_next(self, slots, after):
         """Queue the decode step after ``after`` (what the last ``forward`` or ``forward_next`` call

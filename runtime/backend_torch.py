@@ -228,8 +228,8 @@ def _capture(fn: Callable, dev, pool, warmup: int):
 
 
 class _Ids:
-    """The greedy ids (n,) of one graph replay, in a pinned buffer until first read (``ids()`` waits
-    for the replay); ``keep()`` copies them out before a later replay reuses the buffer."""
+    """The greedy ids (n,) of one graph replay, in a pinned buffer until first read (a call waits for
+    the replay); ``keep()`` copies them out before a later replay reuses the buffer."""
 
     def __init__(self, event, host: np.ndarray, n: int):
         self.event, self.host, self.n, self.value = event, host, n, None
@@ -452,6 +452,7 @@ class TorchBackend(Backend):
     kernels run the decode step)."""
 
     name = "torch"
+    runs_ahead = True  # graphs keep their ids (_Ids); eager steps return logits of their own
 
     def __init__(self, pkg_dir, device="cpu", max_batch=8, manifest=None, ops: str | None = None,
                  cuda_graph: bool | None = None, fused: bool | None = None):
@@ -549,8 +550,6 @@ class TorchBackend(Backend):
             g = self._graphs[b] = (_FusedGraph(self.decoder, self.state, b, self._pool) if self.fused
                                    else _ModelGraph(self.model, self.state, b, 1, self._pool, 2))
         return g.run(slots, ids)
-
-    runs_ahead = True  # graphs keep their ids (_Ids); eager steps return logits of their own
 
     @torch.no_grad()
     def forward_next(self, slots, after):
