@@ -11,7 +11,8 @@ of 5 x 100 replays), the same step with the host round trip a token costs (ids i
 wait), steps queued one ahead as ``Session.decode`` runs them (each fed the ids the step before left
 on the device, queued before the host reads those; wall time per step), the weight-read floor (and the
 floor with the state read and written, for batch > 1) at the copy bandwidth measured in the same run,
-and with ``--kernels`` the per-kernel GPU time from the torch profiler (one replay). Weights are random (time does not depend on their values).
+and with ``--kernels`` the per-kernel GPU time from the torch profiler (one replay). Weights are
+random (time does not depend on their values).
 
 ``--ab NAME=V1/V2``: an A/B comparison in one process: per (config, batch) one graph per value of the
 launch constant NAME (set before the graph's bucket is made), replayed in turn for ``--ab-rounds``
@@ -67,6 +68,14 @@ def replay_ms(graph, reps=100, rounds=5):
     return statistics.median(out)
 
 
+def warmed(g, B: int):
+    """Graph ``g`` of bucket B after 20 steps of slots 0..B-1 (each fed its last ids): (slots, ids)."""
+    slots, ids = np.arange(B, dtype=np.int64), np.zeros((B, 1), np.int64)
+    for _ in range(20):
+        ids[:, 0] = g.run(slots, ids).greedy()
+    return slots, ids
+
+
 def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
     """One graph per (constant, value) of ``ab`` for bucket B, replayed in turn; a row per value."""
     from mamba_rt.runtime.backend_torch import _FusedGraph
@@ -79,10 +88,8 @@ def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
             graphs.append(_FusedGraph(dec, state, B, torch.cuda.graph_pool_handle()))
         finally:
             setattr(decode_step, name, old)
-    slots, ids = np.arange(B, dtype=np.int64), np.zeros((B, 1), np.int64)
     for g in graphs:
-        for _ in range(20):
-            ids[:, 0] = g.run(slots, ids).greedy()
+        warmed(g, B)
     times = [[] for _ in graphs]
     for _ in range(rounds):
         for g, t in zip(graphs, times):
@@ -197,10 +204,7 @@ def main() -> int:
                 rows += ab_rows(ab, dec, state, B, name, decode_step, args.ab_rounds)
                 continue
             g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
-            slots = np.arange(B, dtype=np.int64)
-            ids = np.zeros((B, 1), np.int64)
-            for _ in range(20):
-                ids[:, 0] = g.run(slots, ids).greedy()
+            slots, ids = warmed(g, B)
             gpu = replay_ms(g.graph)
             ts, ahead = [], []
             for _ in range(200):

@@ -245,36 +245,55 @@ class _Ids:
         return self.value.copy()
 
 
+class _IdsOut:
+    """Pinned host memory a graph copies its greedy ids to (``copy_from``, captured in the graph), the
+    event of its last replay and that replay's ids: ``reuse()`` before a replay (ids nobody read yet
+    are kept), ``launched(n)`` after it."""
+
+    def __init__(self, rows: int):
+        self.pin = torch.zeros(rows, dtype=torch.int64).pin_memory()
+        self.host = self.pin.numpy()  # host view, made once
+        self.done = torch.cuda.Event()
+        self.last: _Ids | None = None
+
+    def copy_from(self, gid: "torch.Tensor") -> None:
+        self.pin.copy_(gid, non_blocking=True)
+
+    def reuse(self) -> None:
+        if self.last is not None:
+            self.last.keep()
+
+    def launched(self, n: int) -> _Ids:
+        self.done.record()
+        self.last = _Ids(self.done, self.host, n)
+        return self.last
+
+
 class _GraphIO:
     """Pinned host memory a graph copies its int64 inputs from and its greedy ids (``gid``, one per
-    row, on the device) to, both copies captured in the graph (``copy_in``, ``copy_out``), and the
-    event of its last replay: a call is one graph launch with no separate copy or argmax launch.
-    ``wait()`` before writing ``host_in`` (the previous replay may still be reading it, and its ids
-    not read yet are kept); ``launched(n, logits)`` after the replay."""
+    row, on the device) to (``out``), both copies captured in the graph (``copy_in``, ``copy_out``): a
+    call is one graph launch with no separate copy or argmax launch. ``wait()`` before writing
+    ``host_in`` (the previous replay may still be reading it, and its ids not read yet are kept);
+    ``launched(n, logits)`` after the replay."""
 
     def __init__(self, shape, rows: int, fill: int, device):
         self.pin_in = torch.full(shape, fill, dtype=torch.int64).pin_memory()
-        self.pin_out = torch.zeros(rows, dtype=torch.int64).pin_memory()
-        self.host_in, self.host_out = self.pin_in.numpy(), self.pin_out.numpy()  # host views, made once
+        self.host_in = self.pin_in.numpy()  # host view, made once
         self.gid = torch.zeros(rows, dtype=torch.int64, device=device)
-        self.done = torch.cuda.Event()
-        self.last: _Ids | None = None
+        self.out = _IdsOut(rows)
 
     def copy_in(self, dst: "torch.Tensor") -> None:
         dst.copy_(self.pin_in, non_blocking=True)
 
     def copy_out(self) -> None:
-        self.pin_out.copy_(self.gid, non_blocking=True)
+        self.out.copy_from(self.gid)
 
     def wait(self) -> None:
-        self.done.synchronize()
-        if self.last is not None:
-            self.last.keep()
+        self.out.done.synchronize()
+        self.out.reuse()
 
     def launched(self, n: int, logits) -> StepLogits:
-        self.done.record()
-        self.last = _Ids(self.done, self.host_out, n)
-        return StepLogits(logits, self.last)
+        return StepLogits(logits, self.out.launched(n))
 
 
 class _PaddedOps:
@@ -392,23 +411,20 @@ class _FusedGraph:
         self._decoder, self._pool, self._dev = decoder, pool, dev
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
-        self._next: list | None = None  # [graph, pinned ids, event, their unread _Ids] x 2, at the first run_next
+        self._next: list | None = None  # (graph, its _IdsOut) x 2, captured at the first run_next
         self._turn = 0
         self._last: StepLogits | None = None  # what the last replay returned
         self._slots: np.ndarray | None = None  # and its slots
 
-    def _step(self, pin_out=None):
+    def _step(self, out: _IdsOut | None = None):
         bk = self.bk
-        if pin_out is None:
+        if out is None:
             self.io.copy_in(bk.inp)
         else:  # the last replay's ids; its slot indices are still in bk.idx
             bk.ids.copy_(self.io.gid)
         self._decoder.enqueue(bk)
         self._decoder.enqueue_argmax(bk, self.io.gid)
-        if pin_out is None:
-            self.io.copy_out()
-        else:
-            pin_out.copy_(self.io.gid, non_blocking=True)
+        (self.io.out if out is None else out).copy_from(self.io.gid)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         n = len(slots)
@@ -431,17 +447,13 @@ class _FusedGraph:
         if self._next is None:  # no warm-up: it would run a step of the last replay's (real) slots
             self._next = []
             for _ in range(2):
-                pin = torch.zeros(len(self.bk.ids), dtype=torch.int64).pin_memory()
-                graph, _ = _capture(lambda p=pin: self._step(p), self._dev, self._pool, 0)
-                self._next.append([graph, pin.numpy(), torch.cuda.Event(), None])
-        nx = self._next[self._turn]
+                out = _IdsOut(len(self.bk.ids))
+                self._next.append((_capture(lambda o=out: self._step(o), self._dev, self._pool, 0)[0], out))
+        graph, out = self._next[self._turn]
         self._turn ^= 1
-        if nx[3] is not None:
-            nx[3].keep()  # the ids of this buffer's previous replay, if nobody read them yet
-        nx[0].replay()
-        nx[2].record()
-        nx[3] = _Ids(nx[2], nx[1], len(slots))
-        self._last = StepLogits(self.bk.logits[:len(slots)], nx[3])
+        out.reuse()
+        graph.replay()
+        self._last = StepLogits(self.bk.logits[:len(slots)], out.launched(len(slots)))
         return self._last
 
 

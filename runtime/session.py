@@ -362,14 +362,13 @@ class Session:
                 if not still:
                     break
                 t0 = time.perf_counter()
-                if run is not None:  # every sequence goes on: the next step is in flight already
-                    out = run.next() if still == active else run.close()
-                    if still != active:
-                        run = None
-                    rows = active
+                rows = active  # a run's step in flight was fed every active sequence's token
+                if run is not None and still == active:
+                    out = run.next()
+                elif run is not None:  # some stopped: the others' tokens, then a new run for them
+                    out, run = run.close(), None
                 else:
-                    out = self.step([slots[i] for i in still], [nxt[i] for i in still], sampling)
-                    rows = still
+                    out, rows = self.step([slots[i] for i in still], [nxt[i] for i in still], sampling), still
                 self.stats["decode_s"] += time.perf_counter() - t0
                 for i, t in zip(rows, out.tolist()):
                     nxt[i] = t

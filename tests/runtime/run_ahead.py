@@ -67,12 +67,11 @@ def check_generate_ahead_equals_waiting(s, prompts, new_tokens: int) -> None:
     out = {}
     for ahead in (True, False):
         s.run_ahead = ahead
+        queued = _spy_forward_next(s)
         try:
-            queued = _spy_forward_next(s)
             out[ahead] = list(s.generate(prompts, new_tokens, stop=[stop]))
-            del s.backend.forward_next
         finally:
-            del s.run_ahead
+            del s.run_ahead, s.backend.forward_next
         assert any(queued) == ahead, (ahead, queued)
     assert out[True] == out[False]
     assert [t.finish for t in out[True] if t.index == 0][-1] == "stop"
