@@ -345,10 +345,10 @@ def _rss_bytes() -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_host_memory_is_constant_while_generating(hf_package):
     """Host memory does not grow with the generated length. A leak grows across every stretch of
-    tokens; the allocators may take one step of a few MB at any time (once 2 MB over 8,000 tokens in
-    CI with onnxruntime 1.32, < 100 KB in other runs). So of four stretches of ~2,000 tokens, the three
-    that grew least may grow by 512 KiB together (a leak of ~90 bytes per token would not stay under
-    it), and all four by 4 MiB."""
+    tokens; the allocators may take one step of a few MB at any time (in CI with onnxruntime 1.32:
+    once 2 MB, once 5.4 MB in one stretch of 8,000 tokens; < 100 KB in other runs). So of four
+    stretches of ~2,000 tokens, the three that grew least may grow by 512 KiB together (a leak of ~90
+    bytes per token would not stay under it), and the one step may be at most 16 MiB."""
     pkg, _, cfg, seed = hf_package
     n = 4000
     marks = (200, n // 2, n, 3 * n // 2, 2 * n - 1)  # tokens of both sequences counted together
@@ -362,4 +362,4 @@ def test_host_memory_is_constant_while_generating(hf_package):
     steps = [rss[b] - rss[a] for a, b in zip(marks, marks[1:])]
     kib = [g // 1024 for g in steps]
     assert sum(sorted(steps)[:-1]) <= 512 << 10, f"host RSS grew across the stretches of tokens: {kib} KiB"
-    assert abs(rss[marks[-1]] - rss[marks[0]]) <= 4 << 20, f"host RSS changed by {sum(kib)} KiB over {2 * n} tokens"
+    assert max(map(abs, steps)) <= 16 << 20, f"host RSS changed by {kib} KiB in stretches of {n // 2} tokens"
