@@ -861,6 +861,247 @@ __device__ void argmax_rows(const ArgmaxArgs& a) {
   }
 }
 
+// ---- draw: one sampled token per row (temperature, top-k, top-p), as runtime/sampling.py's numpy
+// reference picks it, on the GPU. One block per row; x and e stay in L2 between passes.
+struct DrawArgs {
+  const float* x;        // [B, V] logits, contiguous rows (penalised already)
+  const double* knobs;   // [B, 4]: temperature, sorted position of the k-th largest logit (V - 1: top-k
+                         //         off), top_p (1: off), u in [0, 1)
+  long long* out;        // [B]
+  double* e;             // [B, V] scratch: exp(x / T - max) of the tokens top-k keeps, 0 elsewhere
+  long long V;
+};
+
+constexpr int DRAW_THREADS = 1024, DRAW_WARPS = DRAW_THREADS / 32;
+constexpr int DRAW_BITS = 11, DRAW_BINS = 1 << DRAW_BITS;  // top-p digits of 64-bit keys: 6 passes
+
+// float -> unsigned with the same order (for non-NaN values)
+__device__ __forceinline__ unsigned draw_key(float v) {
+  const unsigned u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The sum of v over the block, in a fixed order (every thread gets it). sd: DRAW_WARPS doubles.
+__device__ __forceinline__ double draw_block_sum(double v, double* sd) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();
+  if (lane == 0) sd[warp] = v;
+  __syncthreads();
+  v = sd[lane];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__device__ void draw_rows(const DrawArgs& a) {
+  __shared__ unsigned cnt[DRAW_BINS];
+  __shared__ double mass[DRAW_BINS];
+  __shared__ double sd[DRAW_WARPS];
+  __shared__ float sm[DRAW_WARPS];
+  __shared__ unsigned long long s_bin;
+  __shared__ double s_above;
+  __shared__ unsigned s_r;
+  pdl_launch_dependents();
+  pdl_wait();
+  const int V = (int)a.V, b = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const float* x = a.x + (long long)b * V;
+  double* e = a.e + (long long)b * V;
+  const double T = a.knobs[4 * b], top_p = a.knobs[4 * b + 2], u = a.knobs[4 * b + 3];
+  const long long kth_at = (long long)a.knobs[4 * b + 1];
+
+  // the largest logit
+  float m = -__int_as_float(0x7f800000);
+  for (int i = tid; i < V; i += DRAW_THREADS) m = fmaxf(m, x[i]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (lane == 0) sm[warp] = m;
+  __syncthreads();
+  m = sm[lane];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+
+  // top-k: the key of the logit at sorted (descending) position kth_at, digit by digit (8 bits)
+  unsigned kth_key = 0u;  // off: every logit kept
+  if (kth_at >= 0 && kth_at < V - 1) {
+    unsigned prefix = 0u, pmask = 0u, r = (unsigned)kth_at;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = tid; i < 256; i += DRAW_THREADS) cnt[i] = 0u;
+      __syncthreads();
+      for (int i = tid; i < V; i += DRAW_THREADS) {
+        const unsigned k = draw_key(x[i]);
+        if ((k & pmask) == prefix) atomicAdd(cnt + ((k >> shift) & 255u), 1u);
+      }
+      __syncthreads();
+      if (warp == 0) {  // lane l: bins 255 - 8 l down to 248 - 8 l
+        unsigned c[8], sum = 0u;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) { c[j] = cnt[255 - 8 * lane - j]; sum += c[j]; }
+        unsigned incl = sum;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += t;
+        }
+        const unsigned excl = incl - sum;
+        const unsigned ball = __ballot_sync(0xffffffffu, excl <= r && r < incl);
+        if (lane == __ffs(ball) - 1) {
+          unsigned cum = excl;
+          int j = 0;
+          for (; j < 7 && cum + c[j] <= r; ++j) cum += c[j];
+          s_bin = 255 - 8 * lane - j;
+          s_r = r - cum;
+        }
+      }
+      __syncthreads();
+      prefix |= (unsigned)s_bin << shift;
+      pmask |= 255u << shift;
+      r = s_r;
+      __syncthreads();
+    }
+    kth_key = prefix;
+  }
+
+  // e = exp(x / T - max / T) of the kept logits (x times 1/T: the reference divides, which can
+  // differ in the last bit), and their sum
+  const double rT = 1.0 / T, mT = (double)m * rT;
+  double part = 0.0;
+  for (int i = tid; i < V; i += DRAW_THREADS) {
+    const float xv = x[i];
+    const double ev = draw_key(xv) >= kth_key ? exp((double)xv * rT - mT) : 0.0;
+    e[i] = ev;
+    part += ev;
+  }
+  const double S = draw_block_sum(part, sd);  // (its barriers also publish e to the block)
+
+  // top-p: thr = the smallest e whose strictly larger mass is < top_p * S (the reference's: the
+  // last of the most probable tokens kept while the mass before each is < top_p), digit by digit
+  // over e's bits (non-negative doubles order as integers)
+  double thr = 0.0;
+  if (top_p < 1.0) {
+    const double PS = top_p * S;
+    // a token with e <= (1 - top_p) S / V cannot be thr: all the mass at or below it is at most
+    // (1 - top_p) S, so the mass above it is at least PS. Such tokens (most of a long tail, every
+    // token top-k dropped) stay out of the histograms, whose sums only ever count larger ones.
+    const double cut = (S - PS) / (double)V;
+    unsigned long long prefix = 0ull, pmask = 0ull;
+    double above = 0.0;
+    for (int shift = 64 - DRAW_BITS; shift > -DRAW_BITS; shift -= DRAW_BITS) {
+      const int sh = shift < 0 ? 0 : shift, bits = shift < 0 ? DRAW_BITS + shift : DRAW_BITS;
+      const unsigned nb = 1u << bits;
+      for (int i = tid; i < (int)nb; i += DRAW_THREADS) { cnt[i] = 0u; mass[i] = 0.0; }
+      __syncthreads();
+      // most tokens share a few bins (e's exponent): each warp adds its lanes' mass per distinct bin
+      // first, so a bin takes one atomic per warp and round, not one per token
+      for (int i0 = 0; i0 < V; i0 += DRAW_THREADS) {
+        const int i = i0 + tid;
+        const double ev = i < V ? e[i] : 0.0;
+        const unsigned long long k = (unsigned long long)__double_as_longlong(ev);
+        const bool in = i < V && ev > cut && (k & pmask) == prefix;
+        const unsigned bin = (unsigned)(k >> sh) & (nb - 1u);
+        unsigned todo = __ballot_sync(0xffffffffu, in);
+        while (todo) {
+          const unsigned lb = __shfl_sync(0xffffffffu, bin, __ffs(todo) - 1);
+          const bool mine = in && bin == lb;
+          const unsigned peers = __ballot_sync(0xffffffffu, mine);
+          double v = mine ? ev : 0.0;
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+          if (lane == __ffs(todo) - 1) {
+            atomicAdd(cnt + lb, (unsigned)__popc(peers));
+            atomicAdd(mass + lb, v);
+          }
+          todo &= ~peers;
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {  // lane l: the nb / 32 bins from the top, descending
+        const int per = nb / 32, hi = nb - 1 - per * lane;
+        double lm = 0.0;
+        for (int j = 0; j < per; ++j) lm += mass[hi - j];
+        double incl = lm;
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+          const double t = __shfl_up_sync(0xffffffffu, incl, off);
+          if (lane >= off) incl += t;
+        }
+        double cum = above + (incl - lm), best_above = 0.0;
+        int best = -1;
+        for (int j = 0; j < per; ++j) {
+          const int bin = hi - j;
+          if (cnt[bin] && cum < PS) { best = bin; best_above = cum; }
+          cum += mass[bin];
+        }
+        const unsigned ball = __ballot_sync(0xffffffffu, best >= 0);
+        if (ball && lane == 31 - __clz(ball)) {
+          s_bin = (unsigned long long)best;
+          s_above = best_above;
+        }
+      }
+      __syncthreads();
+      prefix |= s_bin << sh;
+      pmask |= (unsigned long long)(nb - 1u) << sh;
+      above = s_above;
+      __syncthreads();
+    }
+    thr = __longlong_as_double((long long)prefix);
+  }
+
+  // the draw: the first token whose running sum of kept e exceeds u times their total, in vocabulary
+  // order. Warp w sums a contiguous segment; the segment holding the target is walked 32 at a time.
+  const int seg = ((V + DRAW_WARPS - 1) / DRAW_WARPS + 31) / 32 * 32;
+  const int lo = warp * seg, hi = min(V, lo + seg);
+  double ws = 0.0;
+  for (int i = lo + lane; i < hi; i += 32) {
+    const double ev = e[i];
+    ws += ev >= thr ? ev : 0.0;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ws += __shfl_xor_sync(0xffffffffu, ws, off);
+  if (lane == 0) sd[warp] = ws;
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0.0;
+    for (int w = 0; w < DRAW_WARPS; ++w) total += sd[w];
+    const double target = u * total;
+    double cum = 0.0;
+    int pick = -1, last = 0;
+    for (int w = 0; w < DRAW_WARPS; ++w) {
+      if (sd[w] > 0.0) last = w;
+      if (pick < 0 && cum + sd[w] > target) pick = w;
+      if (pick < 0) cum += sd[w];
+    }
+    // no crossing (u * total rounded up to total): the walk ends on the last kept token
+    s_bin = (unsigned long long)(pick < 0 ? last : pick);
+    s_above = pick < 0 ? cum - sd[last] : cum;
+    sd[0] = target;
+  }
+  __syncthreads();
+  if (warp == (int)s_bin) {
+    const double target = sd[0];
+    double cum = s_above;
+    long long found = -1, last_nz = -1;
+    for (int base = lo; base < hi && found < 0; base += 32) {
+      const int i = base + lane;
+      double w = 0.0;
+      if (i < hi) { const double ev = e[i]; w = ev >= thr ? ev : 0.0; }
+      double incl = w;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const double t = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += t;
+      }
+      const unsigned cross = __ballot_sync(0xffffffffu, w > 0.0 && cum + incl > target);
+      const unsigned nz = __ballot_sync(0xffffffffu, w > 0.0);
+      if (cross) found = base + __ffs(cross) - 1;
+      if (nz) last_nz = base + 31 - __clz(nz);
+      cum += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) a.out[b] = found >= 0 ? found : (last_nz >= 0 ? last_nz : V - 1);
+  }
+}
+
 struct ResidualNormArgs {
   float* h;              // [B, K] residual stream, updated in place
   const void* o;         // [B, K] T: the mixer output (out_proj result)
@@ -1225,7 +1466,9 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::ROW_THREADS)                                      \
       mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }               \
   extern "C" __global__ void __launch_bounds__(mrt::ARGMAX_THREADS)                                   \
-      mrt_argmax_##TAG(const mrt::ArgmaxArgs a) { mrt::argmax_rows(a); }
+      mrt_argmax_##TAG(const mrt::ArgmaxArgs a) { mrt::argmax_rows(a); }                                \
+  extern "C" __global__ void __launch_bounds__(mrt::DRAW_THREADS)                                     \
+      mrt_draw_##TAG(const mrt::DrawArgs a) { mrt::draw_rows(a); }
 
 // 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them
 // measured slower than the cuBLAS path: benchmarks/NOTES.md.)

@@ -224,6 +224,28 @@ class FusedDecoder:
                               device=self.device)
         return lambda logits, out: self._argmax(logits, out, scratch)
 
+    def draw_fn(self, rows: int):
+        """``draw(logits, knobs, out)`` for a graph of ``rows`` rows: out (rows,) int64 = the tokens
+        drawn by the draw kernel (as ``backend_torch.draw_torch`` draws them) from logits [rows,
+        vocab_size] float32 with knobs [rows, 4] float64 (``backend_torch.sample_knobs``), with a
+        scratch of its own, on the current stream. A graph that captures it must keep the function."""
+        V = self.config.vocab_size
+        scratch = torch.empty((rows, V), dtype=torch.float64, device=self.device)
+
+        def draw(logits, knobs, out):
+            if (logits.dtype, tuple(logits.shape), knobs.dtype, tuple(knobs.shape), out.dtype, tuple(out.shape)) != (
+                    torch.float32, (rows, V), torch.float64, (rows, 4), torch.int64, (rows,)) or not (
+                    logits.is_contiguous() and knobs.is_contiguous() and out.is_contiguous()):
+                raise InternalError(f"fused decode draw: expected contiguous float32 logits ({rows}, {V}), float64 "
+                                    f"knobs ({rows}, 4), int64 out ({rows},); got {logits.dtype} "
+                                    f"{tuple(logits.shape)}, {knobs.dtype} {tuple(knobs.shape)}, {out.dtype} "
+                                    f"{tuple(out.shape)}")
+            ln = self.k.draw(x=logits.data_ptr(), knobs=knobs.data_ptr(), out=out.data_ptr(),
+                             scratch=scratch.data_ptr(), B=rows, V=V)
+            self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
+
+        return draw
+
     def _argmax(self, logits, out, scratch) -> None:
         if out.dtype != torch.int64 or out.dim() != 1 or not out.is_contiguous():
             raise InternalError(f"fused decode argmax: out must be contiguous int64 (rows,), got {out.dtype} "
