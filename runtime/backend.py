@@ -67,8 +67,9 @@ class Backend(abc.ABC):
     name = "abstract"
     #: prompt tokens per ``forward`` a Session feeds by default (its ``prefill_chunk``)
     prefill_chunk = 256
-    #: True where ``forward``'s greedy ids stay readable after later calls (the torch backend's CUDA
-    #: graphs keep them): only then may a caller queue another step before reading them
+    #: True where the ids ``make_sampler().queue`` leaves on the device stay readable after later
+    #: calls (the torch backend's CUDA graphs keep them): only then may a caller queue another step
+    #: (``forward_next``) before reading them
     runs_ahead = False
 
     def __init__(self, pkg_dir: str | Path, device: str = "cpu", max_batch: int = 8,
@@ -118,11 +119,11 @@ class Backend(abc.ABC):
 
     def forward_next(self, slots, after):
         """Queue the decode step after ``after`` (what the last ``forward`` or ``forward_next`` call
-        returned, a decode step of these ``slots``): each slot fed the greedy token that step chose,
-        without waiting for it (the ids stay on the device). Returns what ``forward`` returns, or None
-        where this backend cannot or something else ran since ``after`` (the caller then reads the
-        tokens of ``after`` and feeds them to ``forward``). For greedy decoding without a repetition
-        penalty: the logits are those of the last step queued."""
+        returned, a decode step of these ``slots``): each slot fed the token chosen for it on the
+        device (by the sampler's ``queue``: the greedy argmax, or a draw), without waiting for it.
+        Returns what ``forward`` returns, or None where this backend cannot or something else ran
+        since ``after`` (the caller then reads the tokens of ``after`` and feeds them to
+        ``forward``). Without a repetition penalty only: the seen-token mask is the host's."""
         return None
 
     def make_sampler(self) -> Sampler:

@@ -11,6 +11,8 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
   write the logits, all in one graph launch. Padding rows of a bucket read and write a scratch slot
   (slot ``max_batch``, never handed out), so no real slot is touched by them. Sampling runs on the
   device (:class:`TorchSampler`): per step the host sends the token ids and receives the sampled ids.
+  A sampled step's draw (temperature, top-k, top-p) is a CUDA graph of its own (:class:`_Draws`, its
+  settings copied in as a tensor), so sampled steps, like greedy ones, can be queued ahead of the host.
 
 * CUDA, prefill (one slot, L > 1): the prompt chunk as a few pieces (:func:`prompt_pieces`; at most 5
   up to 4096 tokens), each the replay of a CUDA graph of ``run_slots`` of a power-of-two length
@@ -30,6 +32,7 @@ This module and ``fused_decode`` are the only ones of ``mamba_rt.runtime`` that 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -140,60 +143,104 @@ class TorchStateBuffers(StateBuffers):
         self.ssm[:, slot].copy_(torch.from_numpy(np.array(ssm, np.float32)))
 
 
-def sample_torch(logits, seen, params: SamplingParams, u):
-    """:func:`~mamba_rt.runtime.sampling.sample_numpy` on the device. logits (b, vocab) float32;
-    seen (b, vocab) bool or None; u (b,) float64 tensor (None when greedy). Returns (b,) int64 on the
-    device."""
-    x = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        r = float(params.repetition_penalty)
-        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
-    if params.greedy:
-        return x.argmax(-1)
-    b, vocab = x.shape
-    x = x.double() / params.temperature
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(x, params.top_k, dim=-1).values[:, -1:]
+def sample_knobs(params: SamplingParams, u: np.ndarray, vocab: int) -> np.ndarray:
+    """A sampled (not greedy) step's settings per row, (b, 4) float64, as :func:`draw_torch` takes
+    them: the temperature, where the k-th largest logit sits in descending order (the last position
+    when top-k is off), top_p, and the row's uniform number ``u``."""
+    kth = params.top_k - 1 if 0 < params.top_k < vocab else vocab - 1
+    u = np.asarray(u, np.float64)
+    return np.stack([np.full(u.shape, params.temperature), np.full(u.shape, float(kth)),
+                     np.full(u.shape, params.top_p), u], -1)
+
+
+def needs_sort(params: SamplingParams, vocab: int) -> bool:
+    """Whether top-k or top-p is on (the draw then sorts each row once)."""
+    return 0 < params.top_k < vocab or params.top_p < 1.0
+
+
+def draw_torch(x, knobs, sort: bool):
+    """Steps 3-6 of :func:`~mamba_rt.runtime.sampling.sample_numpy` on the device: x (b, vocab) float32
+    logits (penalised already), ``knobs`` (b, 4) float64 (:func:`sample_knobs`) a tensor, so that one
+    CUDA graph serves every setting of its kind (``sort``: top-k or top-p on). Returns (b,) int64.
+
+    One descending sort gives both thresholds: the k-th largest logit, and the probabilities in
+    descending order for top-p (exp and the division are elementwise, so those are the very values of
+    ``p``, in another order)."""
+    t, kth_at, top_p, u = knobs.unbind(-1)
+    x = x.double() / t[:, None]
+    if sort:
+        sx = torch.sort(x, dim=-1, descending=True).values
+        kth = sx.gather(1, kth_at.long()[:, None])
         x = x.masked_fill(x < kth, float("-inf"))
-    p = torch.softmax(x, dim=-1)
-    if params.top_p < 1.0:
-        sp = torch.sort(p, dim=-1, descending=True).values
-        keep = ((torch.cumsum(sp, -1) - sp) < params.top_p).sum(-1, keepdim=True)
-        thr = torch.gather(sp, 1, keep - 1)
+        sx = sx.masked_fill(sx < kth, float("-inf"))
+        m = sx[:, :1]
+    else:
+        m = x.amax(-1, keepdim=True)
+    e = torch.exp(x - m)
+    total = e.sum(-1, keepdim=True)
+    p = e / total
+    if sort:
+        sp = torch.exp(sx - m) / total
+        keep = ((torch.cumsum(sp, -1) - sp) < top_p[:, None]).sum(-1, keepdim=True)
+        thr = sp.gather(1, keep - 1).masked_fill(top_p[:, None] >= 1.0, 0.0)  # top_p 1: off
         p = torch.where(p >= thr, p, torch.zeros_like(p))
     cdf = torch.cumsum(p, -1)
     idx = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1)
-    return idx.clamp_max(vocab - 1)
+    return idx.clamp_max(x.shape[-1] - 1)
+
+
+def sample_torch(logits, seen, params: SamplingParams, u):
+    """:func:`~mamba_rt.runtime.sampling.sample_numpy` on the device. logits (b, vocab) float32;
+    seen (b, vocab) bool or None; u (b,) float64 on the host (None when greedy). Returns (b,) int64
+    on the device."""
+    x = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        # a tensor on x's device: torch divides by a host scalar as a multiplication by its reciprocal
+        r = torch.tensor(params.repetition_penalty, dtype=torch.float32, device=x.device)
+        x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    if params.greedy:
+        return x.argmax(-1)
+    knobs = torch.from_numpy(sample_knobs(params, u, x.shape[-1])).to(x.device)
+    return draw_torch(x, knobs, needs_sort(params, x.shape[-1]))
 
 
 class StepLogits(NamedTuple):
-    """What a graph replay (a decode step, a prompt piece) returns: the logits (b, vocab) on the
-    device, and ``greedy()``, the argmax ids (b,) the graph already copied to pinned host memory
-    (waits for the replay)."""
+    """What the torch backend's ``forward`` returns: the logits (b, vocab) on the device; ``greedy()``,
+    their argmax ids (b,) on the host (a graph replay already copied them to pinned memory: the call
+    waits for the replay); and ``sample(params, u)``, which queues a draw of the rows on the device
+    (``forward_next`` then feeds its ids) and returns a call that reads them."""
 
     logits: "torch.Tensor"
     greedy: Callable[[], np.ndarray]
+    sample: Callable[[SamplingParams, np.ndarray], Callable[[], np.ndarray]]
 
 
 class TorchSampler(HostSampler):
-    """Sampling on the device where the logits are; only the ids (b,) come back to the host. The
-    seen-token mask stays on the host (marking it costs no device work per step) and goes to the
-    device only when a repetition penalty needs it. Plain greedy steps and prompts on CUDA graphs take
-    the ids their graph already computed."""
+    """Sampling on the device where the logits are; only the ids (b,) come back to the host. Steps
+    without a repetition penalty take the ids their ``forward`` call draws on the device
+    (:class:`StepLogits`: the greedy ids a graph copied out, or a draw queued in a CUDA graph of its
+    own), so they can also be queued ahead (:meth:`queue`). The seen-token mask stays on the host
+    (marking it costs no device work per step) and goes to the device only when a repetition penalty
+    needs it."""
 
     def __init__(self, max_batch: int, vocab: int, device):
         self.device = torch.device(device)
         super().__init__(max_batch, vocab)
 
+    def queue(self, logits, slots, params):
+        if not isinstance(logits, StepLogits) or params.repetition_penalty != 1.0:
+            return None
+        return logits.greedy if params.greedy else logits.sample(params, self._uniforms(slots))
+
     def _sample(self, logits, slots, params, u):
         if isinstance(logits, StepLogits):
-            if params.greedy and params.repetition_penalty == 1.0:
-                return logits.greedy()
+            if params.repetition_penalty == 1.0:
+                return (logits.greedy if params.greedy else logits.sample(params, u))()
             logits = logits.logits
         seen = None
         if params.repetition_penalty != 1.0:
             seen = torch.from_numpy(self.seen[slots]).to(self.device)
-        out = sample_torch(logits, seen, params, None if u is None else torch.from_numpy(u).to(self.device))
+        out = sample_torch(logits, seen, params, u)
         return out.cpu().numpy().astype(np.int64)
 
 
@@ -292,8 +339,57 @@ class _GraphIO:
         self.out.done.synchronize()
         self.out.reuse()
 
-    def launched(self, n: int, logits) -> StepLogits:
-        return StepLogits(logits, self.out.launched(n))
+    def launched(self, n: int, logits, draws: "_Draws") -> StepLogits:
+        return StepLogits(logits, self.out.launched(n), functools.partial(draws, n))
+
+
+class _Draws:
+    """CUDA graphs that draw a sampled step's tokens on the device (:func:`draw_torch`) from the logits
+    (rows, vocab) a graph leaves, writing them to its device ids ``gid`` (where the next queued step
+    takes its ids, :meth:`_FusedGraph.run_next`) and copying them out to pinned memory. The knobs
+    (:func:`sample_knobs`) are copied in from pinned memory, so a graph serves every setting of its
+    kind (sorting or not); two of each kind, used in turn, as two steps may be unread. Captured at
+    first use in ``pool`` (intermediates only: every output lives outside it). ``draw_fn``: makes the
+    fused decoder's draw kernel (``FusedDecoder.draw_fn``) where there is one; else :func:`draw_torch`."""
+
+    def __init__(self, logits: "torch.Tensor", gid: "torch.Tensor", pool, draw_fn=None):
+        self.logits, self.gid, self.pool = logits, gid, pool
+        self.draw_fn, self.draw = draw_fn, None  # the kernel (and its scratch) made at first capture
+        self.vocab = logits.shape[-1]
+        self.graphs: dict = {}  # (sort, turn) -> (graph, host knobs, _IdsOut)
+        self.turn = 0
+
+    def _capture(self, sort: bool):
+        rows, dev = len(self.gid), self.gid.device
+        pin = torch.from_numpy(sample_knobs(SamplingParams(temperature=1.0), np.full(rows, 0.5), self.vocab))
+        pin = pin.pin_memory()  # padding rows keep these harmless knobs
+        knobs = torch.empty_like(pin, device=dev)
+        out = _IdsOut(rows)
+        if self.draw is None and self.draw_fn is not None:
+            self.draw = self.draw_fn()
+
+        def body():
+            knobs.copy_(pin, non_blocking=True)
+            x = self.logits.float().contiguous()
+            if self.draw is not None:
+                self.draw(x, knobs, self.gid)
+            else:
+                self.gid.copy_(draw_torch(x, knobs, sort))
+            out.copy_from(self.gid)
+
+        return _capture(body, dev, self.pool, 1)[0], pin.numpy(), out
+
+    def __call__(self, n: int, params: SamplingParams, u: np.ndarray) -> _Ids:
+        sort = needs_sort(params, self.vocab) or self.draw_fn is not None  # the kernel: one kind
+        key = (sort, self.turn)
+        self.turn ^= 1
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(sort)
+        graph, host, out = self.graphs[key]
+        out.reuse()  # its last replay no longer reads host
+        host[:n] = sample_knobs(params, u, self.vocab)
+        graph.replay()
+        return out.launched(n)
 
 
 class _PaddedOps:
@@ -336,7 +432,7 @@ class _ModelGraph:
     row): prompts of fewer tokens, right-aligned behind padding positions (:class:`_PaddedOps`)."""
 
     def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int, argmax=None,
-                 padded: bool = False):
+                 padded: bool = False, draw_fn=None):
         dev = state.conv.device
         self.rows, self.length, self.scratch = rows, length, state.scratch
         self.k1 = state.conv.shape[-1]
@@ -370,6 +466,7 @@ class _ModelGraph:
             return logits
 
         self.graph, self.logits = _capture(body, dev, pool, warmup)
+        self.draws = _Draws(self.logits, self.io.gid, pool, draw_fn)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         """slots (n,), ids (n, length) with n <= rows: the logits of the n rows and their greedy ids.
@@ -389,7 +486,7 @@ class _ModelGraph:
             host[start:cut] = ids[0]
             host[cut], host[cut + 1] = slots[0], start
         self.graph.replay()
-        return self.io.launched(n, self.logits[:n])
+        return self.io.launched(n, self.logits[:n], self.draws)
 
 
 class _FusedGraph:
@@ -398,9 +495,10 @@ class _FusedGraph:
     in place, take the argmax and copy it back to pinned host memory: one graph launch per token.
 
     ``run_next`` replays one of two more graphs of the same step (captured at its first use) whose
-    ids are the argmax ids the last replay left on the device and whose slots are the last replay's:
-    the step after needs nothing from the host, so it can be queued before the host has read the
-    ids of the one before. The two copy their ids to two pinned buffers in turn."""
+    ids are the ones the last replay left on the device (its argmax, or the draw queued after it,
+    :class:`_Draws`) and whose slots are the last replay's: the step after needs nothing from the
+    host, so it can be queued before the host has read the ids of the one before. The two copy their
+    argmax ids to two pinned buffers in turn."""
 
     def __init__(self, decoder, state: TorchStateBuffers, bucket: int, pool):
         dev = state.conv.device
@@ -411,6 +509,7 @@ class _FusedGraph:
         self._decoder, self._pool, self._dev = decoder, pool, dev
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
+        self.draws = _Draws(self.bk.logits, self.io.gid, pool, functools.partial(decoder.draw_fn, bucket))
         self._next: list | None = None  # (graph, its _IdsOut) x 2, captured at the first run_next
         self._turn = 0
         self._last: StepLogits | None = None  # what the last replay returned
@@ -434,7 +533,7 @@ class _FusedGraph:
         inp[1, :n], inp[1, n:] = slots, self.scratch
         self.graph.replay()
         self._slots = slots.copy()
-        self._last = self.io.launched(n, self.bk.logits[:n])
+        self._last = self.io.launched(n, self.bk.logits[:n], self.draws)
         return self._last
 
     def run_next(self, slots: np.ndarray, after: StepLogits) -> StepLogits | None:
@@ -453,7 +552,8 @@ class _FusedGraph:
         self._turn ^= 1
         out.reuse()
         graph.replay()
-        self._last = StepLogits(self.bk.logits[:len(slots)], out.launched(len(slots)))
+        n = len(slots)
+        self._last = StepLogits(self.bk.logits[:n], out.launched(n), functools.partial(self.draws, n))
         return self._last
 
 
@@ -487,7 +587,7 @@ class TorchBackend(Backend):
         self._graphs: dict[int, _ModelGraph | _FusedGraph] = {}
         self._prefill_graphs: dict[tuple[int, bool], _ModelGraph] = {}
         self._pool = self._prefill_pool = None
-        self._eager_last = (None, None)  # an eager call's logits and slots (forward_next)
+        self._eager_last = (None, None, None)  # an eager call's StepLogits, slots, drawn ids (forward_next)
 
     @classmethod
     def unavailable_reason(cls, manifest, device):
@@ -528,7 +628,7 @@ class TorchBackend(Backend):
         self.decoder = None
         self.model = None
         self._pool = self._prefill_pool = None
-        self._eager_last = (None, None)
+        self._eager_last = (None, None, None)
         if self.device_kind == "cuda":
             torch.cuda.empty_cache()
 
@@ -551,9 +651,22 @@ class TorchBackend(Backend):
         if self.cuda_graph and len(slots) == 1:
             return self._prefill(int(slots[0]), ids[0])
         dev = self.torch_device
-        logits = run_slots(self.model, self.state, torch.from_numpy(slots).to(dev), torch.from_numpy(ids).to(dev))
-        self._eager_last = (logits, slots.copy())
-        return logits
+        return self._eager(slots, torch.from_numpy(ids).to(dev))
+
+    def _eager(self, slots, ids) -> StepLogits:
+        """A step or chunk run eagerly; ``forward_next`` may feed the ids its ``sample`` drew or its
+        argmax (kept on the device)."""
+        logits = run_slots(self.model, self.state, torch.from_numpy(slots).to(self.torch_device), ids)
+        out = StepLogits(logits, lambda: logits.float().argmax(-1).cpu().numpy(),
+                         lambda params, u: self._eager_draw(out, params, u))
+        self._eager_last = (out, slots.copy(), None)
+        return out
+
+    def _eager_draw(self, out: StepLogits, params, u):
+        ids = sample_torch(out.logits, None, params, u)
+        if self._eager_last[0] is out:
+            self._eager_last = (out, self._eager_last[1], ids)
+        return lambda: ids.cpu().numpy()
 
     def _decode(self, slots, ids):
         b = batch_bucket(len(slots), self.max_batch)
@@ -568,14 +681,11 @@ class TorchBackend(Backend):
         if not self.active:
             raise InternalError(f"{self.name} backend used before activate()")
         slots = np.asarray(slots, dtype=np.int64)
-        if not self.cuda_graph:  # eager: the argmax stays on the device
-            last, last_slots = self._eager_last
+        if not self.cuda_graph:  # eager: the ids stay on the device
+            last, last_slots, drawn = self._eager_last
             if after is not last or not np.array_equal(slots, last_slots):
                 return None
-            logits = run_slots(self.model, self.state, torch.from_numpy(slots).to(self.torch_device),
-                               after.float().argmax(-1)[:, None])
-            self._eager_last = (logits, slots.copy())
-            return logits
+            return self._eager(slots, (drawn if drawn is not None else after.logits.float().argmax(-1))[:, None])
         g = self._graphs.get(batch_bucket(len(slots), self.max_batch)) if self.fused else None
         return g.run_next(slots, after) if isinstance(g, _FusedGraph) else None
 
@@ -595,7 +705,8 @@ class TorchBackend(Backend):
             if g is None:
                 g = self._prefill_graphs[length, padded] = _ModelGraph(
                     self.model, self.state, 1, length, self._prefill_pool, 1,
-                    self.decoder.argmax_fn(1) if self.decoder else None, padded)
+                    self.decoder.argmax_fn(1) if self.decoder else None, padded,
+                    functools.partial(self.decoder.draw_fn, 1) if self.decoder else None)
             logits = g.run(slots, piece)
         return logits
 

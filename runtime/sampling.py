@@ -1,8 +1,11 @@
 """Token sampling: greedy, temperature, top-k, top-p, repetition penalty; seeded and reproducible.
 
-One algorithm, two implementations with the same semantics: :class:`HostSampler` (numpy, for host
-backends) here, and ``TorchSampler`` in the torch backend (on the device, so only token ids cross
-to the host). Given the same logits, history and seed they pick the same tokens.
+One algorithm, its reference :func:`sample_numpy` (numpy, :class:`HostSampler`, for host backends)
+and the torch backend's device implementations (``TorchSampler``; only token ids cross to the host):
+``draw_torch`` (torch ops, captured in CUDA graphs where there is no fused decoder) and the fused
+decoder's draw kernel (``plugins_cuda/decode_step.cu``). Given the same logits, history and seed they
+pick the same tokens; the device ones sum in another order and multiply by 1/temperature, so a token
+can differ only where u or a top-p boundary falls within rounding (~1e-15) of a threshold.
 
 For each row (one sequence), in this order:
 
@@ -181,9 +184,20 @@ class Sampler:
         slots = np.asarray(slots, np.int64)
         if params.greedy:  # no draw: the random stream stays where it is
             return self._sample(logits, slots, params, None)
+        return self._sample(logits, slots, params, self._uniforms(slots))
+
+    def queue(self, logits, slots, params: SamplingParams):
+        """Like :meth:`sample` (the same draws, in the same order), but the tokens may stay on the
+        device: returns a call that reads them (b,), or None where this sampler cannot (then call
+        :meth:`sample`). Until that call the backend may queue the next step fed those tokens
+        (``Backend.forward_next``). Host samplers cannot."""
+        return None
+
+    def _uniforms(self, slots: np.ndarray) -> np.ndarray:
+        """The next uniform number of each slot's stream (the streams advance by one)."""
         u = uniforms(self.seeds[slots], self.counters[slots])
         self.counters[slots] += 1
-        return self._sample(logits, slots, params, u)
+        return u
 
     # -- implementation hook ----------------------------------------------------------------------------
     def _sample(self, logits, slots: np.ndarray, params: SamplingParams, u: np.ndarray | None) -> np.ndarray:

@@ -222,8 +222,9 @@ class Session:
         before chose (the first feeds ``token_ids``, by default the slots' pending tokens); returns
         the chosen tokens, (steps, len(slots)) int64. Tokens, state and pending tokens afterwards are
         those of as many :meth:`step` calls; but where the backend can (the torch backend's fused
-        decode graphs; greedy, no repetition penalty) each step is queued on the GPU, fed from the
-        device, before the host reads the step before it, so the GPU never waits for the host."""
+        decode graphs, greedy or sampled on the GPU, no repetition penalty) each step is queued on
+        the GPU, fed from the device, before the host reads the step before it, so the GPU never
+        waits for the host."""
         run = self._step_run(slots, steps, token_ids, sampling)
         return np.stack([run.next() for _ in range(steps)])
 
@@ -251,7 +252,10 @@ class Session:
             for s in slots:
                 self._pending.tokens[s] = None
             return self.backend.logits_to_host(logits)
-        out = self.sampler.sample(logits, slots, sampling)
+        return self._hand_out(slots, self.sampler.sample(logits, slots, sampling))
+
+    def _hand_out(self, slots, out: np.ndarray) -> np.ndarray:
+        """``out`` (b,) become the slots' pending tokens."""
         for s, t in zip(slots.tolist(), out.tolist()):
             self._pending.tokens[s] = t
         return out
@@ -382,35 +386,39 @@ class Session:
 class _StepRun:
     """``limit`` decode steps of fixed ``slots`` (Session.decode, generate): the first fed ``ids``,
     each next one the tokens of the one before. ``next()`` returns the oldest unread step's tokens
-    (observed by the sampler, the slots' pending tokens). For greedy decoding without a repetition
-    penalty it first queues the step after that one where the backend can (``Backend.forward_next``),
-    so at most two steps are unread; otherwise each step is read (sampled) as soon as it is queued.
-    No step is queued past ``limit``."""
+    (observed by the sampler, the slots' pending tokens). Where the sampler leaves a step's tokens on
+    the device (``Sampler.queue``: the torch backend, no repetition penalty) it first queues the step
+    after that one (``Backend.forward_next``), so at most two steps are unread; otherwise each step
+    is read (sampled) as soon as it is queued. No step is queued past ``limit``."""
 
     def __init__(self, session: Session, slots: np.ndarray, ids: np.ndarray, sampling: SamplingParams,
                  limit: int):
         self.s, self.slots, self.sampling, self.left = session, slots, sampling, limit
-        self.ahead = sampling.greedy and sampling.repetition_penalty == 1.0 and session.backend.runs_ahead
+        self.ahead = session.backend.runs_ahead
         self.fed = ids  # the ids the oldest unread step was fed
-        self.flight: list = []  # what forward / forward_next returned (sampled tokens unless ahead)
+        # (what forward / forward_next returned, the step's tokens: host ids, or a call that reads them)
+        self.flight: list = []
         self._queue(ids)
 
     def _queue(self, ids) -> bool:
-        b = self.s.backend
-        out = b.forward(self.slots, ids[:, None]) if ids is not None else b.forward_next(self.slots, self.flight[-1])
+        b, smp = self.s.backend, self.s.sampler
+        out = b.forward(self.slots, ids[:, None]) if ids is not None else b.forward_next(self.slots, self.flight[-1][0])
         if out is None:
             return False
         self.left -= 1
-        if not self.ahead:  # sampled now: the logits are the backend's until its next call
-            self.s.sampler.observe(self.slots, ids[:, None])
-            out = self.s._finish_step(self.slots, out, self.sampling, False)
-        self.flight.append(out)
+        toks = smp.queue(out, self.slots, self.sampling) if self.ahead else None
+        if toks is None:  # sampled now: the logits are the backend's until its next call
+            if ids is None:
+                raise InternalError("decode: a step queued ahead cannot be sampled on the host")
+            smp.observe(self.slots, ids[:, None])
+            toks = self.s._finish_step(self.slots, out, self.sampling, False)
+        self.flight.append((out, toks))
         return True
 
     def next(self) -> np.ndarray:
         if not self.flight:
             raise InternalError(f"decode: all {len(self.slots)}-slot steps were read already")
-        if self.ahead and self.left > 0 and len(self.flight) == 1:
+        if self.left > 0 and len(self.flight) == 1 and callable(self.flight[0][1]):
             self._queue(None)
         toks = self._read()
         if self.left > 0 and not self.flight:
@@ -425,12 +433,12 @@ class _StepRun:
         return toks
 
     def _read(self) -> np.ndarray:
-        out = self.flight.pop(0)
-        if self.ahead:
+        _, toks = self.flight.pop(0)
+        if callable(toks):  # on the device until now: observed and handed out as it is read
             self.s.sampler.observe(self.slots, self.fed[:, None])
-            out = self.s._finish_step(self.slots, out, self.sampling, False)
-        self.fed = out
-        return out
+            toks = self.s._hand_out(self.slots, toks())
+        self.fed = toks
+        return toks
 
 
 def _check_chunk(prefill_chunk) -> None:

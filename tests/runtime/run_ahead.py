@@ -29,8 +29,9 @@ def _prefilled(s, prompts):
 
 def check_decode_equals_steps(s, prompts, steps: int, sampling: SamplingParams | None = None) -> None:
     """``decode`` of fresh slots against ``step`` called ``steps`` times on others with the same
-    prompts: tokens, then snapshots (state, pending token, sampler) bit for bit. Greedy decode must
-    queue every step after the first ahead; sampled decode none."""
+    prompts: tokens, then snapshots (state, pending token, sampler) bit for bit. Without a repetition
+    penalty (greedy or sampled on the device) decode must queue every step after the first ahead;
+    with one, none."""
     a, first = _prefilled(s, prompts)
     b, first_b = _prefilled(s, prompts)
     assert first == first_b
@@ -53,23 +54,23 @@ def check_decode_equals_steps(s, prompts, steps: int, sampling: SamplingParams |
     for x, y in zip(a, b):
         assert s.pending(x) == s.pending(y)
         assert s.snapshot(x) == s.snapshot(y)
-    greedy = sampling is None or (sampling.greedy and sampling.repetition_penalty == 1.0)
-    assert queued == ([True] * (steps - 1) if greedy else []), queued
+    ahead = sampling is None or sampling.repetition_penalty == 1.0
+    assert queued == ([True] * (steps - 1) if ahead else []), queued
     for x in (*a, *b):
         s.free(x)
 
 
-def check_generate_ahead_equals_waiting(s, prompts, new_tokens: int) -> None:
+def check_generate_ahead_equals_waiting(s, prompts, new_tokens: int, sampling: SamplingParams | None = None) -> None:
     """generate on slots of its own, with a stop token hit mid-way by one sequence, run ahead and
     not; then two generate streams interleaved by their consumer, each equal to itself alone."""
-    full = s.generate(prompts, new_tokens, stream=False)
+    full = s.generate(prompts, new_tokens, sampling, stream=False)
     stop = full[0].ids[new_tokens // 2]  # sequence 0 stops there (or earlier, on the same token)
     out = {}
     for ahead in (True, False):
         s.run_ahead = ahead
         queued = _spy_forward_next(s)
         try:
-            out[ahead] = list(s.generate(prompts, new_tokens, stop=[stop]))
+            out[ahead] = list(s.generate(prompts, new_tokens, sampling, stop=[stop]))
         finally:
             del s.run_ahead, s.backend.forward_next
         assert any(queued) == ahead, (ahead, queued)
@@ -77,8 +78,8 @@ def check_generate_ahead_equals_waiting(s, prompts, new_tokens: int) -> None:
     assert [t.finish for t in out[True] if t.index == 0][-1] == "stop"
     assert s.cache.n_free == s.max_batch
 
-    alone = [s.generate(p, new_tokens, stream=False)[0].ids for p in prompts[:2]]
-    g0, g1 = (s.generate(p, new_tokens) for p in prompts[:2])
+    alone = [s.generate(p, new_tokens, sampling, stream=False)[0].ids for p in prompts[:2]]
+    g0, g1 = (s.generate(p, new_tokens, sampling) for p in prompts[:2])
     got: list[list[int]] = [[], []]
     for t0, t1 in zip(g0, g1):  # one token of each in turn: their steps share the backend's graphs
         got[0].append(t0.id)

@@ -200,6 +200,48 @@ def test_argmax_matches_torch(bucket):
         assert torch.equal(out, torch.argmax(x, dim=-1)), (trial, out, torch.argmax(x, dim=-1))
 
 
+@pytest.mark.parametrize("vocab", [1000, 50280])
+def test_draw_kernel_equals_the_numpy_sampler(vocab):
+    """The draw kernel (one sampled token per row) against runtime/sampling.py's numpy reference on
+    the same logits and uniform numbers: every row its own settings (temperature only, top-k, top-p,
+    both, top-k 1, settings that keep every token), rows with ties at the k-th logit, rows with
+    -inf logits; the output poisoned first."""
+    from mamba_rt.runtime.backend_torch import sample_knobs
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+    from mamba_rt.runtime.sampling import SamplingParams, sample_numpy
+
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    cfg = MambaConfig(**{**CASES["mid"], "vocab_size": vocab})
+    model, _ = _models(cfg, "fp16", seed)
+    shapes = cfg.state_shapes(2)
+    dec = FusedDecoder(model, torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda"),
+                       torch.zeros(shapes["ssm_state"], device="cuda"), "fp16")
+    settings = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=20),
+                SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.7, top_k=50, top_p=0.95),
+                SamplingParams(temperature=0.5, top_k=1), SamplingParams(temperature=2.0, top_p=0.02),
+                SamplingParams(temperature=1.1, top_k=vocab, top_p=1.0), SamplingParams(temperature=0.3, top_p=0.999)]
+    rows = 4 * len(settings)
+    draw = dec.draw_fn(rows)
+    mismatches, off_argmax = [], 0
+    for trial in range(6):
+        x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
+        x[1, rng.integers(0, vocab, 5)] = -np.inf
+        top = np.sort(x[5])[::-1]
+        x[5, rng.integers(0, vocab, 3)] = top[19]  # ties with the 20th largest (row 5: top-k 20)
+        u = rng.random(rows)
+        params = [settings[(i + trial) % len(settings)] for i in range(rows)]
+        knobs = np.concatenate([sample_knobs(p, u[i:i + 1], vocab) for i, p in enumerate(params)])
+        want = np.array([sample_numpy(x[i:i + 1], None, p, u[i:i + 1])[0] for i, p in enumerate(params)])
+        out = torch.full((rows,), -1, dtype=torch.int64, device="cuda")
+        draw(torch.from_numpy(x).cuda(), torch.from_numpy(knobs).cuda(), out)
+        got = out.cpu().numpy()
+        mismatches += [(trial, i, params[i], int(got[i]), int(want[i])) for i in np.flatnonzero(got != want)]
+        off_argmax += int((want != x.argmax(-1)).sum())
+    assert not mismatches, (seed, mismatches[:5])
+    assert off_argmax >= rows, "the draws all but matched the argmax: the comparison would not discriminate"
+
+
 @pytest.mark.parametrize("d_model", [1536, 2048])
 def test_default_gemv_by_model_size(d_model):
     """Models whose in_proj has 32 MiB or more (d_model 2048 in fp16: mamba-1.4b's) take the copy-engine

@@ -177,17 +177,69 @@ def test_torch_decode_queues_fused_steps_ahead_exactly(packages, dtype):
         check_generate_ahead_equals_waiting(s, prompts, 40)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_torch_graph_draws_equal_the_numpy_reference(packages, dtype):
+    """Sampled steps are drawn inside CUDA graphs (fused decode at bucket 1 and at bucket 4 with a
+    padding row, and the prompt graphs); each picks the tokens of sample_numpy on the same logits and
+    uniform numbers. Then decode (steps queued ahead) and generate give the same as step() at a time."""
+    from mamba_rt.runtime.sampling import sample_numpy, uniforms
+    from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
+
+    pkgs, seed = packages
+    settings = [SamplingParams(temperature=0.8), SamplingParams(temperature=1.3, top_k=20),
+                SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.7, top_k=50, top_p=0.95)]
+    rng = np.random.default_rng(seed)
+    off_argmax = 0
+    with Session.open(pkgs[dtype], backend="torch", device="cuda", max_batch=6) as s:
+        assert s.backend.fused
+        prompts = diverse_prompts(s, [1, 5, 11], 12)
+        for n in (1, 3):
+            slots = s.alloc(n)
+            for x in slots:
+                s.seed(x, int(rng.integers(2**63)))
+            for sp in settings:
+                for x, p in zip(slots, prompts):
+                    blob = s.snapshot(x)
+                    logits = s.prefill(x, p, return_logits=True)
+                    s.restore(x, blob)
+                    u = uniforms(s.sampler.seeds[[x]], s.sampler.counters[[x]])
+                    assert s.prefill(x, p, sp) == sample_numpy(logits[None], None, sp, u)[0], (seed, sp)
+                toks = np.array([s.pending(x) for x in slots])
+                for _ in range(4):
+                    blobs = [s.snapshot(x) for x in slots]
+                    logits = s.step(slots, toks, return_logits=True)
+                    for x, b in zip(slots, blobs):
+                        s.restore(x, b)
+                    want = sample_numpy(logits, None, sp, uniforms(s.sampler.seeds[slots], s.sampler.counters[slots]))
+                    toks = s.step(slots, toks, sp)
+                    np.testing.assert_array_equal(toks, want, err_msg=f"seed {seed}, {sp}")
+                    off_argmax += int((toks != logits.argmax(-1)).sum())
+            for x in slots:
+                s.free(x)
+        assert off_argmax >= 4, "the draws all but matched the argmax: the comparison would not discriminate"
+        sp = SamplingParams(temperature=1.1, top_k=30, top_p=0.9, seed=seed)
+        check_decode_equals_steps(s, prompts[:1], 30, sp)
+        check_decode_equals_steps(s, prompts, 30, sp)
+        check_generate_ahead_equals_waiting(s, prompts, 30, sp)
+
+
 def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.parametrize("name,sampled", [("torch", True), ("torch", False), ("onnxruntime", True)])
-def test_constant_device_and_host_memory_over_20000_tokens(packages, name, sampled):
-    """Sampled (each step read before the next) and greedy (the torch backend queues steps ahead)."""
+SETTINGS = {"greedy": None, "sampled": SamplingParams(temperature=1.0, top_p=0.9, seed=1),
+            "penalty": SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1, seed=1)}
+
+
+@pytest.mark.parametrize("name,setting", [("torch", "sampled"), ("torch", "greedy"), ("torch", "penalty"),
+                                          ("onnxruntime", "sampled")])
+def test_constant_device_and_host_memory_over_20000_tokens(packages, name, setting):
+    """Greedy and sampled (the torch backend queues steps ahead, drawn in CUDA graphs), and with a
+    repetition penalty (each step read before the next)."""
     pkgs, _ = packages
     n = 20000
-    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1) if sampled else None
+    sp = SETTINGS[setting]
     with _open(name, pkgs["fp16"], max_batch=1) as s:
         list(s.generate([1, 2, 3], 150, sp))  # warm-up: graphs captured, arenas settled
         mark = {}

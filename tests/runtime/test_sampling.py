@@ -119,6 +119,9 @@ PARAMS = {
     "top_p": SamplingParams(temperature=1.0, top_p=0.7),
     "all": SamplingParams(temperature=0.9, top_k=20, top_p=0.9, repetition_penalty=1.3),
     "penalty_greedy": SamplingParams(repetition_penalty=1.5),
+    "top_k_and_p": SamplingParams(temperature=0.7, top_k=50, top_p=0.95),
+    "top_k_past_vocab": SamplingParams(temperature=1.2, top_k=400),  # off, as top_k=0
+    "top_p_tight": SamplingParams(temperature=2.0, top_p=0.02),  # usually the first token only
 }
 
 
@@ -133,5 +136,32 @@ def test_torch_sampler_equals_numpy_reference(name):
     seen = rng.random((b, vocab)) < 0.1
     u = rng.random(b)
     want = sample_numpy(logits, seen, PARAMS[name], u)
-    got = sample_torch(torch.from_numpy(logits), torch.from_numpy(seen), PARAMS[name], torch.from_numpy(u))
+    got = sample_torch(torch.from_numpy(logits), torch.from_numpy(seen), PARAMS[name], u)
     assert got.dtype == torch.int64 and np.array_equal(got.numpy(), want), seed
+
+
+def test_one_draw_serves_every_setting_row_by_row():
+    """draw_torch takes its settings as a tensor (what one CUDA graph replays with any SamplingParams):
+    rows with different settings in one call each equal the reference with their own."""
+    torch = pytest.importorskip("torch", reason="the device sampler is torch code")
+    from mamba_rt.runtime.backend_torch import draw_torch, needs_sort, sample_knobs
+
+    rng, seed = _rng()
+    vocab = 301
+    params = [p for p in PARAMS.values() if not p.greedy and p.repetition_penalty == 1.0]
+    params += [SamplingParams(temperature=0.5, top_k=1), SamplingParams(temperature=3.0, top_p=1.0, top_k=vocab)]
+    rows = 8
+    logits = (rng.normal(size=(rows * len(params), vocab)) * 3).astype(np.float32)
+    u = rng.random(len(logits))
+    knobs = np.concatenate([sample_knobs(p, u[i * rows:(i + 1) * rows], vocab) for i, p in enumerate(params)])
+    got = draw_torch(torch.from_numpy(logits), torch.from_numpy(knobs), True).numpy()
+    want = np.concatenate([sample_numpy(logits[i * rows:(i + 1) * rows], None, p, u[i * rows:(i + 1) * rows])
+                           for i, p in enumerate(params)])
+    assert np.array_equal(got, want), seed
+    # without top-k / top-p the draw need not sort
+    plain = [i for i, p in enumerate(params) if not needs_sort(p, vocab)]
+    assert plain, "no setting without top-k or top-p"
+    for i in plain:
+        sl = slice(i * rows, (i + 1) * rows)
+        assert np.array_equal(draw_torch(torch.from_numpy(logits[sl]), torch.from_numpy(knobs[sl]), False).numpy(),
+                              want[sl]), (seed, params[i])

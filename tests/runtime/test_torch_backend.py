@@ -56,16 +56,21 @@ def test_batch_of_three_equals_each_alone_with_sampling(torch_only_package):
 
 
 def test_decode_runs_ahead_and_equals_steps(torch_only_package):
-    """The eager backend queues each greedy step ahead, its argmax on the device (CPU here)."""
+    """The eager backend queues each step ahead, its argmax or draw on the device (CPU here); with a
+    repetition penalty (the seen-token mask is the host's) each step is read first."""
     from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
 
     pkg, model, seed = torch_only_package
-    sp = SamplingParams(temperature=0.9, top_k=30, repetition_penalty=1.2, seed=seed)
+    penalty = SamplingParams(temperature=0.9, top_k=30, repetition_penalty=1.2, seed=seed)
+    sampled = SamplingParams(temperature=1.1, top_k=40, top_p=0.9, seed=seed)
     with Session.open(pkg, backend="torch", max_batch=6) as s:
         prompts = diverse_prompts(s, [3, 8, 1], 16)
         check_decode_equals_steps(s, prompts[:2], 16)
-        check_decode_equals_steps(s, prompts[:3], 12, sp)
+        check_decode_equals_steps(s, prompts[:3], 12, penalty)
+        check_decode_equals_steps(s, prompts[:3], 12, sampled)
+        check_decode_equals_steps(s, prompts[:1], 12, SamplingParams(temperature=1.5, seed=seed))
         check_generate_ahead_equals_waiting(s, prompts, 16)
+        check_generate_ahead_equals_waiting(s, prompts, 16, sampled)
 
 
 def test_decode_errors(torch_only_package):
