@@ -9,9 +9,9 @@ the sampler allows) and 50 ``step()`` calls ("/step") with each of SETTINGS, in 
 rounds after one; wall ms per step, medians. Also ``sample_torch`` called eagerly on random logits
 (GPU ms per call, CUDA events).
 
-``--draw``: the draw alone on random logits of vocabulary 50,280, as CUDA-graph replays (µs per
-replay): the draw kernel with each sampled setting, ``draw_torch`` with and without its sort, and the
-torch operations it is made of.
+``--draw``: the draw alone on logits of vocabulary 50,280 (random, and shaped like a language model's:
+``LOGITS``), as CUDA-graph replays (µs per replay): the draw kernel with each sampled setting,
+``draw_torch`` with and without its sort, and the torch operations it is made of.
 """
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ SETTINGS = {
     "rp1.2_greedy": SamplingParams(repetition_penalty=1.2),
 }
 VOCAB = 50280
+
+
+def _zipf(B: int) -> "torch.Tensor":
+    """Logits shaped like a language model's: probability ~ rank^-1.1 over a shuffled vocabulary
+    (temperature 0.8 makes it rank^-1.375), with a little noise."""
+    rank = torch.argsort(torch.rand(B, VOCAB, device="cuda"), dim=-1).float() + 1
+    return -1.1 * torch.log(rank) + 0.1 * torch.randn(B, VOCAB, device="cuda")
+
+
+# --draw: random logits (N(0, 9): a flat-ish head, most of the vocabulary inside top-p 0.95's cut) and
+# language-model-like ones
+LOGITS = {"randn3": lambda B: torch.randn(B, VOCAB, device="cuda") * 3, "zipf": _zipf}
 
 
 def session_rows(name: str, batches, steps=50, rounds=3) -> None:
@@ -99,13 +111,13 @@ def draw_rows(batches) -> None:
     sh = cfg.state_shapes(max(batches) + 1)
     dec = FusedDecoder(model, torch.zeros(sh["conv_state"], dtype=model.dtype, device="cuda"),
                        torch.zeros(sh["ssm_state"], device="cuda"), "fp16")
-    for B in batches:
-        x = torch.randn(B, VOCAB, device="cuda") * 3
+    for B, kind in ((B, kind) for B in batches for kind in LOGITS):
+        x = LOGITS[kind](B)
         xd = x.double()
         knobs = {k: torch.from_numpy(sample_knobs(p, np.full(B, 0.5), VOCAB)).cuda()
                  for k, p in SETTINGS.items() if p is not None and not p.greedy}
         draw, out = dec.draw_fn(B), torch.empty(B, dtype=torch.int64, device="cuda")
-        row = {"batch": B}
+        row = {"batch": B, "logits": kind}
         for k, kn in knobs.items():
             row["kernel_" + k] = us(lambda kn=kn: draw(x, kn, out))
         kn = knobs["t0.8_k50_p0.95"]

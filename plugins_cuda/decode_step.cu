@@ -862,18 +862,109 @@ __device__ void argmax_rows(const ArgmaxArgs& a) {
 }
 
 // ---- draw: one sampled token per row (temperature, top-k, top-p), as runtime/sampling.py's numpy
-// reference picks it, on the GPU. One block per row; x and e stay in L2 between passes.
+// reference picks it, on the GPU (sm_90+: thread block clusters). A cluster of DRAW_CLUSTER blocks per
+// row; thread g of the cluster (block rank q, thread t: g = q * DRAW_THREADS + t) holds the row's tokens
+// [g n, g n + n) in registers (n = ceil(V / (DRAW_CLUSTER * DRAW_THREADS)) <= DRAW_ITEMS), so the logits
+// are read once and every pass after that runs on registers and shared memory. Cluster-wide sums meet
+// in each block's shared memory (read by the others through distributed shared memory, in rank order:
+// every block gets the same bits); histograms are merged by the leader block (rank 0).
 struct DrawArgs {
   const float* x;        // [B, V] logits, contiguous rows (penalised already)
   const double* knobs;   // [B, 4]: temperature, sorted position of the k-th largest logit (V - 1: top-k
                          //         off), top_p (1: off), u in [0, 1)
   long long* out;        // [B]
-  double* e;             // [B, V] scratch: exp(x / T - max) of the tokens top-k keeps, 0 elsewhere
-  long long V;
+  long long V;           // <= DRAW_MAX_VOCAB
 };
 
-constexpr int DRAW_THREADS = 1024, DRAW_WARPS = DRAW_THREADS / 32;
-constexpr int DRAW_BITS = 11, DRAW_BINS = 1 << DRAW_BITS;  // top-p digits of 64-bit keys: 6 passes
+constexpr int DRAW_CLUSTER = 8, DRAW_THREADS = 512, DRAW_WARPS = DRAW_THREADS / 32, DRAW_ITEMS = 16;
+constexpr int DRAW_MAX_VOCAB = DRAW_CLUSTER * DRAW_THREADS * DRAW_ITEMS;
+constexpr int DRAW_CBITS = 8, DRAW_CBINS = 1 << DRAW_CBITS;   // digits of the cluster-wide passes
+constexpr int DRAW_GATHER = 4096;  // candidates few enough for the leader to finish a selection alone
+constexpr int DRAW_COUNT = 256;    // candidates few enough for it to rank by counting
+
+#if __CUDA_ARCH__ >= 900
+struct DrawSel {  // a pass's choice, copied by the leader into every block
+  unsigned bin, count, r;
+  double above;
+};
+
+struct DrawShared {
+  unsigned cnt[DRAW_CBINS];              // histogram: counts
+  double mass[DRAW_CBINS];               //            masses (top-p)
+  unsigned mcnt[DRAW_CBINS];             // leader: the cluster's merged histogram
+  double mmass[DRAW_CBINS];
+  unsigned long long cand[DRAW_GATHER];  // leader: gathered candidates' keys
+  unsigned long long small[DRAW_COUNT];  //         the last few of them
+  unsigned nsmall;
+  unsigned wc[DRAW_WARPS];               // block scans / reductions, per warp
+  double wm[DRAW_WARPS];
+  float wf[DRAW_WARPS];
+  int wi[DRAW_WARPS];
+  DrawSel sel;
+  int pick_t;
+  unsigned ncand;                        // leader: candidates gathered
+  unsigned long long result;             // leader: a selection's key
+  float c_max;                           // per block, read by the cluster: the block's largest logit,
+  double c_sum, c_tot;                   // sum of e, sum of kept e,
+  int c_last;                            // last kept token
+};
+
+__device__ __forceinline__ unsigned cluster_rank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// Every thread of the cluster; makes each block's shared-memory writes before it visible to all.
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The address of p (in this block's shared memory) in block `rank`'s shared memory.
+__device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
+  unsigned a;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
+  return a;
+}
+__device__ __forceinline__ float ld_cluster_f32(unsigned a) {
+  float v;
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ double ld_cluster_f64(unsigned a) {
+  double v;
+  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned ld_cluster_u32(unsigned a) {
+  unsigned v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ int ld_cluster_s32(unsigned a) {
+  int v;
+  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ unsigned long long ld_cluster_u64(unsigned a) {
+  unsigned long long v;
+  asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(a) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_cluster_u32(unsigned a, unsigned v) {
+  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(a), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster_u64(unsigned a, unsigned long long v) {
+  asm volatile("st.shared::cluster.u64 [%0], %1;" ::"r"(a), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_cluster_f64(unsigned a, double v) {
+  asm volatile("st.shared::cluster.f64 [%0], %1;" ::"r"(a), "d"(v) : "memory");
+}
+__device__ __forceinline__ unsigned atom_cluster_add(unsigned a, unsigned v) {
+  unsigned old;
+  asm volatile("atom.shared::cluster.add.u32 %0, [%1], %2;" : "=r"(old) : "r"(a), "r"(v) : "memory");
+  return old;
+}
 
 // float -> unsigned with the same order (for non-NaN values)
 __device__ __forceinline__ unsigned draw_key(float v) {
@@ -881,226 +972,342 @@ __device__ __forceinline__ unsigned draw_key(float v) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// The sum of v over the block, in a fixed order (every thread gets it). sd: DRAW_WARPS doubles.
-__device__ __forceinline__ double draw_block_sum(double v, double* sd) {
+// The sum over the block of each thread's v, in a fixed order (every thread gets it).
+__device__ __forceinline__ double draw_block_sum(DrawShared& sh, double v) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  if (lane == 0) sh.wm[warp] = v;
   __syncthreads();
-  if (lane == 0) sd[warp] = v;
-  __syncthreads();
-  v = sd[lane];
+  v = lane < DRAW_WARPS ? sh.wm[lane] : 0.0;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();  // sh.wm free again
+  return v;
+}
+
+// The cluster's sum of a per-block value at `slot` (after a cluster barrier), in a fixed order.
+__device__ __forceinline__ double draw_cluster_sum(const double* slot) {
+  const int lane = threadIdx.x & 31;
+  double v = lane < DRAW_CLUSTER ? ld_cluster_f64(cluster_addr(slot, lane)) : 0.0;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
 
+// One block: chooses a bin of the histogram c (counts), m (masses, MASS only) of nb bins, the bins in
+// descending order of key. MASS = false: the bin holding descending position r (sel.r: r within it);
+// MASS = true: the lowest bin with items whose strictly larger items' mass (above plus the bins above
+// it) is below ps (sel.above: that mass). Leaves the choice in sh.sel.
+template <bool MASS>
+__device__ void draw_pick(DrawShared& sh, const unsigned* c, const double* m, int nb, unsigned r, double ps,
+                          double above) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int per = (nb + DRAW_THREADS - 1) / DRAW_THREADS, hi = nb - 1 - tid * per;
+  unsigned lc = 0u;
+  double lm = 0.0;
+  for (int j = 0; j < per && hi - j >= 0; ++j) {
+    lc += c[hi - j];
+    if (MASS) lm += m[hi - j];
+  }
+  unsigned ic = lc;
+  double im = lm;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned tc = __shfl_up_sync(0xffffffffu, ic, off);
+    const double tm = __shfl_up_sync(0xffffffffu, im, off);
+    if (lane >= off) { ic += tc; im += tm; }
+  }
+  if (lane == 31) { sh.wc[warp] = ic; sh.wm[warp] = im; }
+  if (tid == 0) sh.pick_t = -1;
+  __syncthreads();
+  unsigned cc = ic - lc;
+  double cm = __shfl_up_sync(0xffffffffu, im, 1);
+  if (lane == 0) cm = 0.0;
+  for (int v = 0; v < warp; ++v) { cc += sh.wc[v]; cm += sh.wm[v]; }
+  double cum = above + cm, best_above = 0.0;
+  int best = -1;
+  unsigned best_c = 0u, best_r = 0u;
+  for (int j = 0; j < per && hi - j >= 0; ++j) {
+    const int bin = hi - j;
+    const unsigned n = c[bin];
+    if (!MASS) {
+      if (n && cc <= r && r < cc + n) { best = bin; best_c = n; best_r = r - cc; }
+      cc += n;
+    } else {
+      if (n && cum < ps) { best = bin; best_c = n; best_above = cum; }
+      cum += m[bin];
+    }
+  }
+  if (best >= 0) atomicMax(&sh.pick_t, tid);
+  __syncthreads();
+  if (tid == sh.pick_t) sh.sel = DrawSel{(unsigned)best, best_c, best_r, best_above};
+  __syncthreads();
+}
+
+// The key where a selection among the cluster's items stops (every thread gets it). Items: key[j] where
+// bit j of `in` is set, the undecided low `rem` bits of keys matching `prefix` (set bits of the rest);
+// MASS: the keys are non-negative doubles' bits and their values are the masses. MASS = false: the key
+// at descending position r (top-k's k-th largest logit); MASS = true: the smallest key whose strictly
+// larger items' mass is below ps (top-p). Cluster-wide passes of DRAW_CBITS-bit digits until the chosen
+// bin holds at most DRAW_GATHER items, which are then gathered into the leader. It goes on alone over
+// them in shared memory until at most DRAW_COUNT match, which it ranks by counting.
+template <bool MASS>
+__device__ unsigned long long draw_select(DrawShared& sh, const unsigned long long (&key)[DRAW_ITEMS], unsigned in,
+                                          unsigned long long prefix, int rem, unsigned r, double ps, unsigned rank) {
+  const int tid = threadIdx.x;
+  unsigned long long pmask = ~0ull << rem;
+  double above = 0.0;
+  bool gathered = false;
+  while (rem > 0) {
+    const int bits = rem < DRAW_CBITS ? rem : DRAW_CBITS, shift = rem - bits, nb = 1 << bits;
+    for (int i = tid; i < nb; i += DRAW_THREADS) { sh.cnt[i] = 0u; if (MASS) sh.mass[i] = 0.0; }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < DRAW_ITEMS; ++j) {
+      if ((in >> j & 1u) && (key[j] & pmask) == prefix) {
+        const unsigned d = (unsigned)(key[j] >> shift) & (nb - 1u);
+        atomicAdd(sh.cnt + d, 1u);
+        if (MASS) atomicAdd(sh.mass + d, __longlong_as_double((long long)key[j]));
+      }
+    }
+    cluster_barrier();  // every block's histogram complete
+    if (rank == 0) {
+      for (int i = tid; i < nb; i += DRAW_THREADS) {
+        unsigned n = 0u;
+        double s = 0.0;
+        for (int q = 0; q < DRAW_CLUSTER; ++q) {
+          n += ld_cluster_u32(cluster_addr(sh.cnt + i, q));
+          if (MASS) s += ld_cluster_f64(cluster_addr(sh.mass + i, q));
+        }
+        sh.mcnt[i] = n;
+        sh.mmass[i] = s;
+      }
+      __syncthreads();
+      draw_pick<MASS>(sh, sh.mcnt, sh.mmass, nb, r, ps, above);
+      if (tid < DRAW_CLUSTER) {  // the choice into every block
+        const unsigned a = cluster_addr(&sh.sel, tid);
+        st_cluster_u32(a, sh.sel.bin);
+        st_cluster_u32(a + 4, sh.sel.count);
+        st_cluster_u32(a + 8, sh.sel.r);
+        st_cluster_f64(a + 16, sh.sel.above);
+      }
+    }
+    cluster_barrier();  // the choice everywhere; the histograms free again
+    const DrawSel s = sh.sel;
+    prefix |= (unsigned long long)s.bin << shift;
+    pmask |= (unsigned long long)(nb - 1u) << shift;
+    rem = shift;
+    r = s.r;
+    above = s.above;
+    if (rem > 0 && s.count <= DRAW_GATHER) { gathered = true; break; }
+  }
+  if (!gathered) return prefix;  // every bit decided by the cluster's passes
+
+  const unsigned n_at = cluster_addr(&sh.ncand, 0), cand_at = cluster_addr(sh.cand, 0);
+#pragma unroll
+  for (int j = 0; j < DRAW_ITEMS; ++j) {
+    if ((in >> j & 1u) && (key[j] & pmask) == prefix) st_cluster_u64(cand_at + 8u * atom_cluster_add(n_at, 1u), key[j]);
+  }
+  cluster_barrier();  // the candidates in the leader
+  if (rank == 0) {
+    // more passes of the same digits over the candidates in shared memory while many match
+    unsigned count = sh.ncand;
+    const int n = (int)count;
+    while (rem > 0 && count > DRAW_COUNT) {
+      const int bits = rem < DRAW_CBITS ? rem : DRAW_CBITS, shift = rem - bits, nb = 1 << bits;
+      for (int i = tid; i < nb; i += DRAW_THREADS) { sh.mcnt[i] = 0u; if (MASS) sh.mmass[i] = 0.0; }
+      __syncthreads();
+      for (int i = tid; i < n; i += DRAW_THREADS) {
+        const unsigned long long k = sh.cand[i];
+        if ((k & pmask) == prefix) {
+          const unsigned d = (unsigned)(k >> shift) & (nb - 1u);
+          atomicAdd(sh.mcnt + d, 1u);
+          if (MASS) atomicAdd(sh.mmass + d, __longlong_as_double((long long)k));
+        }
+      }
+      __syncthreads();
+      draw_pick<MASS>(sh, sh.mcnt, sh.mmass, nb, r, ps, above);
+      prefix |= (unsigned long long)sh.sel.bin << shift;
+      pmask |= (unsigned long long)(nb - 1u) << shift;
+      rem = shift;
+      r = sh.sel.r;
+      above = sh.sel.above;
+      count = sh.sel.count;
+    }
+    // the rest by counting: the (at most DRAW_COUNT) matching candidates first, then each one's
+    // number and mass of strictly larger ones among them, from shared memory (no bits left: all of
+    // them equal, the key is the prefix)
+    if (tid == 0) { sh.nsmall = 0u; sh.result = rem == 0 ? prefix : MASS ? ~0ull : 0ull; }
+    __syncthreads();
+    if (rem > 0) {
+      for (int i = tid; i < n; i += DRAW_THREADS) {
+        const unsigned long long k = sh.cand[i];
+        if ((k & pmask) == prefix) sh.small[atomicAdd(&sh.nsmall, 1u)] = k;
+      }
+      __syncthreads();
+      const int m = (int)sh.nsmall;
+      for (int i = tid; i < m; i += DRAW_THREADS) {
+        const unsigned long long v = sh.small[i];
+        unsigned gt = 0u, eq = 0u;
+        double mgt = above;
+        for (int j = 0; j < m; ++j) {
+          const unsigned long long w = sh.small[j];
+          if (w > v) { ++gt; if (MASS) mgt += __longlong_as_double((long long)w); }
+          eq += w == v;
+        }
+        if (!MASS && gt <= r && r < gt + eq) sh.result = v;  // ties: the same key
+        if (MASS && mgt < ps) atomicMin(&sh.result, v);
+      }
+      __syncthreads();
+    }
+    if (tid == 0) sh.ncand = 0u;
+  }
+  cluster_barrier();  // the leader's key (and its candidate count reset for the next selection)
+  return ld_cluster_u64(cluster_addr(&sh.result, 0));
+}
+
 __device__ void draw_rows(const DrawArgs& a) {
-  __shared__ unsigned cnt[DRAW_BINS];
-  __shared__ double mass[DRAW_BINS];
-  __shared__ double sd[DRAW_WARPS];
-  __shared__ float sm[DRAW_WARPS];
-  __shared__ unsigned long long s_bin;
-  __shared__ double s_above;
-  __shared__ unsigned s_r;
+  __shared__ DrawShared sh;
   pdl_launch_dependents();
+  const unsigned rank = cluster_rank();
+  const int V = (int)a.V, b = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int per = (V + DRAW_CLUSTER * DRAW_THREADS - 1) / (DRAW_CLUSTER * DRAW_THREADS);
+  const int g0 = ((int)rank * DRAW_THREADS + tid) * per;  // this thread's first token
+  if (tid == 0) sh.ncand = 0u;
   pdl_wait();
-  const int V = (int)a.V, b = blockIdx.x, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const float* x = a.x + (long long)b * V;
-  double* e = a.e + (long long)b * V;
   const double T = a.knobs[4 * b], top_p = a.knobs[4 * b + 2], u = a.knobs[4 * b + 3];
   const long long kth_at = (long long)a.knobs[4 * b + 1];
 
+  float xv[DRAW_ITEMS];
+  unsigned valid = 0u;
+#pragma unroll
+  for (int j = 0; j < DRAW_ITEMS; ++j) {
+    const bool ok = j < per && g0 + j < V;
+    xv[j] = ok ? x[g0 + j] : -__int_as_float(0x7f800000);
+    valid |= (unsigned)ok << j;
+  }
+
   // the largest logit
-  float m = -__int_as_float(0x7f800000);
-  for (int i = tid; i < V; i += DRAW_THREADS) m = fmaxf(m, x[i]);
+  float m = xv[0];
+#pragma unroll
+  for (int j = 1; j < DRAW_ITEMS; ++j) m = fmaxf(m, xv[j]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-  if (lane == 0) sm[warp] = m;
+  if (lane == 0) sh.wf[warp] = m;
   __syncthreads();
-  m = sm[lane];
+  m = lane < DRAW_WARPS ? sh.wf[lane] : m;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+  if (tid == 0) sh.c_max = m;
+  cluster_barrier();
+  m = lane < DRAW_CLUSTER ? ld_cluster_f32(cluster_addr(&sh.c_max, lane)) : m;
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
 
-  // top-k: the key of the logit at sorted (descending) position kth_at, digit by digit (8 bits)
+  // top-k: the key of the logit at sorted (descending) position kth_at
   unsigned kth_key = 0u;  // off: every logit kept
   if (kth_at >= 0 && kth_at < V - 1) {
-    unsigned prefix = 0u, pmask = 0u, r = (unsigned)kth_at;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = tid; i < 256; i += DRAW_THREADS) cnt[i] = 0u;
-      __syncthreads();
-      for (int i = tid; i < V; i += DRAW_THREADS) {
-        const unsigned k = draw_key(x[i]);
-        if ((k & pmask) == prefix) atomicAdd(cnt + ((k >> shift) & 255u), 1u);
-      }
-      __syncthreads();
-      if (warp == 0) {  // lane l: bins 255 - 8 l down to 248 - 8 l
-        unsigned c[8], sum = 0u;
+    unsigned long long k[DRAW_ITEMS];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) { c[j] = cnt[255 - 8 * lane - j]; sum += c[j]; }
-        unsigned incl = sum;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const unsigned t = __shfl_up_sync(0xffffffffu, incl, off);
-          if (lane >= off) incl += t;
-        }
-        const unsigned excl = incl - sum;
-        const unsigned ball = __ballot_sync(0xffffffffu, excl <= r && r < incl);
-        if (lane == __ffs(ball) - 1) {
-          unsigned cum = excl;
-          int j = 0;
-          for (; j < 7 && cum + c[j] <= r; ++j) cum += c[j];
-          s_bin = 255 - 8 * lane - j;
-          s_r = r - cum;
-        }
-      }
-      __syncthreads();
-      prefix |= (unsigned)s_bin << shift;
-      pmask |= 255u << shift;
-      r = s_r;
-      __syncthreads();
-    }
-    kth_key = prefix;
+    for (int j = 0; j < DRAW_ITEMS; ++j) k[j] = draw_key(xv[j]);
+    kth_key = (unsigned)draw_select<false>(sh, k, valid, 0ull, 32, (unsigned)kth_at, 0.0, rank);
   }
 
-  // e = exp(x / T - max / T) of the kept logits (x times 1/T: the reference divides, which can
-  // differ in the last bit), and their sum
+  // e = exp(x / T - max / T) of the kept logits (x times 1/T: the reference divides, which can differ
+  // in the last bit), and their sum
   const double rT = 1.0 / T, mT = (double)m * rT;
-  double part = 0.0;
-  for (int i = tid; i < V; i += DRAW_THREADS) {
-    const float xv = x[i];
-    const double ev = draw_key(xv) >= kth_key ? exp((double)xv * rT - mT) : 0.0;
-    e[i] = ev;
-    part += ev;
+  double e[DRAW_ITEMS], part = 0.0;
+#pragma unroll
+  for (int j = 0; j < DRAW_ITEMS; ++j) {
+    e[j] = (valid >> j & 1u) && draw_key(xv[j]) >= kth_key ? exp((double)xv[j] * rT - mT) : 0.0;
+    part += e[j];
   }
-  const double S = draw_block_sum(part, sd);  // (its barriers also publish e to the block)
+  part = draw_block_sum(sh, part);
+  if (tid == 0) sh.c_sum = part;
+  cluster_barrier();
+  const double S = draw_cluster_sum(&sh.c_sum);
 
-  // top-p: thr = the smallest e whose strictly larger mass is < top_p * S (the reference's: the
-  // last of the most probable tokens kept while the mass before each is < top_p), digit by digit
-  // over e's bits (non-negative doubles order as integers)
+  // top-p: thr = the smallest e whose strictly larger mass is < top_p * S (the reference's: the last
+  // of the most probable tokens kept while the mass before each is < top_p). e's bits order as e does.
   double thr = 0.0;
   if (top_p < 1.0) {
     const double PS = top_p * S;
-    // a token with e <= (1 - top_p) S / V cannot be thr: all the mass at or below it is at most
-    // (1 - top_p) S, so the mass above it is at least PS. Such tokens (most of a long tail, every
-    // token top-k dropped) stay out of the histograms, whose sums only ever count larger ones.
+    // a token with e <= (1 - top_p) S / V cannot be thr (all the mass at or below it is at most
+    // (1 - top_p) S, so the mass above it is at least PS): such tokens stay out. So every candidate has
+    // e > 2^-53 / V >= 2^-69 (e <= 1), an exponent in [954, 1023]: sign and the exponent's top three
+    // bits (0b011) are decided, 60 bits are left.
     const double cut = (S - PS) / (double)V;
-    unsigned long long prefix = 0ull, pmask = 0ull;
-    double above = 0.0;
-    for (int shift = 64 - DRAW_BITS; shift > -DRAW_BITS; shift -= DRAW_BITS) {
-      const int sh = shift < 0 ? 0 : shift, bits = shift < 0 ? DRAW_BITS + shift : DRAW_BITS;
-      const unsigned nb = 1u << bits;
-      for (int i = tid; i < (int)nb; i += DRAW_THREADS) { cnt[i] = 0u; mass[i] = 0.0; }
-      __syncthreads();
-      // most tokens share a few bins (e's exponent): each warp adds its lanes' mass per distinct bin
-      // first, so a bin takes one atomic per warp and round, not one per token
-      for (int i0 = 0; i0 < V; i0 += DRAW_THREADS) {
-        const int i = i0 + tid;
-        const double ev = i < V ? e[i] : 0.0;
-        const unsigned long long k = (unsigned long long)__double_as_longlong(ev);
-        const bool in = i < V && ev > cut && (k & pmask) == prefix;
-        const unsigned bin = (unsigned)(k >> sh) & (nb - 1u);
-        unsigned todo = __ballot_sync(0xffffffffu, in);
-        while (todo) {
-          const unsigned lb = __shfl_sync(0xffffffffu, bin, __ffs(todo) - 1);
-          const bool mine = in && bin == lb;
-          const unsigned peers = __ballot_sync(0xffffffffu, mine);
-          double v = mine ? ev : 0.0;
+    unsigned long long k[DRAW_ITEMS];
+    unsigned in = 0u;
 #pragma unroll
-          for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-          if (lane == __ffs(todo) - 1) {
-            atomicAdd(cnt + lb, (unsigned)__popc(peers));
-            atomicAdd(mass + lb, v);
-          }
-          todo &= ~peers;
-        }
-      }
-      __syncthreads();
-      if (warp == 0) {  // lane l: the nb / 32 bins from the top, descending
-        const int per = nb / 32, hi = nb - 1 - per * lane;
-        double lm = 0.0;
-        for (int j = 0; j < per; ++j) lm += mass[hi - j];
-        double incl = lm;
-#pragma unroll
-        for (int off = 1; off < 32; off <<= 1) {
-          const double t = __shfl_up_sync(0xffffffffu, incl, off);
-          if (lane >= off) incl += t;
-        }
-        double cum = above + (incl - lm), best_above = 0.0;
-        int best = -1;
-        for (int j = 0; j < per; ++j) {
-          const int bin = hi - j;
-          if (cnt[bin] && cum < PS) { best = bin; best_above = cum; }
-          cum += mass[bin];
-        }
-        const unsigned ball = __ballot_sync(0xffffffffu, best >= 0);
-        if (ball && lane == 31 - __clz(ball)) {
-          s_bin = (unsigned long long)best;
-          s_above = best_above;
-        }
-      }
-      __syncthreads();
-      prefix |= s_bin << sh;
-      pmask |= (unsigned long long)(nb - 1u) << sh;
-      above = s_above;
-      __syncthreads();
+    for (int j = 0; j < DRAW_ITEMS; ++j) {
+      k[j] = (unsigned long long)__double_as_longlong(e[j]);
+      in |= (unsigned)(e[j] > cut) << j;
     }
-    thr = __longlong_as_double((long long)prefix);
+    thr = __longlong_as_double((long long)draw_select<true>(sh, k, in, 0x300ull << 52, 60, 0u, PS, rank));
   }
 
   // the draw: the first token whose running sum of kept e exceeds u times their total, in vocabulary
-  // order. Warp w sums a contiguous segment; the segment holding the target is walked 32 at a time.
-  const int seg = ((V + DRAW_WARPS - 1) / DRAW_WARPS + 31) / 32 * 32;
-  const int lo = warp * seg, hi = min(V, lo + seg);
-  double ws = 0.0;
-  for (int i = lo + lane; i < hi; i += 32) {
-    const double ev = e[i];
-    ws += ev >= thr ? ev : 0.0;
-  }
+  // order. Each thread's [lo, hi) of that running sum tiles [0, total) exactly (hi of one thread is lo
+  // of the next, bit for bit), so exactly one thread holds u * total unless it rounds up to the total.
+  double ts = 0.0;
+  int last = -1;
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ws += __shfl_xor_sync(0xffffffffu, ws, off);
-  if (lane == 0) sd[warp] = ws;
+  for (int j = 0; j < DRAW_ITEMS; ++j) {
+    if (e[j] > 0.0 && e[j] >= thr) { ts += e[j]; last = g0 + j; }
+  }
+  double incl = ts;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const double t = __shfl_up_sync(0xffffffffu, incl, off);
+    if (lane >= off) incl += t;
+  }
+  int wlast = last;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) wlast = max(wlast, __shfl_xor_sync(0xffffffffu, wlast, off));
+  if (lane == 31) sh.wm[warp] = incl;
+  if (lane == 0) sh.wi[warp] = wlast;
   __syncthreads();
+  double wp = 0.0;  // the warps before this one, in order
+  for (int v = 0; v < warp; ++v) wp += sh.wm[v];
   if (tid == 0) {
-    double total = 0.0;
-    for (int w = 0; w < DRAW_WARPS; ++w) total += sd[w];
-    const double target = u * total;
-    double cum = 0.0;
-    int pick = -1, last = 0;
-    for (int w = 0; w < DRAW_WARPS; ++w) {
-      if (sd[w] > 0.0) last = w;
-      if (pick < 0 && cum + sd[w] > target) pick = w;
-      if (pick < 0) cum += sd[w];
-    }
-    // no crossing (u * total rounded up to total): the walk ends on the last kept token
-    s_bin = (unsigned long long)(pick < 0 ? last : pick);
-    s_above = pick < 0 ? cum - sd[last] : cum;
-    sd[0] = target;
+    double bt = 0.0;
+    int bl = -1;
+    for (int v = 0; v < DRAW_WARPS; ++v) { bt += sh.wm[v]; bl = max(bl, sh.wi[v]); }
+    sh.c_tot = bt;
+    sh.c_last = bl;
   }
-  __syncthreads();
-  if (warp == (int)s_bin) {
-    const double target = sd[0];
-    double cum = s_above;
-    long long found = -1, last_nz = -1;
-    for (int base = lo; base < hi && found < 0; base += 32) {
-      const int i = base + lane;
-      double w = 0.0;
-      if (i < hi) { const double ev = e[i]; w = ev >= thr ? ev : 0.0; }
-      double incl = w;
+  cluster_barrier();
+  double bp = 0.0, total = 0.0;  // the blocks before this one, all blocks: in rank order
+  int glast = -1;
+  for (int q = 0; q < DRAW_CLUSTER; ++q) {
+    const double t = ld_cluster_f64(cluster_addr(&sh.c_tot, q));
+    if (q < (int)rank) bp += t;
+    total += t;
+    glast = max(glast, ld_cluster_s32(cluster_addr(&sh.c_last, q)));
+  }
+  const double target = u * total, hi = bp + (wp + incl);
+  double lo = __shfl_up_sync(0xffffffffu, hi, 1);
+  if (lane == 0) lo = bp + wp;
+  if (lo <= target && target < hi) {
+    double cum = lo;
+    int pick = last;  // the walk did not cross (rounding): this thread's last kept token
 #pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {
-        const double t = __shfl_up_sync(0xffffffffu, incl, off);
-        if (lane >= off) incl += t;
+    for (int j = 0; j < DRAW_ITEMS; ++j) {
+      if (e[j] > 0.0 && e[j] >= thr) {
+        cum += e[j];
+        if (cum > target) { pick = g0 + j; break; }
       }
-      const unsigned cross = __ballot_sync(0xffffffffu, w > 0.0 && cum + incl > target);
-      const unsigned nz = __ballot_sync(0xffffffffu, w > 0.0);
-      if (cross) found = base + __ffs(cross) - 1;
-      if (nz) last_nz = base + 31 - __clz(nz);
-      cum += __shfl_sync(0xffffffffu, incl, 31);
     }
-    if (lane == 0) a.out[b] = found >= 0 ? found : (last_nz >= 0 ? last_nz : V - 1);
+    a.out[b] = pick;
+  } else if (rank == 0 && tid == 0 && !(target < total)) {
+    a.out[b] = glast;  // u * total rounded up to the total: the last kept token
   }
+  cluster_barrier();  // no block leaves while another may still read its shared memory
 }
+#endif
 
 struct ResidualNormArgs {
   float* h;              // [B, K] residual stream, updated in place
@@ -1448,6 +1655,15 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
       mrt_ssm_step_pre_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, true>(a); }
 
+// The draw runs in clusters (sm_90+); older GPUs have no draw entry (the host draws with torch there).
+#if __CUDA_ARCH__ >= 900
+#define MRT_DRAW_ENTRY(TAG)                                                                            \
+  extern "C" __global__ void __cluster_dims__(mrt::DRAW_CLUSTER, 1, 1) __launch_bounds__(mrt::DRAW_THREADS) \
+      mrt_draw_##TAG(const mrt::DrawArgs a) { mrt::draw_rows(a); }
+#else
+#define MRT_DRAW_ENTRY(TAG)
+#endif
+
 #define MRT_DECODE_ENTRIES(TAG, T)                                                                     \
   MRT_DECODE_BM(TAG, T, 1)                                                                             \
   MRT_DECODE_BM(TAG, T, 2)                                                                             \
@@ -1467,8 +1683,7 @@ __device__ void ssm_step(const SsmStepArgs& a) {
       mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }               \
   extern "C" __global__ void __launch_bounds__(mrt::ARGMAX_THREADS)                                   \
       mrt_argmax_##TAG(const mrt::ArgmaxArgs a) { mrt::argmax_rows(a); }                                \
-  extern "C" __global__ void __launch_bounds__(mrt::DRAW_THREADS)                                     \
-      mrt_draw_##TAG(const mrt::DrawArgs a) { mrt::draw_rows(a); }
+  MRT_DRAW_ENTRY(TAG)
 
 // 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them
 // measured slower than the cuBLAS path: benchmarks/NOTES.md.)

@@ -23,7 +23,8 @@ SOURCE = "decode_step.cu"
 GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 256, 64, 128, 512, 256  # .cu
 ARGMAX_THREADS = 1024
 ARGMAX_CHUNK = 8 * ARGMAX_THREADS  # logits per argmax block
-DRAW_THREADS = 1024  # .cu: one block per row
+DRAW_CLUSTER, DRAW_THREADS, DRAW_ITEMS = 8, 512, 16  # .cu: a cluster of blocks per row, tokens per thread
+DRAW_MAX_VOCAB = DRAW_CLUSTER * DRAW_THREADS * DRAW_ITEMS  # the row in the cluster's registers
 MAX_CONV = 8
 RN_ITEMS = 8              # .cu: columns per thread residual_norm holds in registers
 MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
@@ -137,7 +138,7 @@ GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _
 EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
                                   ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F)])
 ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _P), ("tk", _P), ("V", _L)])
-DrawArgs = _struct("DrawArgs", [("x", _P), ("knobs", _P), ("out", _P), ("e", _P), ("V", _L)])
+DrawArgs = _struct("DrawArgs", [("x", _P), ("knobs", _P), ("out", _P), ("V", _L)])
 ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w", _P), ("xn", _P), ("K", _L),
                                                 ("res_fp32", _L), ("eps", _F)])
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
@@ -332,12 +333,20 @@ class DecodeKernels:
         a = ArgmaxArgs(x, out, scratch, scratch + 4 * B * C, scratch + 8 * B * C, V)
         return Launch(self._fn(f"argmax_{self.tag}"), (C, B), ARGMAX_THREADS, 0, a, "argmax")
 
-    def draw(self, *, x, knobs, out, scratch, B, V) -> Launch:
+    def draws(self, V: int) -> bool:
+        """Whether the draw kernel serves rows of V logits: thread block clusters (sm_90+), V at most
+        DRAW_MAX_VOCAB."""
+        return self.arch >= 90 and 1 <= V <= DRAW_MAX_VOCAB
+
+    def draw(self, *, x, knobs, out, B, V) -> Launch:
         """out[b] (int64) = the token drawn from x[b, :V] (float32 logits) with knobs[b] (4 float64:
         temperature, the sorted position of the k-th largest logit or V - 1, top_p, u), as
-        runtime/sampling.py's reference draws it. scratch: B * V float64."""
-        return Launch(self._fn(f"draw_{self.tag}"), (B, 1), DRAW_THREADS, 0,
-                      DrawArgs(x, knobs, out, scratch, V), "draw")
+        runtime/sampling.py's reference draws it. Where ``draws(V)``."""
+        if not self.draws(V):
+            raise InternalError(f"fused decode draw: needs sm_90+ and at most {DRAW_MAX_VOCAB} logits a row; "
+                                f"got sm_{self.arch}, {V}")
+        return Launch(self._fn(f"draw_{self.tag}"), (DRAW_CLUSTER, B), DRAW_THREADS, 0,
+                      DrawArgs(x, knobs, out, V), "draw")
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in XP_BUCKETS: conv + x_proj share (B == bm); bm = 0: conv only (any B; Wx must be 0)."""

@@ -509,7 +509,8 @@ class _FusedGraph:
         self._decoder, self._pool, self._dev = decoder, pool, dev
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
-        self.draws = _Draws(self.bk.logits, self.io.gid, pool, functools.partial(decoder.draw_fn, bucket))
+        self.draws = _Draws(self.bk.logits, self.io.gid, pool,
+                            functools.partial(decoder.draw_fn, bucket) if decoder.draws else None)
         self._next: list | None = None  # (graph, its _IdsOut) x 2, captured at the first run_next
         self._turn = 0
         self._last: StepLogits | None = None  # what the last replay returned
@@ -706,7 +707,7 @@ class TorchBackend(Backend):
                 g = self._prefill_graphs[length, padded] = _ModelGraph(
                     self.model, self.state, 1, length, self._prefill_pool, 1,
                     self.decoder.argmax_fn(1) if self.decoder else None, padded,
-                    functools.partial(self.decoder.draw_fn, 1) if self.decoder else None)
+                    functools.partial(self.decoder.draw_fn, 1) if self.decoder and self.decoder.draws else None)
             logits = g.run(slots, piece)
         return logits
 

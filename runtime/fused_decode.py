@@ -224,13 +224,18 @@ class FusedDecoder:
                               device=self.device)
         return lambda logits, out: self._argmax(logits, out, scratch)
 
+    @property
+    def draws(self) -> bool:
+        """Whether :meth:`draw_fn` serves this model: the draw kernel needs thread block clusters (sm_90+)
+        and holds a row of at most ``decode_step.DRAW_MAX_VOCAB`` logits in registers."""
+        return self.k.draws(self.config.vocab_size)
+
     def draw_fn(self, rows: int):
         """``draw(logits, knobs, out)`` for a graph of ``rows`` rows: out (rows,) int64 = the tokens
         drawn by the draw kernel (as ``backend_torch.draw_torch`` draws them) from logits [rows,
-        vocab_size] float32 with knobs [rows, 4] float64 (``backend_torch.sample_knobs``), with a
-        scratch of its own, on the current stream. A graph that captures it must keep the function."""
+        vocab_size] float32 with knobs [rows, 4] float64 (``backend_torch.sample_knobs``), on the
+        current stream. Where :attr:`draws`."""
         V = self.config.vocab_size
-        scratch = torch.empty((rows, V), dtype=torch.float64, device=self.device)
 
         def draw(logits, knobs, out):
             if (logits.dtype, tuple(logits.shape), knobs.dtype, tuple(knobs.shape), out.dtype, tuple(out.shape)) != (
@@ -240,8 +245,7 @@ class FusedDecoder:
                                     f"knobs ({rows}, 4), int64 out ({rows},); got {logits.dtype} "
                                     f"{tuple(logits.shape)}, {knobs.dtype} {tuple(knobs.shape)}, {out.dtype} "
                                     f"{tuple(out.shape)}")
-            ln = self.k.draw(x=logits.data_ptr(), knobs=knobs.data_ptr(), out=out.data_ptr(),
-                             scratch=scratch.data_ptr(), B=rows, V=V)
+            ln = self.k.draw(x=logits.data_ptr(), knobs=knobs.data_ptr(), out=out.data_ptr(), B=rows, V=V)
             self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
 
         return draw

@@ -16,6 +16,7 @@ def test_every_entry_point_compiles(dtype, arch):
     names = [f"mrt_norm_gemv_{tag}_b1", f"mrt_gemv_residual_{tag}_b2", f"mrt_conv_xproj_{tag}_b1",
              f"mrt_conv_only_{tag}", f"mrt_embed_{tag}", f"mrt_residual_norm_{tag}"]
     names += [f"mrt_ssm_step_{tag}_n{n}" for n in decode_step.STATE_SIZES]
+    names += [f"mrt_draw_{tag}"] if arch >= 90 else []  # thread block clusters
     for name in names:
         assert name.encode() in cubin, name
 

@@ -200,12 +200,14 @@ def test_argmax_matches_torch(bucket):
         assert torch.equal(out, torch.argmax(x, dim=-1)), (trial, out, torch.argmax(x, dim=-1))
 
 
-@pytest.mark.parametrize("vocab", [1000, 50280])
+@pytest.mark.parametrize("vocab", [1000, 50277, 65536])
 def test_draw_kernel_equals_the_numpy_sampler(vocab):
     """The draw kernel (one sampled token per row) against runtime/sampling.py's numpy reference on
     the same logits and uniform numbers: every row its own settings (temperature only, top-k, top-p,
     both, top-k 1, settings that keep every token), rows with ties at the k-th logit, rows with
-    -inf logits; the output poisoned first."""
+    -inf logits, a nearly flat row (thousands of tokens per histogram bin: more passes over the
+    cluster before the leader finishes alone), a row of whole numbers (thousands of equal keys:
+    every bit decided by the cluster's passes); the output poisoned first."""
     from mamba_rt.runtime.backend_torch import sample_knobs
     from mamba_rt.runtime.fused_decode import FusedDecoder
     from mamba_rt.runtime.sampling import SamplingParams, sample_numpy
@@ -227,6 +229,8 @@ def test_draw_kernel_equals_the_numpy_sampler(vocab):
     for trial in range(6):
         x = (rng.normal(size=(rows, vocab)) * rng.uniform(0.5, 4)).astype(np.float32)
         x[1, rng.integers(0, vocab, 5)] = -np.inf
+        x[2] *= 0.01
+        x[3] = np.round(x[3])
         top = np.sort(x[5])[::-1]
         x[5, rng.integers(0, vocab, 3)] = top[19]  # ties with the 20th largest (row 5: top-k 20)
         u = rng.random(rows)
@@ -240,6 +244,25 @@ def test_draw_kernel_equals_the_numpy_sampler(vocab):
         off_argmax += int((want != x.argmax(-1)).sum())
     assert not mismatches, (seed, mismatches[:5])
     assert off_argmax >= rows, "the draws all but matched the argmax: the comparison would not discriminate"
+
+
+def test_draw_kernel_takes_rows_up_to_its_register_capacity():
+    """The draw kernel holds a row in its cluster's registers: vocabularies up to DRAW_MAX_VOCAB take
+    it, larger ones are declined (the backend then draws with torch ops), and a launch beyond is
+    refused by name."""
+    from mamba_rt.errors import InternalError
+    from mamba_rt.plugins_cuda.decode_step import DRAW_MAX_VOCAB
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    for vocab, want in ((DRAW_MAX_VOCAB, True), (DRAW_MAX_VOCAB + 1, False)):
+        cfg = MambaConfig(**{**CASES["tiny"], "vocab_size": vocab})
+        model, _ = _models(cfg, "fp32", 0)
+        shapes = cfg.state_shapes(1)
+        dec = FusedDecoder(model, torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda"),
+                           torch.zeros(shapes["ssm_state"], device="cuda"), "fp32")
+        assert dec.draws is (want and torch.cuda.get_device_capability()[0] >= 9), (vocab, dec.draws)
+    with pytest.raises(InternalError, match=f"at most {DRAW_MAX_VOCAB} logits"):
+        dec.k.draw(x=0, knobs=0, out=0, B=1, V=DRAW_MAX_VOCAB + 1)
 
 
 @pytest.mark.parametrize("d_model", [1536, 2048])
