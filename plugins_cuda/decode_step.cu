@@ -926,40 +926,21 @@ __device__ __forceinline__ unsigned cluster_addr(const void* p, unsigned rank) {
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(a) : "r"(smem_addr(p)), "r"(rank));
   return a;
 }
-__device__ __forceinline__ float ld_cluster_f32(unsigned a) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
-  return v;
-}
-__device__ __forceinline__ double ld_cluster_f64(unsigned a) {
-  double v;
-  asm volatile("ld.shared::cluster.f64 %0, [%1];" : "=d"(v) : "r"(a) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned ld_cluster_u32(unsigned a) {
-  unsigned v;
-  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
-  return v;
-}
-__device__ __forceinline__ int ld_cluster_s32(unsigned a) {
-  int v;
-  asm volatile("ld.shared::cluster.s32 %0, [%1];" : "=r"(v) : "r"(a) : "memory");
-  return v;
-}
-__device__ __forceinline__ unsigned long long ld_cluster_u64(unsigned a) {
-  unsigned long long v;
-  asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(a) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_cluster_u32(unsigned a, unsigned v) {
-  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(a), "r"(v) : "memory");
-}
-__device__ __forceinline__ void st_cluster_u64(unsigned a, unsigned long long v) {
-  asm volatile("st.shared::cluster.u64 [%0], %1;" ::"r"(a), "l"(v) : "memory");
-}
-__device__ __forceinline__ void st_cluster_f64(unsigned a, double v) {
-  asm volatile("st.shared::cluster.f64 [%0], %1;" ::"r"(a), "d"(v) : "memory");
-}
+// Loads and stores at such addresses: ld_cluster_<suffix>(a), st_cluster_<suffix>(a, v).
+#define MRT_CLUSTER_LDST(T, SUFFIX, C)                                                                 \
+  __device__ __forceinline__ T ld_cluster_##SUFFIX(unsigned a) {                                       \
+    T v;                                                                                               \
+    asm volatile("ld.shared::cluster." #SUFFIX " %0, [%1];" : "=" C(v) : "r"(a) : "memory");           \
+    return v;                                                                                          \
+  }                                                                                                    \
+  __device__ __forceinline__ void st_cluster_##SUFFIX(unsigned a, T v) {                               \
+    asm volatile("st.shared::cluster." #SUFFIX " [%0], %1;" ::"r"(a), C(v) : "memory");                \
+  }
+MRT_CLUSTER_LDST(float, f32, "f")
+MRT_CLUSTER_LDST(double, f64, "d")
+MRT_CLUSTER_LDST(unsigned, u32, "r")
+MRT_CLUSTER_LDST(unsigned long long, u64, "l")
+#undef MRT_CLUSTER_LDST
 __device__ __forceinline__ unsigned atom_cluster_add(unsigned a, unsigned v) {
   unsigned old;
   asm volatile("atom.shared::cluster.add.u32 %0, [%1], %2;" : "=r"(old) : "r"(a), "r"(v) : "memory");
@@ -1286,7 +1267,7 @@ __device__ void draw_rows(const DrawArgs& a) {
     const double t = ld_cluster_f64(cluster_addr(&sh.c_tot, q));
     if (q < (int)rank) bp += t;
     total += t;
-    glast = max(glast, ld_cluster_s32(cluster_addr(&sh.c_last, q)));
+    glast = max(glast, (int)ld_cluster_u32(cluster_addr(&sh.c_last, q)));
   }
   const double target = u * total, hi = bp + (wp + incl);
   double lo = __shfl_up_sync(0xffffffffu, hi, 1);
