@@ -883,10 +883,11 @@ constexpr int DRAW_GATHER = 4096;  // candidates few enough for the leader to fi
 constexpr int DRAW_COUNT = 256;    // candidates few enough for it to rank by counting
 
 #if __CUDA_ARCH__ >= 900
-struct DrawSel {  // a pass's choice, copied by the leader into every block
+struct DrawSel {  // a pass's choice, copied by the leader into every block (by words: 0, 4, 8, 16)
   unsigned bin, count, r;
   double above;
 };
+static_assert(sizeof(DrawSel) == 24, "DrawSel's layout (draw_select copies it word by word)");
 
 struct DrawShared {
   unsigned cnt[DRAW_CBINS];              // histogram: counts
@@ -976,23 +977,20 @@ __device__ __forceinline__ double draw_cluster_sum(const double* slot) {
   return v;
 }
 
-// One block: chooses a bin of the histogram c (counts), m (masses, MASS only) of nb bins, the bins in
-// descending order of key. MASS = false: the bin holding descending position r (sel.r: r within it);
-// MASS = true: the lowest bin with items whose strictly larger items' mass (above plus the bins above
-// it) is below ps (sel.above: that mass). Leaves the choice in sh.sel.
+// One block: chooses a bin of the histogram c (counts), m (masses, MASS only) of nb <= DRAW_THREADS bins,
+// thread t holding bin nb - 1 - t (descending order of key). MASS = false: the bin holding descending
+// position r (sel.r: r within it); MASS = true: the lowest bin with items whose strictly larger items'
+// mass (above plus the bins above it) is below ps (sel.above: that mass). Leaves the choice in sh.sel.
+static_assert(DRAW_CBINS <= DRAW_THREADS, "a bin per thread");
 template <bool MASS>
 __device__ void draw_pick(DrawShared& sh, const unsigned* c, const double* m, int nb, unsigned r, double ps,
                           double above) {
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int per = (nb + DRAW_THREADS - 1) / DRAW_THREADS, hi = nb - 1 - tid * per;
-  unsigned lc = 0u;
-  double lm = 0.0;
-  for (int j = 0; j < per && hi - j >= 0; ++j) {
-    lc += c[hi - j];
-    if (MASS) lm += m[hi - j];
-  }
-  unsigned ic = lc;
-  double im = lm;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, bin = nb - 1 - tid;
+  const unsigned n = bin >= 0 ? c[bin] : 0u;
+  const double mb = MASS && bin >= 0 ? m[bin] : 0.0;
+  // the bins before this thread's: an exclusive scan over the threads
+  unsigned ic = n;
+  double im = mb;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {
     const unsigned tc = __shfl_up_sync(0xffffffffu, ic, off);
@@ -1002,27 +1000,14 @@ __device__ void draw_pick(DrawShared& sh, const unsigned* c, const double* m, in
   if (lane == 31) { sh.wc[warp] = ic; sh.wm[warp] = im; }
   if (tid == 0) sh.pick_t = -1;
   __syncthreads();
-  unsigned cc = ic - lc;
+  unsigned cc = ic - n;
   double cm = __shfl_up_sync(0xffffffffu, im, 1);
   if (lane == 0) cm = 0.0;
   for (int v = 0; v < warp; ++v) { cc += sh.wc[v]; cm += sh.wm[v]; }
-  double cum = above + cm, best_above = 0.0;
-  int best = -1;
-  unsigned best_c = 0u, best_r = 0u;
-  for (int j = 0; j < per && hi - j >= 0; ++j) {
-    const int bin = hi - j;
-    const unsigned n = c[bin];
-    if (!MASS) {
-      if (n && cc <= r && r < cc + n) { best = bin; best_c = n; best_r = r - cc; }
-      cc += n;
-    } else {
-      if (n && cum < ps) { best = bin; best_c = n; best_above = cum; }
-      cum += m[bin];
-    }
-  }
-  if (best >= 0) atomicMax(&sh.pick_t, tid);
+  const bool hit = n && (MASS ? above + cm < ps : cc <= r && r < cc + n);
+  if (hit) atomicMax(&sh.pick_t, tid);  // MASS: the lowest such bin
   __syncthreads();
-  if (tid == sh.pick_t) sh.sel = DrawSel{(unsigned)best, best_c, best_r, best_above};
+  if (tid == sh.pick_t) sh.sel = DrawSel{(unsigned)bin, n, r - cc, above + cm};
   __syncthreads();
 }
 

@@ -354,7 +354,7 @@ class _Draws:
 
     def __init__(self, logits: "torch.Tensor", gid: "torch.Tensor", pool, draw_fn=None):
         self.logits, self.gid, self.pool = logits, gid, pool
-        self.draw_fn, self.draw = draw_fn, None  # the kernel (and its scratch) made at first capture
+        self.draw_fn, self.draw = draw_fn, None  # the kernel's call, made at first capture
         self.vocab = logits.shape[-1]
         self.graphs: dict = {}  # (sort, turn) -> (graph, host knobs, _IdsOut)
         self.turn = 0
