@@ -21,6 +21,9 @@
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
 // reading a delta precomputed by a dt_proj GEMM (large ones).
 //
+// After the head: argmax_rows (greedy ids) or draw_rows (a sampled token per row: temperature, top-k,
+// top-p, as runtime/sampling.py's reference; thread block clusters, sm_90+).
+//
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
 // holds in the model dtype T (normalised input, xz, conv output u, x_proj output, dt_proj output, y,
 // out_proj output, lm_head output) is rounded to T here too; sums are fp32; the residual stream is fp32
