@@ -16,6 +16,9 @@
 //   gemv_residual out_proj, added to the fp32 residual stream, with per-block sums of squares of the
 //                 new residual for the next norm_gemv.
 //
+// At batch 1 with the copy-engine GEMVs (GemvBulk), one persistent kernel, `layers`, runs every layer
+// instead (the same phases in one launch, its weight stream never stopping at a phase boundary).
+//
 // For larger batches (> 2 rows) the projections are cuBLAS GEMMs and these kernels do the
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
@@ -427,6 +430,35 @@ __device__ __forceinline__ void mbar_wait(const void* bar, unsigned parity) {
 #endif
 }
 
+// d += the 16 rows x BULK_KS columns of one stage st (rows ROWB bytes apart) times x (BM rows of K values
+// of T in shared memory) at columns kb + ...: consumer warp w takes the 16-wide steps w * BULK_STEPS ..;
+// ldmatrix.x4 reads the 16 x 16 weight tile (lanes 0-15: rows 0-15 at k0, lanes 16-31: at k0 + 8).
+template <typename T, int BM>
+__device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st, const T* xs, int K, int kb) {
+  constexpr int ROWB = BULK_KS * 2 + 16;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const int lrow = lane & 15, lcol = (lane >> 4) * 8;
+#pragma unroll
+  for (int i = 0; i < BULK_STEPS; ++i) {
+    const int k0 = (warp * BULK_STEPS + i) * 16, k = kb + k0;
+    if (k < K) {  // warp-uniform
+      unsigned a0, a1, a2, a3;
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
+                   : "r"(smem_addr(st + lrow * ROWB + (k0 + lcol) * 2)));
+      unsigned b0 = 0u, b1 = 0u;
+      if (g < BM) {
+        b0 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q);
+        b1 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q + 8);
+      }
+      // ldmatrix's four 8 x 8 tiles are the mma's A registers in order; mma_16816 takes them as
+      // (wa.x, wb.x, wa.y, wb.y)
+      const uint4 wa{a0, a2, 0u, 0u}, wb{a1, a3, 0u, 0u};
+      mma_16816<T>(d, wa, wb, b0, b1, false);
+    }
+  }
+}
+
 template <typename T, int BM>
 struct GemvBulk {
   static_assert(sizeof(T) == 2 && BM >= 1 && BM <= 8, "16-bit T, at most 8 batch rows");
@@ -525,7 +557,6 @@ struct GemvBulk {
       return;
     }
     const int g = lane >> 2, q = lane & 3;
-    const int lrow = lane & 15, lcol = (lane >> 4) * 8;  // ldmatrix.x4: rows 0-15 at k0, then at k0 + 8
     int tc = 0;
     for (int grp = 0;; ++grp) {
       mbar_wait(full + tc % S, (tc / S) & 1);
@@ -535,26 +566,7 @@ struct GemvBulk {
       for (int seg = 0; seg < nseg; ++seg, ++tc) {
         const int slot = tc % S;
         if (seg) mbar_wait(full + slot, (tc / S) & 1);
-        const unsigned char* st = ring + slot * STAGE;
-#pragma unroll
-        for (int i = 0; i < BULK_STEPS; ++i) {
-          const int k0 = (warp * BULK_STEPS + i) * 16, k = seg * BULK_KS + k0;
-          if (k < K) {  // warp-uniform
-            unsigned a0, a1, a2, a3;
-            asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(a0), "=r"(a1), "=r"(a2), "=r"(a3)
-                         : "r"(smem_addr(st + lrow * ROWB + (k0 + lcol) * 2)));
-            unsigned b0 = 0u, b1 = 0u;
-            if (g < BM) {
-              b0 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q);
-              b1 = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q + 8);
-            }
-            // ldmatrix's four 8 x 8 tiles are the mma's A registers in order; mma_16816 takes them as
-            // (wa.x, wb.x, wa.y, wb.y)
-            const uint4 wa{a0, a2, 0u, 0u}, wb{a1, a3, 0u, 0u};
-            mma_16816<T>(d, wa, wb, b0, b1, false);
-          }
-        }
+        bulk_stage_mma<T, BM>(d, ring + slot * STAGE, xs, K, seg * BULK_KS);
         __syncwarp();
         if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(full + S + slot)) : "memory");
       }
@@ -1594,6 +1606,507 @@ __device__ void ssm_step(const SsmStepArgs& a) {
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// Every layer of a batch-1 step in one persistent kernel (16-bit T, sm_90+): `layers`.
+//
+// Why: the four kernels per layer above leave the batch-1 step at ~42 us per 2.8b layer for 82 MB of
+// weights (1.95 TB/s): each weight stream ramps up and drains at a kernel boundary, and the small
+// kernels' dependent round trips sit between the streams (benchmarks/NOTES.md, sessions 3-12). Here
+// one block per SM runs for the whole step, and its producer warp streams weights through a ring of
+// shared-memory stages without stopping at phase boundaries: in_proj of layer l, then out_proj of l,
+// then in_proj of l + 1, ..., the next phase's stages filling while the consumer warps wait at a grid
+// barrier for the activations. The earlier persistent kernel (item 10) ran the phases in turn behind
+// barriers with load-fed GEMVs and lost; this one never lets the weight stream wait for a barrier.
+//
+// Work of block b (G blocks, one per SM, all resident: the host checks):
+//   * in_proj in units of 8 channels: a unit is the 16 rows x[c .. c+7] and z[c .. c+7] of W_in, so the
+//     block that reduces a unit runs those channels' conv update (state in place) and keeps u and z in
+//     shared memory. The block takes the units [u0, u1) (balanced), i.e. the channels [8 u0, 8 u1).
+//   * x_proj: the block's share over its channels (from x_proj's transposed copy W_x^T [d, R], fp32
+//     atomics into xacc[l]); after a grid barrier, the state update of its channels (dt_proj,
+//     softplus, state, D, gate) writes y.
+//   * out_proj after a grid barrier, in tiles of 16 rows x BULK_KS columns (split K; fp32 atomics into
+//     oacc[l]), the block taking the tiles [t0, t1).
+//   * at the next layer's start (a grid barrier), every block forms h = h + round_T(oacc[l]) (+ bias)
+//     and its norm itself; block b writes its slice of h to the other half of hbuf.
+// The channels' side data of a layer (conv state and weights, W_x^T rows, dt_proj rows, dt bias, A, D,
+// SSM state; each a contiguous range of the block's channels) arrives by bulk copies into one side
+// buffer, issued by the producer once the consumers are done with the layer before's (after its state
+// update); the norm weight is read into registers before the barrier that precedes the norm. After the
+// last layer: h and per-block sums of squares for the head's norm_gemv. Three grid barriers per layer
+// (a counter zeroed before the step). The head follows as its own launch (norm_gemv, PDL).
+// Measured (benchmarks/NOTES.md, item 39): 1.4b 1.59 -> 1.44 ms per step, 2.8b 2.74 -> 2.63 on an
+// H100; where the time goes is in benchmarks/trace_layers.py's phase trace: each grid barrier and each
+// dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
+// system, and those gaps are longer than the ring of stages can cover, so the stream still stalls.
+#ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 12 slots), clock64 at phase ends
+// (benchmarks/trace_layers.py reads them)
+}  // namespace mrt
+extern "C" __device__ long long mrt_ly_trace[MRT_LY_TRACE];
+namespace mrt {
+#define LY_AT(l, p) mrt_ly_trace[(blockIdx.x * 64 + (l)) * 12 + (p)]
+#define LY_ON(l) ((l) < 64 && (blockIdx.x + 1) * 64 * 12 <= MRT_LY_TRACE)
+#define LY_MARK(l, p) do { if (LY_ON(l)) LY_AT(l, p) = clock64(); } while (0)
+#define LY_ADD(l, p, v) do { if (LY_ON(l)) LY_AT(l, p) += (v); } while (0)
+#else
+#define LY_MARK(l, p) do {} while (0)
+#define LY_ADD(l, p, v) do {} while (0)
+#endif
+constexpr int LY_WARPS = BULK_WARPS;       // consumer warps
+constexpr int LY_CT = LY_WARPS * 32;       // consumer threads
+constexpr int LY_THREADS = LY_CT + 32;     // + the producer warp
+constexpr int LY_CH = 8;                   // channels per in_proj unit
+constexpr int LY_HV = 16;                  // h values per consumer thread: d_model <= LY_HV * LY_CT
+
+struct LayerPtrs {
+  const void* w_in; const void* b_in; const void* norm_w; const void* conv_w; const void* conv_b;
+  const void* wx_t; const void* w_dt; const float* dt_b; const float* A; const float* D;
+  const void* w_out; const void* b_out; void* conv_state; float* ssm_state;
+};
+
+struct LayersArgs {
+  const LayerPtrs* L;     // [n_layer]
+  const long long* idx;   // [1] the row's slot
+  float* h;               // [dm] residual stream: the embedding in, the last layer's out
+  float* ss;              // [gridDim.x] per-block sums of squares of the final h (the head's partials)
+  float* hbuf;            // [2, dm] h between layers
+  float* xacc;            // [n_layer, R] x_proj accumulators, zero
+  float* oacc;            // [n_layer, dm] out_proj accumulators, zero
+  void* y;                // [d] T
+  unsigned* bar;          // grid barrier counter, zero
+  long long n_layer, dm, d, n, r, k, res_fp32, stages;
+  float eps;
+};
+
+// Shared-memory layout of `layers` (byte offsets; decode_step.py's layers_smem mirrors it).
+struct LyLayout {
+  int CH, R, red, wsum, xs, uz, xrow, side, ring, total;
+  int cs, cw, cb, wx, wdt, dtb, A, D, st;  // offsets inside the side buffer
+  __device__ __forceinline__ static int up16(int v) { return (v + 15) & ~15; }
+  __device__ __forceinline__ void init(const LayersArgs& a) {
+    const int dm = (int)a.dm, d = (int)a.d, n = (int)a.n, r = (int)a.r, k = (int)a.k;
+    const int NU = d / LY_CH, G = gridDim.x;
+    CH = LY_CH * ((NU + G - 1) / G);
+    R = r + 2 * n;
+    int o = up16(8 * (2 * (int)a.stages + 2));  // mbarriers: full, empty [stages]; side full, side empty
+    red = o; o += 2 * LY_WARPS * 16 * 4;
+    wsum = o; o += up16(LY_WARPS * 4);
+    xs = o; o += up16((dm > d ? dm : d) * 2);
+    uz = o; o += up16(2 * CH * 4);
+    xrow = o; o += up16(R * 4);
+    int s = 0;
+    cs = s; s += up16(CH * (k - 1) * 2);
+    cw = s; s += up16(CH * k * 2);
+    cb = s; s += up16(CH * 2);
+    wx = s; s += up16(CH * R * 2);
+    wdt = s; s += up16(CH * r * 2);
+    dtb = s; s += up16(CH * 4);
+    A = s; s += up16(CH * n * 4);
+    D = s; s += up16(CH * 4);
+    st = s; s += up16(CH * n * 4);
+    side = o; o += s;
+    ring = o; o += (int)a.stages * 16 * (BULK_KS * 2 + 16);
+    total = o;
+  }
+};
+
+__device__ __forceinline__ void ly_bar() { asm volatile("bar.sync 1, %0;" ::"r"(LY_CT) : "memory"); }
+
+// All consumer threads: a grid-wide barrier (the counter only grows; epoch: thread 0's target).
+__device__ __forceinline__ void ly_grid_sync(unsigned* bar, unsigned& epoch) {
+  ly_bar();
+  if (threadIdx.x == 0) {
+    epoch += gridDim.x;
+    __threadfence();
+    atomicAdd(bar, 1u);
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
+    } while (v < epoch);
+  }
+  ly_bar();
+}
+
+__device__ __forceinline__ void ly_copy(void* dst, const void* src, int bytes, unsigned long long* bar,
+                                        unsigned long long pol) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(pol) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void ly_expect(unsigned long long* bar, int bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void ly_arrive(unsigned long long* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+
+// The block's work: channel units [u0, u1), out_proj tiles [t0, t1) (tile t: rows 16 (t / nchunk) ..,
+// columns BULK_KS (t % nchunk) ..), h slice [h0, h1).
+struct LyWork {
+  int u0, u1, nseg, nchunk, t0, t1, h0, h1;
+  __device__ __forceinline__ void init(const LayersArgs& a) {
+    const long long G = gridDim.x, b = blockIdx.x, NU = a.d / LY_CH;
+    const long long NT = (a.dm / 16) * ((a.d + BULK_KS - 1) / BULK_KS);
+    u0 = (int)(b * NU / G); u1 = (int)((b + 1) * NU / G);
+    t0 = (int)(b * NT / G); t1 = (int)((b + 1) * NT / G);
+    h0 = (int)(b * a.dm / G); h1 = (int)((b + 1) * a.dm / G);
+    nseg = (int)((a.dm + BULK_KS - 1) / BULK_KS);
+    nchunk = (int)((a.d + BULK_KS - 1) / BULK_KS);
+  }
+};
+
+// One thread: layer l's side data of this block's channels into the side buffer sb, completing on sfull.
+template <typename T>
+__device__ void layers_side(const LayersArgs& a, const LyLayout& ly, const LyWork& wk, unsigned char* sb,
+                            unsigned long long* sfull, int l) {
+  const long long dm = a.dm, d = a.d, n = a.n, r = a.r, k = a.k, R = r + 2 * n, slot = a.idx[0];
+  const long long c0 = (long long)LY_CH * wk.u0, nch = (long long)LY_CH * (wk.u1 - wk.u0);
+  const unsigned long long npol = l2_policy<false>();
+  const LayerPtrs& P = a.L[l];
+  const int tot = (int)(nch * ((k - 1) * 2 + k * 2 + (P.conv_b ? 2 : 0) + R * 2 + r * 2 + 4 + n * 4 +
+                                        (P.D ? 4 : 0) + n * 4));
+  if (!nch) {  // nothing to copy: complete the phase by arriving
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(sfull)) : "memory");
+    return;
+  }
+  ly_expect(sfull, tot);
+  ly_copy(sb + ly.cs, static_cast<const T*>(P.conv_state) + (slot * d + c0) * (k - 1), (int)(nch * (k - 1) * 2),
+          sfull, npol);
+  ly_copy(sb + ly.cw, static_cast<const T*>(P.conv_w) + c0 * k, (int)(nch * k * 2), sfull, npol);
+  if (P.conv_b) ly_copy(sb + ly.cb, static_cast<const T*>(P.conv_b) + c0, (int)(nch * 2), sfull, npol);
+  ly_copy(sb + ly.wx, static_cast<const T*>(P.wx_t) + c0 * R, (int)(nch * R * 2), sfull, npol);
+  ly_copy(sb + ly.wdt, static_cast<const T*>(P.w_dt) + c0 * r, (int)(nch * r * 2), sfull, npol);
+  ly_copy(sb + ly.dtb, P.dt_b + c0, (int)(nch * 4), sfull, npol);
+  ly_copy(sb + ly.A, P.A + c0 * n, (int)(nch * n * 4), sfull, npol);
+  if (P.D) ly_copy(sb + ly.D, P.D + c0, (int)(nch * 4), sfull, npol);
+  ly_copy(sb + ly.st, P.ssm_state + (slot * d + c0) * n, (int)(nch * n * 4), sfull, npol);
+}
+
+template <typename T>
+__device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const LyWork& wk, unsigned char* smem) {
+#if __CUDA_ARCH__ >= 900
+  constexpr int ROWB = BULK_KS * 2 + 16, STAGE = 16 * ROWB;
+  const int lane = threadIdx.x & 31, S = (int)a.stages;
+  const long long dm = a.dm, d = a.d, n = a.n, r = a.r, k = a.k, R = r + 2 * n, slot = a.idx[0];
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
+  unsigned long long* empty = full + S;
+  const unsigned long long wpol = l2_policy<MRT_BULK_EVICT_FIRST>();
+  int t = 0;
+  // one stage: lane i < 16 copies `bytes` from its row src (16 rows)
+  auto stage = [&](const T* src, int bytes) {
+    const int slot_ = t % S;
+    if (t >= S) mbar_wait(empty + slot_, ((t / S) - 1) & 1);
+    if (lane == 0) ly_expect(full + slot_, 16 * bytes);
+    __syncwarp();
+    if (lane < 16) ly_copy(smem + ly.ring + slot_ * STAGE + lane * ROWB, src, bytes, full + slot_, wpol);
+    ++t;
+  };
+  for (int l = 0; l < (int)a.n_layer; ++l) {
+    const T* wi = static_cast<const T*>(a.L[l].w_in);
+    for (int u = wk.u0; u < wk.u1; ++u) {
+      const long long row = lane < 8 ? (long long)LY_CH * u + lane : d + (long long)LY_CH * u + (lane - 8);
+      for (int sg = 0; sg < wk.nseg; ++sg)
+        stage(wi + row * dm + sg * BULK_KS, (int)min((long long)BULK_KS, dm - sg * BULK_KS) * 2);
+    }
+    if (threadIdx.x == LY_CT) LY_MARK(l, 10);
+    const T* wo = static_cast<const T*>(a.L[l].w_out);
+    for (int tt = wk.t0; tt < wk.t1; ++tt) {
+      const int rg = tt / wk.nchunk, ch = tt % wk.nchunk;
+      stage(wo + (16LL * rg + lane) * d + (long long)ch * BULK_KS, (int)min((long long)BULK_KS, d - ch * BULK_KS) * 2);
+    }
+    if (threadIdx.x == LY_CT) LY_MARK(l, 11);
+    // layer l + 1's side data once the consumers are done with layer l's (after its state update)
+    if (l + 1 < (int)a.n_layer) {
+      mbar_wait(full + 2 * S + 1, l & 1);
+      if (lane == 0) layers_side<T>(a, ly, wk, smem + ly.side, full + 2 * S, l + 1);
+    }
+  }
+#endif
+}
+
+template <typename T>
+__device__ void layers(const LayersArgs& a) {
+#if __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(128) unsigned char smem[];
+  LyLayout ly;
+  ly.init(a);
+  LyWork wk;
+  wk.init(a);
+  const int S = (int)a.stages;
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
+  unsigned long long* empty = full + S;
+  unsigned long long* sfull = full + 2 * S;
+  unsigned char* sb = smem + ly.side;
+  unsigned dyn;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+  if ((unsigned)ly.total > dyn) __trap();  // the host's layers_smem disagrees with this layout
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(full + s)));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(empty + s)), "r"(LY_WARPS));
+    }
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sfull)));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sfull + 1)));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    layers_side<T>(a, ly, wk, sb, sfull, 0);
+  }
+  __syncthreads();
+  if ((threadIdx.x >> 5) == LY_WARPS) {
+    layers_producer<T>(a, ly, wk, smem);
+    return;
+  }
+  constexpr int ROWB = BULK_KS * 2 + 16, STAGE = 16 * ROWB;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
+  const int dm = (int)a.dm, d = (int)a.d, n = (int)a.n, r = (int)a.r, k = (int)a.k, R = r + 2 * n;
+  const long long slot = a.idx[0];
+  const int c0 = LY_CH * wk.u0, nch = LY_CH * (wk.u1 - wk.u0), CH = ly.CH;
+  float* red = reinterpret_cast<float*>(smem + ly.red);
+  float* wsum = reinterpret_cast<float*>(smem + ly.wsum);
+  T* xs = reinterpret_cast<T*>(smem + ly.xs);
+  float* uz = reinterpret_cast<float*>(smem + ly.uz);
+  float* xrow = reinterpret_cast<float*>(smem + ly.xrow);
+  unsigned epoch = 0;
+  int tc = 0, par = 0;
+  // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum
+  auto reduce16 = [&](const float* dd, float& out) {
+    mma_d_put<1>(red + par * (LY_WARPS * 16) + warp * 16, g, q, dd);
+    ly_bar();
+    if (tid < 16) {
+      float acc[1];
+      mma_d_sum<1, LY_WARPS>(red + par * (LY_WARPS * 16), tid, acc);
+      out = acc[0];
+    }
+    par ^= 1;
+  };
+  // the consumers' block sum (all consumer threads get it)
+  auto bsum = [&](float v) {
+    v = warp_sum(v);
+    if (lane == 0) wsum[warp] = v;
+    ly_bar();
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < LY_WARPS; ++w) s += wsum[w];
+    ly_bar();
+    return s;
+  };
+  // h after layer l - 1's out_proj (l = n_layer: the final h), elements tid + LY_CT j held by this thread:
+  // load() the input before the barrier that completes oacc[l - 1] (h is complete since then), add()
+  // out_proj's sums after it (every load issued before the first use)
+  float hv[LY_HV];
+  auto h_load = [&](int l) {
+    const float* hin = l == 0 ? a.h : a.hbuf + (l & 1) * dm;
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) {
+      const int i = tid + j * LY_CT;
+      hv[j] = i < dm ? hin[i] : 0.f;
+    }
+  };
+  auto h_add = [&](int l, const T* bo) {
+    if (l == 0) return;
+    const float* oa = a.oacc + (long long)(l - 1) * dm;
+    float o[LY_HV];
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) {
+      const int i = tid + j * LY_CT;
+      o[j] = i < dm ? __ldcg(oa + i) + (bo ? to_float(bo[i]) : 0.f) : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) {
+      hv[j] += round_t<T>(o[j]);
+      if (!a.res_fp32) hv[j] = round_t<T>(hv[j]);
+    }
+  };
+  const T* bo_prev = nullptr;  // out_proj's bias of the layer before
+  pdl_wait();
+  for (int l = 0; l < (int)a.n_layer; ++l) {
+    const LayerPtrs P = a.L[l];  // by value: loaded before the barrier below
+    if (tid == 0) LY_MARK(l, 0);
+    h_load(l);
+    float nwv[LY_HV];  // this thread's norm weights
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) {
+      const int i = tid + j * LY_CT;
+      nwv[j] = i < dm ? to_float(static_cast<const T*>(P.norm_w)[i]) : 0.f;
+    }
+    if (l > 0) ly_grid_sync(a.bar, epoch);  // out_proj of l - 1 complete
+    if (tid == 0) LY_MARK(l, 1);
+    // -- h, its norm into xs; this block's slice of h to hbuf
+    h_add(l, bo_prev);
+    float ssq = 0.f;
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) ssq = fmaf(hv[j], hv[j], ssq);
+    const float rstd = rsqrtf(bsum(ssq) / (float)dm + a.eps);
+#pragma unroll
+    for (int j = 0; j < LY_HV; ++j) {
+      const int i = tid + j * LY_CT;
+      if (i < dm) {
+        xs[i] = from_float<T>(hv[j] * rstd * nwv[j]);
+        if (i >= wk.h0 && i < wk.h1) a.hbuf[((l + 1) & 1) * dm + i] = hv[j];
+      }
+    }
+    ly_bar();
+    if (tid == 0) LY_MARK(l, 2);
+    // -- in_proj units: their conv update, u and z kept
+    const T* cs = reinterpret_cast<const T*>(sb + ly.cs);
+    const T* cw = reinterpret_cast<const T*>(sb + ly.cw);
+    const T* cb = reinterpret_cast<const T*>(sb + ly.cb);
+    const T* bi = static_cast<const T*>(P.b_in);
+    for (int u = wk.u0; u < wk.u1; ++u) {
+      float dd[4] = {0.f, 0.f, 0.f, 0.f};
+      for (int sg = 0; sg < wk.nseg; ++sg, ++tc) {
+        const int sl = tc % S;
+#ifdef MRT_LY_TRACE
+        const long long w0 = clock64();
+#endif
+        mbar_wait(full + sl, (tc / S) & 1);
+#ifdef MRT_LY_TRACE
+        if (tid == 0) LY_ADD(l, 8, clock64() - w0);
+#endif
+        bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, dm, sg * BULK_KS);
+        __syncwarp();
+        if (lane == 0) ly_arrive(empty + sl);
+      }
+      float acc = 0.f;
+      reduce16(dd, acc);
+      if (tid < 16) {
+        mbar_wait(sfull, l & 1);  // this layer's side data, first used here (lands during the first unit)
+        const int li = LY_CH * (u - wk.u0) + (tid & 7), c = LY_CH * u + (tid & 7);
+        const long long row = tid < 8 ? c : d + c;
+        const T v = from_float<T>(acc + (bi ? to_float(bi[row]) : 0.f));
+        if (tid < 8) {
+          float win[MAX_CONV], w[MAX_CONV];
+#pragma unroll
+          for (int j = 0; j < MAX_CONV; ++j) {
+            win[j] = j < k - 1 ? to_float(cs[li * (k - 1) + j]) : 0.f;
+            w[j] = j < k ? to_float(cw[li * k + j]) : 0.f;
+          }
+          T* gs = static_cast<T*>(P.conv_state) + (slot * d + c) * (k - 1);
+          uz[li] = to_float(conv_one<T>(win, w, P.conv_b ? to_float(cb[li]) : 0.f, k, v, gs));
+        } else {
+          uz[CH + li] = to_float(v);
+        }
+      }
+    }
+    ly_bar();
+    mbar_wait(sfull, l & 1);
+    if (tid == 0) LY_MARK(l, 3);
+    // -- this block's share of x_proj
+    if (nch) {
+      const T* wx = reinterpret_cast<const T*>(sb + ly.wx);
+      for (int j = tid; j < R; j += LY_CT) {
+        float sx[LY_CH] = {};
+        for (int l8 = 0; l8 < nch; l8 += LY_CH) {  // nch: a multiple of LY_CH; LY_CH sums in flight
+#pragma unroll
+          for (int i = 0; i < LY_CH; ++i) sx[i] = fmaf(to_float(wx[(l8 + i) * R + j]), uz[l8 + i], sx[i]);
+        }
+#pragma unroll
+        for (int i = 1; i < LY_CH; ++i) sx[0] += sx[i];
+        atomicAdd(a.xacc + (long long)l * R + j, sx[0]);
+      }
+    }
+    ly_grid_sync(a.bar, epoch);  // x_proj complete
+    if (l == 0) pdl_launch_dependents();  // every block is resident: the head may be scheduled
+    if (tid == 0) LY_MARK(l, 4);
+    // -- the state update of this block's channels
+    for (int j = tid; j < R; j += LY_CT) xrow[j] = round_t<T>(a.xacc[(long long)l * R + j]);
+    ly_bar();
+    {
+      const int TPC = n / 4, gi = tid % TPC;
+      const T* wdt = reinterpret_cast<const T*>(sb + ly.wdt);
+      const float* dtb = reinterpret_cast<const float*>(sb + ly.dtb);
+      const float* Av = reinterpret_cast<const float*>(sb + ly.A);
+      const float* Dv = reinterpret_cast<const float*>(sb + ly.D);
+      const float* st = reinterpret_cast<const float*>(sb + ly.st);
+      for (int base = 0; base < nch; base += LY_CT / TPC) {
+        const int li = base + tid / TPC;
+        const bool on = li < nch;
+        const int lc = on ? li : 0;
+        float sd = 0.f;
+        for (int i = gi; i < r; i += TPC) sd = fmaf(to_float(wdt[lc * r + i]), xrow[i], sd);
+        for (int off = TPC / 2; off > 0; off >>= 1) sd += __shfl_xor_sync(0xffffffffu, sd, off);
+        const float dt = softplus(round_t<T>(sd) + dtb[lc]);
+        const float uv = uz[lc], dtu = dt * uv;
+        const float4 av = *reinterpret_cast<const float4*>(Av + lc * n + gi * 4);
+        float4 hv = *reinterpret_cast<const float4*>(st + lc * n + gi * 4);
+        const float* Bv = xrow + r + gi * 4;
+        const float* Cv = xrow + r + n + gi * 4;
+        hv.x = fmaf(expf(dt * av.x), hv.x, dtu * Bv[0]);
+        hv.y = fmaf(expf(dt * av.y), hv.y, dtu * Bv[1]);
+        hv.z = fmaf(expf(dt * av.z), hv.z, dtu * Bv[2]);
+        hv.w = fmaf(expf(dt * av.w), hv.w, dtu * Bv[3]);
+        float yp = Cv[0] * hv.x;
+        yp = fmaf(Cv[1], hv.y, yp);
+        yp = fmaf(Cv[2], hv.z, yp);
+        yp = fmaf(Cv[3], hv.w, yp);
+        for (int off = TPC / 2; off > 0; off >>= 1) yp += __shfl_xor_sync(0xffffffffu, yp, off);
+        if (on) {
+          *reinterpret_cast<float4*>(P.ssm_state + (slot * d + c0 + li) * n + gi * 4) = hv;
+          if (gi == 0) {
+            const float yv = (P.D ? fmaf(Dv[li], uv, yp) : yp) * silu(uz[CH + li]);
+            static_cast<T*>(a.y)[c0 + li] = from_float<T>(yv);
+          }
+        }
+      }
+    }
+    ly_bar();
+    if (tid == 0) ly_arrive(sfull + 1);  // the side buffer is free: the producer fills it with layer l + 1's
+    if (tid == 0) LY_MARK(l, 5);
+    ly_grid_sync(a.bar, epoch);  // y complete
+    if (tid == 0) LY_MARK(l, 6);
+    // -- out_proj tiles of this block, split K; each row group's sums added into oacc[l]
+    {
+      const uint4* ys = static_cast<const uint4*>(a.y);
+      for (int i = tid; i < d / 8; i += LY_CT) reinterpret_cast<uint4*>(xs)[i] = ys[i];
+    }
+    ly_bar();
+    float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int tt = wk.t0; tt < wk.t1; ++tt, ++tc) {
+      const int rg = tt / wk.nchunk, ch = tt % wk.nchunk, sl = tc % S;
+#ifdef MRT_LY_TRACE
+      const long long w0 = clock64();
+#endif
+      mbar_wait(full + sl, (tc / S) & 1);
+#ifdef MRT_LY_TRACE
+      if (tid == 0) LY_ADD(l, 9, clock64() - w0);
+#endif
+      bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, d, ch * BULK_KS);
+      __syncwarp();
+      if (lane == 0) ly_arrive(empty + sl);
+      if (tt + 1 == wk.t1 || (tt + 1) / wk.nchunk != rg) {
+        float acc = 0.f;
+        reduce16(dd, acc);
+        if (tid < 16) atomicAdd(a.oacc + (long long)l * dm + 16 * rg + tid, acc);
+        dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
+      }
+    }
+    if (tid == 0) LY_MARK(l, 7);
+    bo_prev = static_cast<const T*>(P.b_out);
+  }
+  const int nl = (int)a.n_layer;
+  h_load(nl);
+  ly_grid_sync(a.bar, epoch);  // the last out_proj complete
+  h_add(nl, bo_prev);
+  float ssq = 0.f;
+#pragma unroll
+  for (int j = 0; j < LY_HV; ++j) {
+    const int i = tid + j * LY_CT;
+    if (i >= wk.h0 && i < wk.h1) {
+      a.h[i] = hv[j];
+      ssq = fmaf(hv[j], hv[j], ssq);
+    }
+  }
+  ssq = bsum(ssq);
+  if (tid == 0) a.ss[blockIdx.x] = ssq;
+#endif
+}
+
 }  // namespace mrt
 
 // Entry points: <kernel>_<dtype tag>_<variant>. The host (decode_step.py) picks BM / N and the grid.
@@ -1617,6 +2130,11 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 #define MRT_DECODE_MMA(TAG, T, BM)                                                                     \
   MRT_DECODE_GEMVS(_mma, TAG, T, BM, mrt::GEMV_MMA, mrt::MMA_THREADS)                                  \
   MRT_DECODE_GEMVS(_bulk, TAG, T, BM, mrt::GEMV_BULK, mrt::BULK_THREADS)
+
+// Every layer of a batch-1 step in one persistent kernel (16-bit T, sm_90+; empty elsewhere).
+#define MRT_DECODE_LAYERS(TAG, T)                                                                      \
+  extern "C" __global__ void __launch_bounds__(mrt::LY_THREADS, 1)                                    \
+      mrt_layers_##TAG(const mrt::LayersArgs a) { mrt::layers<T>(a); }
 
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
@@ -1659,4 +2177,5 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 #define MRT_DECODE_ENTRIES_16(TAG, T)                                                                  \
   MRT_DECODE_ENTRIES(TAG, T)                                                                           \
   MRT_DECODE_MMA(TAG, T, 1)                                                                            \
-  MRT_DECODE_MMA(TAG, T, 2)
+  MRT_DECODE_MMA(TAG, T, 2)                                                                            \
+  MRT_DECODE_LAYERS(TAG, T)

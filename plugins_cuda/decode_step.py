@@ -58,7 +58,29 @@ BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STA
 # (mamba-1.4b and up): smaller ones measured 3-5 % slower with it than with the load-fed kind, and
 # mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5).
 BULK_MIN_IN_PROJ = 32 << 20
+# .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
+# of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
+LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
+LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
+LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
+LY_STAGES = (4, 16)
+LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
+
+
+def _up16(v: int) -> int:
+    return -(-v // 16) * 16
+
+
+def layers_smem(dm: int, d: int, n: int, r: int, k: int, stages: int, grid: int) -> tuple[int, int]:
+    """(bytes of the ring's stages, bytes of everything else) of `layers`' shared memory: .cu LyLayout."""
+    ch = LY_CH * -(-(d // LY_CH) // grid)
+    R = r + 2 * n
+    head = (_up16(8 * (2 * stages + 2)) + 2 * LY_WARPS * 16 * 4 + _up16(LY_WARPS * 4) + _up16(max(dm, d) * 2)
+            + _up16(2 * ch * 4) + _up16(R * 4))
+    side = (_up16(ch * (k - 1) * 2) + _up16(ch * k * 2) + _up16(ch * 2) + _up16(ch * R * 2)
+            + _up16(ch * r * 2) + _up16(ch * 4) + _up16(ch * n * 4) + _up16(ch * 4) + _up16(ch * n * 4))
+    return stages * BULK_STAGE_BYTES, head + side
 
 
 def residual_norm_threads(K: int) -> int:
@@ -144,6 +166,9 @@ ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w",
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
                                           ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P),
                                           ("d", _L), ("k", _L), ("R", _L)])
+LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
+                                    ("oacc", _P), ("y", _P), ("bar", _P), ("n_layer", _L), ("dm", _L), ("d", _L),
+                                    ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L), ("eps", _F)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -153,10 +178,11 @@ class Launch:
     """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct, and a
     name for messages (the entry point's stem for the GEMVs)."""
 
-    __slots__ = ("fn", "grid", "block", "smem", "args", "name")
+    __slots__ = ("fn", "grid", "block", "smem", "args", "name", "coop")
 
-    def __init__(self, fn, grid, block, smem, args, name):
+    def __init__(self, fn, grid, block, smem, args, name, coop=False):
         self.fn, self.grid, self.block, self.smem, self.args, self.name = fn, grid, block, smem, args, name
+        self.coop = coop  # cooperative launch: every block resident at once (the persistent kernel)
 
 
 class DecodeKernels:
@@ -359,6 +385,39 @@ class DecodeKernels:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
+    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int, aligned: bool) -> tuple[int, int, int] | None:
+        """(grid, shared bytes, stages) of the persistent `layers` kernel for this shape, or None where it
+        does not apply: the copy-engine GEMV kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up:
+        gemv_for), dm and d multiples of 16 (whole
+        16-wide mma steps), dm at most LY_MAX_DMODEL, every pointer 16-byte ``aligned``, LAYERS_KERNEL on, and at least LY_STAGES[0]
+        stages fitting one block per SM beside the rest of its shared memory."""
+        if not (LAYERS_KERNEL and self.gemv == "bulk" and aligned
+                and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL):
+            return None
+        grid = self.sm_count
+        ring, rest = layers_smem(dm, d, n, r, k, 1, grid)
+        stages = min(LY_STAGES[1], (self.smem_optin - 1024 - rest) // (ring + 32))
+        if stages < LY_STAGES[0]:
+            return None
+        ring, rest = layers_smem(dm, d, n, r, k, stages, grid)
+        smem = ring + rest
+        if self._resident(f"layers_{self.tag}", LY_THREADS, smem) < 1:
+            return None
+        return grid, smem, stages
+
+    def layers(self, *, table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, res_fp32, eps,
+               aligned: bool) -> Launch | None:
+        """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), or None where it does
+        not apply (layers_launch). table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the grid's
+        partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc, oacc,
+        bar zero before every step."""
+        cfg = self.layers_launch(dm=dm, d=d, n=n, r=r, k=k, aligned=aligned)
+        if cfg is None:
+            return None
+        grid, smem, stages = cfg
+        a = LayersArgs(table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, int(res_fp32), stages, eps)
+        return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
+
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,
                  d, r) -> Launch:
         if n not in STATE_SIZES:
@@ -382,13 +441,20 @@ class DecodeKernels:
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = ln.block, 1, 1
         cfg.sharedMemBytes = ln.smem
         cfg.hStream = drv.CUstream(stream)
+        attrs = []
         if self.pdl:
             at = drv.CUlaunchAttribute()
             at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             at.value.programmaticStreamSerializationAllowed = 1
-            cfg.attrs, cfg.numAttrs = [at], 1
-        else:
-            cfg.numAttrs = 0
+            attrs.append(at)
+        if ln.coop:
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            at.value.cooperative = 1
+            attrs.append(at)
+        if attrs:
+            cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
         ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(ln.args))
         launcher._cu(drv.cuLaunchKernelEx(cfg, ln.fn, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({ln.name})")
 

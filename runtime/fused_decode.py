@@ -1,7 +1,8 @@
 """The torch backend's fast decode step: the fused kernels of ``plugins_cuda/decode_step.cu``.
 
 :class:`FusedDecoder` runs one token of every sequence of a batch through the model the backend loaded
-(the reference ``MambaLM``: its parameters are used in place, nothing is copied but A = -exp(A_log)),
+(the reference ``MambaLM``: its parameters are used in place, nothing is copied but A = -exp(A_log),
+and x_proj's transposed copies where the persistent kernel below runs),
 reading and writing the recurrent state of each row in its slot of the stacked state buffers (no
 gather or scatter). Its reference twin is that model's own ``forward`` at L = 1, which the GPU tests
 compare it with (tests/runtime/test_fused_decode.py).
@@ -12,6 +13,9 @@ Two paths, chosen per batch bucket:
   + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
+  At batch 1 with the copy-engine GEMVs (mamba-1.4b and up on sm_90+) every layer runs instead in one
+  persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), between
+  the embedding and the head's ``norm_gemv``.
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
   kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
@@ -56,15 +60,24 @@ class DecodeBucket:
         self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
         # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path)
         self.fold_dt, self.fold_x = (True, True) if self.gemv else dec.gemm_folds(B)
+        # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
+        self.ly = dec.layers_launch() if self.gemv and B == 1 else None
         # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
         # conv_xproj's blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
-        # kernels hand out their rows through it)
+        # kernels hand out their rows through it); for the persistent kernel, out_proj's accumulators
+        # and its grid barrier's counter
         n_acc, n_ctr = (c.n_layer * B * R if self.fold_x else 0), (2 * c.n_layer + 1 if self.gemv else 0)
-        self.zeroed = torch.zeros(n_acc + n_ctr, **f32) if n_acc + n_ctr else None
+        n_ly = c.n_layer * dm + 1 if self.ly else 0
+        self.zeroed = torch.zeros(n_acc + n_ctr + n_ly, **f32) if n_acc + n_ctr + n_ly else None
         if self.fold_x:
             self.acc = self.zeroed[:n_acc].view(c.n_layer, B, R)
+        if self.ly:
+            self.oacc = self.zeroed[n_acc + n_ctr:n_acc + n_ctr + c.n_layer * dm].view(c.n_layer, dm)
+            self.bar = self.zeroed[-1:].view(torch.int32)
+            self.hbuf = torch.empty(2, dm, **f32)
+            self.ss_layers = torch.empty(self.ly[0], **f32)
         if self.gemv:
-            self.ctr = self.zeroed[n_acc:].view(torch.int32)
+            self.ctr = self.zeroed[n_acc:n_acc + n_ctr].view(torch.int32)
             self.ge = dec.k.embed_grid(dm)
             # blocks of each layer's gemv_residual = its partial sums of squares per row
             self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
@@ -110,12 +123,40 @@ class FusedDecoder:
         # that is not a multiple of 8 (50277 for the published models: 285 us at batch 64 on an H100
         # against 100 us for 50280); the padding rows' logits are dropped in the copy to float32
         self.lm_head_padded = model.lm_head.weight
+        self._table = None  # the persistent kernel's pointers per layer (_layer_table)
         self.aligned = all(w.data_ptr() % 16 == 0 for w in
                            [self.lm_head] + [p for l in layers for p in (l.mixer.in_proj.weight, l.mixer.out_proj.weight)])
 
     @staticmethod
     def _p(t):
         return 0 if t is None else t.data_ptr()
+
+    def layers_launch(self):
+        """(grid, shared bytes, stages) of the persistent kernel that runs every layer of a batch-1 step,
+        or None where it does not serve this model (decode_step.DecodeKernels.layers_launch). Read at
+        each bucket's creation (the tests switch decode_step.LAYERS_KERNEL)."""
+        c = self.config
+        return self.k.layers_launch(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv,
+                                    aligned=self._layer_table()[1])
+
+    def _layer_table(self):
+        """(int64 device tensor [n_layer, LY_PTRS] of the persistent kernel's pointers per layer (.cu
+        LayerPtrs), whether every one is 16-byte aligned), made at first use with x_proj's transposed
+        copies W_x^T [d_inner, R] (the kernel copies the columns of a block's channels as one range)."""
+        if self._table is None:
+            c, p = self.config, self._p
+            self._wx_t = [l.mixer.x_proj.weight.t().contiguous() for l in self.model.backbone.layers]
+            rows = []
+            for i, l in enumerate(self.model.backbone.layers):
+                m = l.mixer
+                rows.append([p(m.in_proj.weight), p(m.in_proj.bias), p(l.norm.weight), p(self.conv_w[i]),
+                             p(m.conv1d.bias), p(self._wx_t[i]), p(m.dt_proj.weight), p(m.dt_proj.bias),
+                             p(self.A[i]), p(m.D), p(m.out_proj.weight), p(m.out_proj.bias), p(self.conv[i]),
+                             p(self.ssm[i])])
+            aligned = all(v % 16 == 0 for row in rows for v in row) and self.tdtype.itemsize == 2 \
+                and self.model.backbone.layers[0].mixer.dt_proj.bias.dtype == torch.float32 and c.n_layer > 0
+            self._table = (torch.tensor(rows, dtype=torch.int64, device=self.device), aligned)
+        return self._table
 
     def _prepare(self, bk: DecodeBucket):
         """The step's kernel launches for bucket ``bk`` (arguments fixed: the buffers are static)."""
@@ -134,6 +175,13 @@ class FusedDecoder:
         else:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
                                eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
+        if bk.ly:  # every layer in one kernel; the head reads its h and partial sums
+            out.append(k.layers(table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h), ss=p(bk.ss_layers),
+                                hbuf=p(bk.hbuf), xacc=p(bk.acc), oacc=p(bk.oacc), y=p(bk.y), bar=p(bk.bar),
+                                n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps,
+                                aligned=self._layer_table()[1]))
+            ss, G = bk.ss_layers, bk.ly[0]
+            layers = []
         for i, layer in enumerate(layers):
             m = layer.mixer
             conv_i, ssm_i = p(self.conv[i]), p(self.ssm[i])

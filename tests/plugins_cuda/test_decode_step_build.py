@@ -17,6 +17,7 @@ def test_every_entry_point_compiles(dtype, arch):
              f"mrt_conv_only_{tag}", f"mrt_embed_{tag}", f"mrt_residual_norm_{tag}"]
     names += [f"mrt_ssm_step_{tag}_n{n}" for n in decode_step.STATE_SIZES]
     names += [f"mrt_draw_{tag}"] if arch >= 90 else []  # thread block clusters
+    names += [f"mrt_layers_{tag}"] if DTYPES[dtype][2] == 2 else []  # the persistent kernel (16-bit)
     for name in names:
         assert name.encode() in cubin, name
 

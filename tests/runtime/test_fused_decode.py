@@ -77,6 +77,40 @@ def test_fused_steps_gemm_path_dt_proj_both_ways(case, dtype, fold, monkeypatch)
     _check_steps(case, dtype, 16, gemv=None, fold=fold)
 
 
+LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, bias=True, conv_bias=True,
+                   residual_in_fp32=False)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_layers_kernel_with_biases_and_residual_in_dtype(dtype):
+    """The persistent kernel of every layer (batch 1, copy-engine kind) on a shape the cases above do not
+    give it: biases in every projection and the conv, the residual rounded to the model dtype, n 8 (two
+    threads per channel in its state update), k 2."""
+    _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk")
+
+
+@pytest.mark.parametrize("gemv", [None, "bulk"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_steps_four_kernels_per_layer_at_batch_1(case, dtype, gemv, monkeypatch):
+    """Batch 1 of 16-bit models with the four kernels per layer, which the persistent kernel of every
+    layer (decode_step.LAYERS_KERNEL, tested above) replaces where it applies."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LAYERS_KERNEL", 0)
+    _check_steps(case, dtype, 1, gemv=gemv)
+
+
+def _expected_layers(cfg, dtype, gemv, bucket, arch):
+    """Whether a bucket takes the persistent kernel of every layer: batch 1, a 16-bit dtype on sm_90+,
+    the copy-engine kind (these small models get it only when asked for), d_model and d_inner multiples
+    of 16, LAYERS_KERNEL on."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and gemv == "bulk"
+                and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
+
+
 def _expected_gemv(asked, dtype, k, arch):
     """The GEMV kind a matrix with rows of k elements gets in these (small) models: the fallbacks of
     DecodeKernels, and no copy-engine kind unless asked for."""
@@ -92,7 +126,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None):
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
     seed = int(np.random.SeedSequence().entropy % 2**31)
-    cfg = MambaConfig(**CASES[case])
+    cfg = MambaConfig(**(CASES[case] if isinstance(case, str) else case))
     model, hi = _models(cfg, dtype, seed)
     g = torch.Generator(device="cuda").manual_seed(seed)
     n_slots = 2 * batch + 3
@@ -106,10 +140,14 @@ def _check_steps(case, dtype, batch, gemv, fold=None):
     if bk.gemv:  # which matrix-vector kernels run (by the kind asked for, dtype, row length and GPU)
         names = [ln.name for ln in bk.launches if not callable(ln)]
         arch = dec.k.arch
+        ly = _expected_layers(cfg, dtype, gemv, bucket, arch)
+        assert (bk.ly is not None) == ly and names.count("layers") == ly, (ly, names)
         for kind, k in (("norm_gemv", cfg.d_model), ("gemv_residual", cfg.d_inner)):
             want = _expected_gemv(gemv, dtype, k, arch)
             got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
-            assert got == {want}, (kind, names)
+            if ly:  # the head's norm_gemv only
+                assert len([n for n in names if n.startswith(kind)]) == (kind == "norm_gemv"), (kind, names)
+            assert got == ({want} if not ly or kind == "norm_gemv" else set()), (kind, names)
     elif fold is not None:  # cuBLAS calls: in_proj, (x_proj, (dt_proj,)) out_proj per layer, and the head
         gemms = sum(callable(ln) for ln in bk.launches)
         assert (bk.fold_dt, bk.fold_x) == fold
@@ -124,7 +162,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None):
         ids = torch.randint(0, cfg.vocab_size, (bucket,), generator=g, device="cuda")
         if step == 2:  # the largest and smallest ids
             ids[0], ids[-1] = cfg.vocab_size - 1, 0
-        for buf in (bk.logits, bk.h, bk.u, bk.y):
+        for buf in (bk.logits, bk.h, bk.u, bk.y) + ((bk.hbuf, bk.ss_layers) if bk.ly else ()):
             buf.fill_(float("nan"))
         bk.ids.copy_(ids)
         bk.idx.copy_(slots)
@@ -268,8 +306,9 @@ def test_draw_kernel_takes_rows_up_to_its_register_capacity():
 @pytest.mark.parametrize("d_model", [1536, 2048])
 def test_default_gemv_by_model_size(d_model):
     """Models whose in_proj has 32 MiB or more (d_model 2048 in fp16: mamba-1.4b's) take the copy-engine
-    GEMVs by default on sm_90+, smaller ones the load-fed tensor-core kind; one step of the larger
-    shape (one layer) against the reference."""
+    GEMVs by default on sm_90+, smaller ones the load-fed tensor-core kind; with the copy-engine kind a
+    batch-1 step runs its layers in the persistent kernel (decode_step.LAYERS_KERNEL); one step of the
+    larger shape (one layer) against the reference."""
     from mamba_rt.plugins_cuda import decode_step
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -283,6 +322,7 @@ def test_default_gemv_by_model_size(d_model):
     assert big == (d_model == 2048)
     assert dec.k.gemv == ("bulk" if big and dec.k.arch >= 90 else "mma")
     bk = dec.bucket(1)
+    assert (bk.ly is not None) == (dec.k.gemv == "bulk" and bool(decode_step.LAYERS_KERNEL))
     h_conv, h_ssm = conv[:, :1].float().clone(), ssm[:, :1].clone()  # before the step updates them
     ids = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
     bk.logits.fill_(float("nan"))

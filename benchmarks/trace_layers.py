@@ -1,0 +1,90 @@
+"""Where the persistent layers kernel's time goes (a development tool for issue 8): one batch-1 step of
+the torch backend's fused decode graph, fp16, random weights, compiled with ``MRT_LY_TRACE`` so that each
+block records clock64 at the end of every phase of every layer (decode_step.cu, ``layers``).
+
+    cd benchmarks && python trace_layers.py [--configs 1.4b,2.8b] [--ghz 1.98] [--out trace.json]
+
+Per config: for each phase (the grid barrier after out_proj "B1", the norm, in_proj with the conv,
+x_proj + its barrier "xproj+B2", the state update, the barrier after it "B3", out_proj) the median, 90th
+percentile and largest duration in microseconds over blocks and layers (the first layer left out);
+a layer's duration; the time consumer warp 0 waited for in_proj and out_proj stages; and when the
+producer warp had issued the layer's in_proj and out_proj stages, after the end of its "B1". Times are
+clock64 cycles at the given clock (the SM clock is not fixed here, so read them as shares).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import torch
+
+from mamba_rt.plugins_cuda import decode_step, launcher
+
+TRACE_LAYERS = 64  # .cu: layers recorded (LY_MARK)
+TRACE_SLOTS = 12
+PHASES = ["B1", "norm", "in_proj", "xproj+B2", "ssm", "B3", "out_proj"]
+
+
+def trace(name: str, ghz: float) -> dict:
+    from mamba_rt.bench import bench_config
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+    from profile_decode import gpu_model
+
+    cfg = bench_config(name)
+    model = gpu_model(cfg, "fp16")
+    sh = cfg.state_shapes(2)
+    conv = torch.zeros(sh["conv_state"], dtype=torch.float16, device="cuda")
+    ssm = torch.zeros(sh["ssm_state"], dtype=torch.float32, device="cuda")
+    dec = FusedDecoder(model, conv, ssm, "fp16")
+    bk = dec.bucket(1)
+    if bk.ly is None:
+        raise SystemExit(f"{name}: the persistent layers kernel does not serve this model on this GPU")
+    drv = launcher._driver()
+    _, ptr, size = drv.cuModuleGetGlobal(dec.k.module, b"mrt_ly_trace")
+    dec.enqueue(bk)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dec.enqueue(bk)
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    drv.cuMemsetD8(ptr, 0, size)
+    graph.replay()
+    torch.cuda.synchronize()
+    raw = np.zeros(size // 8, dtype=np.int64)
+    drv.cuMemcpyDtoH(raw.ctypes.data, ptr, size)
+    L = min(cfg.n_layer, TRACE_LAYERS)
+    t = raw.reshape(-1, TRACE_LAYERS, TRACE_SLOTS)[:bk.ly[0], :L].astype(np.float64) / (ghz * 1e3)  # us
+
+    def stats(x):
+        return [round(float(np.median(x)), 2), round(float(np.percentile(x, 90)), 2), round(float(x.max()), 2)]
+
+    out = {p: stats(t[:, 1:, i + 1] - t[:, 1:, i]) for i, p in enumerate(PHASES)}
+    out["layer"] = stats(t[:, 1:, 0] - t[:, :-1, 0])
+    out["wait_in"], out["wait_out"] = stats(t[:, 1:, 8] * 1.0), stats(t[:, 1:, 9] * 1.0)
+    out["producer_in_issued_after_B1"] = stats(t[:, 1:, 10] - t[:, 1:, 1])
+    out["producer_out_issued_after_B1"] = stats(t[:, 1:, 11] - t[:, 1:, 1])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="1.4b,2.8b")
+    ap.add_argument("--ghz", type=float, default=1.98)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    decode_step.DEFINES["MRT_LY_TRACE"] = 132 * TRACE_LAYERS * TRACE_SLOTS  # blocks (one per SM) x layers x slots
+    res = {}
+    for name in args.configs.split(","):
+        res[name] = trace(name, args.ghz)
+        print(name)
+        for k, v in res[name].items():
+            print(f"  {k:30s} " + " ".join(f"{x:7.2f}" for x in v))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
