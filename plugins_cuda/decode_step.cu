@@ -1498,6 +1498,19 @@ __device__ void conv_xproj(const ConvXprojArgs& a) {
   }
 }
 
+// Four states of one channel one step on: h = exp(dt A) h + (dt u) B; returns their share of C . h.
+__device__ __forceinline__ float state_step4(float4& hv, const float4& av, float dt, float dtu, const float* Bv,
+                                             const float* Cv) {
+  hv.x = fmaf(expf(dt * av.x), hv.x, dtu * Bv[0]);
+  hv.y = fmaf(expf(dt * av.y), hv.y, dtu * Bv[1]);
+  hv.z = fmaf(expf(dt * av.z), hv.z, dtu * Bv[2]);
+  hv.w = fmaf(expf(dt * av.w), hv.w, dtu * Bv[3]);
+  float yp = Cv[0] * hv.x;
+  yp = fmaf(Cv[1], hv.y, yp);
+  yp = fmaf(Cv[2], hv.z, yp);
+  return fmaf(Cv[3], hv.w, yp);
+}
+
 struct SsmStepArgs {
   const float* xdbl_acc;   // [B, R] fp32 x_proj accumulator, or null (then xdbl_t)
   const void* xdbl_t;      // [B, R] T x_proj output (batched path)
@@ -1586,15 +1599,7 @@ __device__ void ssm_step(const SsmStepArgs& a) {
     }
   }
   dt = softplus(dt + dbias);
-  const float dtu = dt * uv;
-  hv.x = fmaf(expf(dt * av.x), hv.x, dtu * Bv[0]);
-  hv.y = fmaf(expf(dt * av.y), hv.y, dtu * Bv[1]);
-  hv.z = fmaf(expf(dt * av.z), hv.z, dtu * Bv[2]);
-  hv.w = fmaf(expf(dt * av.w), hv.w, dtu * Bv[3]);
-  float yp = Cv[0] * hv.x;
-  yp = fmaf(Cv[1], hv.y, yp);
-  yp = fmaf(Cv[2], hv.z, yp);
-  yp = fmaf(Cv[3], hv.w, yp);
+  float yp = state_step4(hv, av, dt, dt * uv, Bv, Cv);
 #pragma unroll
   for (int off = TPC / 2; off > 0; off >>= 1) yp += __shfl_xor_sync(0xffffffffu, yp, off);
   if (active) {
@@ -1885,6 +1890,22 @@ __device__ void layers(const LayersArgs& a) {
     }
     par ^= 1;
   };
+  // the next stage of the ring (columns kb .. of a K-long product) into dd, its slot released after;
+  // the trace adds the wait for it to slot tr of layer l
+  auto consume = [&](float* dd, int K, int kb, int l, int tr) {
+    const int sl = tc % S;
+#ifdef MRT_LY_TRACE
+    const long long w0 = clock64();
+#endif
+    mbar_wait(full + sl, (tc / S) & 1);
+#ifdef MRT_LY_TRACE
+    if (tid == 0) LY_ADD(l, tr, clock64() - w0);
+#endif
+    bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, K, kb);
+    __syncwarp();
+    if (lane == 0) ly_arrive(empty + sl);
+    ++tc;
+  };
   // the consumers' block sum (all consumer threads get it)
   auto bsum = [&](float v) {
     v = warp_sum(v);
@@ -1960,19 +1981,7 @@ __device__ void layers(const LayersArgs& a) {
     const T* bi = static_cast<const T*>(P.b_in);
     for (int u = wk.u0; u < wk.u1; ++u) {
       float dd[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int sg = 0; sg < wk.nseg; ++sg, ++tc) {
-        const int sl = tc % S;
-#ifdef MRT_LY_TRACE
-        const long long w0 = clock64();
-#endif
-        mbar_wait(full + sl, (tc / S) & 1);
-#ifdef MRT_LY_TRACE
-        if (tid == 0) LY_ADD(l, 8, clock64() - w0);
-#endif
-        bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, dm, sg * BULK_KS);
-        __syncwarp();
-        if (lane == 0) ly_arrive(empty + sl);
-      }
+      for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 8);
       float acc = 0.f;
       reduce16(dd, acc);
       if (tid < 16) {
@@ -2032,19 +2041,10 @@ __device__ void layers(const LayersArgs& a) {
         for (int i = gi; i < r; i += TPC) sd = fmaf(to_float(wdt[lc * r + i]), xrow[i], sd);
         for (int off = TPC / 2; off > 0; off >>= 1) sd += __shfl_xor_sync(0xffffffffu, sd, off);
         const float dt = softplus(round_t<T>(sd) + dtb[lc]);
-        const float uv = uz[lc], dtu = dt * uv;
-        const float4 av = *reinterpret_cast<const float4*>(Av + lc * n + gi * 4);
+        const float uv = uz[lc];
         float4 hv = *reinterpret_cast<const float4*>(st + lc * n + gi * 4);
-        const float* Bv = xrow + r + gi * 4;
-        const float* Cv = xrow + r + n + gi * 4;
-        hv.x = fmaf(expf(dt * av.x), hv.x, dtu * Bv[0]);
-        hv.y = fmaf(expf(dt * av.y), hv.y, dtu * Bv[1]);
-        hv.z = fmaf(expf(dt * av.z), hv.z, dtu * Bv[2]);
-        hv.w = fmaf(expf(dt * av.w), hv.w, dtu * Bv[3]);
-        float yp = Cv[0] * hv.x;
-        yp = fmaf(Cv[1], hv.y, yp);
-        yp = fmaf(Cv[2], hv.z, yp);
-        yp = fmaf(Cv[3], hv.w, yp);
+        float yp = state_step4(hv, *reinterpret_cast<const float4*>(Av + lc * n + gi * 4), dt, dt * uv,
+                               xrow + r + gi * 4, xrow + r + n + gi * 4);
         for (int off = TPC / 2; off > 0; off >>= 1) yp += __shfl_xor_sync(0xffffffffu, yp, off);
         if (on) {
           *reinterpret_cast<float4*>(P.ssm_state + (slot * d + c0 + li) * n + gi * 4) = hv;
@@ -2067,18 +2067,9 @@ __device__ void layers(const LayersArgs& a) {
     }
     ly_bar();
     float dd[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int tt = wk.t0; tt < wk.t1; ++tt, ++tc) {
-      const int rg = tt / wk.nchunk, ch = tt % wk.nchunk, sl = tc % S;
-#ifdef MRT_LY_TRACE
-      const long long w0 = clock64();
-#endif
-      mbar_wait(full + sl, (tc / S) & 1);
-#ifdef MRT_LY_TRACE
-      if (tid == 0) LY_ADD(l, 9, clock64() - w0);
-#endif
-      bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, d, ch * BULK_KS);
-      __syncwarp();
-      if (lane == 0) ly_arrive(empty + sl);
+    for (int tt = wk.t0; tt < wk.t1; ++tt) {
+      const int rg = tt / wk.nchunk;
+      consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 9);
       if (tt + 1 == wk.t1 || (tt + 1) / wk.nchunk != rg) {
         float acc = 0.f;
         reduce16(dd, acc);
