@@ -388,9 +388,9 @@ class DecodeKernels:
     def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int, aligned: bool) -> tuple[int, int, int] | None:
         """(grid, shared bytes, stages) of the persistent `layers` kernel for this shape, or None where it
         does not apply: the copy-engine GEMV kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up:
-        gemv_for), dm and d multiples of 16 (whole
-        16-wide mma steps), dm at most LY_MAX_DMODEL, every pointer 16-byte ``aligned``, LAYERS_KERNEL on, and at least LY_STAGES[0]
-        stages fitting one block per SM beside the rest of its shared memory."""
+        gemv_for), dm and d multiples of 16 (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, every
+        pointer 16-byte ``aligned``, LAYERS_KERNEL on, and at least LY_STAGES[0] stages fitting one block
+        per SM beside the rest of its shared memory."""
         if not (LAYERS_KERNEL and self.gemv == "bulk" and aligned
                 and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL):
             return None

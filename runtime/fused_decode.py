@@ -136,13 +136,17 @@ class FusedDecoder:
         or None where it does not serve this model (decode_step.DecodeKernels.layers_launch). Read at
         each bucket's creation (the tests switch decode_step.LAYERS_KERNEL)."""
         c = self.config
-        return self.k.layers_launch(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv,
-                                    aligned=self._layer_table()[1])
+        shape = dict(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv)
+        if self.k.layers_launch(**shape, aligned=True) is None:  # before making the transposed copies
+            return None
+        return self.k.layers_launch(**shape, aligned=self._layer_table()[1])
 
     def _layer_table(self):
         """(int64 device tensor [n_layer, LY_PTRS] of the persistent kernel's pointers per layer (.cu
         LayerPtrs), whether every one is 16-byte aligned), made at first use with x_proj's transposed
         copies W_x^T [d_inner, R] (the kernel copies the columns of a block's channels as one range)."""
+        from mamba_rt.plugins_cuda import decode_step
+
         if self._table is None:
             c, p = self.config, self._p
             self._wx_t = [l.mixer.x_proj.weight.t().contiguous() for l in self.model.backbone.layers]
@@ -153,6 +157,9 @@ class FusedDecoder:
                              p(m.conv1d.bias), p(self._wx_t[i]), p(m.dt_proj.weight), p(m.dt_proj.bias),
                              p(self.A[i]), p(m.D), p(m.out_proj.weight), p(m.out_proj.bias), p(self.conv[i]),
                              p(self.ssm[i])])
+            if any(len(row) != decode_step.LY_PTRS for row in rows):
+                raise InternalError(f"fused decode: {len(rows[0])} pointers per layer, the kernel takes "
+                                    f"{decode_step.LY_PTRS}")
             aligned = all(v % 16 == 0 for row in rows for v in row) and self.tdtype.itemsize == 2 \
                 and self.model.backbone.layers[0].mixer.dt_proj.bias.dtype == torch.float32 and c.n_layer > 0
             self._table = (torch.tensor(rows, dtype=torch.int64, device=self.device), aligned)
