@@ -1778,7 +1778,7 @@ __device__ void layers_side(const LayersArgs& a, const LyLayout& ly, const LyWor
   const int tot = (int)(nch * ((k - 1) * 2 + k * 2 + (P.conv_b ? 2 : 0) + R * 2 + r * 2 + 4 + n * 4 +
                                         (P.D ? 4 : 0) + n * 4));
   if (!nch) {  // nothing to copy: complete the phase by arriving
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(sfull)) : "memory");
+    ly_arrive(sfull);
     return;
   }
   ly_expect(sfull, tot);
@@ -1799,9 +1799,11 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
 #if __CUDA_ARCH__ >= 900
   constexpr int ROWB = BULK_KS * 2 + 16, STAGE = 16 * ROWB;
   const int lane = threadIdx.x & 31, S = (int)a.stages;
-  const long long dm = a.dm, d = a.d, n = a.n, r = a.r, k = a.k, R = r + 2 * n, slot = a.idx[0];
+  const long long dm = a.dm, d = a.d;
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
   unsigned long long* empty = full + S;
+  unsigned long long* sfull = full + 2 * S;  // the side buffer's full and empty barriers
+  unsigned long long* sempty = sfull + 1;
   const unsigned long long wpol = l2_policy<MRT_BULK_EVICT_FIRST>();
   int t = 0;
   // one stage: lane i < 16 copies `bytes` from its row src (16 rows)
@@ -1829,8 +1831,8 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
     if (threadIdx.x == LY_CT) LY_MARK(l, 11);
     // layer l + 1's side data once the consumers are done with layer l's (after its state update)
     if (l + 1 < (int)a.n_layer) {
-      mbar_wait(full + 2 * S + 1, l & 1);
-      if (lane == 0) layers_side<T>(a, ly, wk, smem + ly.side, full + 2 * S, l + 1);
+      mbar_wait(sempty, l & 1);
+      if (lane == 0) layers_side<T>(a, ly, wk, smem + ly.side, sfull, l + 1);
     }
   }
 #endif
@@ -1847,7 +1849,8 @@ __device__ void layers(const LayersArgs& a) {
   const int S = (int)a.stages;
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
   unsigned long long* empty = full + S;
-  unsigned long long* sfull = full + 2 * S;
+  unsigned long long* sfull = full + 2 * S;  // the side buffer's full and empty barriers
+  unsigned long long* sempty = sfull + 1;
   unsigned char* sb = smem + ly.side;
   unsigned dyn;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
@@ -1858,7 +1861,7 @@ __device__ void layers(const LayersArgs& a) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(empty + s)), "r"(LY_WARPS));
     }
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sfull)));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sfull + 1)));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sempty)));
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     layers_side<T>(a, ly, wk, sb, sfull, 0);
   }
@@ -2056,7 +2059,7 @@ __device__ void layers(const LayersArgs& a) {
       }
     }
     ly_bar();
-    if (tid == 0) ly_arrive(sfull + 1);  // the side buffer is free: the producer fills it with layer l + 1's
+    if (tid == 0) ly_arrive(sempty);  // the side buffer is free: the producer fills it with layer l + 1's
     if (tid == 0) LY_MARK(l, 5);
     ly_grid_sync(a.bar, epoch);  // y complete
     if (tid == 0) LY_MARK(l, 6);

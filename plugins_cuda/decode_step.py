@@ -385,14 +385,13 @@ class DecodeKernels:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
-    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int, aligned: bool) -> tuple[int, int, int] | None:
+    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int] | None:
         """(grid, shared bytes, stages) of the persistent `layers` kernel for this shape, or None where it
         does not apply: the copy-engine GEMV kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up:
-        gemv_for), dm and d multiples of 16 (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, every
-        pointer 16-byte ``aligned``, LAYERS_KERNEL on, and at least LY_STAGES[0] stages fitting one block
-        per SM beside the rest of its shared memory."""
-        if not (LAYERS_KERNEL and self.gemv == "bulk" and aligned
-                and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL):
+        gemv_for), dm and d multiples of 16 (whole 16-wide mma steps), dm at most LY_MAX_DMODEL,
+        LAYERS_KERNEL on, and at least LY_STAGES[0] stages fitting one block per SM beside the rest of
+        its shared memory. (Every pointer must also be 16-byte aligned: the caller checks.)"""
+        if not (LAYERS_KERNEL and self.gemv == "bulk" and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL):
             return None
         grid = self.sm_count
         ring, rest = layers_smem(dm, d, n, r, k, 1, grid)
@@ -405,15 +404,12 @@ class DecodeKernels:
             return None
         return grid, smem, stages
 
-    def layers(self, *, table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, res_fp32, eps,
-               aligned: bool) -> Launch | None:
-        """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), or None where it does
-        not apply (layers_launch). table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the grid's
-        partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc, oacc,
-        bar zero before every step."""
-        cfg = self.layers_launch(dm=dm, d=d, n=n, r=r, k=k, aligned=aligned)
-        if cfg is None:
-            return None
+    def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, res_fp32,
+               eps) -> Launch:
+        """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), with cfg what
+        layers_launch gave for this shape. table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the
+        grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc,
+        oacc, bar zero before every step."""
         grid, smem, stages = cfg
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, int(res_fp32), stages, eps)
         return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)

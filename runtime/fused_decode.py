@@ -136,10 +136,8 @@ class FusedDecoder:
         or None where it does not serve this model (decode_step.DecodeKernels.layers_launch). Read at
         each bucket's creation (the tests switch decode_step.LAYERS_KERNEL)."""
         c = self.config
-        shape = dict(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv)
-        if self.k.layers_launch(**shape, aligned=True) is None:  # before making the transposed copies
-            return None
-        return self.k.layers_launch(**shape, aligned=self._layer_table()[1])
+        cfg = self.k.layers_launch(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv)
+        return cfg if cfg is not None and self._layer_table()[1] else None  # the table: only where it applies
 
     def _layer_table(self):
         """(int64 device tensor [n_layer, LY_PTRS] of the persistent kernel's pointers per layer (.cu
@@ -148,7 +146,7 @@ class FusedDecoder:
         from mamba_rt.plugins_cuda import decode_step
 
         if self._table is None:
-            c, p = self.config, self._p
+            p = self._p
             self._wx_t = [l.mixer.x_proj.weight.t().contiguous() for l in self.model.backbone.layers]
             rows = []
             for i, l in enumerate(self.model.backbone.layers):
@@ -160,8 +158,7 @@ class FusedDecoder:
             if any(len(row) != decode_step.LY_PTRS for row in rows):
                 raise InternalError(f"fused decode: {len(rows[0])} pointers per layer, the kernel takes "
                                     f"{decode_step.LY_PTRS}")
-            aligned = all(v % 16 == 0 for row in rows for v in row) and self.tdtype.itemsize == 2 \
-                and self.model.backbone.layers[0].mixer.dt_proj.bias.dtype == torch.float32 and c.n_layer > 0
+            aligned = all(v % 16 == 0 for row in rows for v in row)
             self._table = (torch.tensor(rows, dtype=torch.int64, device=self.device), aligned)
         return self._table
 
@@ -183,10 +180,10 @@ class FusedDecoder:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
                                eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
         if bk.ly:  # every layer in one kernel; the head reads its h and partial sums
-            out.append(k.layers(table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h), ss=p(bk.ss_layers),
-                                hbuf=p(bk.hbuf), xacc=p(bk.acc), oacc=p(bk.oacc), y=p(bk.y), bar=p(bk.bar),
-                                n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps,
-                                aligned=self._layer_table()[1]))
+            out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
+                                ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), oacc=p(bk.oacc), y=p(bk.y),
+                                bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv,
+                                res_fp32=res32, eps=self.eps))
             ss, G = bk.ss_layers, bk.ly[0]
             layers = []
         for i, layer in enumerate(layers):
