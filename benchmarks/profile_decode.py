@@ -42,6 +42,18 @@ def gpu_model(cfg, dtype):
     return model_from_weights(cfg, random_weights(cfg, dtype, seed=0), dtype, "cuda")
 
 
+def parse_knob(ap, d: str, opt: str = "--knob"):
+    """(name, value) of a launch constant of decode_step given as NAME=VAL (VAL an int, or ints joined by
+    commas for a tuple); an unknown NAME is the parser's error."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    name, _, val = d.partition("=")
+    if not hasattr(decode_step, name):
+        ap.error(f"{opt} {d!r}: decode_step has no constant {name!r}")
+    vals = tuple(int(v) for v in val.split(","))
+    return name, vals if "," in val else vals[0]
+
+
 def kernel_times(graph, key=lambda name: name.split("(")[0][:60]) -> dict:
     """{key(kernel name): [GPU µs of each launch]} of one replay of ``graph`` (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -167,11 +179,7 @@ def main() -> int:
         decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
 
     def knob(d, opt="--knob"):
-        name, _, val = d.partition("=")
-        if not hasattr(decode_step, name):
-            ap.error(f"{opt} {d!r}: decode_step has no constant {name!r}")
-        vals = tuple(int(v) for v in val.split(","))
-        return name, vals if "," in val else vals[0]
+        return parse_knob(ap, d, opt)
 
     for d in args.knob:
         setattr(decode_step, *knob(d))

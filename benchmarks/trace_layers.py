@@ -2,7 +2,8 @@
 the torch backend's fused decode graph, fp16, random weights, compiled with ``MRT_LY_TRACE`` so that each
 block records clock64 at the end of every phase of every layer (decode_step.cu, ``layers``).
 
-    cd benchmarks && python trace_layers.py [--configs 1.4b,2.8b] [--ghz 1.98] [--out trace.json]
+    cd benchmarks && python trace_layers.py [--configs 1.4b,2.8b] [--ghz 1.98] [--knob NAME=VAL]
+                                            [--out trace.json]
 
 Per config: for each phase (the grid barrier after out_proj "B1", the norm, in_proj with the conv,
 x_proj + its barrier "xproj+B2", the state update, the barrier after it "B3", out_proj) the median, 90th
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from mamba_rt.plugins_cuda import decode_step, launcher
+from profile_decode import gpu_model, parse_knob
 
 TRACE_LAYERS = 64  # .cu: layers recorded (LY_MARK)
 TRACE_SLOTS = 12
@@ -29,7 +31,6 @@ PHASES = ["B1", "norm", "in_proj", "xproj+B2", "ssm", "B3", "out_proj"]
 def trace(name: str, ghz: float) -> dict:
     from mamba_rt.bench import bench_config
     from mamba_rt.runtime.fused_decode import FusedDecoder
-    from profile_decode import gpu_model
 
     cfg = bench_config(name)
     model = gpu_model(cfg, "fp16")
@@ -72,8 +73,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="1.4b,2.8b")
     ap.add_argument("--ghz", type=float, default=1.98)
+    ap.add_argument("--knob", action="append", default=[], help="NAME=VAL: a launch constant of decode_step "
+                    "(e.g. LY_STAGES=4,8), set before the decoder is made; repeatable")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for d in args.knob:
+        setattr(decode_step, *parse_knob(ap, d))
     decode_step.DEFINES["MRT_LY_TRACE"] = 132 * TRACE_LAYERS * TRACE_SLOTS  # blocks (one per SM) x layers x slots
     res = {}
     for name in args.configs.split(","):
