@@ -1645,7 +1645,7 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
 // system, and those gaps are longer than the ring of stages can cover, so the stream still stalls.
 // Filling the gaps with more traffic (L2 prefetch past the ring) made every round trip slower and the
-// step 30-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
+// step 17-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
 #ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 12 slots), clock64 at phase ends
 // (benchmarks/trace_layers.py reads them)
 }  // namespace mrt
