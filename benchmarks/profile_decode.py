@@ -178,15 +178,12 @@ def main() -> int:
     if args.mma_blocks is not None:
         decode_step.MMA_BLOCKS_PER_SM = args.mma_blocks
 
-    def knob(d, opt="--knob"):
-        return parse_knob(ap, d, opt)
-
     for d in args.knob:
-        setattr(decode_step, *knob(d))
+        setattr(decode_step, *parse_knob(ap, d))
     ab = None
     if args.ab:
         name, _, vals = args.ab.partition("=")
-        ab = [knob(f"{name}={v}", "--ab") for v in vals.split("/")]
+        ab = [parse_knob(ap, f"{name}={v}", "--ab") for v in vals.split("/")]
     for d in args.define:
         name, _, val = d.partition("=")
         decode_step.DEFINES[name] = int(val)

@@ -63,7 +63,7 @@ def trace(name: str, ghz: float) -> dict:
 
     out = {p: stats(t[:, 1:, i + 1] - t[:, 1:, i]) for i, p in enumerate(PHASES)}
     out["layer"] = stats(t[:, 1:, 0] - t[:, :-1, 0])
-    out["wait_in"], out["wait_out"] = stats(t[:, 1:, 8] * 1.0), stats(t[:, 1:, 9] * 1.0)
+    out["wait_in"], out["wait_out"] = stats(t[:, 1:, 8]), stats(t[:, 1:, 9])
     out["producer_in_issued_after_B1"] = stats(t[:, 1:, 10] - t[:, 1:, 1])
     out["producer_out_issued_after_B1"] = stats(t[:, 1:, 11] - t[:, 1:, 1])
     return out

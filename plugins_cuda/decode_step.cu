@@ -430,12 +430,58 @@ __device__ __forceinline__ void mbar_wait(const void* bar, unsigned parity) {
 #endif
 }
 
+// The copy-engine ring's pieces (sm_90+; nothing elsewhere), shared by GemvBulk and `layers`.
+constexpr int BULK_ROWB = BULK_KS * 2 + 16;  // a stage row in shared memory (16 bytes of padding)
+constexpr int BULK_STAGE = 16 * BULK_ROWB;   // a stage: 16 rows
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+#endif
+}
+
+// One thread: the S "full" barriers full[0, S) (one arrival plus the copies' bytes) and the S "empty"
+// ones after them (`consumers` arrivals); mbar_init_fence() once every barrier is made.
+__device__ __forceinline__ void mbar_init_ring(unsigned long long* full, int S, int consumers) {
+  for (int s = 0; s < S; ++s) {
+    mbar_init(full + s, 1);
+    mbar_init(full + S + s, consumers);
+  }
+}
+
+__device__ __forceinline__ void mbar_init_fence() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, int bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+#endif
+}
+
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global src into shared dst, counted on bar
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes, unsigned long long* bar,
+                                          unsigned long long pol) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(pol) : "memory");
+#endif
+}
+
 // d += the 16 rows x BULK_KS columns of one stage st (rows ROWB bytes apart) times x (BM rows of K values
 // of T in shared memory) at columns kb + ...: consumer warp w takes the 16-wide steps w * BULK_STEPS ..;
 // ldmatrix.x4 reads the 16 x 16 weight tile (lanes 0-15: rows 0-15 at k0, lanes 16-31: at k0 + 8).
 template <typename T, int BM>
 __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st, const T* xs, int K, int kb) {
-  constexpr int ROWB = BULK_KS * 2 + 16;
+  constexpr int ROWB = BULK_ROWB;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const int lrow = lane & 15, lcol = (lane >> 4) * 8;
 #pragma unroll
@@ -462,8 +508,7 @@ __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st
 template <typename T, int BM>
 struct GemvBulk {
   static_assert(sizeof(T) == 2 && BM >= 1 && BM <= 8, "16-bit T, at most 8 batch rows");
-  static constexpr int ROWB = BULK_KS * 2 + 16;
-  static constexpr int STAGE = 16 * ROWB;
+  static constexpr int ROWB = BULK_ROWB, STAGE = BULK_STAGE;
   const T* W;
   unsigned char* ring;
   unsigned long long* full;  // [stages], then empty [stages]
@@ -494,11 +539,10 @@ struct GemvBulk {
       seg = 0;
       if (lane == 0 && unit >= 0) ask();
     }
-    const unsigned fb = smem_addr(full + slot);
     if (unit < 0) {  // no more work: an empty stage tagged -1 ends the consumers' loop
       if (lane == 0) {
         tag[slot] = -1;
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fb) : "memory");
+        mbar_arrive(full + slot);
       }
       done = true;
       return;
@@ -508,13 +552,12 @@ struct GemvBulk {
     const int cols = min(BULK_KS, K - seg * BULK_KS);
     if (lane == 0) {
       tag[slot] = unit;
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fb), "r"(rows * cols * 2) : "memory");
+      mbar_expect_tx(full + slot, rows * cols * 2);
     }
     __syncwarp();
     if (lane < rows)
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-                   ::"r"(smem_addr(ring + slot * STAGE + lane * ROWB)), "l"(W + (row0 + lane) * K + seg * BULK_KS),
-                   "r"(cols * 2), "r"(fb), "l"(l2_policy<MRT_BULK_EVICT_FIRST>()) : "memory");
+      bulk_copy(ring + slot * STAGE + lane * ROWB, W + (row0 + lane) * K + seg * BULK_KS, cols * 2, full + slot,
+                l2_policy<MRT_BULK_EVICT_FIRST>());
     ++seg;
     ++t;
 #endif
@@ -535,11 +578,8 @@ struct GemvBulk {
     ring = smem + head;
 #if __CUDA_ARCH__ >= 900
     if (threadIdx.x == 0) {
-      for (int s = 0; s < S; ++s) {
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(full + s)));
-        asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(full + S + s)), "r"(BULK_WARPS));
-      }
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      mbar_init_ring(full, S, BULK_WARPS);
+      mbar_init_fence();
     }
     __syncthreads();
     if ((threadIdx.x >> 5) == BULK_WARPS)
@@ -568,7 +608,7 @@ struct GemvBulk {
         if (seg) mbar_wait(full + slot, (tc / S) & 1);
         bulk_stage_mma<T, BM>(d, ring + slot * STAGE, xs, K, seg * BULK_KS);
         __syncwarp();
-        if (lane == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(full + S + slot)) : "memory");
+        if (lane == 0) mbar_arrive(full + S + slot);
       }
       mma_d_put<BM>(red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM, g, q, d);
       asm volatile("bar.sync 1, %0;" ::"r"(BULK_WARPS * 32) : "memory");
@@ -1712,7 +1752,7 @@ struct LyLayout {
     D = s; s += up16(CH * 4);
     st = s; s += up16(CH * n * 4);
     side = o; o += s;
-    ring = o; o += (int)a.stages * 16 * (BULK_KS * 2 + 16);
+    ring = o; o += (int)a.stages * BULK_STAGE;
     total = o;
   }
 };
@@ -1732,26 +1772,6 @@ __device__ __forceinline__ void ly_grid_sync(unsigned* bar, unsigned& epoch) {
     } while (v < epoch);
   }
   ly_bar();
-}
-
-__device__ __forceinline__ void ly_copy(void* dst, const void* src, int bytes, unsigned long long* bar,
-                                        unsigned long long pol) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-               ::"r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(pol) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void ly_expect(unsigned long long* bar, int bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void ly_arrive(unsigned long long* bar) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-#endif
 }
 
 // The block's work: channel units [u0, u1), out_proj tiles [t0, t1) (tile t: rows 16 (t / nchunk) ..,
@@ -1780,26 +1800,26 @@ __device__ void layers_side(const LayersArgs& a, const LyLayout& ly, const LyWor
   const int tot = (int)(nch * ((k - 1) * 2 + k * 2 + (P.conv_b ? 2 : 0) + R * 2 + r * 2 + 4 + n * 4 +
                                         (P.D ? 4 : 0) + n * 4));
   if (!nch) {  // nothing to copy: complete the phase by arriving
-    ly_arrive(sfull);
+    mbar_arrive(sfull);
     return;
   }
-  ly_expect(sfull, tot);
-  ly_copy(sb + ly.cs, static_cast<const T*>(P.conv_state) + (slot * d + c0) * (k - 1), (int)(nch * (k - 1) * 2),
+  mbar_expect_tx(sfull, tot);
+  bulk_copy(sb + ly.cs, static_cast<const T*>(P.conv_state) + (slot * d + c0) * (k - 1), (int)(nch * (k - 1) * 2),
           sfull, npol);
-  ly_copy(sb + ly.cw, static_cast<const T*>(P.conv_w) + c0 * k, (int)(nch * k * 2), sfull, npol);
-  if (P.conv_b) ly_copy(sb + ly.cb, static_cast<const T*>(P.conv_b) + c0, (int)(nch * 2), sfull, npol);
-  ly_copy(sb + ly.wx, static_cast<const T*>(P.wx_t) + c0 * R, (int)(nch * R * 2), sfull, npol);
-  ly_copy(sb + ly.wdt, static_cast<const T*>(P.w_dt) + c0 * r, (int)(nch * r * 2), sfull, npol);
-  ly_copy(sb + ly.dtb, P.dt_b + c0, (int)(nch * 4), sfull, npol);
-  ly_copy(sb + ly.A, P.A + c0 * n, (int)(nch * n * 4), sfull, npol);
-  if (P.D) ly_copy(sb + ly.D, P.D + c0, (int)(nch * 4), sfull, npol);
-  ly_copy(sb + ly.st, P.ssm_state + (slot * d + c0) * n, (int)(nch * n * 4), sfull, npol);
+  bulk_copy(sb + ly.cw, static_cast<const T*>(P.conv_w) + c0 * k, (int)(nch * k * 2), sfull, npol);
+  if (P.conv_b) bulk_copy(sb + ly.cb, static_cast<const T*>(P.conv_b) + c0, (int)(nch * 2), sfull, npol);
+  bulk_copy(sb + ly.wx, static_cast<const T*>(P.wx_t) + c0 * R, (int)(nch * R * 2), sfull, npol);
+  bulk_copy(sb + ly.wdt, static_cast<const T*>(P.w_dt) + c0 * r, (int)(nch * r * 2), sfull, npol);
+  bulk_copy(sb + ly.dtb, P.dt_b + c0, (int)(nch * 4), sfull, npol);
+  bulk_copy(sb + ly.A, P.A + c0 * n, (int)(nch * n * 4), sfull, npol);
+  if (P.D) bulk_copy(sb + ly.D, P.D + c0, (int)(nch * 4), sfull, npol);
+  bulk_copy(sb + ly.st, P.ssm_state + (slot * d + c0) * n, (int)(nch * n * 4), sfull, npol);
 }
 
 template <typename T>
 __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const LyWork& wk, unsigned char* smem) {
 #if __CUDA_ARCH__ >= 900
-  constexpr int ROWB = BULK_KS * 2 + 16, STAGE = 16 * ROWB;
+  constexpr int ROWB = BULK_ROWB, STAGE = BULK_STAGE;
   const int lane = threadIdx.x & 31, S = (int)a.stages;
   const long long dm = a.dm, d = a.d;
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
@@ -1812,9 +1832,9 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
   auto stage = [&](const T* src, int bytes) {
     const int slot_ = t % S;
     if (t >= S) mbar_wait(empty + slot_, ((t / S) - 1) & 1);
-    if (lane == 0) ly_expect(full + slot_, 16 * bytes);
+    if (lane == 0) mbar_expect_tx(full + slot_, 16 * bytes);
     __syncwarp();
-    if (lane < 16) ly_copy(smem + ly.ring + slot_ * STAGE + lane * ROWB, src, bytes, full + slot_, wpol);
+    if (lane < 16) bulk_copy(smem + ly.ring + slot_ * STAGE + lane * ROWB, src, bytes, full + slot_, wpol);
     ++t;
   };
   for (int l = 0; l < (int)a.n_layer; ++l) {
@@ -1858,13 +1878,10 @@ __device__ void layers(const LayersArgs& a) {
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
   if ((unsigned)ly.total > dyn) __trap();  // the host's layers_smem disagrees with this layout
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(full + s)));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(empty + s)), "r"(LY_WARPS));
-    }
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sfull)));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(sempty)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    mbar_init_ring(full, S, LY_WARPS);
+    mbar_init(sfull, 1);
+    mbar_init(sempty, 1);
+    mbar_init_fence();
     layers_side<T>(a, ly, wk, sb, sfull, 0);
   }
   __syncthreads();
@@ -1872,7 +1889,7 @@ __device__ void layers(const LayersArgs& a) {
     layers_producer<T>(a, ly, wk, smem);
     return;
   }
-  constexpr int ROWB = BULK_KS * 2 + 16, STAGE = 16 * ROWB;
+  constexpr int ROWB = BULK_ROWB, STAGE = BULK_STAGE;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
   const int dm = (int)a.dm, d = (int)a.d, n = (int)a.n, r = (int)a.r, k = (int)a.k, R = r + 2 * n;
   const long long slot = a.idx[0];
@@ -1908,7 +1925,7 @@ __device__ void layers(const LayersArgs& a) {
 #endif
     bulk_stage_mma<T, 1>(dd, smem + ly.ring + sl * STAGE, xs, K, kb);
     __syncwarp();
-    if (lane == 0) ly_arrive(empty + sl);
+    if (lane == 0) mbar_arrive(empty + sl);
     ++tc;
   };
   // the consumers' block sum (all consumer threads get it)
@@ -2061,7 +2078,7 @@ __device__ void layers(const LayersArgs& a) {
       }
     }
     ly_bar();
-    if (tid == 0) ly_arrive(sempty);  // the side buffer is free: the producer fills it with layer l + 1's
+    if (tid == 0) mbar_arrive(sempty);  // the side buffer is free: the producer fills it with layer l + 1's
     if (tid == 0) LY_MARK(l, 5);
     ly_grid_sync(a.bar, epoch);  // y complete
     if (tid == 0) LY_MARK(l, 6);
