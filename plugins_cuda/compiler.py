@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -196,6 +197,48 @@ def compile_program(source: str, filename: str, arch: int, *, output: str = "cub
                     extra_options: tuple[str, ...] = ()) -> bytes:
     """Compile CUDA C++ ``source`` (which may include common.cuh) for sm_<arch>: a cubin, or PTX for
     compute_<arch>. Raises InternalError with NVRTC's log if it does not compile."""
+    return _compile(source, filename, arch, output, tuple(extra_options))[0]
+
+
+@dataclass(frozen=True)
+class EntryUsage:
+    """What ptxas reports for one entry point: registers per thread, bytes of stack frame (local memory
+    the code addresses, e.g. an array indexed at run time) and of register spills."""
+
+    registers: int
+    stack_frame: int
+    spill_stores: int
+    spill_loads: int
+
+
+_ENTRY = re.compile(r"Compiling entry function '(\w+)'")
+_PROPS = re.compile(r"Function properties for (\S+)\s+ptxas\s+\.\s+(\d+) bytes stack frame, (\d+) bytes spill "
+                    r"stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+
+
+def compile_with_usage(source: str, filename: str, arch: int,
+                       extra_options: tuple[str, ...] = ()) -> tuple[bytes, dict[str, EntryUsage]]:
+    """compile_program's cubin, and ptxas's resource report of every entry point in it (from its log
+    with --ptxas-options=-v): for the tests that keep hot kernels free of local memory, and for tuning."""
+    cubin, log = _compile(source, filename, arch, "cubin", tuple(extra_options) + ("--ptxas-options=-v",))
+    usage: dict[str, EntryUsage] = {}
+    # ptxas reports each entry as a block: "Compiling entry function 'E'", its (and its callees')
+    # "Function properties for ...", then "Used R registers"
+    blocks = _ENTRY.split(log)
+    for name, text in zip(blocks[1::2], blocks[2::2]):
+        props = {m.group(1): tuple(map(int, m.groups()[1:])) for m in _PROPS.finditer(text)}
+        regs = _REGS.search(text)
+        if name not in props or regs is None:
+            raise InternalError(f"ptxas report of {filename} for sm_{arch}: no properties for {name!r}\n{text}")
+        usage[name] = EntryUsage(int(regs.group(1)), *props[name])
+    if not usage:
+        raise InternalError(f"ptxas report of {filename} for sm_{arch}: no entry points in\n{log}")
+    return cubin, usage
+
+
+def _compile(source: str, filename: str, arch: int, output: str, extra_options: tuple[str, ...]) -> tuple[bytes, str]:
+    """(cubin or PTX, NVRTC's log)."""
     if output not in ("cubin", "ptx"):
         raise InternalError(f"output must be 'cubin' or 'ptx', got {output!r}")
     nvrtc = _nvrtc()
@@ -208,7 +251,7 @@ def compile_program(source: str, filename: str, arch: int, *, output: str = "cub
     try:
         target = f"sm_{arch}" if output == "cubin" else f"compute_{arch}"
         opts = [f"--gpu-architecture={target}".encode()]
-        opts += [o.encode() for o in OPTIONS + tuple(extra_options)]
+        opts += [o.encode() for o in OPTIONS + extra_options]
         _check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), f"compiling {filename} for {target}", prog)
         if output == "cubin":
             size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
@@ -218,7 +261,7 @@ def compile_program(source: str, filename: str, arch: int, *, output: str = "cub
             size = _check(nvrtc.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
             buf = b" " * size
             _check(nvrtc.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
-        return bytes(buf)
+        return bytes(buf), _log(prog)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

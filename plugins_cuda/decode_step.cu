@@ -1408,19 +1408,37 @@ struct ConvXprojArgs {
   long long d, k, R;       // rows: BM (conv_xproj) or the grid's y (conv_only)
 };
 
-// One (row, channel) of the conv update: window = (state, x), u = silu(bias + w . window), state shifted
-// left with x appended (in place, in the row's slot).
+// A channel's conv window (its k - 1 state values s, oldest first) and taps (cw, k of them) in registers,
+// right-aligned: position MAX_CONV - 1 is the tap of the newest input (x, not loaded here), positions
+// before MAX_CONV - k are zero and unused. Every register index is a compile-time constant and k only
+// moves the loads, so the arrays stay in registers (a run-time index such as w[k - 1] put them in local
+// memory; tests/plugins_cuda/test_decode_step_build.py checks that no decode kernel has a stack frame).
 template <typename T>
-__device__ __forceinline__ T conv_one(const float* win, const float* w, float bias, int k, T xv, T* s) {
+__device__ __forceinline__ void conv_load(float (&win)[MAX_CONV], float (&w)[MAX_CONV], const T* s, const T* cw,
+                                          int k, bool ok) {
+  const int o = MAX_CONV - k;
+#pragma unroll
+  for (int j = 0; j < MAX_CONV; ++j) {
+    win[j] = ok && j >= o && j < MAX_CONV - 1 ? to_float(s[j - o]) : 0.f;
+    w[j] = ok && j >= o ? to_float(cw[j - o]) : 0.f;
+  }
+}
+
+// One (row, channel) of the conv update from conv_load's registers: u = silu(bias + w . (state, x)), the
+// taps summed oldest first; the state shifted left with x appended (in place, in the row's slot).
+template <typename T>
+__device__ __forceinline__ T conv_one(const float (&win)[MAX_CONV], const float (&w)[MAX_CONV], float bias, int k,
+                                      T xv, T* s) {
+  const int o = MAX_CONV - k;
   float acc = bias;
 #pragma unroll
   for (int j = 0; j < MAX_CONV - 1; ++j) {
-    if (j < k - 1) acc = fmaf(w[j], win[j], acc);
+    if (j >= o) acc = fmaf(w[j], win[j], acc);
   }
-  acc = fmaf(w[k - 1], to_float(xv), acc);
+  acc = fmaf(w[MAX_CONV - 1], to_float(xv), acc);
 #pragma unroll
-  for (int j = 0; j < MAX_CONV - 2; ++j) {
-    if (j < k - 2) s[j] = from_float<T>(win[j + 1]);
+  for (int j = 1; j < MAX_CONV - 1; ++j) {
+    if (j > o) s[j - o - 1] = from_float<T>(win[j]);
   }
   s[k - 2] = xv;
   return from_float<T>(silu(acc));
@@ -1436,11 +1454,7 @@ __device__ void conv_only(const ConvXprojArgs& a) {
   const T* cb = static_cast<const T*>(a.conv_b);
   T* s = static_cast<T*>(a.conv_state) + (a.idx[b] * d + cc) * (k - 1);
   float win[MAX_CONV], w[MAX_CONV];
-#pragma unroll
-  for (int j = 0; j < MAX_CONV; ++j) {
-    win[j] = j < k - 1 ? to_float(s[j]) : 0.f;
-    w[j] = j < k ? to_float(cw[(long long)cc * k + j]) : 0.f;
-  }
+  conv_load<T>(win, w, s, cw + (long long)cc * k, k, true);
   const float bias = cb ? to_float(cb[cc]) : 0.f;
   pdl_launch_dependents();
   pdl_wait();
@@ -1485,11 +1499,7 @@ __device__ void conv_xproj(const ConvXprojArgs& a) {
     const bool ok = p < BM * XP_CH && c < d;
     sp[it] = ok ? static_cast<T*>(a.conv_state) + (a.idx[b] * d + c) * (k - 1) : nullptr;
     bias[it] = ok && cb ? to_float(cb[c]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < MAX_CONV; ++j) {
-      win[it][j] = ok && j < k - 1 ? to_float(sp[it][j]) : 0.f;
-      w[it][j] = ok && j < k ? to_float(cw[(long long)c * k + j]) : 0.f;
-    }
+    conv_load<T>(win[it], w[it], sp[it], ok ? cw + (long long)c * k : cw, k, ok);
   }
   pdl_launch_dependents();
   pdl_wait();
@@ -1793,7 +1803,7 @@ struct LyWork {
 template <typename T>
 __device__ void layers_side(const LayersArgs& a, const LyLayout& ly, const LyWork& wk, unsigned char* sb,
                             unsigned long long* sfull, int l) {
-  const long long dm = a.dm, d = a.d, n = a.n, r = a.r, k = a.k, R = r + 2 * n, slot = a.idx[0];
+  const long long d = a.d, n = a.n, r = a.r, k = a.k, R = r + 2 * n, slot = a.idx[0];
   const long long c0 = (long long)LY_CH * wk.u0, nch = (long long)LY_CH * (wk.u1 - wk.u0);
   const unsigned long long npol = l2_policy<false>();
   const LayerPtrs& P = a.L[l];
@@ -1889,7 +1899,7 @@ __device__ void layers(const LayersArgs& a) {
     layers_producer<T>(a, ly, wk, smem);
     return;
   }
-  constexpr int ROWB = BULK_ROWB, STAGE = BULK_STAGE;
+  constexpr int STAGE = BULK_STAGE;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, q = lane & 3;
   const int dm = (int)a.dm, d = (int)a.d, n = (int)a.n, r = (int)a.r, k = (int)a.k, R = r + 2 * n;
   const long long slot = a.idx[0];
@@ -2013,11 +2023,7 @@ __device__ void layers(const LayersArgs& a) {
         const T v = from_float<T>(acc + (bi ? to_float(bi[row]) : 0.f));
         if (tid < 8) {
           float win[MAX_CONV], w[MAX_CONV];
-#pragma unroll
-          for (int j = 0; j < MAX_CONV; ++j) {
-            win[j] = j < k - 1 ? to_float(cs[li * (k - 1) + j]) : 0.f;
-            w[j] = j < k ? to_float(cw[li * k + j]) : 0.f;
-          }
+          conv_load<T>(win, w, cs + li * (k - 1), cw + li * k, k, true);
           T* gs = static_cast<T*>(P.conv_state) + (slot * d + c) * (k - 1);
           uz[li] = to_float(conv_one<T>(win, w, P.conv_b ? to_float(cb[li]) : 0.f, k, v, gs));
         } else {

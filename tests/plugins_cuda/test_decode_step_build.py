@@ -1,16 +1,26 @@
 """The fused decode kernels (plugins_cuda/decode_step.cu) compile with NVRTC on a machine without a GPU
-(the GPU numerics are tests/runtime/test_fused_decode.py), and the shape limits are reported clearly."""
+(the GPU numerics are tests/runtime/test_fused_decode.py), keep to the register and local-memory budgets
+their measured speed rests on, and the shape limits are reported clearly."""
+import re
+
 import pytest
 
-from mamba_rt.plugins_cuda import decode_step
+from mamba_rt.plugins_cuda import compiler, decode_step
 from mamba_rt.plugins_cuda.compiler import DTYPES
 
 
 @pytest.mark.parametrize("arch", [80, 90])
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_every_entry_point_compiles(dtype, arch):
+    """Every entry point is there. On sm_90 (the H100, where the kernels were measured) none that the
+    runtime launches by default has a stack frame or spills: each runs once per layer and step on the
+    critical path, where local memory is a round trip (the conv window indexed by d_conv at run time
+    once put one in conv_xproj and the persistent kernel). Left out: conv_xproj's buckets above
+    XPROJ_FOLD_MAX_ROWS, there for experiments only (fp32 at 16 rows spills at its 128-register
+    bound). ssm_step_pre stays within 32 registers: 16 blocks of 128 threads per SM, which made it run
+    at copy bandwidth at batch 64 (benchmarks/NOTES.md, item 22)."""
     pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC comes with cuda-python")
-    cubin = decode_step.compile_cubin(dtype, arch)
+    cubin, usage = compiler.compile_with_usage(decode_step.program_source(dtype), decode_step.SOURCE, arch)
     assert cubin[:4] == b"\x7fELF"
     tag = DTYPES[dtype][0]
     names = [f"mrt_norm_gemv_{tag}_b1", f"mrt_gemv_residual_{tag}_b2", f"mrt_conv_xproj_{tag}_b1",
@@ -20,6 +30,16 @@ def test_every_entry_point_compiles(dtype, arch):
     names += [f"mrt_layers_{tag}"] if DTYPES[dtype][2] == 2 else []  # the persistent kernel (16-bit)
     for name in names:
         assert name.encode() in cubin, name
+        assert name in usage, name
+    if arch < 90:
+        return
+    for name, u in usage.items():
+        m = re.fullmatch(rf"mrt_conv_xproj_{tag}_b(\d+)", name)
+        if m and int(m.group(1)) > decode_step.XPROJ_FOLD_MAX_ROWS:
+            continue
+        assert (u.stack_frame, u.spill_stores, u.spill_loads) == (0, 0, 0), f"{name}: {u}"
+    for n in decode_step.STATE_SIZES:
+        assert usage[f"mrt_ssm_step_pre_{tag}_n{n}"].registers <= 32, usage[f"mrt_ssm_step_pre_{tag}_n{n}"]
 
 
 def test_shape_limits_are_named():

@@ -55,19 +55,34 @@ def test_hot_kernels_do_not_spill():
     loop (checked in its SASS; measured faster than 2 blocks per SM without spills, NOTES item 21): it
     may spill at most 192 bytes."""
     spec = KernelSpec("selective_scan", "bfloat16", 16, 90)
-    nvrtc = compiler._nvrtc()
-    headers = [compiler._read(n).encode() for n in compiler.HEADERS]
-    prog = compiler._check(nvrtc.nvrtcCreateProgram(
-        spec.source().encode(), b"selective_scan.cu", len(headers), headers,
-        [n.encode() for n in compiler.HEADERS]), "create")
-    opts = [o.encode() for o in spec.options()] + [b"--ptxas-options=-v"]
-    compiler._check(nvrtc.nvrtcCompileProgram(prog, len(opts), opts), "compile", prog)
-    log = compiler._log(prog)
-    nvrtc.nvrtcDestroyProgram(prog)
-    spills = dict(re.findall(r"Function properties for (\w+)\s+ptxas\s+\.\s+\d+ bytes stack frame, (\d+) bytes spill stores", log))
-    assert len(spills) == 8, log  # seq, wide, tp and step, each flat and strided
-    for name, stored in spills.items():
-        assert int(stored) <= (192 if "_tp_" in name else 0), f"{name} spills {stored} bytes\n{log}"
+    _, usage = compiler.compile_with_usage(spec.source(), spec.family.source, spec.arch)
+    assert len(usage) == 8, usage  # seq, wide, tp and step, each flat and strided
+    for name, u in usage.items():
+        assert u.spill_stores <= (192 if "_tp_" in name else 0), f"{name}: {u}"
+
+
+_PROBE = """
+extern "C" __global__ void probe_local(float* o, const int* idx, int n) {
+  float a[8];  // indexed by data: ptxas must give it a stack frame
+#pragma unroll
+  for (int j = 0; j < 8; ++j) a[j] = o[j];
+  float s = 0.f;
+  for (int i = 0; i < n; ++i) { const int q = idx[i]; s += a[q]; a[q] = s; }
+  o[8] = s;
+}
+extern "C" __global__ void probe_regs(float* o) { o[threadIdx.x] *= 2.f; }
+"""
+
+
+def test_ptxas_report_sees_local_memory():
+    """compile_with_usage's report (what the no-local-memory checks of the scan and decode kernels rest
+    on) reports the stack frame of an array indexed by data, and none for a kernel without one."""
+    cubin, usage = compiler.compile_with_usage(_PROBE, "probe.cu", 90)
+    assert cubin[:4] == b"\x7fELF"
+    assert set(usage) == {"probe_local", "probe_regs"}
+    assert usage["probe_local"].stack_frame == 8 * 4
+    assert usage["probe_regs"].stack_frame == 0 and usage["probe_regs"].spill_stores == 0
+    assert 0 < usage["probe_regs"].registers <= usage["probe_local"].registers
 
 
 def test_cache_key_is_readable_and_complete(tmp_path, monkeypatch):
