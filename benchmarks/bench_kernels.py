@@ -18,7 +18,8 @@ Measures, in one run on one device:
   * variants: the prefill scan kernels ("seq" channel-parallel, "wide" its configuration for many
     rows, "tp" time-parallel) and compile-time variants of them (-D overrides of selective_scan.cu;
     ``NAME+MACRO=VALUE`` adds one) launched through their flat entry points, each checked against the
-    shipped dispatch's output (torch_ops) before it is timed (the kernel before the rewrite, "v3" in
+    shipped dispatch's output (torch_ops) before it is timed, with ptxas's registers, stack frame and
+    spills of each variant's entry in its row (the kernel before the rewrite, "v3" in
     NOTES.md, is plugins_cuda/selective_scan.cu at commit e4b02c0; its rows in results/ were measured
     from a copy that is no longer kept, since it no longer compiles against today's common.cuh);
   * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
@@ -29,6 +30,7 @@ the results are written only where --out says.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -305,6 +307,7 @@ SCAN_VARIANTS = {
 # git) launched with its own (channels per block, threads per block): version 7 used (16, 128).
 BASELINE = {"source": None, "geometry": (16, 128)}
 _VARIANT_FN: dict = {}
+_VARIANT_USAGE: dict = {}  # name -> compiler.EntryUsage of its entry (registers, stack frame, spills)
 _VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
                   "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
 
@@ -344,11 +347,12 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
     if (name, ctx) not in _VARIANT_FN:  # one compile per variant and process
         text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
         drv = launcher._driver()
-        cubin = compiler.compile_program(text, "selective_scan.cu", launcher.current_arch(dev),
-                                         extra_options=defines)
+        cubin, usage = compiler.compile_with_usage(text, "selective_scan.cu", launcher.current_arch(dev),
+                                                   extra_options=defines)
         mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
         _VARIANT_FN[name, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, _VARIANT_ENTRY[kind]),
                                               "cuModuleGetFunction")
+        _VARIANT_USAGE[name] = usage[_VARIANT_ENTRY[kind].decode()]
     fn = _VARIANT_FN[name, ctx]
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
@@ -383,6 +387,7 @@ def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_
             yerr = float(((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item())
             herr = float(((hs - ref_h).norm() / ref_h.norm()).item())
             row.update(y_rel_err_vs_shipped=yerr, state_rel_err_vs_shipped=herr)
+            row.update(dataclasses.asdict(_VARIANT_USAGE[name]))  # registers, stack_frame, spill_*
             stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
             row["ms"] = graph_per_call_us([lambda: plan.launch(ptrs, stream())] * 3, reps) / 1e3
             row["exps_per_s"] = B * d * n * L / (row["ms"] * 1e-3)
@@ -521,7 +526,8 @@ def main(argv=None) -> int:
             else:
                 print(f"variant {r['variant']:12s} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
                       f"({r['exps_per_s'] / 1e12:.2f}e12 exp/s; y err vs shipped {r['y_rel_err_vs_shipped']:.1e}, "
-                      f"state {r['state_rel_err_vs_shipped']:.1e})", flush=True)
+                      f"state {r['state_rel_err_vs_shipped']:.1e}; {r['registers']} registers, "
+                      f"{r['stack_frame']} B frame, {r['spill_stores']} B spilled)", flush=True)
     if "host" in only:
         host = bench_host()
         result["host"] = host
