@@ -1679,17 +1679,23 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 //     shared memory. The block takes the units [u0, u1) (balanced), i.e. the channels [8 u0, 8 u1).
 //   * x_proj: the block's share over its channels (from x_proj's transposed copy W_x^T [d, R], fp32
 //     atomics into xacc[l]); after a grid barrier, the state update of its channels (dt_proj,
-//     softplus, state, D, gate) writes y.
-//   * out_proj after a grid barrier, in tiles of 16 rows x BULK_KS columns (split K; fp32 atomics into
-//     oacc[l]), the block taking the tiles [t0, t1).
-//   * at the next layer's start (a grid barrier), every block forms h = h + round_T(oacc[l]) (+ bias)
-//     and its norm itself; block b writes its slice of h to the other half of hbuf.
+//     softplus, state, D, gate) writes y, each value tagged with the layer and step.
+//   * out_proj in tiles of 16 rows x BULK_KS columns (split K), the block taking the tiles [t0, t1),
+//     once the y it reads carries this layer's tag (no barrier). A block's run of tiles in one row
+//     group gives one partial sum per row, written tagged into its own slot (the block's distance from
+//     the row group's first block: at most P slots, the host's layers_partials).
+//   * at the next layer's start (no barrier), every block reads the P partials of every output as
+//     they come (their tags), sums them in order and forms h = h + round_T(sum) (+ bias) and its norm
+//     itself; block b writes its slice of h to the other half of hbuf.
+// One grid barrier per layer (after x_proj, whose sums are atomic) instead of three; a tagged word is
+// either this layer's or an older one, so the tagged buffers are never reset (benchmarks/NOTES.md,
+// item 40; written and checked in a simulation of the slots, NOT yet run on a GPU).
 // The channels' side data of a layer (conv state and weights, W_x^T rows, dt_proj rows, dt bias, A, D,
 // SSM state; each a contiguous range of the block's channels) arrives by bulk copies into one side
 // buffer, issued by the producer once the consumers are done with the layer before's (after its state
-// update); the norm weight is read into registers before the barrier that precedes the norm. After the
-// last layer: h and per-block sums of squares for the head's norm_gemv. Three grid barriers per layer
-// (a counter zeroed before the step). The head follows as its own launch (norm_gemv, PDL).
+// update); the norm weight is read into registers before the out_proj sums are awaited. After the
+// last layer: h and per-block sums of squares for the head's norm_gemv. The barrier's counter is zeroed
+// before the step. The head follows as its own launch (norm_gemv, PDL).
 // Measured (benchmarks/NOTES.md, item 39): 1.4b 1.59 -> 1.44 ms per step, 2.8b 2.74 -> 2.63 on an
 // H100; where the time goes is in benchmarks/trace_layers.py's phase trace: each grid barrier and each
 // dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
@@ -1714,6 +1720,7 @@ constexpr int LY_CT = LY_WARPS * 32;       // consumer threads
 constexpr int LY_THREADS = LY_CT + 32;     // + the producer warp
 constexpr int LY_CH = 8;                   // channels per in_proj unit
 constexpr int LY_HV = 16;                  // h values per consumer thread: d_model <= LY_HV * LY_CT
+constexpr int LY_YV = 8;                   // y loads (4 words) per consumer thread: d_inner <= 4 LY_YV LY_CT
 
 struct LayerPtrs {
   const void* w_in; const void* b_in; const void* norm_w; const void* conv_w; const void* conv_b;
@@ -1728,10 +1735,11 @@ struct LayersArgs {
   float* ss;              // [gridDim.x] per-block sums of squares of the final h (the head's partials)
   float* hbuf;            // [2, dm] h between layers
   float* xacc;            // [n_layer, R] x_proj accumulators, zero
-  float* oacc;            // [n_layer, dm] out_proj accumulators, zero
-  void* y;                // [d] T
+  unsigned long long* part;  // [2, P, dm] out_proj's tagged partial sums (tag << 32 | float bits), kept
+  unsigned* y;            // [d] tagged y (tag << 16 | bits of T), kept
+  unsigned* stepc;        // [1] steps run (the tags' base), kept
   unsigned* bar;          // grid barrier counter, zero
-  long long n_layer, dm, d, n, r, k, res_fp32, stages;
+  long long n_layer, dm, d, n, r, k, res_fp32, stages, P;
   float eps;
 };
 
@@ -1784,13 +1792,35 @@ __device__ __forceinline__ void ly_grid_sync(unsigned* bar, unsigned& epoch) {
   ly_bar();
 }
 
+// Relaxed (morally strong) accesses at GPU scope for the tagged exchanges: a word written by one block
+// is read whole by another, and its tag says whether it is this layer's.
+__device__ __forceinline__ void st_tagged(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+__device__ __forceinline__ void st_tagged(unsigned* p, unsigned v) {
+  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ unsigned long long ld_tagged(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 ld_tagged4(const unsigned* p) {
+  uint4 v;
+  asm volatile("ld.relaxed.gpu.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+
 // The block's work: channel units [u0, u1), out_proj tiles [t0, t1) (tile t: rows 16 (t / nchunk) ..,
 // columns BULK_KS (t % nchunk) ..), h slice [h0, h1).
 struct LyWork {
-  int u0, u1, nseg, nchunk, t0, t1, h0, h1;
+  int u0, u1, nseg, nchunk, t0, t1, h0, h1, NT;
+  // the block whose out_proj tiles include tile t (t0 (b) = b NT / G; NT G < 2^31: the host checks)
+  __device__ __forceinline__ int owner(int t) const { return (int)(((t + 1) * gridDim.x + NT - 1) / NT) - 1; }
   __device__ __forceinline__ void init(const LayersArgs& a) {
     const long long G = gridDim.x, b = blockIdx.x, NU = a.d / LY_CH;
-    const long long NT = (a.dm / 16) * ((a.d + BULK_KS - 1) / BULK_KS);
+    NT = (int)((a.dm / 16) * ((a.d + BULK_KS - 1) / BULK_KS));
     u0 = (int)(b * NU / G); u1 = (int)((b + 1) * NU / G);
     t0 = (int)(b * NT / G); t1 = (int)((b + 1) * NT / G);
     h0 = (int)(b * a.dm / G); h1 = (int)((b + 1) * a.dm / G);
@@ -1887,6 +1917,10 @@ __device__ void layers(const LayersArgs& a) {
   unsigned dyn;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
   if ((unsigned)ly.total > dyn) __trap();  // the host's layers_smem disagrees with this layout
+  if (threadIdx.x == 0) {  // the host's layers_partials disagrees with the owners of the block's row groups
+    for (int rg = wk.t0 / wk.nchunk; rg * wk.nchunk < wk.t1; ++rg)
+      if (wk.owner((rg + 1) * wk.nchunk - 1) - wk.owner(rg * wk.nchunk) + 1 > a.P) __trap();
+  }
   if (threadIdx.x == 0) {
     mbar_init_ring(full, S, LY_WARPS);
     mbar_init(sfull, 1);
@@ -1910,6 +1944,8 @@ __device__ void layers(const LayersArgs& a) {
   float* uz = reinterpret_cast<float*>(smem + ly.uz);
   float* xrow = reinterpret_cast<float*>(smem + ly.xrow);
   unsigned epoch = 0;
+  unsigned step0 = 0u, tag0 = 0u;  // set after pdl_wait
+  const int NP = (int)a.P;         // out_proj's partial sums per output
   int tc = 0, par = 0;
   // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum
   auto reduce16 = [&](const float* dd, float& out) {
@@ -1961,14 +1997,45 @@ __device__ void layers(const LayersArgs& a) {
       hv[j] = i < dm ? hin[i] : 0.f;
     }
   };
+  // out_proj(l - 1)'s sums: the P tagged partials of each element (part[(l - 1) & 1]), read as they
+  // come (a round of loads for partial k + 1 in flight while those of k are checked), summed in order
   auto h_add = [&](int l, const T* bo) {
     if (l == 0) return;
-    const float* oa = a.oacc + (long long)(l - 1) * dm;
+    const unsigned tag = tag0 + (unsigned)(l - 1);
+    const unsigned long long* pp = a.part + (long long)((l - 1) & 1) * NP * dm;
     float o[LY_HV];
+    unsigned long long va[LY_HV], vb[LY_HV];
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) {
       const int i = tid + j * LY_CT;
-      o[j] = i < dm ? __ldcg(oa + i) + (bo ? to_float(bo[i]) : 0.f) : 0.f;
+      o[j] = i < dm && bo ? to_float(bo[i]) : 0.f;
+      va[j] = i < dm ? ld_tagged(pp + i) : 0ull;
+      vb[j] = 0ull;
+    }
+    for (int kp = 0; kp < NP; ++kp) {
+      if (kp + 1 < NP) {
+#pragma unroll
+        for (int j = 0; j < LY_HV; ++j) {
+          const int i = tid + j * LY_CT;
+          vb[j] = i < dm ? ld_tagged(pp + (long long)(kp + 1) * dm + i) : 0ull;
+        }
+      }
+      for (;;) {  // until every element's partial kp is this layer's
+        bool stale = false;
+#pragma unroll
+        for (int j = 0; j < LY_HV; ++j) stale |= tid + j * LY_CT < dm && (unsigned)(va[j] >> 32) != tag;
+        if (!stale) break;
+#pragma unroll
+        for (int j = 0; j < LY_HV; ++j) {
+          const int i = tid + j * LY_CT;
+          if (i < dm && (unsigned)(va[j] >> 32) != tag) va[j] = ld_tagged(pp + (long long)kp * dm + i);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < LY_HV; ++j) {
+        o[j] += __uint_as_float((unsigned)va[j]);
+        va[j] = vb[j];
+      }
     }
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) {
@@ -1978,6 +2045,12 @@ __device__ void layers(const LayersArgs& a) {
   };
   const T* bo_prev = nullptr;  // out_proj's bias of the layer before
   pdl_wait();
+  // this step's tags: layer l's out_proj partials and y carry tag0 + l (y its low 16 bits); a slot
+  // holds this layer's value or one written before (a smaller tag, also modulo 2^16 for y: the last
+  // layer or step before), so no reset between steps. Block 0 counts the step once every block has
+  // read the count (after the first grid barrier).
+  step0 = __ldcg(a.stepc);
+  tag0 = step0 * (unsigned)a.n_layer + 1u;
   for (int l = 0; l < (int)a.n_layer; ++l) {
     const LayerPtrs P = a.L[l];  // by value: loaded before the barrier below
     if (tid == 0) LY_MARK(l, 0);
@@ -1988,10 +2061,9 @@ __device__ void layers(const LayersArgs& a) {
       const int i = tid + j * LY_CT;
       nwv[j] = i < dm ? to_float(static_cast<const T*>(P.norm_w)[i]) : 0.f;
     }
-    if (l > 0) ly_grid_sync(a.bar, epoch);  // out_proj of l - 1 complete
-    if (tid == 0) LY_MARK(l, 1);
-    // -- h, its norm into xs; this block's slice of h to hbuf
+    // -- h (with out_proj(l - 1)'s sums as they come), its norm into xs; this block's slice of h to hbuf
     h_add(l, bo_prev);
+    if (tid == 0) LY_MARK(l, 1);
     float ssq = 0.f;
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) ssq = fmaf(hv[j], hv[j], ssq);
@@ -2049,7 +2121,10 @@ __device__ void layers(const LayersArgs& a) {
       }
     }
     ly_grid_sync(a.bar, epoch);  // x_proj complete
-    if (l == 0) pdl_launch_dependents();  // every block is resident: the head may be scheduled
+    if (l == 0) {
+      pdl_launch_dependents();  // every block is resident: the head may be scheduled
+      if (blockIdx.x == 0 && tid == 0) *a.stepc = step0 + 1u;
+    }
     if (tid == 0) LY_MARK(l, 4);
     // -- the state update of this block's channels
     for (int j = tid; j < R; j += LY_CT) xrow[j] = round_t<T>(a.xacc[(long long)l * R + j]);
@@ -2078,7 +2153,8 @@ __device__ void layers(const LayersArgs& a) {
           *reinterpret_cast<float4*>(P.ssm_state + (slot * d + c0 + li) * n + gi * 4) = hv;
           if (gi == 0) {
             const float yv = (P.D ? fmaf(Dv[li], uv, yp) : yp) * silu(uz[CH + li]);
-            static_cast<T*>(a.y)[c0 + li] = from_float<T>(yv);
+            const T yt = from_float<T>(yv);
+            st_tagged(a.y + c0 + li, ((tag0 + (unsigned)l) << 16) | *reinterpret_cast<const unsigned short*>(&yt));
           }
         }
       }
@@ -2086,31 +2162,67 @@ __device__ void layers(const LayersArgs& a) {
     ly_bar();
     if (tid == 0) mbar_arrive(sempty);  // the side buffer is free: the producer fills it with layer l + 1's
     if (tid == 0) LY_MARK(l, 5);
-    ly_grid_sync(a.bar, epoch);  // y complete
-    if (tid == 0) LY_MARK(l, 6);
-    // -- out_proj tiles of this block, split K; each row group's sums added into oacc[l]
+    // -- y into xs as it comes (every block's state update; no barrier): four tagged words per load
     {
-      const uint4* ys = static_cast<const uint4*>(a.y);
-      for (int i = tid; i < d / 8; i += LY_CT) reinterpret_cast<uint4*>(xs)[i] = ys[i];
+      const unsigned ty = (tag0 + (unsigned)l) & 0xffffu;
+      auto stale = [&](const uint4& v) {
+        return (v.x >> 16) != ty || (v.y >> 16) != ty || (v.z >> 16) != ty || (v.w >> 16) != ty;
+      };
+      uint4 v[LY_YV];
+#pragma unroll
+      for (int m = 0; m < LY_YV; ++m) {
+        const int i = tid + m * LY_CT;
+        v[m] = i < d / 4 ? ld_tagged4(a.y + 4 * i) : make_uint4(ty << 16, ty << 16, ty << 16, ty << 16);
+      }
+      for (;;) {  // until every word is this layer's
+        bool any = false;
+#pragma unroll
+        for (int m = 0; m < LY_YV; ++m) any |= stale(v[m]);
+        if (!any) break;
+#pragma unroll
+        for (int m = 0; m < LY_YV; ++m)
+          if (stale(v[m])) v[m] = ld_tagged4(a.y + 4 * (tid + m * LY_CT));
+      }
+#pragma unroll
+      for (int m = 0; m < LY_YV; ++m) {
+        const int i = tid + m * LY_CT;
+        if (i < d / 4)
+          reinterpret_cast<uint2*>(xs)[i] = make_uint2((v[m].x & 0xffffu) | (v[m].y << 16), (v[m].z & 0xffffu) | (v[m].w << 16));
+      }
     }
     ly_bar();
+    if (tid == 0) LY_MARK(l, 6);
+    // -- out_proj tiles of this block, split K; the sums of each row group's run of tiles are partial
+    // (b - the block of the row group's first tile) of its rows in part[l & 1]; the block with the row
+    // group's last tile fills the partials after its own with tagged zeros
     float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    const unsigned long long ptag = (unsigned long long)(tag0 + (unsigned)l) << 32;
+    unsigned long long* pp = a.part + (long long)(l & 1) * NP * dm;
     for (int tt = wk.t0; tt < wk.t1; ++tt) {
       const int rg = tt / wk.nchunk;
       consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 9);
       if (tt + 1 == wk.t1 || (tt + 1) / wk.nchunk != rg) {
         float acc = 0.f;
         reduce16(dd, acc);
-        if (tid < 16) atomicAdd(a.oacc + (long long)l * dm + 16 * rg + tid, acc);
+        if (tid < 16) {
+          const int kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);
+          const long long row = 16LL * rg + tid;
+          st_tagged(pp + (long long)kp * dm + row, ptag | __float_as_uint(acc));
+          if ((tt + 1) % wk.nchunk == 0)
+            for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
+        }
         dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
       }
+    }
+    if (wk.t0 == wk.t1 && wk.t0 < wk.NT && tid < 16) {  // no tiles (more blocks than tiles): a zero
+      const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // partial in
+      if (kp >= 0) st_tagged(pp + (long long)kp * dm + 16LL * rg + tid, ptag);        // the row group's range
     }
     if (tid == 0) LY_MARK(l, 7);
     bo_prev = static_cast<const T*>(P.b_out);
   }
   const int nl = (int)a.n_layer;
   h_load(nl);
-  ly_grid_sync(a.bar, epoch);  // the last out_proj complete
   h_add(nl, bo_prev);
   float ssq = 0.f;
 #pragma unroll

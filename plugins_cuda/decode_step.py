@@ -63,6 +63,7 @@ BULK_MIN_IN_PROJ = 32 << 20
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
 LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
+LY_MAX_DINNER = 4 * 8 * LY_WARPS * 32  # .cu LY_YV loads of four y words per consumer thread
 LY_STAGES = (4, 16)
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
@@ -81,6 +82,19 @@ def layers_smem(dm: int, d: int, n: int, r: int, k: int, stages: int, grid: int)
     side = (_up16(ch * (k - 1) * 2) + _up16(ch * k * 2) + _up16(ch * 2) + _up16(ch * R * 2)
             + _up16(ch * r * 2) + _up16(ch * 4) + _up16(ch * n * 4) + _up16(ch * 4) + _up16(ch * n * 4))
     return stages * BULK_STAGE_BYTES, head + side
+
+
+def layers_partials(dm: int, d: int, grid: int) -> int:
+    """Partial sums per out_proj output of `layers` (.cu: the most blocks whose out_proj tiles share a
+    row group; tile t of (dm / 16) x ceil(d / BULK_KS), row-group major, in the block b with
+    b NT / G <= t < (b + 1) NT / G)."""
+    nc = -(-d // BULK_KS)
+    nt = dm // 16 * nc
+
+    def owner(t):
+        return ((t + 1) * grid + nt - 1) // nt - 1
+
+    return max(owner(rg * nc + nc - 1) - owner(rg * nc) + 1 for rg in range(dm // 16))
 
 
 def residual_norm_threads(K: int) -> int:
@@ -167,8 +181,9 @@ ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx"
                                           ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P),
                                           ("d", _L), ("k", _L), ("R", _L)])
 LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
-                                    ("oacc", _P), ("y", _P), ("bar", _P), ("n_layer", _L), ("dm", _L), ("d", _L),
-                                    ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L), ("eps", _F)])
+                                    ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
+                                    ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
+                                    ("P", _L), ("eps", _F)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -385,13 +400,15 @@ class DecodeKernels:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
-    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int] | None:
-        """(grid, shared bytes, stages) of the persistent `layers` kernel for this shape, or None where it
-        does not apply: the copy-engine GEMV kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up:
-        gemv_for), dm and d multiples of 16 (whole 16-wide mma steps), dm at most LY_MAX_DMODEL,
-        LAYERS_KERNEL on, and at least LY_STAGES[0] stages fitting one block per SM beside the rest of
-        its shared memory. (Every pointer must also be 16-byte aligned: the caller checks.)"""
-        if not (LAYERS_KERNEL and self.gemv == "bulk" and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL):
+    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int, int] | None:
+        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials) of the
+        persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
+        kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for), dm and d multiples of 16
+        (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
+        and at least LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory.
+        (Every pointer must also be 16-byte aligned: the caller checks.)"""
+        if not (LAYERS_KERNEL and self.gemv == "bulk" and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL
+                and d <= LY_MAX_DINNER):
             return None
         grid = self.sm_count
         ring, rest = layers_smem(dm, d, n, r, k, 1, grid)
@@ -402,16 +419,19 @@ class DecodeKernels:
         smem = ring + rest
         if self._resident(f"layers_{self.tag}", LY_THREADS, smem) < 1:
             return None
-        return grid, smem, stages
+        return grid, smem, stages, layers_partials(dm, d, grid)
 
-    def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, res_fp32,
-               eps) -> Launch:
+    def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
+               res_fp32, eps) -> Launch:
         """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), with cfg what
         layers_launch gave for this shape. table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the
-        grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc,
-        oacc, bar zero before every step."""
-        grid, smem, stages = cfg
-        a = LayersArgs(table, idx, h, ss, hbuf, xacc, oacc, y, bar, n_layer, dm, d, n, r, k, int(res_fp32), stages, eps)
+        grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc and
+        bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
+        32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
+        one before)."""
+        grid, smem, stages, P = cfg
+        a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
+                       stages, P, eps)
         return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

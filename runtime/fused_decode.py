@@ -64,16 +64,18 @@ class DecodeBucket:
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
         # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
         # conv_xproj's blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
-        # kernels hand out their rows through it); for the persistent kernel, out_proj's accumulators
-        # and its grid barrier's counter
+        # kernels hand out their rows through it); for the persistent kernel, its grid barrier's counter
         n_acc, n_ctr = (c.n_layer * B * R if self.fold_x else 0), (2 * c.n_layer + 1 if self.gemv else 0)
-        n_ly = c.n_layer * dm + 1 if self.ly else 0
+        n_ly = 1 if self.ly else 0
         self.zeroed = torch.zeros(n_acc + n_ctr + n_ly, **f32) if n_acc + n_ctr + n_ly else None
         if self.fold_x:
             self.acc = self.zeroed[:n_acc].view(c.n_layer, B, R)
         if self.ly:
-            self.oacc = self.zeroed[n_acc + n_ctr:n_acc + n_ctr + c.n_layer * dm].view(c.n_layer, dm)
             self.bar = self.zeroed[-1:].view(torch.int32)
+            # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
+            self.part = torch.zeros(2, self.ly[3], dm, dtype=torch.int64, device=dev)
+            self.y_tagged = torch.zeros(d, dtype=torch.int32, device=dev)
+            self.stepc = torch.zeros(1, dtype=torch.int32, device=dev)
             self.hbuf = torch.empty(2, dm, **f32)
             self.ss_layers = torch.empty(self.ly[0], **f32)
         if self.gemv:
@@ -132,7 +134,7 @@ class FusedDecoder:
         return 0 if t is None else t.data_ptr()
 
     def layers_launch(self):
-        """(grid, shared bytes, stages) of the persistent kernel that runs every layer of a batch-1 step,
+        """(grid, shared bytes, stages, partials) of the persistent kernel that runs every layer of a batch-1 step,
         or None where it does not serve this model (decode_step.DecodeKernels.layers_launch). Read at
         each bucket's creation (the tests switch decode_step.LAYERS_KERNEL)."""
         c = self.config
@@ -181,8 +183,8 @@ class FusedDecoder:
                                eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
         if bk.ly:  # every layer in one kernel; the head reads its h and partial sums
             out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
-                                ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), oacc=p(bk.oacc), y=p(bk.y),
-                                bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv,
+                                ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
+                                y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv,
                                 res_fp32=res32, eps=self.eps))
             ss, G = bk.ss_layers, bk.ly[0]
             layers = []

@@ -48,3 +48,43 @@ def test_shape_limits_are_named():
     assert "d_conv 9" in decode_step.why_unsupported(16, 9, 8, "float16")
     assert "exceeds" in decode_step.why_unsupported(16, 4, 1000, "float16")
     assert "float64" in decode_step.why_unsupported(16, 4, 8, "float64")
+
+
+@pytest.mark.parametrize("dm,d", [(160, 320), (544, 1088), (768, 1536), (1024, 2048), (1536, 3072),
+                                  (2048, 4096), (2560, 5120), (4096, 8192)])
+@pytest.mark.parametrize("grid", [132, 114, 78, 7])
+def test_layers_partial_slots_are_each_written_once(dm, d, grid):
+    """The persistent kernel's out_proj exchange (decode_step.cu, `layers`): every block writes the
+    partial sums of its run of tiles in a row group into slot (block - the block of the row group's first
+    tile); the block with the row group's last tile fills the slots after its own with zeros; a block
+    without tiles writes a zero into its slot of the row group its (empty) range starts in. Readers wait
+    for every one of the P slots (layers_partials) of every output, so each must be written exactly once
+    per layer, for any grid (else the kernel would wait forever or add a stale value)."""
+    nc = -(-d // decode_step.BULK_KS)
+    nt = dm // 16 * nc
+    P = decode_step.layers_partials(dm, d, grid)
+    bounds = [b * nt // grid for b in range(grid + 1)]  # .cu LyWork: t0 (b) = b NT / G
+
+    def first_block(t):  # the block whose tiles include tile t, from the bounds themselves
+        return max(b for b in range(grid) if bounds[b] <= t < bounds[b + 1])
+
+    writes = {}
+    for b in range(grid):
+        t0, t1 = bounds[b], bounds[b + 1]
+        for t in range(t0, t1):
+            rg = t // nc
+            if t + 1 == t1 or (t + 1) // nc != rg:  # the end of the block's run in row group rg
+                kp = b - first_block(rg * nc)
+                writes[kp, rg] = writes.get((kp, rg), 0) + 1
+                if (t + 1) % nc == 0:
+                    for z in range(kp + 1, P):
+                        writes[z, rg] = writes.get((z, rg), 0) + 1
+        if t0 == t1 and t0 < nt:
+            rg = t0 // nc
+            kp = b - max(b2 for b2 in range(grid) if bounds[b2] <= rg * nc < bounds[b2 + 1])
+            if kp >= 0:
+                writes[kp, rg] = writes.get((kp, rg), 0) + 1
+    assert all(0 <= kp < P for kp, _ in writes), (P, sorted(writes)[-3:])
+    missing = [(kp, rg) for kp in range(P) for rg in range(dm // 16) if writes.get((kp, rg), 0) != 1]
+    assert not missing, (P, missing[:5])
+    assert P == max(first_block(rg * nc + nc - 1) - first_block(rg * nc) + 1 for rg in range(dm // 16))
