@@ -89,6 +89,15 @@ def test_layers_kernel_with_biases_and_residual_in_dtype(dtype):
     _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk")
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_layers_kernel_tags_wrap(dtype):
+    """The persistent kernel's tagged exchanges (out_proj's partial sums: 32-bit tags; y: 16-bit tags)
+    across the wrap of both tags: the step counter set so that the second step's tags end at 2^32 - 1
+    (0xffff for y) and the third step's start again at 0, the tagged buffers holding the tag of the
+    step before's last layer, as they would after that many steps."""
+    _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk", stepc=(2**32 - 2) // LAYERS_CASE["n_layer"] - 1)
+
+
 @pytest.mark.parametrize("gemv", [None, "bulk"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,7 +130,7 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv, fold=None):
+def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -154,6 +163,12 @@ def _check_steps(case, dtype, batch, gemv, fold=None):
         assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
+    if stepc is not None:  # the persistent kernel's step counter, its tagged buffers as after that many steps
+        assert bk.ly, "the step counter belongs to the persistent kernel"
+        last = (stepc * cfg.n_layer) % 2**32  # the tag of the last layer of the step before
+        bk.stepc.fill_(stepc)
+        bk.y_tagged.fill_(((last & 0xFFFF) << 16) - (2**32 if last & 0x8000 else 0))
+        bk.part.fill_((last << 32) - (2**64 if last >= 2**31 else 0))
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
