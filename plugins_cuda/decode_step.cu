@@ -1740,6 +1740,7 @@ struct LayersArgs {
   unsigned* stepc;        // [1] steps run (the tags' base), kept
   unsigned* bar;          // grid barrier counter, zero
   long long n_layer, dm, d, n, r, k, res_fp32, stages, P;
+  long long poll_ns;      // pause between rounds of polling stale tagged words (0: none)
   float eps;
 };
 
@@ -2025,6 +2026,7 @@ __device__ void layers(const LayersArgs& a) {
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) stale |= tid + j * LY_CT < dm && (unsigned)(va[j] >> 32) != tag;
         if (!stale) break;
+        if (a.poll_ns) __nanosleep((unsigned)a.poll_ns);
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) {
           const int i = tid + j * LY_CT;
@@ -2179,6 +2181,7 @@ __device__ void layers(const LayersArgs& a) {
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m) any |= stale(v[m]);
         if (!any) break;
+        if (a.poll_ns) __nanosleep((unsigned)a.poll_ns);
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m)
           if (stale(v[m])) v[m] = ld_tagged4(a.y + 4 * (tid + m * LY_CT));
