@@ -61,6 +61,9 @@ BULK_MIN_IN_PROJ = 32 << 20
 # .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
 # of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
+# 1: the persistent kernel also for models of the load-fed tensor-core kind (below mamba-1.4b; it needs
+# sm_90+ either way), where the batch-2 bucket keeps that kind; to measure on mamba-130m / 370m
+LY_ANY_KIND = 0
 LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
 LY_MAX_DINNER = 4 * 8 * LY_WARPS * 32  # .cu LY_YV loads of four y words per consumer thread
@@ -410,7 +413,8 @@ class DecodeKernels:
         (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
         and at least LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory.
         (Every pointer must also be 16-byte aligned: the caller checks.)"""
-        if not (LAYERS_KERNEL and self.gemv == "bulk" and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL
+        kind = self.gemv == "bulk" or (LY_ANY_KIND and self.gemv == "mma" and self.arch >= 90)
+        if not (LAYERS_KERNEL and kind and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL
                 and d <= LY_MAX_DINNER):
             return None
         grid = self.sm_count

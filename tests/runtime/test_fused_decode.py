@@ -90,6 +90,16 @@ def test_layers_kernel_with_biases_and_residual_in_dtype(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
+    """decode_step.LY_ANY_KIND: the persistent kernel at batch 1 of a model whose GEMVs are the load-fed
+    tensor-core kind (the head's norm_gemv then of that kind, reading the kernel's partial sums)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LY_ANY_KIND", 1)
+    _check_steps(LAYERS_CASE, dtype, 1, gemv=None)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_tags_wrap(dtype):
     """The persistent kernel's tagged exchanges (out_proj's partial sums: 32-bit tags; y: 16-bit tags)
     across the wrap of both tags: the step counter set so that the second step's tags end at 2^32 - 1
@@ -116,7 +126,8 @@ def _expected_layers(cfg, dtype, gemv, bucket, arch):
     of 16, LAYERS_KERNEL on."""
     from mamba_rt.plugins_cuda import decode_step
 
-    return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and gemv == "bulk"
+    kind = gemv == "bulk" or (decode_step.LY_ANY_KIND and gemv in (None, "mma"))
+    return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and kind
                 and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
 
 
