@@ -1998,27 +1998,26 @@ __device__ void layers(const LayersArgs& a) {
       hv[j] = i < dm ? hin[i] : 0.f;
     }
   };
-  // out_proj(l - 1)'s sums: the P tagged partials of each element (part[(l - 1) & 1]), read as they
-  // come (a round of loads for partial k + 1 in flight while those of k are checked), summed in order
+  // out_proj(l - 1)'s sums: the P tagged partials of each element (part[(l - 1) & 1]), partial k polled
+  // until current for all of the thread's elements, then partial k + 1; summed in that order
   auto h_add = [&](int l, const T* bo) {
     if (l == 0) return;
     const unsigned tag = tag0 + (unsigned)(l - 1);
     const unsigned long long* pp = a.part + (long long)((l - 1) & 1) * NP * dm;
     float o[LY_HV];
-    unsigned long long va[LY_HV], vb[LY_HV];
-#pragma unroll
+    unsigned long long va[LY_HV];  // one partial per element in flight: the kernel's 168 registers (1 block
+#pragma unroll                     // of 288 threads per SM) leave no room for a second without spilling
     for (int j = 0; j < LY_HV; ++j) {
       const int i = tid + j * LY_CT;
       o[j] = i < dm && bo ? to_float(bo[i]) : 0.f;
       va[j] = i < dm ? ld_tagged(pp + i) : 0ull;
-      vb[j] = 0ull;
     }
     for (int kp = 0; kp < NP; ++kp) {
-      if (kp + 1 < NP) {
+      if (kp > 0) {
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) {
           const int i = tid + j * LY_CT;
-          vb[j] = i < dm ? ld_tagged(pp + (long long)(kp + 1) * dm + i) : 0ull;
+          va[j] = i < dm ? ld_tagged(pp + (long long)kp * dm + i) : 0ull;
         }
       }
       for (;;) {  // until every element's partial kp is this layer's
@@ -2034,10 +2033,7 @@ __device__ void layers(const LayersArgs& a) {
         }
       }
 #pragma unroll
-      for (int j = 0; j < LY_HV; ++j) {
-        o[j] += __uint_as_float((unsigned)va[j]);
-        va[j] = vb[j];
-      }
+      for (int j = 0; j < LY_HV; ++j) o[j] += __uint_as_float((unsigned)va[j]);
     }
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) {
