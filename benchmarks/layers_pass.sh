@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One device pass for the branch exp/tagged-exchange (benchmarks/NOTES.md, item 40), every step under a
-# timeout (its first version hung): the fused-decode GPU tests, then same-process A/B runs and the
-# phase trace. Results under $OUT (default ./layers-pass).
+# One device pass over the persistent decode kernel (benchmarks/NOTES.md, items 40-42), every step under
+# a timeout (a kernel that waits on a tag nobody writes would hang): the fused-decode GPU tests, then
+# same-process A/B runs and the phase trace. Results under $OUT (default ./layers-pass).
 #   bash benchmarks/layers_pass.sh
 set -u
 cd "$(dirname "$0")/.."
 out=${OUT:-layers-pass}
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the trace runs from benchmarks/
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 export MAMBA_RT_CACHE_DIR=${MAMBA_RT_CACHE_DIR:-/tmp/mamba-rt-cache}
 timeout 240 python -m pytest -v -p no:cacheprovider -m gpu -rs -x tests/runtime/test_fused_decode.py > "$out/tests.log" 2>&1
@@ -14,6 +14,6 @@ echo "tests exit $? (124: timed out)"; grep -c PASSED "$out/tests.log"; grep -v 
 grep -q " passed" "$out/tests.log" && ! grep -q " failed" "$out/tests.log" || exit 1
 ab() { timeout 240 python benchmarks/profile_decode.py --batches 1 --ab-rounds 6 "$@" 2>&1 | grep '"ab"' | tee -a "$out/ab.jsonl"; }
 ab --configs 1.4b,2.8b --ab LAYERS_KERNEL=0/1
-ab --configs 130m,370m --ab LY_ANY_KIND=0/1
+ab --configs 130m,370m,790m --ab LY_ANY_KIND_MIN_DMODEL=100000/0
 ab --configs 1.4b,2.8b --ab LY_POLL_NS=0/200/1000
-(cd benchmarks && timeout 120 python trace_layers.py --configs 2.8b,1.4b --out "../$out/trace.json" 2>&1 | tail -34)
+(cd benchmarks && timeout 120 python trace_layers.py --configs 2.8b,1.4b --out "$out/trace.json" 2>&1 | tail -34)

@@ -61,9 +61,11 @@ BULK_MIN_IN_PROJ = 32 << 20
 # .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
 # of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
-# 1: the persistent kernel also for models of the load-fed tensor-core kind (below mamba-1.4b; it needs
-# sm_90+ either way), where the batch-2 bucket keeps that kind; to measure on mamba-130m / 370m
-LY_ANY_KIND = 0
+# The persistent kernel also for models of the load-fed tensor-core kind (below mamba-1.4b; sm_90+ either
+# way; the batch-2 bucket keeps that kind) from this d_model up (0: every size). H100 fp16, GPU ms per
+# step, four kernels / persistent, same process (benchmarks/NOTES.md, item 42): 130m (768) 0.321 / 0.325,
+# 370m (1024) 0.752 / 0.684, 790m (1536) 1.162 / 1.010.
+LY_ANY_KIND_MIN_DMODEL = 1024
 LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
 LY_MAX_DINNER = 4 * 8 * LY_WARPS * 32  # .cu LY_YV loads of four y words per consumer thread
@@ -409,11 +411,12 @@ class DecodeKernels:
     def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int, int, int] | None:
         """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_POLL_NS) of the
         persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
-        kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for), dm and d multiples of 16
+        kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
+        LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
         (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
         and at least LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory.
         (Every pointer must also be 16-byte aligned: the caller checks.)"""
-        kind = self.gemv == "bulk" or (LY_ANY_KIND and self.gemv == "mma" and self.arch >= 90)
+        kind = self.gemv == "bulk" or (dm >= LY_ANY_KIND_MIN_DMODEL and self.gemv == "mma" and self.arch >= 90)
         if not (LAYERS_KERNEL and kind and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL
                 and d <= LY_MAX_DINNER):
             return None
