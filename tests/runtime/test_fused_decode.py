@@ -333,9 +333,10 @@ def test_draw_kernel_takes_rows_up_to_its_register_capacity():
 @pytest.mark.parametrize("d_model", [1536, 2048])
 def test_default_gemv_by_model_size(d_model):
     """Models whose in_proj has 32 MiB or more (d_model 2048 in fp16: mamba-1.4b's) take the copy-engine
-    GEMVs by default on sm_90+, smaller ones the load-fed tensor-core kind; with the copy-engine kind a
-    batch-1 step runs its layers in the persistent kernel (decode_step.LAYERS_KERNEL); one step of the
-    larger shape (one layer) against the reference."""
+    GEMVs by default on sm_90+, smaller ones the load-fed tensor-core kind; a batch-1 step runs its layers
+    in the persistent kernel (decode_step.LAYERS_KERNEL) with the copy-engine kind, and with the load-fed
+    one from d_model LY_ANY_KIND_MIN_DMODEL up on sm_90+ (both sizes here); one step of each shape (one
+    layer) against the reference."""
     from mamba_rt.plugins_cuda import decode_step
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -349,7 +350,8 @@ def test_default_gemv_by_model_size(d_model):
     assert big == (d_model == 2048)
     assert dec.k.gemv == ("bulk" if big and dec.k.arch >= 90 else "mma")
     bk = dec.bucket(1)
-    assert (bk.ly is not None) == (dec.k.gemv == "bulk" and bool(decode_step.LAYERS_KERNEL))
+    persistent = dec.k.gemv == "bulk" or (dec.k.arch >= 90 and d_model >= decode_step.LY_ANY_KIND_MIN_DMODEL)
+    assert (bk.ly is not None) == (persistent and bool(decode_step.LAYERS_KERNEL))
     h_conv, h_ssm = conv[:, :1].float().clone(), ssm[:, :1].clone()  # before the step updates them
     ids = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
     bk.logits.fill_(float("nan"))
