@@ -1689,16 +1689,17 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 //     itself; block b writes its slice of h to the other half of hbuf.
 // One grid barrier per layer (after x_proj, whose sums are atomic) instead of three; a tagged word is
 // either this layer's or an older one, so the tagged buffers are never reset (benchmarks/NOTES.md,
-// item 40; written and checked in a simulation of the slots, NOT yet run on a GPU).
+// items 40-42).
 // The channels' side data of a layer (conv state and weights, W_x^T rows, dt_proj rows, dt bias, A, D,
 // SSM state; each a contiguous range of the block's channels) arrives by bulk copies into one side
 // buffer, issued by the producer once the consumers are done with the layer before's (after its state
 // update); the norm weight is read into registers before the out_proj sums are awaited. After the
 // last layer: h and per-block sums of squares for the head's norm_gemv. The barrier's counter is zeroed
 // before the step. The head follows as its own launch (norm_gemv, PDL).
-// Measured (benchmarks/NOTES.md, item 39): 1.4b 1.59 -> 1.44 ms per step, 2.8b 2.74 -> 2.63 on an
-// H100; where the time goes is in benchmarks/trace_layers.py's phase trace: each grid barrier and each
-// dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
+// Measured against the four kernels per layer (benchmarks/NOTES.md, items 39 and 42; H100, GPU ms per
+// step): three barriers per layer, 1.4b 1.59 -> 1.44, 2.8b 2.74 -> 2.63; with the tagged exchanges, 1.4b
+// 1.60 -> 1.30, 2.8b 2.73 -> 2.36, 790m 1.16 -> 1.01, 370m 0.75 -> 0.68. Where the time goes is in
+// benchmarks/trace_layers.py's phase trace: each grid barrier and each dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
 // system, and those gaps are longer than the ring of stages can cover, so the stream still stalls.
 // Filling the gaps with more traffic (L2 prefetch past the ring) made every round trip slower and the
 // step 17-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
