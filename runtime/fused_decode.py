@@ -185,8 +185,8 @@ class FusedDecoder:
         if bk.ly:  # every layer in one kernel; the head reads its h and partial sums
             out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
                                 ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
-                                y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d, n=n, r=r, k=c.d_conv,
-                                res_fp32=res32, eps=self.eps))
+                                y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d,
+                                n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps))
             ss, G = bk.ss_layers, bk.ly[0]
             layers = []
         for i, layer in enumerate(layers):

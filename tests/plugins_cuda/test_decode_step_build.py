@@ -81,7 +81,7 @@ def test_layers_partial_slots_are_each_written_once(dm, d, grid):
                         writes[z, rg] = writes.get((z, rg), 0) + 1
         if t0 == t1 and t0 < nt:
             rg = t0 // nc
-            kp = b - max(b2 for b2 in range(grid) if bounds[b2] <= rg * nc < bounds[b2 + 1])
+            kp = b - first_block(rg * nc)
             if kp >= 0:
                 writes[kp, rg] = writes.get((kp, rg), 0) + 1
     assert all(0 <= kp < P for kp, _ in writes), (P, sorted(writes)[-3:])

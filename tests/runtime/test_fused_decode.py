@@ -91,8 +91,9 @@ def test_layers_kernel_with_biases_and_residual_in_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
-    """decode_step.LY_ANY_KIND_MIN_DMODEL (0 here): the persistent kernel at batch 1 of a model whose GEMVs are the load-fed
-    tensor-core kind (the head's norm_gemv then of that kind, reading the kernel's partial sums)."""
+    """decode_step.LY_ANY_KIND_MIN_DMODEL (0 here): the persistent kernel at batch 1 of a model whose GEMVs
+    are the load-fed tensor-core kind (the head's norm_gemv then of that kind, reading the kernel's partial
+    sums)."""
     from mamba_rt.plugins_cuda import decode_step
 
     monkeypatch.setattr(decode_step, "LY_ANY_KIND_MIN_DMODEL", 0)
@@ -123,8 +124,7 @@ def test_fused_steps_four_kernels_per_layer_at_batch_1(case, dtype, gemv, monkey
 def _expected_layers(cfg, dtype, gemv, bucket, arch):
     """Whether a bucket takes the persistent kernel of every layer: batch 1, a 16-bit dtype on sm_90+,
     the copy-engine kind or, from LY_ANY_KIND_MIN_DMODEL up, the load-fed one (the small test models get
-    it only when asked for), d_model and d_inner multiples
-    of 16, LAYERS_KERNEL on."""
+    it only when asked for), d_model and d_inner multiples of 16, LAYERS_KERNEL on."""
     from mamba_rt.plugins_cuda import decode_step
 
     kind = gemv == "bulk" or (cfg.d_model >= decode_step.LY_ANY_KIND_MIN_DMODEL and gemv in (None, "mma"))
