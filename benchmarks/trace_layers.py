@@ -5,9 +5,11 @@ block records clock64 at the end of every phase of every layer (decode_step.cu, 
     cd benchmarks && python trace_layers.py [--configs 1.4b,2.8b] [--ghz 1.98] [--knob NAME=VAL]
                                             [--out trace.json]
 
-Per config: for each phase (waiting for out_proj's partial sums "sums_in", the norm, in_proj with the
-conv, x_proj + its barrier "xproj+B2", the state update, waiting for y "y_in", out_proj) the median, 90th
-percentile and largest duration in microseconds over blocks and layers (the first layer left out);
+Per config: for each phase (waiting for out_proj's partial sums "sums_in", the norm, in_proj's x rows
+with the conv "in_x", x_proj's share and the barrier's arrival "xproj", in_proj's z rows "in_z", the rest
+of the wait at the barrier "barrier", the state update, waiting for y "y_in", out_proj; with
+LY_XFIRST=0 "in_x" is all of in_proj and "in_z" empty) the median, 90th percentile and largest duration
+in microseconds over blocks and layers (the first layer left out);
 a layer's duration; the time consumer warp 0 waited for in_proj and out_proj stages; and when the
 producer warp had issued the layer's in_proj and out_proj stages, after the end of its "sums_in". Times
 are clock64 cycles at the given clock (the SM clock is not fixed here, so read them as shares).
@@ -24,8 +26,8 @@ from mamba_rt.plugins_cuda import decode_step, launcher
 from profile_decode import gpu_model, parse_knob
 
 TRACE_LAYERS = 64  # .cu: layers recorded (LY_MARK)
-TRACE_SLOTS = 12
-PHASES = ["sums_in", "norm", "in_proj", "xproj+B2", "ssm", "y_in", "out_proj"]
+TRACE_SLOTS = 16
+PHASES = ["sums_in", "norm", "in_x", "xproj", "in_z", "barrier", "ssm", "y_in", "out_proj"]  # slots 0-9
 
 
 def trace(name: str, ghz: float) -> dict:
@@ -63,9 +65,9 @@ def trace(name: str, ghz: float) -> dict:
 
     out = {p: stats(t[:, 1:, i + 1] - t[:, 1:, i]) for i, p in enumerate(PHASES)}
     out["layer"] = stats(t[:, 1:, 0] - t[:, :-1, 0])
-    out["wait_in"], out["wait_out"] = stats(t[:, 1:, 8]), stats(t[:, 1:, 9])
-    out["producer_in_issued_after_sums_in"] = stats(t[:, 1:, 10] - t[:, 1:, 1])
-    out["producer_out_issued_after_sums_in"] = stats(t[:, 1:, 11] - t[:, 1:, 1])
+    out["wait_in"], out["wait_out"] = stats(t[:, 1:, 10]), stats(t[:, 1:, 11])
+    out["producer_in_issued_after_sums_in"] = stats(t[:, 1:, 12] - t[:, 1:, 1])
+    out["producer_out_issued_after_sums_in"] = stats(t[:, 1:, 13] - t[:, 1:, 1])
     return out
 
 

@@ -1674,12 +1674,14 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // barriers with load-fed GEMVs and lost; this one never lets the weight stream wait for a barrier.
 //
 // Work of block b (G blocks, one per SM, all resident: the host checks):
-//   * in_proj in units of 8 channels: a unit is the 16 rows x[c .. c+7] and z[c .. c+7] of W_in, so the
-//     block that reduces a unit runs those channels' conv update (state in place) and keeps u and z in
-//     shared memory. The block takes the units [u0, u1) (balanced), i.e. the channels [8 u0, 8 u1).
+//   * in_proj by channels: the block takes the units of 8 channels [u0, u1) (balanced), i.e. the
+//     channels [8 u0, 8 u1) and their rows of W_in, x and z, so the block that reduces a channel's x row
+//     runs its conv update (state in place) and keeps u and z in shared memory.
+//     The block streams its x rows first, then its z rows, in groups of 16 (LyWork::row).
 //   * x_proj: the block's share over its channels (from x_proj's transposed copy W_x^T [d, R], fp32
-//     atomics into xacc[l]); after a grid barrier, the state update of its channels (dt_proj,
-//     softplus, state, D, gate) writes y, each value tagged with the layer and step.
+//     atomics into xacc[l]) once its x rows are in, then its arrival at a grid barrier, then its z rows:
+//     the barrier's round trips overlap the z rows' stream. After the barrier, the state update of its
+//     channels (dt_proj, softplus, state, D, gate) writes y, each value tagged with the layer and step.
 //   * out_proj in tiles of 16 rows x BULK_KS columns (split K), the block taking the tiles [t0, t1),
 //     once the y it reads carries this layer's tag (no barrier). A block's run of tiles in one row
 //     group gives one partial sum per row, written tagged into its own slot (the block's distance from
@@ -1689,7 +1691,7 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 //     itself; block b writes its slice of h to the other half of hbuf.
 // One grid barrier per layer (after x_proj, whose sums are atomic) instead of three; a tagged word is
 // either this layer's or an older one, so the tagged buffers are never reset (benchmarks/NOTES.md,
-// items 40-42).
+// items 40-43).
 // The channels' side data of a layer (conv state and weights, W_x^T rows, dt_proj rows, dt bias, A, D,
 // SSM state; each a contiguous range of the block's channels) arrives by bulk copies into one side
 // buffer, issued by the producer once the consumers are done with the layer before's (after its state
@@ -1698,18 +1700,19 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // before the step. The head follows as its own launch (norm_gemv, PDL).
 // Measured against the four kernels per layer (benchmarks/NOTES.md, items 39 and 42; H100, GPU ms per
 // step): three barriers per layer, 1.4b 1.59 -> 1.44, 2.8b 2.74 -> 2.63; with the tagged exchanges, 1.4b
-// 1.60 -> 1.30, 2.8b 2.73 -> 2.36, 790m 1.16 -> 1.01, 370m 0.75 -> 0.68. Where the time goes is in
+// 1.60 -> 1.30, 2.8b 2.73 -> 2.36, 790m 1.16 -> 1.01, 370m 0.75 -> 0.68; with x rows first (item 43),
+// 1.4b 1.60 -> 1.28, 2.8b 2.74 -> 2.26 (and 2-6 % faster than unit by unit from 370m up). Where the time goes is in
 // benchmarks/trace_layers.py's phase trace: each grid barrier and each dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
 // system, and those gaps are longer than the ring of stages can cover, so the stream still stalls.
 // Filling the gaps with more traffic (L2 prefetch past the ring) made every round trip slower and the
 // step 17-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
-#ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 12 slots), clock64 at phase ends
+#ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 16 slots), clock64 at phase ends
 // (benchmarks/trace_layers.py reads them)
 }  // namespace mrt
 extern "C" __device__ long long mrt_ly_trace[MRT_LY_TRACE];
 namespace mrt {
-#define LY_AT(l, p) mrt_ly_trace[(blockIdx.x * 64 + (l)) * 12 + (p)]
-#define LY_ON(l) ((l) < 64 && (blockIdx.x + 1) * 64 * 12 <= MRT_LY_TRACE)
+#define LY_AT(l, p) mrt_ly_trace[(blockIdx.x * 64 + (l)) * 16 + (p)]
+#define LY_ON(l) ((l) < 64 && (blockIdx.x + 1) * 64 * 16 <= MRT_LY_TRACE)
 #define LY_MARK(l, p) do { if (LY_ON(l)) LY_AT(l, p) = clock64(); } while (0)
 #define LY_ADD(l, p, v) do { if (LY_ON(l)) LY_AT(l, p) += (v); } while (0)
 #else
@@ -1741,7 +1744,7 @@ struct LayersArgs {
   unsigned* stepc;        // [1] steps run (the tags' base), kept
   unsigned* bar;          // grid barrier counter, zero
   long long n_layer, dm, d, n, r, k, res_fp32, stages, P;
-  long long poll_ns;      // pause between rounds of polling stale tagged words (0: none)
+  long long xfirst;       // in_proj's rows in the order x then z (1) or per unit of LY_CH channels (0)
   float eps;
 };
 
@@ -1779,13 +1782,19 @@ struct LyLayout {
 
 __device__ __forceinline__ void ly_bar() { asm volatile("bar.sync 1, %0;" ::"r"(LY_CT) : "memory"); }
 
-// All consumer threads: a grid-wide barrier (the counter only grows; epoch: thread 0's target).
-__device__ __forceinline__ void ly_grid_sync(unsigned* bar, unsigned& epoch) {
+// All consumer threads: a grid-wide barrier in two halves, so that work can run between them (the
+// counter only grows; epoch: thread 0's target). Arrive: the block's writes so far are published.
+__device__ __forceinline__ void ly_grid_arrive(unsigned* bar, unsigned& epoch) {
   ly_bar();
   if (threadIdx.x == 0) {
     epoch += gridDim.x;
     __threadfence();
     atomicAdd(bar, 1u);
+  }
+}
+// Wait: every block has arrived (and its writes before the arrival are visible).
+__device__ __forceinline__ void ly_grid_wait(const unsigned* bar, unsigned epoch) {
+  if (threadIdx.x == 0) {
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
@@ -1828,6 +1837,19 @@ struct LyWork {
     h0 = (int)(b * a.dm / G); h1 = (int)((b + 1) * a.dm / G);
     nseg = (int)((a.dm + BULK_KS - 1) / BULK_KS);
     nchunk = (int)((a.d + BULK_KS - 1) / BULK_KS);
+  }
+  // in_proj row i < 16 of the block's group gq (gq < u1 - u0): channel li of the block's (x or z: isx).
+  // xfirst: the x rows of all the block's channels, then their z rows, so that x_proj's share and its
+  // barrier arrival come before the z rows are streamed; else group gq is unit u0 + gq (x rows, z rows)
+  __device__ __forceinline__ void row(bool xfirst, int gq, int i, bool& isx, int& li) const {
+    const int nch = LY_CH * (u1 - u0), j = 16 * gq + i;
+    isx = xfirst ? j < nch : i < LY_CH;
+    li = xfirst ? (isx ? j : j - nch) : LY_CH * gq + (i & (LY_CH - 1));
+  }
+  // the group after which every x row of the block is reduced (-1: the block has no channels)
+  __device__ __forceinline__ int x_done(bool xfirst) const {
+    const int nch = LY_CH * (u1 - u0);
+    return nch == 0 ? -1 : xfirst ? (nch - 1) / 16 : u1 - u0 - 1;
   }
 };
 
@@ -1881,18 +1903,21 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
   };
   for (int l = 0; l < (int)a.n_layer; ++l) {
     const T* wi = static_cast<const T*>(a.L[l].w_in);
-    for (int u = wk.u0; u < wk.u1; ++u) {
-      const long long row = lane < 8 ? (long long)LY_CH * u + lane : d + (long long)LY_CH * u + (lane - 8);
+    for (int gq = 0; gq < wk.u1 - wk.u0; ++gq) {
+      bool isx;
+      int li;
+      wk.row(a.xfirst, gq, lane & 15, isx, li);
+      const long long row = (long long)LY_CH * wk.u0 + li + (isx ? 0 : d);
       for (int sg = 0; sg < wk.nseg; ++sg)
         stage(wi + row * dm + sg * BULK_KS, (int)min((long long)BULK_KS, dm - sg * BULK_KS) * 2);
     }
-    if (threadIdx.x == LY_CT) LY_MARK(l, 10);
+    if (threadIdx.x == LY_CT) LY_MARK(l, 12);
     const T* wo = static_cast<const T*>(a.L[l].w_out);
     for (int tt = wk.t0; tt < wk.t1; ++tt) {
       const int rg = tt / wk.nchunk, ch = tt % wk.nchunk;
       stage(wo + (16LL * rg + lane) * d + (long long)ch * BULK_KS, (int)min((long long)BULK_KS, d - ch * BULK_KS) * 2);
     }
-    if (threadIdx.x == LY_CT) LY_MARK(l, 11);
+    if (threadIdx.x == LY_CT) LY_MARK(l, 13);
     // layer l + 1's side data once the consumers are done with layer l's (after its state update)
     if (l + 1 < (int)a.n_layer) {
       mbar_wait(sempty, l & 1);
@@ -2026,7 +2051,6 @@ __device__ void layers(const LayersArgs& a) {
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) stale |= tid + j * LY_CT < dm && (unsigned)(va[j] >> 32) != tag;
         if (!stale) break;
-        if (a.poll_ns) __nanosleep((unsigned)a.poll_ns);
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) {
           const int i = tid + j * LY_CT;
@@ -2077,22 +2101,48 @@ __device__ void layers(const LayersArgs& a) {
     }
     ly_bar();
     if (tid == 0) LY_MARK(l, 2);
-    // -- in_proj units: their conv update, u and z kept
+    // -- in_proj in groups of 16 rows (LyWork::row): x rows through their conv update into u, z rows
+    // kept; once every x row is in, this block's share of x_proj (atomics) and its arrival at the grid
+    // barrier, which the rest of the groups then cover (xfirst)
     const T* cs = reinterpret_cast<const T*>(sb + ly.cs);
     const T* cw = reinterpret_cast<const T*>(sb + ly.cw);
     const T* cb = reinterpret_cast<const T*>(sb + ly.cb);
     const T* bi = static_cast<const T*>(P.b_in);
-    for (int u = wk.u0; u < wk.u1; ++u) {
+    const int gx = wk.x_done(a.xfirst);
+    auto xproj = [&]() {
+      ly_bar();  // u of every channel of the block
+      mbar_wait(sfull, l & 1);
+      if (tid == 0) LY_MARK(l, 3);
+      if (nch) {
+        const T* wx = reinterpret_cast<const T*>(sb + ly.wx);
+        for (int j = tid; j < R; j += LY_CT) {
+          float sx[LY_CH] = {};
+          for (int l8 = 0; l8 < nch; l8 += LY_CH) {  // nch: a multiple of LY_CH; LY_CH sums in flight
+#pragma unroll
+            for (int i = 0; i < LY_CH; ++i) sx[i] = fmaf(to_float(wx[(l8 + i) * R + j]), uz[l8 + i], sx[i]);
+          }
+#pragma unroll
+          for (int i = 1; i < LY_CH; ++i) sx[0] += sx[i];
+          atomicAdd(a.xacc + (long long)l * R + j, sx[0]);
+        }
+      }
+      ly_grid_arrive(a.bar, epoch);  // x_proj's share of this block published
+      if (tid == 0) LY_MARK(l, 4);
+    };
+    if (gx < 0) xproj();
+    for (int gq = 0; gq < wk.u1 - wk.u0; ++gq) {
       float dd[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 8);
+      for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 10);
       float acc = 0.f;
       reduce16(dd, acc);
       if (tid < 16) {
-        mbar_wait(sfull, l & 1);  // this layer's side data, first used here (lands during the first unit)
-        const int li = LY_CH * (u - wk.u0) + (tid & 7), c = LY_CH * u + (tid & 7);
-        const long long row = tid < 8 ? c : d + c;
-        const T v = from_float<T>(acc + (bi ? to_float(bi[row]) : 0.f));
-        if (tid < 8) {
+        bool isx;
+        int li;
+        wk.row(a.xfirst, gq, tid, isx, li);
+        const long long c = c0 + li;
+        const T v = from_float<T>(acc + (bi ? to_float(bi[isx ? c : d + c]) : 0.f));
+        if (isx) {
+          mbar_wait(sfull, l & 1);  // this layer's side data, first used here (lands during the first group)
           float win[MAX_CONV], w[MAX_CONV];
           conv_load<T>(win, w, cs + li * (k - 1), cw + li * k, k, true);
           T* gs = static_cast<T*>(P.conv_state) + (slot * d + c) * (k - 1);
@@ -2101,30 +2151,15 @@ __device__ void layers(const LayersArgs& a) {
           uz[CH + li] = to_float(v);
         }
       }
+      if (gq == gx) xproj();
     }
-    ly_bar();
-    mbar_wait(sfull, l & 1);
-    if (tid == 0) LY_MARK(l, 3);
-    // -- this block's share of x_proj
-    if (nch) {
-      const T* wx = reinterpret_cast<const T*>(sb + ly.wx);
-      for (int j = tid; j < R; j += LY_CT) {
-        float sx[LY_CH] = {};
-        for (int l8 = 0; l8 < nch; l8 += LY_CH) {  // nch: a multiple of LY_CH; LY_CH sums in flight
-#pragma unroll
-          for (int i = 0; i < LY_CH; ++i) sx[i] = fmaf(to_float(wx[(l8 + i) * R + j]), uz[l8 + i], sx[i]);
-        }
-#pragma unroll
-        for (int i = 1; i < LY_CH; ++i) sx[0] += sx[i];
-        atomicAdd(a.xacc + (long long)l * R + j, sx[0]);
-      }
-    }
-    ly_grid_sync(a.bar, epoch);  // x_proj complete
+    if (tid == 0) LY_MARK(l, 5);
+    ly_grid_wait(a.bar, epoch);  // x_proj complete (and z: the wait's block barrier)
     if (l == 0) {
       pdl_launch_dependents();  // every block is resident: the head may be scheduled
       if (blockIdx.x == 0 && tid == 0) *a.stepc = step0 + 1u;
     }
-    if (tid == 0) LY_MARK(l, 4);
+    if (tid == 0) LY_MARK(l, 6);
     // -- the state update of this block's channels
     for (int j = tid; j < R; j += LY_CT) xrow[j] = round_t<T>(a.xacc[(long long)l * R + j]);
     ly_bar();
@@ -2160,7 +2195,7 @@ __device__ void layers(const LayersArgs& a) {
     }
     ly_bar();
     if (tid == 0) mbar_arrive(sempty);  // the side buffer is free: the producer fills it with layer l + 1's
-    if (tid == 0) LY_MARK(l, 5);
+    if (tid == 0) LY_MARK(l, 7);
     // -- y into xs as it comes (every block's state update; no barrier): four tagged words per load
     {
       const unsigned ty = (tag0 + (unsigned)l) & 0xffffu;
@@ -2178,7 +2213,6 @@ __device__ void layers(const LayersArgs& a) {
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m) any |= stale(v[m]);
         if (!any) break;
-        if (a.poll_ns) __nanosleep((unsigned)a.poll_ns);
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m)
           if (stale(v[m])) v[m] = ld_tagged4(a.y + 4 * (tid + m * LY_CT));
@@ -2191,7 +2225,7 @@ __device__ void layers(const LayersArgs& a) {
       }
     }
     ly_bar();
-    if (tid == 0) LY_MARK(l, 6);
+    if (tid == 0) LY_MARK(l, 8);
     // -- out_proj tiles of this block, split K; the sums of each row group's run of tiles are partial
     // (b - the block of the row group's first tile) of its rows in part[l & 1]; the block with the row
     // group's last tile fills the partials after its own with tagged zeros
@@ -2200,7 +2234,7 @@ __device__ void layers(const LayersArgs& a) {
     unsigned long long* pp = a.part + (long long)(l & 1) * NP * dm;
     for (int tt = wk.t0; tt < wk.t1; ++tt) {
       const int rg = tt / wk.nchunk;
-      consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 9);
+      consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);
       if (tt + 1 == wk.t1 || (tt + 1) / wk.nchunk != rg) {
         float acc = 0.f;
         reduce16(dd, acc);
@@ -2218,7 +2252,7 @@ __device__ void layers(const LayersArgs& a) {
       const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // partial in
       if (kp >= 0) st_tagged(pp + (long long)kp * dm + 16LL * rg + tid, ptag);        // the row group's range
     }
-    if (tid == 0) LY_MARK(l, 7);
+    if (tid == 0) LY_MARK(l, 9);
     bo_prev = static_cast<const T*>(P.b_out);
   }
   const int nl = (int)a.n_layer;

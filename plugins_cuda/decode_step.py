@@ -70,9 +70,9 @@ LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
 LY_MAX_DINNER = 4 * 8 * LY_WARPS * 32  # .cu LY_YV loads of four y words per consumer thread
 LY_STAGES = (4, 16)
-# pause (ns) between rounds of polling the tagged words that are not yet this layer's: every waiting
-# block reloads its stale words once per round trip, which adds L2 traffic beside the weight stream
-LY_POLL_NS = 0
+# in_proj's rows of a block in the order x then z (1): x_proj's share and its grid barrier's arrival come
+# after the x rows, and streaming the z rows covers the barrier; 0: unit by unit, x_proj after them all
+LY_XFIRST = 1
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
@@ -191,7 +191,7 @@ ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx"
 LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
-                                    ("P", _L), ("poll_ns", _L), ("eps", _F)])
+                                    ("P", _L), ("xfirst", _L), ("eps", _F)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -409,7 +409,7 @@ class DecodeKernels:
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
     def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int, int, int] | None:
-        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_POLL_NS) of the
+        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_XFIRST) of the
         persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
         kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
         LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
@@ -429,7 +429,7 @@ class DecodeKernels:
         smem = ring + rest
         if self._resident(f"layers_{self.tag}", LY_THREADS, smem) < 1:
             return None
-        return grid, smem, stages, layers_partials(dm, d, grid), LY_POLL_NS
+        return grid, smem, stages, layers_partials(dm, d, grid), LY_XFIRST
 
     def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
                res_fp32, eps) -> Launch:
@@ -439,9 +439,9 @@ class DecodeKernels:
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
         one before)."""
-        grid, smem, stages, P, poll_ns = cfg
+        grid, smem, stages, P, xfirst = cfg
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
-                       stages, P, poll_ns, eps)
+                       stages, P, int(xfirst), eps)
         return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

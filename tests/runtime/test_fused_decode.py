@@ -100,6 +100,19 @@ def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
     _check_steps(LAYERS_CASE, dtype, 1, gemv=None)
 
 
+@pytest.mark.parametrize("xfirst", [1, 0], ids=["x-rows-first", "unit-by-unit"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_layers_kernel_in_proj_row_orders(dtype, xfirst, monkeypatch):
+    """The persistent kernel's two orders of a block's in_proj rows (decode_step.LY_XFIRST) where a block
+    has several units of 8 channels: d_inner 5120 gives 4-5 units per block on 132 SMs (H100, H200), so
+    with x rows first a block's x rows fill two or three groups of 16 rows, the last of them x and z rows
+    mixed where it has 5, and its x_proj share runs before its last z rows."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LY_XFIRST", xfirst)
+    _check_steps(dict(d_model=2560, n_layer=2, vocab_size=1000, d_state=16, d_conv=4), dtype, 1, gemv="bulk")
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_tags_wrap(dtype):
     """The persistent kernel's tagged exchanges (out_proj's partial sums: 32-bit tags; y: 16-bit tags)
