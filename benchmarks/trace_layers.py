@@ -68,6 +68,7 @@ def trace(name: str, ghz: float) -> dict:
     out["wait_in"], out["wait_out"] = stats(t[:, 1:, 10]), stats(t[:, 1:, 11])
     out["producer_in_issued_after_sums_in"] = stats(t[:, 1:, 12] - t[:, 1:, 1])
     out["producer_out_issued_after_sums_in"] = stats(t[:, 1:, 13] - t[:, 1:, 1])
+    out["arrival_after_xproj"] = stats(t[:, 1:, 14] - t[:, 1:, 4])
     return out
 
 
@@ -77,10 +78,15 @@ def main() -> None:
     ap.add_argument("--ghz", type=float, default=1.98)
     ap.add_argument("--knob", action="append", default=[], help="NAME=VAL: a launch constant of decode_step "
                     "(e.g. LY_STAGES=4,8), set before the decoder is made; repeatable")
+    ap.add_argument("--define", action="append", default=[], help="NAME=VAL: a preprocessor define of the "
+                    "kernels (e.g. MRT_LY_NOSYNC=1: no waits on other blocks, wrong results); repeatable")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     for d in args.knob:
         setattr(decode_step, *parse_knob(ap, d))
+    for d in args.define:
+        name, _, val = d.partition("=")
+        decode_step.DEFINES[name] = val
     decode_step.DEFINES["MRT_LY_TRACE"] = 132 * TRACE_LAYERS * TRACE_SLOTS  # blocks (one per SM) x layers x slots
     res = {}
     for name in args.configs.split(","):

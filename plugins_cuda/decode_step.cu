@@ -1685,13 +1685,15 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 //   * out_proj in tiles of 16 rows x BULK_KS columns (split K), the block taking the tiles [t0, t1),
 //     once the y it reads carries this layer's tag (no barrier). A block's run of tiles in one row
 //     group gives one partial sum per row, written tagged into its own slot (the block's distance from
-//     the row group's first block: at most P slots, the host's layers_partials).
-//   * at the next layer's start (no barrier), every block reads the P partials of every output as
-//     they come (their tags), sums them in order and forms h = h + round_T(sum) (+ bias) and its norm
-//     itself; block b writes its slice of h to the other half of hbuf.
+//     the row group's first block: at most P slots, the host's layers_partials). Combined (from the
+//     host's LY_COMBINE_MIN_DMODEL up), the row group's first block, whose run there is its last, adds
+//     the others' (their first runs) into slot 0 instead.
+//   * at the next layer's start (no barrier), every block reads the P partials (or slot 0's sum) of
+//     every output as they come (their tags), sums them in order and forms h = h + round_T(sum) (+ bias)
+//     and its norm itself; block b writes its slice of h to the other half of hbuf.
 // One grid barrier per layer (after x_proj, whose sums are atomic) instead of three; a tagged word is
 // either this layer's or an older one, so the tagged buffers are never reset (benchmarks/NOTES.md,
-// items 40-43).
+// items 40-45).
 // The channels' side data of a layer (conv state and weights, W_x^T rows, dt_proj rows, dt bias, A, D,
 // SSM state; each a contiguous range of the block's channels) arrives by bulk copies into one side
 // buffer, issued by the producer once the consumers are done with the layer before's (after its state
@@ -1719,6 +1721,10 @@ namespace mrt {
 #define LY_MARK(l, p) do {} while (0)
 #define LY_ADD(l, p, v) do {} while (0)
 #endif
+#ifndef MRT_LY_NOSYNC  // development only: 1 skips every wait on another block (wrong results, no hang):
+#define MRT_LY_NOSYNC 0  // what the weight stream and the phases cost without the exchanges' waits
+#endif
+constexpr bool LY_NOSYNC = MRT_LY_NOSYNC;
 constexpr int LY_WARPS = BULK_WARPS;       // consumer warps
 constexpr int LY_CT = LY_WARPS * 32;       // consumer threads
 constexpr int LY_THREADS = LY_CT + 32;     // + the producer warp
@@ -1745,6 +1751,8 @@ struct LayersArgs {
   unsigned* bar;          // grid barrier counter, zero
   long long n_layer, dm, d, n, r, k, res_fp32, stages, P;
   long long xfirst;       // in_proj's rows in the order x then z (1) or per unit of LY_CH channels (0)
+  long long lag;          // groups of in_proj rows between x_proj's share and the barrier's arrival
+  long long combine;      // out_proj's partials summed by each row group's first block (1) or by every reader
   float eps;
 };
 
@@ -1794,7 +1802,7 @@ __device__ __forceinline__ void ly_grid_arrive(unsigned* bar, unsigned& epoch) {
 }
 // Wait: every block has arrived (and its writes before the arrival are visible).
 __device__ __forceinline__ void ly_grid_wait(const unsigned* bar, unsigned epoch) {
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && !LY_NOSYNC) {
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
@@ -1829,6 +1837,10 @@ struct LyWork {
   int u0, u1, nseg, nchunk, t0, t1, h0, h1, NT;
   // the block whose out_proj tiles include tile t (t0 (b) = b NT / G; NT G < 2^31: the host checks)
   __device__ __forceinline__ int owner(int t) const { return (int)(((t + 1) * gridDim.x + NT - 1) / NT) - 1; }
+  // whether block b has tiles (b NT / G < (b + 1) NT / G)
+  __device__ __forceinline__ bool has_tiles(int b) const {
+    return (long long)b * NT / gridDim.x < (long long)(b + 1) * NT / gridDim.x;
+  }
   __device__ __forceinline__ void init(const LayersArgs& a) {
     const long long G = gridDim.x, b = blockIdx.x, NU = a.d / LY_CH;
     NT = (int)((a.dm / 16) * ((a.d + BULK_KS - 1) / BULK_KS));
@@ -1972,7 +1984,8 @@ __device__ void layers(const LayersArgs& a) {
   float* xrow = reinterpret_cast<float*>(smem + ly.xrow);
   unsigned epoch = 0;
   unsigned step0 = 0u, tag0 = 0u;  // set after pdl_wait
-  const int NP = (int)a.P;         // out_proj's partial sums per output
+  const int NP = (int)a.P;         // out_proj's partial sums per output (slots)
+  const int NR = a.combine ? 1 : NP;  // of them read by every block: slot 0 holds the sum when combined
   int tc = 0, par = 0;
   // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum
   auto reduce16 = [&](const float* dd, float& out) {
@@ -2038,7 +2051,7 @@ __device__ void layers(const LayersArgs& a) {
       o[j] = i < dm && bo ? to_float(bo[i]) : 0.f;
       va[j] = i < dm ? ld_tagged(pp + i) : 0ull;
     }
-    for (int kp = 0; kp < NP; ++kp) {
+    for (int kp = 0; kp < NR; ++kp) {
       if (kp > 0) {
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) {
@@ -2047,6 +2060,7 @@ __device__ void layers(const LayersArgs& a) {
         }
       }
       for (;;) {  // until every element's partial kp is this layer's
+        if (LY_NOSYNC) break;
         bool stale = false;
 #pragma unroll
         for (int j = 0; j < LY_HV; ++j) stale |= tid + j * LY_CT < dm && (unsigned)(va[j] >> 32) != tag;
@@ -2126,9 +2140,16 @@ __device__ void layers(const LayersArgs& a) {
           atomicAdd(a.xacc + (long long)l * R + j, sx[0]);
         }
       }
-      ly_grid_arrive(a.bar, epoch);  // x_proj's share of this block published
       if (tid == 0) LY_MARK(l, 4);
     };
+    auto arrive = [&]() {
+      ly_grid_arrive(a.bar, epoch);  // x_proj's share of this block published
+      if (tid == 0) LY_MARK(l, 14);
+    };
+    if (gx < 0) arrive();
+    // the arrival (its fence waits for the block's atomics to be performed) a.lag groups after them,
+    // at the latest after the last group
+    const int ga = gx < 0 ? -1 : min(gx + (int)a.lag, wk.u1 - wk.u0 - 1);
     if (gx < 0) xproj();
     for (int gq = 0; gq < wk.u1 - wk.u0; ++gq) {
       float dd[4] = {0.f, 0.f, 0.f, 0.f};
@@ -2152,6 +2173,7 @@ __device__ void layers(const LayersArgs& a) {
         }
       }
       if (gq == gx) xproj();
+      if (gq == ga) arrive();
     }
     if (tid == 0) LY_MARK(l, 5);
     ly_grid_wait(a.bar, epoch);  // x_proj complete (and z: the wait's block barrier)
@@ -2209,6 +2231,7 @@ __device__ void layers(const LayersArgs& a) {
         v[m] = i < d / 4 ? ld_tagged4(a.y + 4 * i) : make_uint4(ty << 16, ty << 16, ty << 16, ty << 16);
       }
       for (;;) {  // until every word is this layer's
+        if (LY_NOSYNC) break;
         bool any = false;
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m) any |= stale(v[m]);
@@ -2227,30 +2250,48 @@ __device__ void layers(const LayersArgs& a) {
     ly_bar();
     if (tid == 0) LY_MARK(l, 8);
     // -- out_proj tiles of this block, split K; the sums of each row group's run of tiles are partial
-    // (b - the block of the row group's first tile) of its rows in part[l & 1]; the block with the row
-    // group's last tile fills the partials after its own with tagged zeros
+    // kp = b - (the block of the row group's first tile) of its rows in part[l & 1]. Combined (a.combine):
+    // the first block (kp 0) runs its row group's head last, adds the partials of the row group's other
+    // blocks (written at their start; loaded two tiles ahead) in block order and writes the sum into
+    // slot 0, the one slot the readers poll. Else every block writes its slot and the block with the
+    // row group's last tile fills the slots after its own with tagged zeros, and the readers sum them.
     float dd[4] = {0.f, 0.f, 0.f, 0.f};
     const unsigned long long ptag = (unsigned long long)(tag0 + (unsigned)l) << 32;
+    const unsigned ctag = tag0 + (unsigned)l;
     unsigned long long* pp = a.part + (long long)(l & 1) * NP * dm;
+    unsigned long long pf = 0ull;  // the first other block's partial of the row, loaded ahead (combined)
     for (int tt = wk.t0; tt < wk.t1; ++tt) {
-      const int rg = tt / wk.nchunk;
+      const int rg = tt / wk.nchunk, b0 = wk.owner(rg * wk.nchunk), kp = (int)blockIdx.x - b0;
+      const int rend = min(wk.t1, (rg + 1) * wk.nchunk);  // the end of this run
+      const int b1 = wk.owner((rg + 1) * wk.nchunk - 1);    // the block of the row group's last tile
+      if (a.combine && kp == 0 && b1 > b0 && tid < 16 && tt == max(max(wk.t0, rg * wk.nchunk), rend - 2))
+        pf = ld_tagged(pp + (long long)dm + 16LL * rg + tid);  // slot 1: block b0 + 1 (if it has tiles)
       consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);
-      if (tt + 1 == wk.t1 || (tt + 1) / wk.nchunk != rg) {
+      if (tt + 1 == rend) {
         float acc = 0.f;
         reduce16(dd, acc);
         if (tid < 16) {
-          const int kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);
           const long long row = 16LL * rg + tid;
-          st_tagged(pp + (long long)kp * dm + row, ptag | __float_as_uint(acc));
-          if ((tt + 1) % wk.nchunk == 0)
-            for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
+          if (a.combine && kp == 0) {
+            for (int z = 1; z <= b1 - b0; ++z) {  // in block order; blocks without tiles have no partial
+              if (!wk.has_tiles(b0 + z)) continue;
+              unsigned long long v = z == 1 ? pf : ld_tagged(pp + (long long)z * dm + row);
+              while ((unsigned)(v >> 32) != ctag && !LY_NOSYNC) v = ld_tagged(pp + (long long)z * dm + row);
+              acc += __uint_as_float((unsigned)v);
+            }
+            st_tagged(pp + row, ptag | __float_as_uint(acc));
+          } else {
+            st_tagged(pp + (long long)kp * dm + row, ptag | __float_as_uint(acc));
+            if (!a.combine && (tt + 1) % wk.nchunk == 0)
+              for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
+          }
         }
         dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
       }
     }
-    if (wk.t0 == wk.t1 && wk.t0 < wk.NT && tid < 16) {  // no tiles (more blocks than tiles): a zero
-      const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // partial in
-      if (kp >= 0) st_tagged(pp + (long long)kp * dm + 16LL * rg + tid, ptag);        // the row group's range
+    if (!a.combine && wk.t0 == wk.t1 && wk.t0 < wk.NT && tid < 16) {  // no tiles (more blocks than tiles):
+      const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // a zero partial
+      if (kp >= 0) st_tagged(pp + (long long)kp * dm + 16LL * rg + tid, ptag);        // in the row group's range
     }
     if (tid == 0) LY_MARK(l, 9);
     bo_prev = static_cast<const T*>(P.b_out);

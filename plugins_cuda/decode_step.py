@@ -73,6 +73,14 @@ LY_STAGES = (4, 16)
 # in_proj's rows of a block in the order x then z (1): x_proj's share and its grid barrier's arrival come
 # after the x rows, and streaming the z rows covers the barrier; 0: unit by unit, x_proj after them all
 LY_XFIRST = 1
+# groups of in_proj rows between x_proj's share (its atomics) and the barrier's arrival, whose fence waits
+# for those atomics to be performed: later, it finds them done (at most the block's last group)
+LY_ARRIVE_LAG = 1
+# From this d_model up, out_proj's partial sums of a row group are added up by the row group's first block,
+# which runs its share last, into the one slot every block then reads; below, every block reads all of
+# them. H100 fp16, GPU ms per step, every block / combined, same process (benchmarks/NOTES.md, item 45):
+# 370m 0.678 / 0.791, 790m 1.011 / 1.087, 1.4b 1.270 / 1.278, 2.8b (d_model 2560) 2.316 / 2.272.
+LY_COMBINE_MIN_DMODEL = 2560
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
@@ -191,7 +199,8 @@ ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx"
 LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
-                                    ("P", _L), ("xfirst", _L), ("eps", _F)])
+                                    ("P", _L), ("xfirst", _L), ("lag", _L),
+                                    ("combine", _L), ("eps", _F)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -408,8 +417,9 @@ class DecodeKernels:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
-    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, int, int, int, int] | None:
-        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_XFIRST) of the
+    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, ...] | None:
+        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_XFIRST,
+        LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL) of the
         persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
         kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
         LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
@@ -429,7 +439,8 @@ class DecodeKernels:
         smem = ring + rest
         if self._resident(f"layers_{self.tag}", LY_THREADS, smem) < 1:
             return None
-        return grid, smem, stages, layers_partials(dm, d, grid), LY_XFIRST
+        return (grid, smem, stages, layers_partials(dm, d, grid), LY_XFIRST, LY_ARRIVE_LAG,
+                int(dm >= LY_COMBINE_MIN_DMODEL))
 
     def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
                res_fp32, eps) -> Launch:
@@ -439,9 +450,9 @@ class DecodeKernels:
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
         one before)."""
-        grid, smem, stages, P, xfirst = cfg
+        grid, smem, stages, P, xfirst, lag, combine = cfg
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
-                       stages, P, int(xfirst), eps)
+                       stages, P, int(xfirst), int(lag), int(combine), eps)
         return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

@@ -88,3 +88,43 @@ def test_layers_partial_slots_are_each_written_once(dm, d, grid):
     missing = [(kp, rg) for kp in range(P) for rg in range(dm // 16) if writes.get((kp, rg), 0) != 1]
     assert not missing, (P, missing[:5])
     assert P == max(first_block(rg * nc + nc - 1) - first_block(rg * nc) + 1 for rg in range(dm // 16))
+
+
+@pytest.mark.parametrize("dm,d", [(160, 320), (544, 1088), (768, 1536), (1024, 2048), (1536, 3072),
+                                  (2048, 4096), (2560, 5120), (4096, 8192)])
+@pytest.mark.parametrize("grid", [132, 114, 78, 7])
+def test_layers_combined_partials_are_each_written_once(dm, d, grid):
+    """The persistent kernel's out_proj exchange with the partials combined (from
+    decode_step.LY_COMBINE_MIN_DMODEL up): a block whose run of tiles in a row group is not the row group's first writes it into slot (block -
+    the block of the row group's first tile), and that run is the block's first (so it depends on no
+    other block's out_proj); the first block adds the slots of the row group's other blocks that have
+    tiles and writes slot 0, the one every block reads. So every slot read is written exactly once per
+    layer, within the P slots (layers_partials), for any grid: else the kernel would wait forever or
+    add a stale value."""
+    nc = -(-d // decode_step.BULK_KS)
+    nt = dm // 16 * nc
+    P = decode_step.layers_partials(dm, d, grid)
+    bounds = [b * nt // grid for b in range(grid + 1)]  # .cu LyWork: t0 (b) = b NT / G
+
+    def owner(t):  # .cu LyWork::owner, checked against the bounds
+        b = ((t + 1) * grid + nt - 1) // nt - 1
+        assert bounds[b] <= t < bounds[b + 1], (t, b)
+        return b
+
+    writes, reads = {}, set()
+    for b in range(grid):
+        t0, t1 = bounds[b], bounds[b + 1]
+        for t in range(t0, t1):
+            rg = t // nc
+            if t + 1 == t1 or (t + 1) // nc != rg:  # the end of the block's run in row group rg
+                b0, b1 = owner(rg * nc), owner(rg * nc + nc - 1)
+                kp = b - b0
+                assert 0 <= kp < P, (b, rg, kp, P)
+                writes[kp, rg] = writes.get((kp, rg), 0) + 1
+                if kp > 0:
+                    assert max(t0, rg * nc) == t0, (b, rg)  # the block's first run
+                else:
+                    reads |= {(z, rg) for z in range(1, b1 - b0 + 1) if bounds[b0 + z] < bounds[b0 + z + 1]}
+    assert all(writes.get((0, rg)) == 1 for rg in range(dm // 16)), "slot 0 of every row group, once"
+    assert all(n == 1 for n in writes.values()), sorted(k for k, n in writes.items() if n != 1)[:5]
+    assert reads == {k for k in writes if k[0] > 0}, "the first block reads exactly the partials written"

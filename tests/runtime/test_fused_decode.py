@@ -81,11 +81,17 @@ LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, 
                    residual_in_fp32=False)
 
 
+@pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_with_biases_and_residual_in_dtype(dtype):
+def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, monkeypatch):
     """The persistent kernel of every layer (batch 1, copy-engine kind) on a shape the cases above do not
     give it: biases in every projection and the conv, the residual rounded to the model dtype, n 8 (two
-    threads per channel in its state update), k 2."""
+    threads per channel in its state update), k 2; out_proj's 10 tiles over more blocks than tiles (most
+    without one), its partial sums read by every block or combined by each row group's first block
+    (decode_step.LY_COMBINE_MIN_DMODEL)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LY_COMBINE_MIN_DMODEL", 0 if combine else 1 << 20)
     _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk")
 
 
@@ -100,16 +106,20 @@ def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
     _check_steps(LAYERS_CASE, dtype, 1, gemv=None)
 
 
-@pytest.mark.parametrize("xfirst", [1, 0], ids=["x-rows-first", "unit-by-unit"])
+@pytest.mark.parametrize("order", [(1, 1, 0), (1, 0, 0), (0, 0, 0), (1, 1, 1 << 20)],
+                         ids=["x-rows-first-late-arrival", "x-rows-first", "unit-by-unit", "partials-read-by-all"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_in_proj_row_orders(dtype, xfirst, monkeypatch):
-    """The persistent kernel's two orders of a block's in_proj rows (decode_step.LY_XFIRST) where a block
-    has several units of 8 channels: d_inner 5120 gives 4-5 units per block on 132 SMs (H100, H200), so
-    with x rows first a block's x rows fill two or three groups of 16 rows, the last of them x and z rows
-    mixed where it has 5, and its x_proj share runs before its last z rows."""
+def test_layers_kernel_in_proj_row_orders(dtype, order, monkeypatch):
+    """The persistent kernel's orders of a block's in_proj rows (decode_step.LY_XFIRST), the place of
+    its arrival at the grid barrier (LY_ARRIVE_LAG) and its two ways of exchanging out_proj's partial
+    sums (LY_COMBINE_MIN_DMODEL: combined at 0) where a block has several units of 8 channels: d_inner 5120 gives 4-5 units per
+    block on 132 SMs (H100, H200), so with x rows first a block's x rows fill two or three groups of
+    16 rows, the last of them x and z rows mixed where it has 5, and its x_proj share runs before its
+    last z rows, its arrival right after it or one group later."""
     from mamba_rt.plugins_cuda import decode_step
 
-    monkeypatch.setattr(decode_step, "LY_XFIRST", xfirst)
+    for name, v in zip(("LY_XFIRST", "LY_ARRIVE_LAG", "LY_COMBINE_MIN_DMODEL"), order):
+        monkeypatch.setattr(decode_step, name, v)
     _check_steps(dict(d_model=2560, n_layer=2, vocab_size=1000, d_state=16, d_conv=4), dtype, 1, gemv="bulk")
 
 
