@@ -1700,12 +1700,15 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 // update); the norm weight is read into registers before the out_proj sums are awaited. After the
 // last layer: h and per-block sums of squares for the head's norm_gemv. The barrier's counter is zeroed
 // before the step. The head follows as its own launch (norm_gemv, PDL).
-// Measured against the four kernels per layer (benchmarks/NOTES.md, items 39 and 42; H100, GPU ms per
+// Measured against the four kernels per layer (benchmarks/NOTES.md, items 39 and 42-45; H100, GPU ms per
 // step): three barriers per layer, 1.4b 1.59 -> 1.44, 2.8b 2.74 -> 2.63; with the tagged exchanges, 1.4b
 // 1.60 -> 1.30, 2.8b 2.73 -> 2.36, 790m 1.16 -> 1.01, 370m 0.75 -> 0.68; with x rows first (item 43),
-// 1.4b 1.60 -> 1.28, 2.8b 2.74 -> 2.26 (and 2-6 % faster than unit by unit from 370m up). Where the time goes is in
-// benchmarks/trace_layers.py's phase trace: each grid barrier and each dependent round trip between phases costs 1-3 us while the weight stream saturates the memory
-// system, and those gaps are longer than the ring of stages can cover, so the stream still stalls.
+// 1.4b 1.60 -> 1.28, 2.8b 2.74 -> 2.26 (2-6 % faster than unit by unit from 370m up); the arrival a
+// group later and, at 2.8b, the partials combined: 1-2 % each (items 44-45). Where the time goes is in
+// benchmarks/trace_layers.py's phase trace: each grid barrier and each dependent round trip between
+// phases costs 1-3 us while the weight stream saturates the memory system, and those gaps are longer
+// than the ring of stages can cover, so the stream still stalls (without any wait on another block,
+// MRT_LY_NOSYNC, a 2.8b layer takes 30.7 us against 33.1: item 44).
 // Filling the gaps with more traffic (L2 prefetch past the ring) made every round trip slower and the
 // step 17-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
 #ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 16 slots), clock64 at phase ends
@@ -2146,11 +2149,13 @@ __device__ void layers(const LayersArgs& a) {
       ly_grid_arrive(a.bar, epoch);  // x_proj's share of this block published
       if (tid == 0) LY_MARK(l, 14);
     };
-    if (gx < 0) arrive();
     // the arrival (its fence waits for the block's atomics to be performed) a.lag groups after them,
     // at the latest after the last group
     const int ga = gx < 0 ? -1 : min(gx + (int)a.lag, wk.u1 - wk.u0 - 1);
-    if (gx < 0) xproj();
+    if (gx < 0) {  // no channels: nothing to add, arrive at once
+      xproj();
+      arrive();
+    }
     for (int gq = 0; gq < wk.u1 - wk.u0; ++gq) {
       float dd[4] = {0.f, 0.f, 0.f, 0.f};
       for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 10);

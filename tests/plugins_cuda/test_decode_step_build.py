@@ -95,12 +95,12 @@ def test_layers_partial_slots_are_each_written_once(dm, d, grid):
 @pytest.mark.parametrize("grid", [132, 114, 78, 7])
 def test_layers_combined_partials_are_each_written_once(dm, d, grid):
     """The persistent kernel's out_proj exchange with the partials combined (from
-    decode_step.LY_COMBINE_MIN_DMODEL up): a block whose run of tiles in a row group is not the row group's first writes it into slot (block -
-    the block of the row group's first tile), and that run is the block's first (so it depends on no
-    other block's out_proj); the first block adds the slots of the row group's other blocks that have
-    tiles and writes slot 0, the one every block reads. So every slot read is written exactly once per
-    layer, within the P slots (layers_partials), for any grid: else the kernel would wait forever or
-    add a stale value."""
+    decode_step.LY_COMBINE_MIN_DMODEL up): a block whose run of tiles in a row group is not the row
+    group's first writes it into slot (block - the block of the row group's first tile), and that run
+    is the block's first (so it depends on no other block's out_proj); the first block adds the slots
+    of the row group's other blocks that have tiles and writes slot 0, the one every block reads. So
+    every slot read is written exactly once per layer, within the P slots (layers_partials), for any
+    grid: else the kernel would wait forever or add a stale value."""
     nc = -(-d // decode_step.BULK_KS)
     nt = dm // 16 * nc
     P = decode_step.layers_partials(dm, d, grid)

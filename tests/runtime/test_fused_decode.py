@@ -112,10 +112,10 @@ def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
 def test_layers_kernel_in_proj_row_orders(dtype, order, monkeypatch):
     """The persistent kernel's orders of a block's in_proj rows (decode_step.LY_XFIRST), the place of
     its arrival at the grid barrier (LY_ARRIVE_LAG) and its two ways of exchanging out_proj's partial
-    sums (LY_COMBINE_MIN_DMODEL: combined at 0) where a block has several units of 8 channels: d_inner 5120 gives 4-5 units per
-    block on 132 SMs (H100, H200), so with x rows first a block's x rows fill two or three groups of
-    16 rows, the last of them x and z rows mixed where it has 5, and its x_proj share runs before its
-    last z rows, its arrival right after it or one group later."""
+    sums (LY_COMBINE_MIN_DMODEL: combined at 0) where a block has several units of 8 channels: d_inner
+    5120 gives 4-5 units per block on 132 SMs (H100, H200), so with x rows first a block's x rows fill
+    two or three groups of 16 rows, the last of them x and z rows mixed where it has 5, and its x_proj
+    share runs before its last z rows, its arrival right after it or one group later."""
     from mamba_rt.plugins_cuda import decode_step
 
     for name, v in zip(("LY_XFIRST", "LY_ARRIVE_LAG", "LY_COMBINE_MIN_DMODEL"), order):
