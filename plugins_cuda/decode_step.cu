@@ -1840,15 +1840,14 @@ struct LyWork {
   int u0, u1, nseg, nchunk, t0, t1, h0, h1, NT;
   // the block whose out_proj tiles include tile t (t0 (b) = b NT / G; NT G < 2^31: the host checks)
   __device__ __forceinline__ int owner(int t) const { return (int)(((t + 1) * gridDim.x + NT - 1) / NT) - 1; }
-  // whether block b has tiles (b NT / G < (b + 1) NT / G)
-  __device__ __forceinline__ bool has_tiles(int b) const {
-    return (long long)b * NT / gridDim.x < (long long)(b + 1) * NT / gridDim.x;
-  }
+  // block b's first out_proj tile (its tiles: [first_tile(b), first_tile(b + 1)))
+  __device__ __forceinline__ int first_tile(long long b) const { return (int)(b * NT / gridDim.x); }
+  __device__ __forceinline__ bool has_tiles(int b) const { return first_tile(b) < first_tile(b + 1); }
   __device__ __forceinline__ void init(const LayersArgs& a) {
     const long long G = gridDim.x, b = blockIdx.x, NU = a.d / LY_CH;
     NT = (int)((a.dm / 16) * ((a.d + BULK_KS - 1) / BULK_KS));
     u0 = (int)(b * NU / G); u1 = (int)((b + 1) * NU / G);
-    t0 = (int)(b * NT / G); t1 = (int)((b + 1) * NT / G);
+    t0 = first_tile(b); t1 = first_tile(b + 1);
     h0 = (int)(b * a.dm / G); h1 = (int)((b + 1) * a.dm / G);
     nseg = (int)((a.dm + BULK_KS - 1) / BULK_KS);
     nchunk = (int)((a.d + BULK_KS - 1) / BULK_KS);
@@ -2261,38 +2260,39 @@ __device__ void layers(const LayersArgs& a) {
     // slot 0, the one slot the readers poll. Else every block writes its slot and the block with the
     // row group's last tile fills the slots after its own with tagged zeros, and the readers sum them.
     float dd[4] = {0.f, 0.f, 0.f, 0.f};
-    const unsigned long long ptag = (unsigned long long)(tag0 + (unsigned)l) << 32;
     const unsigned ctag = tag0 + (unsigned)l;
+    const unsigned long long ptag = (unsigned long long)ctag << 32;
     unsigned long long* pp = a.part + (long long)(l & 1) * NP * dm;
-    unsigned long long pf = 0ull;  // the first other block's partial of the row, loaded ahead (combined)
-    for (int tt = wk.t0; tt < wk.t1; ++tt) {
+    for (int tt = wk.t0; tt < wk.t1;) {  // one run of tiles (one row group) per iteration
       const int rg = tt / wk.nchunk, b0 = wk.owner(rg * wk.nchunk), kp = (int)blockIdx.x - b0;
       const int rend = min(wk.t1, (rg + 1) * wk.nchunk);  // the end of this run
       const int b1 = wk.owner((rg + 1) * wk.nchunk - 1);    // the block of the row group's last tile
-      if (a.combine && kp == 0 && b1 > b0 && tid < 16 && tt == max(max(wk.t0, rg * wk.nchunk), rend - 2))
-        pf = ld_tagged(pp + (long long)dm + 16LL * rg + tid);  // slot 1: block b0 + 1 (if it has tiles)
-      consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);
-      if (tt + 1 == rend) {
-        float acc = 0.f;
-        reduce16(dd, acc);
-        if (tid < 16) {
-          const long long row = 16LL * rg + tid;
-          if (a.combine && kp == 0) {
-            for (int z = 1; z <= b1 - b0; ++z) {  // in block order; blocks without tiles have no partial
-              if (!wk.has_tiles(b0 + z)) continue;
-              unsigned long long v = z == 1 ? pf : ld_tagged(pp + (long long)z * dm + row);
-              while ((unsigned)(v >> 32) != ctag && !LY_NOSYNC) v = ld_tagged(pp + (long long)z * dm + row);
-              acc += __uint_as_float((unsigned)v);
-            }
-            st_tagged(pp + row, ptag | __float_as_uint(acc));
-          } else {
-            st_tagged(pp + (long long)kp * dm + row, ptag | __float_as_uint(acc));
-            if (!a.combine && (tt + 1) % wk.nchunk == 0)
-              for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
-          }
-        }
-        dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
+      // the first other block's partial of the row (combined), loaded two tiles before the run's end
+      const int tpf = a.combine && kp == 0 && b1 > b0 ? max(tt, rend - 2) : -1;
+      unsigned long long pf = 0ull;
+      for (; tt < rend; ++tt) {
+        if (tt == tpf && tid < 16) pf = ld_tagged(pp + (long long)dm + 16LL * rg + tid);  // slot 1: block b0 + 1
+        consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);                               // (if it has tiles)
       }
+      float acc = 0.f;
+      reduce16(dd, acc);
+      if (tid < 16) {
+        const long long row = 16LL * rg + tid;
+        if (a.combine && kp == 0) {
+          for (int z = 1; z <= b1 - b0; ++z) {  // in block order; blocks without tiles have no partial
+            if (!wk.has_tiles(b0 + z)) continue;
+            unsigned long long v = z == 1 ? pf : ld_tagged(pp + (long long)z * dm + row);
+            while ((unsigned)(v >> 32) != ctag && !LY_NOSYNC) v = ld_tagged(pp + (long long)z * dm + row);
+            acc += __uint_as_float((unsigned)v);
+          }
+          st_tagged(pp + row, ptag | __float_as_uint(acc));
+        } else {
+          st_tagged(pp + (long long)kp * dm + row, ptag | __float_as_uint(acc));
+          if (!a.combine && rend % wk.nchunk == 0)
+            for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
+        }
+      }
+      dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
     }
     if (!a.combine && wk.t0 == wk.t1 && wk.t0 < wk.NT && tid < 16) {  // no tiles (more blocks than tiles):
       const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // a zero partial

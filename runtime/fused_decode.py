@@ -134,10 +134,10 @@ class FusedDecoder:
         return 0 if t is None else t.data_ptr()
 
     def layers_launch(self):
-        """(grid, shared bytes, stages, partials, poll pause) of the persistent kernel that runs every
-        layer of a batch-1 step, or None where it does not serve this model
-        (decode_step.DecodeKernels.layers_launch). Read at each bucket's creation (the tests switch
-        decode_step.LAYERS_KERNEL)."""
+        """The launch configuration of the persistent kernel that runs every layer of a batch-1 step
+        (decode_step.DecodeKernels.layers_launch: grid, shared bytes, stages, partial-sum slots and the
+        kernel's switches), or None where it does not serve this model. Read at each bucket's creation
+        (the tests switch decode_step.LAYERS_KERNEL and the others)."""
         c = self.config
         cfg = self.k.layers_launch(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv)
         return cfg if cfg is not None and self._layer_table()[1] else None  # the table: only where it applies
