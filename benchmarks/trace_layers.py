@@ -3,7 +3,7 @@ the torch backend's fused decode graph, fp16, random weights, compiled with ``MR
 block records clock64 at the end of every phase of every layer (decode_step.cu, ``layers``).
 
     cd benchmarks && python trace_layers.py [--configs 1.4b,2.8b] [--ghz 1.98] [--knob NAME=VAL]
-                                            [--out trace.json]
+                                            [--out trace.json] [--raw DIR]
 
 Per config: for each phase (waiting for out_proj's partial sums "sums_in", the norm, in_proj's x rows
 with the conv "in_x", x_proj's share and the barrier's arrival "xproj", in_proj's z rows "in_z", the rest
@@ -12,7 +12,9 @@ LY_XFIRST=0 "in_x" is all of in_proj and "in_z" empty) the median, 90th percenti
 in microseconds over blocks and layers (the first layer left out);
 a layer's duration; the time consumer warp 0 waited for in_proj and out_proj stages; and when the
 producer warp had issued the layer's in_proj and out_proj stages, after the end of its "sums_in". Times
-are clock64 cycles at the given clock (the SM clock is not fixed here, so read them as shares).
+are clock64 cycles at the given clock (the SM clock is not fixed here, so read them as shares). --raw
+keeps every block's slots; the SMs' clocks are offset from each other by up to ~0.25 s (in groups), so to
+compare blocks, align each on an event every block sees at once (the end of the barrier's wait, slot 6).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ TRACE_SLOTS = 16
 PHASES = ["sums_in", "norm", "in_x", "xproj", "in_z", "barrier", "ssm", "y_in", "out_proj"]  # slots 0-9
 
 
-def trace(name: str, ghz: float) -> dict:
+def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     from mamba_rt.bench import bench_config
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -55,10 +57,12 @@ def trace(name: str, ghz: float) -> dict:
     drv.cuMemsetD8(ptr, 0, size)
     graph.replay()
     torch.cuda.synchronize()
-    raw = np.zeros(size // 8, dtype=np.int64)
-    drv.cuMemcpyDtoH(raw.ctypes.data, ptr, size)
+    words = np.zeros(size // 8, dtype=np.int64)
+    drv.cuMemcpyDtoH(words.ctypes.data, ptr, size)
     L = min(cfg.n_layer, TRACE_LAYERS)
-    t = raw.reshape(-1, TRACE_LAYERS, TRACE_SLOTS)[:bk.ly[0], :L].astype(np.float64) / (ghz * 1e3)  # us
+    t = words.reshape(-1, TRACE_LAYERS, TRACE_SLOTS)[:bk.ly[0], :L].astype(np.float64) / (ghz * 1e3)  # us
+    if raw_out:
+        np.save(raw_out, t)
 
     def stats(x):
         return [round(float(np.median(x)), 2), round(float(np.percentile(x, 90)), 2), round(float(x.max()), 2)]
@@ -81,6 +85,8 @@ def main() -> None:
     ap.add_argument("--define", action="append", default=[], help="NAME=VAL: a preprocessor define of the "
                     "kernels (e.g. MRT_LY_NOSYNC=1: no waits on other blocks, wrong results); repeatable")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--raw", default=None, help="DIR: also save each config's slots as recorded "
+                    "(blocks x layers x slots, us at --ghz; each SM's own clock) as DIR/NAME.npy")
     args = ap.parse_args()
     for d in args.knob:
         setattr(decode_step, *parse_knob(ap, d))
@@ -90,7 +96,7 @@ def main() -> None:
     decode_step.DEFINES["MRT_LY_TRACE"] = 132 * TRACE_LAYERS * TRACE_SLOTS  # blocks (one per SM) x layers x slots
     res = {}
     for name in args.configs.split(","):
-        res[name] = trace(name, args.ghz)
+        res[name] = trace(name, args.ghz, args.raw and f"{args.raw}/{name}.npy")
         print(name)
         for k, v in res[name].items():
             print(f"  {k:30s} " + " ".join(f"{x:7.2f}" for x in v))

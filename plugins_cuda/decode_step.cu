@@ -1689,8 +1689,9 @@ __device__ void ssm_step(const SsmStepArgs& a) {
 //     host's LY_COMBINE_MIN_DMODEL up), the row group's first block, whose run there is its last, adds
 //     the others' (their first runs) into slot 0 instead.
 //   * at the next layer's start (no barrier), every block reads the P partials (or slot 0's sum) of
-//     every output as they come (their tags), sums them in order and forms h = h + round_T(sum) (+ bias)
-//     and its norm itself; block b writes its slice of h to the other half of hbuf.
+//     every output as they come (their tags; two slots per round trip up to d_model 2048: the host's
+//     pw), sums them in order and forms h = h + round_T(sum) (+ bias) and its norm itself; block b
+//     writes its slice of h to the other half of hbuf.
 // One grid barrier per layer (after x_proj, whose sums are atomic) instead of three; a tagged word is
 // either this layer's or an older one, so the tagged buffers are never reset (benchmarks/NOTES.md,
 // items 40-45).
@@ -1756,6 +1757,7 @@ struct LayersArgs {
   long long xfirst;       // in_proj's rows in the order x then z (1) or per unit of LY_CH channels (0)
   long long lag;          // groups of in_proj rows between x_proj's share and the barrier's arrival
   long long combine;      // out_proj's partials summed by each row group's first block (1) or by every reader
+  long long pw;           // out_proj's partials read per round trip at a layer's start: 1 or 2
   float eps;
 };
 
@@ -2039,42 +2041,56 @@ __device__ void layers(const LayersArgs& a) {
       hv[j] = i < dm ? hin[i] : 0.f;
     }
   };
-  // out_proj(l - 1)'s sums: the P tagged partials of each element (part[(l - 1) & 1]), partial k polled
-  // until current for all of the thread's elements, then partial k + 1; summed in that order
+  // out_proj(l - 1)'s sums: the NR tagged partials of each element (part[(l - 1) & 1]) polled until
+  // current and summed in slot order, one slot per round trip, or two (a.pw: where d_model <= LY_HV / 2
+  // LY_CT, word w < LY_HV / 2 holds slot k of element w and word LY_HV / 2 + w slot k + 1 of it). The
+  // registers hold LY_HV words in flight: the kernel's 168 (one block of 288 threads per SM) leave no
+  // room for more without spilling.
   auto h_add = [&](int l, const T* bo) {
     if (l == 0) return;
+    constexpr int H2 = LY_HV / 2;
     const unsigned tag = tag0 + (unsigned)(l - 1);
     const unsigned long long* pp = a.part + (long long)((l - 1) & 1) * NP * dm;
+    const bool two = a.pw == 2;
+    const int step = two ? 2 : 1;
     float o[LY_HV];
-    unsigned long long va[LY_HV];  // one partial per element in flight: the kernel's 168 registers (1 block
-#pragma unroll                     // of 288 threads per SM) leave no room for a second without spilling
+    unsigned long long va[LY_HV];
+    // word w: slot kp + sw (w), element tid + ew (w) LY_CT
+    auto sw = [&](int w) { return two && w >= H2 ? 1 : 0; };
+    auto ew = [&](int w) { return two ? w & (H2 - 1) : w; };
+    auto want = [&](int kp, int w) { return tid + ew(w) * LY_CT < dm && kp + sw(w) < NR; };
+    auto load = [&](int kp, int w) { return ld_tagged(pp + (long long)(kp + sw(w)) * dm + tid + ew(w) * LY_CT); };
+#pragma unroll
     for (int j = 0; j < LY_HV; ++j) {
       const int i = tid + j * LY_CT;
       o[j] = i < dm && bo ? to_float(bo[i]) : 0.f;
-      va[j] = i < dm ? ld_tagged(pp + i) : 0ull;
+      va[j] = want(0, j) ? load(0, j) : 0ull;
     }
-    for (int kp = 0; kp < NR; ++kp) {
+    for (int kp = 0; kp < NR; kp += step) {
       if (kp > 0) {
 #pragma unroll
-        for (int j = 0; j < LY_HV; ++j) {
-          const int i = tid + j * LY_CT;
-          va[j] = i < dm ? ld_tagged(pp + (long long)kp * dm + i) : 0ull;
-        }
+        for (int w = 0; w < LY_HV; ++w) va[w] = want(kp, w) ? load(kp, w) : 0ull;
       }
-      for (;;) {  // until every element's partial kp is this layer's
+      for (;;) {  // until every wanted word is this layer's
         if (LY_NOSYNC) break;
         bool stale = false;
 #pragma unroll
-        for (int j = 0; j < LY_HV; ++j) stale |= tid + j * LY_CT < dm && (unsigned)(va[j] >> 32) != tag;
+        for (int w = 0; w < LY_HV; ++w) stale |= want(kp, w) && (unsigned)(va[w] >> 32) != tag;
         if (!stale) break;
 #pragma unroll
-        for (int j = 0; j < LY_HV; ++j) {
-          const int i = tid + j * LY_CT;
-          if (i < dm && (unsigned)(va[j] >> 32) != tag) va[j] = ld_tagged(pp + (long long)kp * dm + i);
-        }
+        for (int w = 0; w < LY_HV; ++w)
+          if (want(kp, w) && (unsigned)(va[w] >> 32) != tag) va[w] = load(kp, w);
       }
+      if (two) {  // element j: slot kp, then slot kp + 1 (if there is one; its words are 0 otherwise)
 #pragma unroll
-      for (int j = 0; j < LY_HV; ++j) o[j] += __uint_as_float((unsigned)va[j]);
+        for (int j = 0; j < H2; ++j) {
+          o[j] += __uint_as_float((unsigned)va[j]);
+          if (kp + 1 < NR) o[j] += __uint_as_float((unsigned)va[H2 + j]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < LY_HV; ++j) o[j] += __uint_as_float((unsigned)va[j]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) {

@@ -81,6 +81,11 @@ LY_ARRIVE_LAG = 1
 # them. H100 fp16, GPU ms per step, every block / combined, same process (benchmarks/NOTES.md, item 45):
 # 370m 0.678 / 0.791, 790m 1.011 / 1.087, 1.4b 1.270 / 1.278, 2.8b (d_model 2560) 2.316 / 2.272.
 LY_COMBINE_MIN_DMODEL = 2560
+# out_proj's partial sums of every output read at most this many slots per round trip (1 or 2) at a layer's
+# start: 2 where two slots' words fit the registers that hold one (d_model <= LY_MAX_DMODEL / 2) and the
+# partials are not combined. H100 fp16, GPU ms per step, 1 / 2, same process (benchmarks/NOTES.md, item 46):
+# 1.4b 1.218 / 1.180 (2.8b, combined, 2.147 / 2.142: unchanged)
+LY_PARTIALS_PER_LOAD = 2
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
@@ -199,7 +204,8 @@ ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx"
 LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
-                                    ("P", _L), ("xfirst", _L), ("lag", _L), ("combine", _L), ("eps", _F)])
+                                    ("P", _L), ("xfirst", _L), ("lag", _L), ("combine", _L), ("pw", _L),
+                                    ("eps", _F)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -418,7 +424,8 @@ class DecodeKernels:
 
     def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, ...] | None:
         """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_XFIRST,
-        LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL) of the
+        LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL, their slots
+        read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2, else 1) of the
         persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
         kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
         LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
@@ -438,8 +445,9 @@ class DecodeKernels:
         smem = ring + rest
         if self._resident(f"layers_{self.tag}", LY_THREADS, smem) < 1:
             return None
-        return (grid, smem, stages, layers_partials(dm, d, grid), LY_XFIRST, LY_ARRIVE_LAG,
-                int(dm >= LY_COMBINE_MIN_DMODEL))
+        P, combine = layers_partials(dm, d, grid), int(dm >= LY_COMBINE_MIN_DMODEL)
+        pw = 2 if LY_PARTIALS_PER_LOAD >= 2 and not combine and P >= 2 and dm <= LY_MAX_DMODEL // 2 else 1
+        return grid, smem, stages, P, LY_XFIRST, LY_ARRIVE_LAG, combine, pw
 
     def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
                res_fp32, eps) -> Launch:
@@ -449,9 +457,9 @@ class DecodeKernels:
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
         one before)."""
-        grid, smem, stages, P, xfirst, lag, combine = cfg
+        grid, smem, stages, P, xfirst, lag, combine, pw = cfg
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
-                       stages, P, int(xfirst), int(lag), int(combine), eps)
+                       stages, P, int(xfirst), int(lag), int(combine), int(pw), eps)
         return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

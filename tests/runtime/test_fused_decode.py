@@ -123,6 +123,20 @@ def test_layers_kernel_in_proj_row_orders(dtype, order, monkeypatch):
     _check_steps(dict(d_model=2560, n_layer=2, vocab_size=1000, d_state=16, d_conv=4), dtype, 1, gemv="bulk")
 
 
+@pytest.mark.parametrize("pw", [1, 2], ids=["one-slot-per-load", "two-slots-per-load"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_layers_kernel_partials_per_round_trip(dtype, pw, monkeypatch):
+    """The persistent kernel reading out_proj's partial sums at a layer's start one slot per round trip
+    or two (decode_step.LY_PARTIALS_PER_LOAD), each block reading every slot: d_model 768 gives three
+    slots per output on 114-132 SMs (H100, H200), so with two per round trip the second round has one."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LY_PARTIALS_PER_LOAD", pw)
+    monkeypatch.setattr(decode_step, "LY_COMBINE_MIN_DMODEL", 1 << 20)
+    _check_steps(dict(d_model=768, n_layer=2, vocab_size=1000, d_state=16, d_conv=4), dtype, 1, gemv="bulk",
+                 pw=pw)
+
+
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_tags_wrap(dtype):
     """The persistent kernel's tagged exchanges (out_proj's partial sums: 32-bit tags; y: 16-bit tags)
@@ -165,7 +179,7 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None):
+def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -198,6 +212,8 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None):
         assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
+    if pw is not None:  # the persistent kernel's out_proj partials: slots per output, read pw per round trip
+        assert bk.ly and bk.ly[3] == 3 and bk.ly[7] == pw, bk.ly
     if stepc is not None:  # the persistent kernel's step counter, its tagged buffers as after that many steps
         assert bk.ly, "the step counter belongs to the persistent kernel"
         last = (stepc * cfg.n_layer) % 2**32  # the tag of the last layer of the step before
