@@ -9,69 +9,58 @@ Each case: a matrix of --mb MB, fp16, row-major with rows of K columns; units of
 blocks in turn; a unit's stages of 16 rows x KS columns in column order; each stage as `pieces` copies
 (16: a copy per row, lane i copying row i as `layers` does; with `tiled` the stage is contiguous in
 memory, i.e. a tile-major copy of the matrix, and 16, 4 or 1 copies). Rates are bytes read / GPU time (CUDA events, median of 5), against a plain vectorised load
-kernel (all threads, 16-byte loads) in the same run. Needs cupy and an sm_90 GPU.
+kernel (all threads, 16-byte loads) in the same run. The ring uses decode_step.cu's own mbarrier and
+bulk-copy helpers (its source with this tool's kernels appended). Needs cupy and an sm_90 GPU; run from
+the repository root (PYTHONPATH=$PWD).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 
 import cupy as cp
 import numpy as np
 
+# The ring on decode_step.cu's own helpers (mbarriers, bulk copies, L2 policies), appended to its source.
 SRC = r"""
-extern "C" __global__ void bulk_stream(const char* __restrict__ src, long long units, int rowb, int kb,
-                                       int pieces, int S, int tiled, int evict_first, unsigned long long* sink) {
+extern "C" __global__ void mrt_bulk_stream(const char* __restrict__ src, long long units, int rowb, int kb,
+                                           int pieces, int S, int tiled, int evict_first, unsigned long long* sink) {
+  using namespace mrt;
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem);
   unsigned char* ring = smem + 1024;
   const int stage = 16 * kb;                  // bytes per stage
   const int nseg = rowb / kb;                  // stages per unit
   if (threadIdx.x == 0) {
-    for (int s = 0; s < S; ++s)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((unsigned)__cvta_generic_to_shared(full + s)));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < S; ++s) mbar_init(full + s, 1);
+    mbar_init_fence();
   }
   __syncthreads();
   const int lane = threadIdx.x;  // one warp: lane p < pieces issues piece p of each stage (as `layers`)
-  unsigned long long pol;
-  if (evict_first) asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(pol));
-  else asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(pol));
+  const unsigned long long pol = evict_first ? l2_policy<true>() : l2_policy<false>();
   long long t = 0;
   for (long long u = blockIdx.x; u < units; u += gridDim.x) {
     for (int g = 0; g < nseg; ++g, ++t) {
       const int slot = (int)(t % S);
-      const unsigned bar = (unsigned)__cvta_generic_to_shared(full + slot);
-      if (t >= S) {  // the slot's previous stage has landed
-        const unsigned par = (unsigned)(((t / S) - 1) & 1);
-        asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
-                     ::"r"(bar), "r"(par) : "memory");
-      }
-      if (lane == 0)
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(stage) : "memory");
+      if (t >= S) mbar_wait(full + slot, (unsigned)(((t / S) - 1) & 1));  // its previous stage landed
+      if (lane == 0) mbar_expect_tx(full + slot, stage);
       __syncwarp();
       const int pb = stage / pieces;
       for (int p = lane; p < pieces; p += 32) {
         const char* s;
         if (tiled) s = src + (u * nseg + g) * (long long)stage + (long long)p * pb;
         else s = src + (u * 16 + p) * (long long)rowb + (long long)g * kb;  // a copy per row (pieces 16)
-        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
-                     ::"r"((unsigned)__cvta_generic_to_shared(ring + slot * stage + p * pb)), "l"(s), "r"(pb), "r"(bar), "l"(pol)
-                     : "memory");
+        bulk_copy(ring + slot * stage + p * pb, s, pb, full + slot, pol);
       }
     }
   }
-  for (long long e = t - S; e < t; ++e) {  // drain
-    if (e < 0) continue;
-    const unsigned bar = (unsigned)__cvta_generic_to_shared(full + (int)(e % S));
-    const unsigned par = (unsigned)((e / S) & 1);
-    asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
-                 ::"r"(bar), "r"(par) : "memory");
-  }
+  for (long long e = t - S; e < t; ++e)  // drain
+    if (e >= 0) mbar_wait(full + (int)(e % S), (unsigned)((e / S) & 1));
   if (blockIdx.x == 0 && lane == 0) sink[0] = ring[0];
 }
 
-extern "C" __global__ void load_stream(const uint4* __restrict__ src, long long n, unsigned long long* sink) {
+extern "C" __global__ void mrt_load_stream(const uint4* __restrict__ src, long long n, unsigned long long* sink) {
   unsigned acc = 0u;
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
     const uint4 v = src[i];
@@ -82,14 +71,24 @@ extern "C" __global__ void load_stream(const uint4* __restrict__ src, long long 
 """
 
 
+def build(arch: int) -> bytes:
+    """A cubin of decode_step.cu (fp16) with the two kernels above appended."""
+    from mamba_rt.plugins_cuda import compiler, decode_step
+
+    return compiler.compile_program(decode_step.program_source("float16") + SRC, decode_step.SOURCE, arch)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=int, default=1024)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    mod = cp.RawModule(code=SRC, options=("-std=c++17",))
-    bulk, load = mod.get_function("bulk_stream"), mod.get_function("load_stream")
     dev = cp.cuda.Device()
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(build(int(dev.compute_capability)))
+        f.flush()
+        mod = cp.RawModule(path=f.name)
+        bulk, load = mod.get_function("mrt_bulk_stream"), mod.get_function("mrt_load_stream")
     sms = dev.attributes["MultiProcessorCount"]
     nbytes = args.mb << 20
     buf = cp.zeros(nbytes // 2, dtype=cp.float16)

@@ -50,9 +50,29 @@ def test_shape_limits_are_named():
     assert "float64" in decode_step.why_unsupported(16, 4, 8, "float64")
 
 
-@pytest.mark.parametrize("dm,d", [(160, 320), (544, 1088), (768, 1536), (1024, 2048), (1536, 3072),
-                                  (2048, 4096), (2560, 5120), (4096, 8192)])
-@pytest.mark.parametrize("grid", [132, 114, 78, 7])
+# out_proj's tiles in the persistent kernel (decode_step.cu, `layers`): model shapes and grids (SM counts)
+LAYERS_SHAPES = pytest.mark.parametrize("dm,d", [(160, 320), (544, 1088), (768, 1536), (1024, 2048), (1536, 3072),
+                                                 (2048, 4096), (2560, 5120), (4096, 8192)])
+LAYERS_GRIDS = pytest.mark.parametrize("grid", [132, 114, 78, 7])
+
+
+def _layers_tiles(dm, d, grid):
+    """(tiles per row group, tiles, P slots: layers_partials, each block's first tile (grid + 1 bounds),
+    owner: the block of a tile, .cu LyWork::owner's formula checked against the bounds)."""
+    nc = -(-d // decode_step.BULK_KS)
+    nt = dm // 16 * nc
+    bounds = [b * nt // grid for b in range(grid + 1)]  # .cu LyWork: t0 (b) = b NT / G
+
+    def owner(t):
+        b = ((t + 1) * grid + nt - 1) // nt - 1
+        assert bounds[b] <= t < bounds[b + 1], (t, b)
+        return b
+
+    return nc, nt, decode_step.layers_partials(dm, d, grid), bounds, owner
+
+
+@LAYERS_SHAPES
+@LAYERS_GRIDS
 def test_layers_partial_slots_are_each_written_once(dm, d, grid):
     """The persistent kernel's out_proj exchange (decode_step.cu, `layers`): every block writes the
     partial sums of its run of tiles in a row group into slot (block - the block of the row group's first
@@ -60,13 +80,7 @@ def test_layers_partial_slots_are_each_written_once(dm, d, grid):
     without tiles writes a zero into its slot of the row group its (empty) range starts in. Readers wait
     for every one of the P slots (layers_partials) of every output, so each must be written exactly once
     per layer, for any grid (else the kernel would wait forever or add a stale value)."""
-    nc = -(-d // decode_step.BULK_KS)
-    nt = dm // 16 * nc
-    P = decode_step.layers_partials(dm, d, grid)
-    bounds = [b * nt // grid for b in range(grid + 1)]  # .cu LyWork: t0 (b) = b NT / G
-
-    def first_block(t):  # the block whose tiles include tile t, from the bounds themselves
-        return max(b for b in range(grid) if bounds[b] <= t < bounds[b + 1])
+    nc, nt, P, bounds, first_block = _layers_tiles(dm, d, grid)
 
     writes = {}
     for b in range(grid):
@@ -90,9 +104,8 @@ def test_layers_partial_slots_are_each_written_once(dm, d, grid):
     assert P == max(first_block(rg * nc + nc - 1) - first_block(rg * nc) + 1 for rg in range(dm // 16))
 
 
-@pytest.mark.parametrize("dm,d", [(160, 320), (544, 1088), (768, 1536), (1024, 2048), (1536, 3072),
-                                  (2048, 4096), (2560, 5120), (4096, 8192)])
-@pytest.mark.parametrize("grid", [132, 114, 78, 7])
+@LAYERS_SHAPES
+@LAYERS_GRIDS
 def test_layers_combined_partials_are_each_written_once(dm, d, grid):
     """The persistent kernel's out_proj exchange with the partials combined (from
     decode_step.LY_COMBINE_MIN_DMODEL up): a block whose run of tiles in a row group is not the row
@@ -101,15 +114,7 @@ def test_layers_combined_partials_are_each_written_once(dm, d, grid):
     of the row group's other blocks that have tiles and writes slot 0, the one every block reads. So
     every slot read is written exactly once per layer, within the P slots (layers_partials), for any
     grid: else the kernel would wait forever or add a stale value."""
-    nc = -(-d // decode_step.BULK_KS)
-    nt = dm // 16 * nc
-    P = decode_step.layers_partials(dm, d, grid)
-    bounds = [b * nt // grid for b in range(grid + 1)]  # .cu LyWork: t0 (b) = b NT / G
-
-    def owner(t):  # .cu LyWork::owner, checked against the bounds
-        b = ((t + 1) * grid + nt - 1) // nt - 1
-        assert bounds[b] <= t < bounds[b + 1], (t, b)
-        return b
+    nc, nt, P, bounds, owner = _layers_tiles(dm, d, grid)
 
     writes, reads = {}, set()
     for b in range(grid):
