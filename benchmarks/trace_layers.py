@@ -60,7 +60,7 @@ def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     words = np.zeros(size // 8, dtype=np.int64)
     drv.cuMemcpyDtoH(words.ctypes.data, ptr, size)
     L = min(cfg.n_layer, TRACE_LAYERS)
-    t = words.reshape(-1, TRACE_LAYERS, TRACE_SLOTS)[:bk.ly[0], :L].astype(np.float64) / (ghz * 1e3)  # us
+    t = words.reshape(-1, TRACE_LAYERS, TRACE_SLOTS)[:bk.ly.grid, :L].astype(np.float64) / (ghz * 1e3)  # us
     if raw_out:
         np.save(raw_out, t)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import threading
+from typing import NamedTuple
 
 from mamba_rt.errors import InternalError, UnsupportedError
 
@@ -92,6 +93,18 @@ GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tens
 
 def _up16(v: int) -> int:
     return -(-v // 16) * 16
+
+
+class LayersLaunch(NamedTuple):
+    """The persistent `layers` kernel's launch for one shape (DecodeKernels.layers_launch)."""
+    grid: int     # blocks: one per SM
+    smem: int     # dynamic shared bytes
+    stages: int   # the ring's stages
+    P: int        # out_proj's partial-sum slots per output (layers_partials)
+    xfirst: int   # LY_XFIRST
+    lag: int      # LY_ARRIVE_LAG
+    combine: int  # out_proj's partials added up by each row group's first block (LY_COMBINE_MIN_DMODEL)
+    pw: int       # partial-sum slots read per round trip (LY_PARTIALS_PER_LOAD)
 
 
 def layers_smem(dm: int, d: int, n: int, r: int, k: int, stages: int, grid: int) -> tuple[int, int]:
@@ -422,11 +435,11 @@ class DecodeKernels:
             return Launch(self._fn(f"conv_xproj_{self.tag}_b{bm}"), (-(-d // XP_CH), 1), XP_THREADS, 0, a, "conv_xproj")
         return Launch(self._fn(f"conv_only_{self.tag}"), (-(-d // CONV_THREADS), B), CONV_THREADS, 0, a, "conv_only")
 
-    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> tuple[int, ...] | None:
-        """(grid, shared bytes, stages, partial sums per out_proj output: layers_partials, LY_XFIRST,
-        LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL, their slots
-        read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2, else 1) of the
-        persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
+    def layers_launch(self, *, dm: int, d: int, n: int, r: int, k: int) -> LayersLaunch | None:
+        """The LayersLaunch (grid, shared bytes, stages, partial sums per out_proj output: layers_partials,
+        LY_XFIRST, LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL,
+        their slots read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2,
+        else 1) of the persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
         kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
         LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
         (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
@@ -447,9 +460,9 @@ class DecodeKernels:
             return None
         P, combine = layers_partials(dm, d, grid), int(dm >= LY_COMBINE_MIN_DMODEL)
         pw = 2 if LY_PARTIALS_PER_LOAD >= 2 and not combine and P >= 2 and dm <= LY_MAX_DMODEL // 2 else 1
-        return grid, smem, stages, P, LY_XFIRST, LY_ARRIVE_LAG, combine, pw
+        return LayersLaunch(grid, smem, stages, P, LY_XFIRST, LY_ARRIVE_LAG, combine, pw)
 
-    def layers(self, cfg, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
+    def layers(self, cfg: LayersLaunch, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
                res_fp32, eps) -> Launch:
         """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), with cfg what
         layers_launch gave for this shape. table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the
@@ -457,10 +470,9 @@ class DecodeKernels:
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
         one before)."""
-        grid, smem, stages, P, xfirst, lag, combine, pw = cfg
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
-                       stages, P, int(xfirst), int(lag), int(combine), int(pw), eps)
-        return Launch(self._fn(f"layers_{self.tag}"), (grid, 1), LY_THREADS, smem, a, "layers", coop=True)
+                       cfg.stages, cfg.P, int(cfg.xfirst), int(cfg.lag), int(cfg.combine), int(cfg.pw), eps)
+        return Launch(self._fn(f"layers_{self.tag}"), (cfg.grid, 1), LY_THREADS, cfg.smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,
                  d, r) -> Launch:

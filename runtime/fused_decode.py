@@ -73,11 +73,11 @@ class DecodeBucket:
         if self.ly:
             self.bar = self.zeroed[-1:].view(torch.int32)
             # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
-            self.part = torch.zeros(2, self.ly[3], dm, dtype=torch.int64, device=dev)
+            self.part = torch.zeros(2, self.ly.P, dm, dtype=torch.int64, device=dev)
             self.y_tagged = torch.zeros(d, dtype=torch.int32, device=dev)
             self.stepc = torch.zeros(1, dtype=torch.int32, device=dev)
             self.hbuf = torch.empty(2, dm, **f32)
-            self.ss_layers = torch.empty(self.ly[0], **f32)
+            self.ss_layers = torch.empty(self.ly.grid, **f32)
         if self.gemv:
             self.ctr = self.zeroed[n_acc:n_acc + n_ctr].view(torch.int32)
             self.ge = dec.k.embed_grid(dm)
@@ -135,8 +135,8 @@ class FusedDecoder:
 
     def layers_launch(self):
         """The launch configuration of the persistent kernel that runs every layer of a batch-1 step
-        (decode_step.DecodeKernels.layers_launch: grid, shared bytes, stages, partial-sum slots and the
-        kernel's switches), or None where it does not serve this model. Read at each bucket's creation
+        (decode_step.LayersLaunch: grid, shared bytes, stages, partial-sum slots and the kernel's
+        switches), or None where it does not serve this model. Read at each bucket's creation
         (the tests switch decode_step.LAYERS_KERNEL and the others)."""
         c = self.config
         cfg = self.k.layers_launch(dm=c.d_model, d=c.d_inner, n=c.d_state, r=c.dt_rank, k=c.d_conv)
@@ -187,7 +187,7 @@ class FusedDecoder:
                                 ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
                                 y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d,
                                 n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps))
-            ss, G = bk.ss_layers, bk.ly[0]
+            ss, G = bk.ss_layers, bk.ly.grid
             layers = []
         for i, layer in enumerate(layers):
             m = layer.mixer
