@@ -24,7 +24,8 @@
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
 // reading a delta precomputed by a dt_proj GEMM (large ones).
 //
-// After the head: argmax_rows (greedy ids) or draw_rows (a sampled token per row: temperature, top-k,
+// The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
+// argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
 // top-p, as runtime/sampling.py's reference; thread block clusters, sm_90+).
 //
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
@@ -67,6 +68,12 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+// bytes (a multiple of 16) from p (16-byte aligned) into L2 by the copy engine (sm_90+)
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
 }
 
 // 16-byte weight load that bypasses L1 (weights are read once per step), asks L2 to fetch the whole
@@ -382,6 +389,38 @@ __device__ __forceinline__ void rstd_from_partials(const float* __restrict__ ss,
   }
 }
 
+// (v, i) beats (bv, bi) as torch.argmax ranks them: NaN above every number, then the larger value,
+// then on ties the smaller index.
+__device__ __forceinline__ bool argmax_beats(float v, int i, float bv, int bi) {
+  const bool n = v != v, bn = bv != bv;
+  if (n != bn) return n;
+  return (!n && v > bv) || ((n || v == bv) && i < bi);
+}
+
+// The block's best (value, index) into thread 0's (bv, bi).
+__device__ __forceinline__ void argmax_block(float& bv, int& bi, float* sv, int* si) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float v = __shfl_xor_sync(0xffffffffu, bv, off);
+    const int i = __shfl_xor_sync(0xffffffffu, bi, off);
+    if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+  __syncthreads();
+  if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+  __syncthreads();
+  if (warp == 0) {
+    bv = lane < warps ? sv[lane] : -__int_as_float(0x7f800000);
+    bi = lane < warps ? si[lane] : 0x7fffffff;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float v = __shfl_xor_sync(0xffffffffu, bv, off);
+      const int i = __shfl_xor_sync(0xffffffffu, bi, off);
+      if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+  }
+}
+
 struct NormGemvArgs {
   const float* h;        // [BM, K] residual stream
   const float* ss;       // [G, BM] partial sums of squares of h
@@ -392,7 +431,55 @@ struct NormGemvArgs {
   unsigned* ctr;         // GemvBulk's unit counter of this launch (zero before it; unused by the others)
   long long G, N, K, out_float, param;  // param: GemvWarp's L2 prefetch rows, GemvBulk's ring stages
   float eps;
+  long long* amax;       // [BM] the index of each row's first largest output (the greedy token), or null
+                         // (the tensor-core kinds only)
+  int* ascr;             // with amax: [BM, gridDim.x] the blocks' best values (float bits), [BM, gridDim.x]
+                         // their indices, a ticket (zero before the launch, zero again after it). (Two
+                         // fields: with four, the FMA kernels' arguments made them spill.)
 };
+
+// norm_gemv's argmax (a.amax): every thread's best output (av, ai) of each row, then each block's into
+// a.ascr, and the last block to finish (ticket) reduces them, as argmax_rows does over the logits.
+template <int BM>
+__device__ void gemv_argmax(const NormGemvArgs& a, float* av, int* ai) {
+  __shared__ float sv[32];
+  __shared__ int si[32];
+  __shared__ bool last;
+  const int G = gridDim.x;
+  float* apv = reinterpret_cast<float*>(a.ascr);
+  int* api = a.ascr + BM * G;
+  unsigned* atk = reinterpret_cast<unsigned*>(a.ascr + 2 * BM * G);
+#pragma unroll
+  for (int b = 0; b < BM; ++b) {
+    float bv = av[b];
+    int bi = ai[b];
+    argmax_block(bv, bi, sv, si);
+    if (threadIdx.x == 0) {
+      apv[b * G + blockIdx.x] = bv;
+      api[b * G + blockIdx.x] = bi;
+    }
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(atk, 1u) == (unsigned)(G - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int b = 0; b < BM; ++b) {
+    float bv = -__int_as_float(0x7f800000);
+    int bi = 0x7fffffff;
+    for (int c = threadIdx.x; c < G; c += blockDim.x) {
+      const float pv = __ldcg(apv + b * G + c);
+      const int pi = __ldcg(api + b * G + c);
+      if (argmax_beats(pv, pi, bv, bi)) { bv = pv; bi = pi; }
+    }
+    argmax_block(bv, bi, sv, si);
+    if (threadIdx.x == 0) a.amax[b] = bi;
+  }
+  if (threadIdx.x == 0) *atk = 0u;
+}
 
 // ------------------------------------------------------------------------------------------------
 // The same product with the weights streamed by the copy engine (sm_90+). Work comes in units of 16
@@ -698,6 +785,13 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(a.bias);
+  float av[BM];  // with a.amax: the best output of each row among this thread's (its index in ai)
+  int ai[BM];
+#pragma unroll
+  for (int b = 0; b < BM; ++b) {
+    av[b] = -__int_as_float(0x7f800000);
+    ai[b] = 0x7fffffff;
+  }
   g.run([&](long long n, const float* acc) {
     const float bv = bias ? to_float(bias[n]) : 0.f;
 #pragma unroll
@@ -705,8 +799,19 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
       const T o = from_float<T>(acc[b] + bv);
       if (a.out_float) static_cast<float*>(a.out)[b * N + n] = to_float(o);
       else static_cast<T*>(a.out)[b * N + n] = o;
+      if constexpr (KIND != GEMV_FMA) {
+        if (a.amax && argmax_beats(to_float(o), (int)n, av[b], ai[b])) {
+          av[b] = to_float(o);
+          ai[b] = (int)n;
+        }
+      }
     }
   });
+  // every thread (the copy-engine kind's producer warp too); not the FMA kind, where the tracking took
+  // local memory (the host runs the argmax kernel after it)
+  if constexpr (KIND != GEMV_FMA) {
+    if (a.amax) gemv_argmax<BM>(a, av, ai);
+  }
 }
 
 struct GemvResidualArgs {
@@ -831,38 +936,6 @@ struct ArgmaxArgs {
   unsigned* tk;     // [B] tickets: zero before the launch, zero again after it
   long long V;
 };
-
-// (v, i) beats (bv, bi) as torch.argmax ranks them: NaN above every number, then the larger value,
-// then on ties the smaller index.
-__device__ __forceinline__ bool argmax_beats(float v, int i, float bv, int bi) {
-  const bool n = v != v, bn = bv != bv;
-  if (n != bn) return n;
-  return (!n && v > bv) || ((n || v == bv) && i < bi);
-}
-
-// The block's best (value, index) into thread 0's (bv, bi).
-__device__ __forceinline__ void argmax_block(float& bv, int& bi, float* sv, int* si) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float v = __shfl_xor_sync(0xffffffffu, bv, off);
-    const int i = __shfl_xor_sync(0xffffffffu, bi, off);
-    if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
-  }
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
-  __syncthreads();
-  if (warp == 0) {
-    bv = lane < warps ? sv[lane] : -__int_as_float(0x7f800000);
-    bi = lane < warps ? si[lane] : 0x7fffffff;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float v = __shfl_xor_sync(0xffffffffu, bv, off);
-      const int i = __shfl_xor_sync(0xffffffffu, bi, off);
-      if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-  }
-}
 
 // out[b] = the index of the first largest logit of row b, on the GPU: block (c, b) takes ARGMAX_CHUNK
 // logits of row b (8 loads in flight per thread; rows are not 16-byte aligned in general, vocab
@@ -1726,9 +1799,9 @@ namespace mrt {
 #define LY_ADD(l, p, v) do {} while (0)
 #endif
 #ifndef MRT_LY_NOSYNC  // development only: 1 skips every wait on another block (wrong results, no hang):
-#define MRT_LY_NOSYNC 0  // what the weight stream and the phases cost without the exchanges' waits
-#endif
-constexpr bool LY_NOSYNC = MRT_LY_NOSYNC;
+#define MRT_LY_NOSYNC 0  // what the weight stream and the phases cost without the exchanges' waits; or a
+#endif                   // mask of them: 2 out_proj's partials, 4 the grid barrier, 8 y (what each costs)
+constexpr bool LY_NOSYNC_P = MRT_LY_NOSYNC & 3, LY_NOSYNC_B = MRT_LY_NOSYNC & 5, LY_NOSYNC_Y = MRT_LY_NOSYNC & 9;
 constexpr int LY_WARPS = BULK_WARPS;       // consumer warps
 constexpr int LY_CT = LY_WARPS * 32;       // consumer threads
 constexpr int LY_THREADS = LY_CT + 32;     // + the producer warp
@@ -1759,6 +1832,8 @@ struct LayersArgs {
   long long combine;      // out_proj's partials summed by each row group's first block (1) or by every reader
   long long pw;           // out_proj's partials read per round trip at a layer's start: 1 or 2
   float eps;
+  const void* pf;         // the head's weights, whose first pf_bytes the producers prefetch into L2 once
+  long long pf_bytes;     // the last layer's stages are issued (a multiple of 16 gridDim.x; 0: none)
 };
 
 // Shared-memory layout of `layers` (byte offsets; decode_step.py's layers_smem mirrors it).
@@ -1807,7 +1882,7 @@ __device__ __forceinline__ void ly_grid_arrive(unsigned* bar, unsigned& epoch) {
 }
 // Wait: every block has arrived (and its writes before the arrival are visible).
 __device__ __forceinline__ void ly_grid_wait(const unsigned* bar, unsigned epoch) {
-  if (threadIdx.x == 0 && !LY_NOSYNC) {
+  if (threadIdx.x == 0 && !LY_NOSYNC_B) {
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(bar) : "memory");
@@ -1934,6 +2009,10 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
       stage(wo + (16LL * rg + lane) * d + (long long)ch * BULK_KS, (int)min((long long)BULK_KS, d - ch * BULK_KS) * 2);
     }
     if (threadIdx.x == LY_CT) LY_MARK(l, 13);
+    if (l + 1 == (int)a.n_layer && a.pf_bytes && lane == 0) {  // the head's first rows, this block's share
+      const long long share = a.pf_bytes / gridDim.x;
+      bulk_prefetch_l2(static_cast<const unsigned char*>(a.pf) + blockIdx.x * share, (unsigned)share);
+    }
     // layer l + 1's side data once the consumers are done with layer l's (after its state update)
     if (l + 1 < (int)a.n_layer) {
       mbar_wait(sempty, l & 1);
@@ -2072,7 +2151,7 @@ __device__ void layers(const LayersArgs& a) {
         for (int w = 0; w < LY_HV; ++w) va[w] = want(kp, w) ? load(kp, w) : 0ull;
       }
       for (;;) {  // until every wanted word is this layer's
-        if (LY_NOSYNC) break;
+        if (LY_NOSYNC_P) break;
         bool stale = false;
 #pragma unroll
         for (int w = 0; w < LY_HV; ++w) stale |= want(kp, w) && (unsigned)(va[w] >> 32) != tag;
@@ -2251,7 +2330,7 @@ __device__ void layers(const LayersArgs& a) {
         v[m] = i < d / 4 ? ld_tagged4(a.y + 4 * i) : make_uint4(ty << 16, ty << 16, ty << 16, ty << 16);
       }
       for (;;) {  // until every word is this layer's
-        if (LY_NOSYNC) break;
+        if (LY_NOSYNC_Y) break;
         bool any = false;
 #pragma unroll
         for (int m = 0; m < LY_YV; ++m) any |= stale(v[m]);
@@ -2298,7 +2377,7 @@ __device__ void layers(const LayersArgs& a) {
           for (int z = 1; z <= b1 - b0; ++z) {  // in block order; blocks without tiles have no partial
             if (!wk.has_tiles(b0 + z)) continue;
             unsigned long long v = z == 1 ? pf : ld_tagged(pp + (long long)z * dm + row);
-            while ((unsigned)(v >> 32) != ctag && !LY_NOSYNC) v = ld_tagged(pp + (long long)z * dm + row);
+            while ((unsigned)(v >> 32) != ctag && !LY_NOSYNC_P) v = ld_tagged(pp + (long long)z * dm + row);
             acc += __uint_as_float((unsigned)v);
           }
           st_tagged(pp + row, ptag | __float_as_uint(acc));

@@ -87,6 +87,16 @@ LY_COMBINE_MIN_DMODEL = 2560
 # partials are not combined. H100 fp16, GPU ms per step, 1 / 2, same process (benchmarks/NOTES.md, item 46):
 # 1.4b 1.218 / 1.180 (2.8b, combined, 2.147 / 2.142: unchanged)
 LY_PARTIALS_PER_LOAD = 2
+# The GEMV path's head (norm_gemv over the vocabulary, tensor-core kinds) also takes the greedy argmax of its
+# outputs (1), instead of the argmax kernel after it (0). H100 fp16, GPU ms per step, 0 / 1, same process
+# (benchmarks/NOTES.md, item 51): 130m 0.3234 / 0.3209, 1.4b 1.2023 / 1.1947, 2.8b 2.2044 / 2.2020
+HEAD_ARGMAX = 1
+# bytes of the head's weights (its first rows: the first units of its blocks) the persistent kernel prefetches
+# into L2 once its last layer's weights are issued, while its last exchanges run and the head starts (0: none).
+# H100 fp16, GPU ms per step, same process (benchmarks/NOTES.md, item 51): 0 / 16 / 32 MB 1.4b 1.195 / 1.200 /
+# 1.201, 2.8b 2.203 / 2.184 / 2.194; on another instance 0 / 8 / 16 MB 1.4b 1.200 / 1.200 / 1.200, 2.8b 2.203 /
+# 2.190 / 2.198
+LY_HEAD_PREFETCH = 8 << 20
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
@@ -202,7 +212,7 @@ def _struct(name, fields):
 
 NormGemvArgs = _struct("NormGemvArgs", [("h", _P), ("ss", _P), ("norm_w", _P), ("W", _P), ("bias", _P),
                                         ("out", _P), ("ctr", _P), ("G", _L), ("N", _L), ("K", _L), ("out_float", _L),
-                                        ("param", _L), ("eps", _F)])
+                                        ("param", _L), ("eps", _F), ("amax", _P), ("ascr", _P)])
 GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _P), ("h", _P), ("ss_out", _P),
                                                 ("ctr", _P), ("N", _L), ("K", _L), ("res_fp32", _L), ("param", _L)])
 EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
@@ -218,7 +228,7 @@ LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
                                     ("P", _L), ("xfirst", _L), ("lag", _L), ("combine", _L), ("pw", _L),
-                                    ("eps", _F)])
+                                    ("eps", _F), ("pf", _P), ("pf_bytes", _L)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
@@ -369,8 +379,31 @@ class DecodeKernels:
         """ctr: a 32-bit counter for this launch alone, zero when it runs (the copy-engine kernel hands
         out its rows through it)."""
         stem, grid, threads, smem, pf = self._gemv("norm_gemv", bm, N, K, W)
-        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps)
+        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps, 0, 0)
         return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
+
+    @staticmethod
+    def takes_argmax(ln: Launch) -> bool:
+        """Whether launch ``ln`` can take its outputs' argmax too (with_argmax): a norm_gemv of the
+        tensor-core kinds (the FMA one's tracking took local memory)."""
+        return ln.name.startswith("norm_gemv_mma_") or ln.name.startswith("norm_gemv_bulk_")
+
+    @staticmethod
+    def gemv_argmax_words(ln: Launch, bm: int) -> int:
+        """32-bit words of scratch that norm_gemv launch ``ln`` of bm rows needs to take its argmax as
+        well (with_argmax): a value and an index per block and row, and a ticket (zero at first, and
+        zero again after every launch)."""
+        return 2 * ln.grid[0] * bm + 1
+
+    def with_argmax(self, ln: Launch, bm: int, *, out, scratch) -> Launch:
+        """norm_gemv launch ``ln`` (of bm rows) that also writes out[b] (int64) = the index of the first
+        largest output of row b, NaN ranked highest (as argmax ranks the float32 logits it writes).
+        scratch: 2 grid bm + 1 32-bit words, the last one zero."""
+        if not self.takes_argmax(ln):
+            raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch, not {ln.name}")
+        a = NormGemvArgs.from_buffer_copy(ln.args)
+        a.amax, a.ascr = out, scratch
+        return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)
 
     def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32, ctr) -> Launch:
         """ctr as in norm_gemv."""
@@ -463,15 +496,20 @@ class DecodeKernels:
         return LayersLaunch(grid, smem, stages, P, LY_XFIRST, LY_ARRIVE_LAG, combine, pw)
 
     def layers(self, cfg: LayersLaunch, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
-               res_fp32, eps) -> Launch:
+               res_fp32, eps, head=0, head_bytes=0) -> Launch:
         """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), with cfg what
         layers_launch gave for this shape. table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the
         grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc and
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
-        one before)."""
+        one before). head: the head's weights (head_bytes of them, 16-byte aligned), whose first
+        LY_HEAD_PREFETCH bytes the kernel prefetches into L2 after issuing its last layer's weights."""
+        pf = min(LY_HEAD_PREFETCH, head_bytes) // (16 * cfg.grid) * 16 * cfg.grid if head else 0
+        if head % 16:
+            raise InternalError(f"fused decode layers: the head's weights at {head:#x} are not 16-byte aligned")
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
-                       cfg.stages, cfg.P, int(cfg.xfirst), int(cfg.lag), int(cfg.combine), int(cfg.pw), eps)
+                       cfg.stages, cfg.P, int(cfg.xfirst), int(cfg.lag), int(cfg.combine), int(cfg.pw), eps,
+                       head if pf else 0, pf)
         return Launch(self._fn(f"layers_{self.tag}"), (cfg.grid, 1), LY_THREADS, cfg.smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

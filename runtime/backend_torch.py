@@ -522,8 +522,7 @@ class _FusedGraph:
             self.io.copy_in(bk.inp)
         else:  # the last replay's ids; its slot indices are still in bk.idx
             bk.ids.copy_(self.io.gid)
-        self._decoder.enqueue(bk)
-        self._decoder.enqueue_argmax(bk, self.io.gid)
+        self._decoder.enqueue(bk, argmax=self.io.gid)
         (self.io.out if out is None else out).copy_from(self.io.gid)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:

@@ -95,6 +95,13 @@ class DecodeBucket:
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
             self.logits_t = torch.empty(B, dec.lm_head_padded.shape[0], dtype=dt, device=dev)
         self.launches = dec._prepare(self)
+        # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
+        # decode_step.HEAD_ARGMAX), its launch made per output tensor at first use (FusedDecoder.enqueue)
+        self.head_argmax = bool(self.gemv and dec.head_argmax_on() and dec.k.takes_argmax(self.launches[-1]))
+        if self.head_argmax:
+            self.amax_scratch = torch.zeros(dec.k.gemv_argmax_words(self.launches[-1], B), dtype=torch.int32,
+                                            device=dev)
+            self.amax_heads: dict = {}
 
 
 class FusedDecoder:
@@ -186,7 +193,8 @@ class FusedDecoder:
             out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
                                 ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
                                 y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d,
-                                n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps))
+                                n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps, head=p(self.lm_head),
+                                head_bytes=self.lm_head.numel() * self.lm_head.element_size()))
             ss, G = bk.ss_layers, bk.ly.grid
             layers = []
         for i, layer in enumerate(layers):
@@ -254,18 +262,39 @@ class FusedDecoder:
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)
 
+    @staticmethod
+    def head_argmax_on() -> bool:
+        """Whether the GEMV path's head takes the greedy argmax itself (decode_step.HEAD_ARGMAX, read at
+        each bucket's creation: the tests and benchmarks switch it)."""
+        from mamba_rt.plugins_cuda import decode_step
+
+        return bool(decode_step.HEAD_ARGMAX)
+
     @torch.no_grad()
-    def enqueue(self, bk: DecodeBucket) -> None:
+    def enqueue(self, bk: DecodeBucket, argmax: "torch.Tensor | None" = None) -> None:
         """One decode step of bucket ``bk`` on the current stream: bk.ids (token per row) and bk.idx
-        (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out."""
+        (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out; with
+        ``argmax`` (int64 (B,)) also the greedy token of each row, as enqueue_argmax gives it: taken
+        by the head itself where bk.head_argmax, else by the argmax kernel after it."""
         stream = torch.cuda.current_stream(self.device).cuda_stream
+        launches = bk.launches
+        head = None
+        if argmax is not None and bk.head_argmax:
+            self._check_ids_out(argmax, bk.B)
+            head = bk.amax_heads.get(argmax.data_ptr())
+            if head is None:
+                head = bk.amax_heads[argmax.data_ptr()] = self.k.with_argmax(
+                    launches[-1], bk.B, out=argmax.data_ptr(), scratch=bk.amax_scratch.data_ptr())
+            launches = launches[:-1] + [head]
         if bk.zeroed is not None:
             bk.zeroed.zero_()
-        for ln in bk.launches:
+        for ln in launches:
             if callable(ln):  # a cuBLAS projection (GEMM path)
                 ln()
             else:
                 self.k.launch(ln, stream)
+        if argmax is not None and head is None:
+            self.enqueue_argmax(bk, argmax)
 
     def enqueue_argmax(self, bk: DecodeBucket, out: "torch.Tensor") -> None:
         """out [bk.B] int64 = the greedy token of each row of bk.logits, on the current stream."""
@@ -305,10 +334,14 @@ class FusedDecoder:
 
         return draw
 
+    def _check_ids_out(self, out, B: int | None = None) -> None:
+        if (out.dtype != torch.int64 or out.dim() != 1 or not out.is_contiguous() or out.device != self.device
+                or (B is not None and out.shape[0] != B)):
+            raise InternalError(f"fused decode argmax: out must be contiguous int64 ({B or 'rows'},) on "
+                                f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
+
     def _argmax(self, logits, out, scratch) -> None:
-        if out.dtype != torch.int64 or out.dim() != 1 or not out.is_contiguous():
-            raise InternalError(f"fused decode argmax: out must be contiguous int64 (rows,), got {out.dtype} "
-                                f"{tuple(out.shape)}")
+        self._check_ids_out(out)
         B, V = out.shape[0], self.config.vocab_size
         if logits.dtype != torch.float32 or tuple(logits.shape) != (B, V) or logits.device != self.device:
             raise InternalError(f"fused decode argmax: logits must be float32 ({B}, {V}) on {self.device}, got "

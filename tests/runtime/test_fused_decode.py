@@ -220,6 +220,11 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
         bk.stepc.fill_(stepc)
         bk.y_tagged.fill_(((last & 0xFFFF) << 16) - (2**32 if last & 0x8000 else 0))
         bk.part.fill_((last << 32) - (2**64 if last >= 2**31 else 0))
+    # the greedy ids asked for with the step: taken by the head itself on the GEMV path with the
+    # tensor-core kinds (decode_step.HEAD_ARGMAX), by the argmax kernel after it otherwise
+    head = bk.launches[-1]
+    assert bk.head_argmax == (bk.gemv and ("_mma_" in head.name or "_bulk_" in head.name)), (bk.head_argmax, head.name)
+    amax = torch.empty(bucket, dtype=torch.int64, device="cuda")
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
     h_conv = conv[:, slots].to(hi.dtype if dtype != "fp32" else torch.float64)
@@ -230,15 +235,17 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
             ids[0], ids[-1] = cfg.vocab_size - 1, 0
         for buf in (bk.logits, bk.h, bk.u, bk.y) + ((bk.hbuf, bk.ss_layers) if bk.ly else ()):
             buf.fill_(float("nan"))
+        amax.fill_(-1)
         bk.ids.copy_(ids)
         bk.idx.copy_(slots)
         if step == 0:  # eagerly, then captured in a CUDA graph as the backend runs it
-            dec.enqueue(bk)
+            dec.enqueue(bk, argmax=amax)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                dec.enqueue(bk)
+                dec.enqueue(bk, argmax=amax)
         else:
             graph.replay()
+        assert torch.equal(amax, bk.logits.argmax(-1)), f"step {step}: greedy ids {amax} against the logits'"
         with torch.no_grad():
             ref, st = hi(ids[:, None], MambaState(h_conv, h_ssm), last_only=True)
         h_conv, h_ssm = st.conv, st.ssm
@@ -270,6 +277,53 @@ def test_backend_uses_fused_decode_and_gemm_bucket(tmp_path):
             a = [g.ids for g in fused.generate(prompts, max_new_tokens=24, stream=False)]
             b = [g.ids for g in plain.generate(prompts, max_new_tokens=24, stream=False)]
             assert a == b
+
+
+@pytest.mark.parametrize("gemv", [None, "bulk"])
+@pytest.mark.parametrize("bucket", [1, 2])
+def test_head_argmax_ties_and_nans(bucket, gemv):
+    """The greedy ids the head's norm_gemv takes itself (decode_step.HEAD_ARGMAX: its blocks' best
+    rows, reduced by the last block) against torch.argmax of the logits it wrote, both tensor-core
+    kinds (fed by loads: the default at this size; by the copy engine). The same step three times from a zero state: random weights; then the best row of row 0
+    copied to two other rows of the vocabulary (a three-way tie at the top: the first index wins);
+    then two rows of NaN weights (NaN ranked highest: the first wins)."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    cfg = MambaConfig(**CASES["wide"])
+    model, _ = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
+    shapes = cfg.state_shapes(bucket + 1)
+    conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
+    ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+    dec = FusedDecoder(model, conv, ssm, "fp16", gemv=gemv)
+    bk = dec.bucket(bucket)
+    assert bk.head_argmax and bk.launches[-1].name.startswith("norm_gemv")
+    V, W = cfg.vocab_size, dec.lm_head
+    ids = torch.randint(0, V, (bucket,))
+    free = [int(v) for v in torch.randperm(V) if int(v) not in ids.tolist()]  # rows whose embedding is unused
+    bk.ids.copy_(ids)
+    bk.idx.copy_(torch.arange(bucket))
+    out = torch.empty(bucket, dtype=torch.int64, device="cuda")
+    want = None
+    for trial in range(3):
+        conv.zero_()
+        ssm.zero_()
+        out.fill_(-1)
+        dec.enqueue(bk, argmax=out)
+        x = bk.logits.clone()
+        assert torch.equal(out, x.argmax(-1)), (trial, out, x.argmax(-1))
+        if want is not None:
+            assert int(out[0]) == want, (trial, int(out[0]), want)
+        with torch.no_grad():
+            if trial == 0:  # row 0's best copied to two other rows: the three tie at the top
+                m = int(out[0])
+                i, j = [v for v in free if v != m][:2]
+                W[i], W[j] = W[m], W[m]
+                want = min(i, j, m)
+            elif trial == 1:
+                assert (x[0] == x[0, m]).sum() == 3 and x[0, i] == x[0, j] == x[0, m], "the rows do not tie"
+                i, j = free[2:4]
+                W[i], W[j] = float("nan"), float("nan")
+                want = min(i, j)
 
 
 @pytest.mark.parametrize("bucket", [1, 4])
