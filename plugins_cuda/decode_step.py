@@ -502,11 +502,10 @@ class DecodeKernels:
         grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc and
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
-        one before). head: the head's weights (head_bytes of them, 16-byte aligned), whose first
-        LY_HEAD_PREFETCH bytes the kernel prefetches into L2 after issuing its last layer's weights."""
-        pf = min(LY_HEAD_PREFETCH, head_bytes) // (16 * cfg.grid) * 16 * cfg.grid if head else 0
-        if head % 16:
-            raise InternalError(f"fused decode layers: the head's weights at {head:#x} are not 16-byte aligned")
+        one before). head: the head's weights (head_bytes of them), whose first LY_HEAD_PREFETCH bytes
+        the kernel prefetches into L2 after issuing its last layer's weights (where they are 16-byte
+        aligned, as the bulk copy wants)."""
+        pf = min(LY_HEAD_PREFETCH, head_bytes) // (16 * cfg.grid) * 16 * cfg.grid if head and head % 16 == 0 else 0
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
                        cfg.stages, cfg.P, int(cfg.xfirst), int(cfg.lag), int(cfg.combine), int(cfg.pw), eps,
                        head if pf else 0, pf)
