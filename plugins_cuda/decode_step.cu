@@ -421,6 +421,31 @@ __device__ __forceinline__ void argmax_block(float& bv, int& bi, float* sv, int*
   }
 }
 
+// Whether this block is the last of `blocks` to take a ticket from *tk, for every thread (last: a shared
+// flag). Thread 0's writes before it (the block's best) are visible to the last block after it.
+__device__ __forceinline__ bool argmax_last_block(unsigned* tk, int blocks, bool* last) {
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *last = atomicAdd(tk, 1u) == (unsigned)(blocks - 1);
+  }
+  __syncthreads();
+  if (*last) __threadfence();
+  return *last;
+}
+
+// The last block: the best of n blocks' results (pv[c], pi[c]) into thread 0's (bv, bi).
+__device__ __forceinline__ void argmax_partials(const float* pv, const int* pi, int n, float& bv, int& bi, float* sv,
+                                                int* si) {
+  bv = -__int_as_float(0x7f800000);
+  bi = 0x7fffffff;
+  for (int c = threadIdx.x; c < n; c += blockDim.x) {
+    const float v = __ldcg(pv + c);
+    const int i = __ldcg(pi + c);
+    if (argmax_beats(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  argmax_block(bv, bi, sv, si);
+}
+
 struct NormGemvArgs {
   const float* h;        // [BM, K] residual stream
   const float* ss;       // [G, BM] partial sums of squares of h
@@ -459,23 +484,12 @@ __device__ void gemv_argmax(const NormGemvArgs& a, float* av, int* ai) {
       api[b * G + blockIdx.x] = bi;
     }
   }
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(atk, 1u) == (unsigned)(G - 1);
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!argmax_last_block(atk, G, &last)) return;
 #pragma unroll
   for (int b = 0; b < BM; ++b) {
-    float bv = -__int_as_float(0x7f800000);
-    int bi = 0x7fffffff;
-    for (int c = threadIdx.x; c < G; c += blockDim.x) {
-      const float pv = __ldcg(apv + b * G + c);
-      const int pi = __ldcg(api + b * G + c);
-      if (argmax_beats(pv, pi, bv, bi)) { bv = pv; bi = pi; }
-    }
-    argmax_block(bv, bi, sv, si);
+    float bv;
+    int bi;
+    argmax_partials(apv + b * G, api + b * G, G, bv, bi, sv, si);
     if (threadIdx.x == 0) a.amax[b] = bi;
   }
   if (threadIdx.x == 0) *atk = 0u;
@@ -797,11 +811,12 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
 #pragma unroll
     for (int b = 0; b < BM; ++b) {
       const T o = from_float<T>(acc[b] + bv);
-      if (a.out_float) static_cast<float*>(a.out)[b * N + n] = to_float(o);
+      const float of = to_float(o);
+      if (a.out_float) static_cast<float*>(a.out)[b * N + n] = of;
       else static_cast<T*>(a.out)[b * N + n] = o;
       if constexpr (KIND != GEMV_FMA) {
-        if (a.amax && argmax_beats(to_float(o), (int)n, av[b], ai[b])) {
-          av[b] = to_float(o);
+        if (a.amax && argmax_beats(of, (int)n, av[b], ai[b])) {
+          av[b] = of;
           ai[b] = (int)n;
         }
       }
@@ -969,20 +984,9 @@ __device__ void argmax_rows(const ArgmaxArgs& a) {
   if (threadIdx.x == 0) {
     a.pv[b * C + blockIdx.x] = bv;
     a.pi[b * C + blockIdx.x] = bi;
-    __threadfence();
-    last = atomicAdd(a.tk + b, 1u) == (unsigned)(C - 1);
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  bv = -__int_as_float(0x7f800000);
-  bi = 0x7fffffff;
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    const float pv = __ldcg(a.pv + b * C + c);
-    const int pi = __ldcg(a.pi + b * C + c);
-    if (argmax_beats(pv, pi, bv, bi)) { bv = pv; bi = pi; }
-  }
-  argmax_block(bv, bi, sv, si);
+  if (!argmax_last_block(a.tk + b, C, &last)) return;
+  argmax_partials(a.pv + b * C, a.pi + b * C, C, bv, bi, sv, si);
   if (threadIdx.x == 0) {
     a.out[b] = bi;
     a.tk[b] = 0u;

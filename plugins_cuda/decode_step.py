@@ -384,9 +384,10 @@ class DecodeKernels:
 
     @staticmethod
     def takes_argmax(ln: Launch) -> bool:
-        """Whether launch ``ln`` can take its outputs' argmax too (with_argmax): a norm_gemv of the
-        tensor-core kinds (the FMA one's tracking took local memory)."""
-        return ln.name.startswith("norm_gemv_mma_") or ln.name.startswith("norm_gemv_bulk_")
+        """Whether launch ``ln`` takes its outputs' argmax too (with_argmax): HEAD_ARGMAX on (read at each
+        call: the tests and benchmarks switch it) and a norm_gemv of the tensor-core kinds (the FMA one's
+        tracking took local memory)."""
+        return bool(HEAD_ARGMAX) and ln.name.startswith(("norm_gemv_mma_", "norm_gemv_bulk_"))
 
     @staticmethod
     def gemv_argmax_words(ln: Launch, bm: int) -> int:
@@ -400,7 +401,8 @@ class DecodeKernels:
         largest output of row b, NaN ranked highest (as argmax ranks the float32 logits it writes).
         scratch: 2 grid bm + 1 32-bit words, the last one zero."""
         if not self.takes_argmax(ln):
-            raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch, not {ln.name}")
+            raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch (and "
+                                f"HEAD_ARGMAX on), not {ln.name}")
         a = NormGemvArgs.from_buffer_copy(ln.args)
         a.amax, a.ascr = out, scratch
         return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)

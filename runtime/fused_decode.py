@@ -97,7 +97,7 @@ class DecodeBucket:
         self.launches = dec._prepare(self)
         # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
         # decode_step.HEAD_ARGMAX), its launch made per output tensor at first use (FusedDecoder.enqueue)
-        self.head_argmax = bool(self.gemv and dec.head_argmax_on() and dec.k.takes_argmax(self.launches[-1]))
+        self.head_argmax = bool(self.gemv and dec.k.takes_argmax(self.launches[-1]))
         if self.head_argmax:
             self.amax_scratch = torch.zeros(dec.k.gemv_argmax_words(self.launches[-1], B), dtype=torch.int32,
                                             device=dev)
@@ -261,14 +261,6 @@ class FusedDecoder:
 
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)
-
-    @staticmethod
-    def head_argmax_on() -> bool:
-        """Whether the GEMV path's head takes the greedy argmax itself (decode_step.HEAD_ARGMAX, read at
-        each bucket's creation: the tests and benchmarks switch it)."""
-        from mamba_rt.plugins_cuda import decode_step
-
-        return bool(decode_step.HEAD_ARGMAX)
 
     @torch.no_grad()
     def enqueue(self, bk: DecodeBucket, argmax: "torch.Tensor | None" = None) -> None:

@@ -213,7 +213,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
     if pw is not None:  # the persistent kernel's out_proj partials: slots per output, read pw per round trip
-        assert bk.ly and bk.ly[3] == 3 and bk.ly[7] == pw, bk.ly
+        assert bk.ly and bk.ly.P == 3 and bk.ly.pw == pw, bk.ly
     if stepc is not None:  # the persistent kernel's step counter, its tagged buffers as after that many steps
         assert bk.ly, "the step counter belongs to the persistent kernel"
         last = (stepc * cfg.n_layer) % 2**32  # the tag of the last layer of the step before
@@ -284,9 +284,10 @@ def test_backend_uses_fused_decode_and_gemm_bucket(tmp_path):
 def test_head_argmax_ties_and_nans(bucket, gemv):
     """The greedy ids the head's norm_gemv takes itself (decode_step.HEAD_ARGMAX: its blocks' best
     rows, reduced by the last block) against torch.argmax of the logits it wrote, both tensor-core
-    kinds (fed by loads: the default at this size; by the copy engine). The same step three times from a zero state: random weights; then the best row of row 0
-    copied to two other rows of the vocabulary (a three-way tie at the top: the first index wins);
-    then two rows of NaN weights (NaN ranked highest: the first wins)."""
+    kinds (fed by loads: the default at this size; by the copy engine). The same step three times
+    from a zero state: random weights; then the best row of row 0 copied to two other rows of the
+    vocabulary (a three-way tie at the top: the first index wins); then two rows of NaN weights (NaN
+    ranked highest: the first wins)."""
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
     cfg = MambaConfig(**CASES["wide"])
