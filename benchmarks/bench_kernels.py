@@ -291,7 +291,8 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
 
 # name -> (kernel, -D options): "seq" is the channel-parallel scan_fwd (launcher.SCAN_CFG), "wide" its
 # wide configuration (launcher.SCAN_WIDE_CFG), "tp" the time-parallel scan_fwd_tp with its TpCfg knobs
-# (MRT_TP_WARPS / _G / _IPL / _MINB); "seq" also takes MRT_SCAN_SPT16 / _BC16 / _QU / _WARPS / _TCH.
+# (MRT_TP_WARPS / _G / _IPL / _MINB); "seq" also takes MRT_SCAN_SPT16 / _BC16 / _QU / _WARPS / _TCH
+# (_WARPS: the block's warps, launched with that many) and the harness's MRT_BENCH_SMEM.
 SCAN_VARIANTS = {
     "seq": ("seq", ()),
     "seq-bc16": ("seq", ("-DMRT_SCAN_BC16=1",)),
@@ -308,6 +309,7 @@ SCAN_VARIANTS = {
 BASELINE = {"source": None, "geometry": (16, 128)}
 _VARIANT_FN: dict = {}
 _VARIANT_USAGE: dict = {}  # name -> compiler.EntryUsage of its entry (registers, stack frame, spills)
+_VARIANT_BUILD: dict = {}  # compile options -> (cubin, usage)
 _VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
                   "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
 
@@ -332,6 +334,7 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
         with open(BASELINE["source"]) as f:
             text = f.read()
         kind, defines, (cpb, threads) = "seq", (), BASELINE["geometry"]
+        smem = 0
     else:
         text = compiler._read("selective_scan.cu")
         kind, defines = scan_variant(name)
@@ -339,24 +342,34 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
             warps, spt = _knob(defines, "MRT_SCAN_WARPS", 4), _knob(defines, "MRT_SCAN_SPT16", 2)
             spt = min(2 * spt, 4) if kind == "wide" else spt
             threads, cpb = 32 * warps, warps * 32 // (16 // spt)
+            bc16 = kind == "wide" or _knob(defines, "MRT_SCAN_BC16", 0)
+            smem = launcher._scan_smem(16, cpb // warps, warps, 2 if bc16 else 4, _knob(defines, "MRT_SCAN_TCH", 32))
+            # MRT_BENCH_SMEM (the harness's, not the kernel's): more shared memory per block than the
+            # kernel needs, which caps the blocks an SM takes and so spreads them
+            smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
         else:
             threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
             cpb = threads // _knob(defines, "MRT_TP_G", 32)
+            smem = 0
     dev = torch.cuda.current_device()
     ctx = launcher._current_context(dev)
     if (name, ctx) not in _VARIANT_FN:  # one compile per variant and process
         text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
         drv = launcher._driver()
-        cubin, usage = compiler.compile_with_usage(text, "selective_scan.cu", launcher.current_arch(dev),
-                                                   extra_options=defines)
+        opts = tuple(o for o in defines if "MRT_BENCH_" not in o)  # the harness's knobs stay out
+        if opts not in _VARIANT_BUILD:  # (a second compile of the same source would report no usage)
+            _VARIANT_BUILD[opts] = compiler.compile_with_usage(text, "selective_scan.cu",
+                                                               launcher.current_arch(dev), extra_options=opts)
+        cubin, usage = _VARIANT_BUILD[opts]
         mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
         _VARIANT_FN[name, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, _VARIANT_ENTRY[kind]),
                                               "cuModuleGetFunction")
         _VARIANT_USAGE[name] = usage[_VARIANT_ENTRY[kind].decode()]
     fn = _VARIANT_FN[name, ctx]
+    launcher.allow_smem(fn, smem)
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
-    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat)
+    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat, smem=smem)
 
 
 def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS),

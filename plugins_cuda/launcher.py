@@ -43,6 +43,9 @@ SSU_THREADS = 128   # selective_scan.cu SSU_THREADS
 SCAN_CFG = {8: (128, 16), 16: (128, 16), 32: (128, 8), 64: (128, 8)}
 # ScanCfg<NP, true>, the "wide" configuration (twice the states per lane, at most 4)
 SCAN_WIDE_CFG = {8: (128, 32), 16: (128, 32), 32: (128, 16), 64: (128, 8)}
+# ScanCfg::MAX_WARPS: blocks of the sequence kernel may have up to this many warps for n <= 16 outside
+# the wide configuration (the others keep the 4 above); scan_block_warps picks the count.
+SCAN_MAX_WARPS = 8
 # selective_scan.cu TpCfg (the time-parallel kernel, every NP): threads per block, channels per block
 TP_CFG = (128, 4)
 # kernel="auto" takes the time-parallel kernel for sequences of at least TP_MIN_SEQLEN steps over at
@@ -187,6 +190,32 @@ def _function(op: str, dtype: str, spec: int, stem: str, device: int | None):
     return fn
 
 
+_sms: dict[int, int] = {}  # raw context handle -> its device's SM count
+_smem_allowed: dict[int, int] = {}  # function handle -> dynamic shared memory allowed so far
+
+
+def _sm_count(ctx: int) -> int:
+    """Multiprocessor count of the device of context ``ctx`` (the current one, as _current_context)."""
+    n = _sms.get(ctx)
+    if n is None:
+        drv = _driver()
+        dev = _cu(drv.cuCtxGetDevice(), "cuCtxGetDevice")
+        attr = drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+        n = _sms[ctx] = int(_cu(drv.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"))
+    return n
+
+
+def allow_smem(fn, nbytes: int) -> None:
+    """Let ``fn`` take ``nbytes`` of dynamic shared memory (past the 48 KB every kernel may take
+    without asking). Only ever raised, so that plans built earlier keep launching."""
+    if nbytes <= 48 * 1024 or _smem_allowed.get(int(fn), 0) >= nbytes:
+        return
+    drv = _driver()
+    attr = drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+    _cu(drv.cuFuncSetAttribute(fn, attr, nbytes), "cuFuncSetAttribute(max dynamic shared memory)")
+    _smem_allowed[int(fn)] = nbytes
+
+
 def _launch(fn, grid: tuple[int, int], block: int, args: list, stream: int, what: str) -> None:
     drv = _driver()
     ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
@@ -265,13 +294,15 @@ class LaunchPlan:
     (which is also the order of the flat entry's pointer parameters). Plans are built and cached by
     :func:`scan_plan` / :func:`conv_plan` (and the ``launch_*`` functions), one per context."""
 
-    __slots__ = ("fn", "handle", "ctx", "device", "grid", "block", "what", "_keep", "_set",
+    __slots__ = ("fn", "handle", "ctx", "device", "grid", "block", "smem", "what", "_keep", "_set",
                  "_params", "_lock", "_check", "_rebuild")
 
-    def __init__(self, fn, ctx: int, device, grid, block, what, *, flat=None, struct=None, check=None):
+    def __init__(self, fn, ctx: int, device, grid, block, what, *, flat=None, struct=None, check=None,
+                 smem: int = 0):
         self.fn, self.ctx, self.device = fn, ctx, device
         self.handle = int(fn)
         self.grid, self.block, self.what = (int(grid[0]), int(grid[1])), int(block), what
+        self.smem = int(smem)  # dynamic shared memory, bytes
         self._check, self._rebuild = check, None  # _plan sets _rebuild (this key in another context)
         self._lock = threading.Lock()
         if struct is not None:  # strided entry: the struct by value; its leading pointer fields
@@ -316,11 +347,11 @@ class LaunchPlan:
         with self._lock:
             self._set(ptrs)
             if lib is not None:
-                err = lib.cuLaunchKernel(self.handle, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
-                                         stream or None, self._params, None)
+                err = lib.cuLaunchKernel(self.handle, self.grid[0], self.grid[1], 1, self.block, 1, 1,
+                                         self.smem, stream or None, self._params, None)
             else:
                 drv = _driver()
-                err = drv.cuLaunchKernel(self.fn, self.grid[0], self.grid[1], 1, self.block, 1, 1, 0,
+                err = drv.cuLaunchKernel(self.fn, self.grid[0], self.grid[1], 1, self.block, 1, 1, self.smem,
                                          drv.CUstream(stream), self._params, 0)[0]
         if err:
             drv = _driver()
@@ -496,16 +527,72 @@ def padded_dstate(dstate: int) -> int:
     raise UnsupportedError(f"selective_scan: dstate {dstate} is not supported; expected 1..{MAX_DSTATE}")
 
 
+def scan_max_warps(np_: int, *, wide: bool) -> int:
+    """ScanCfg::MAX_WARPS: the most warps a block of the sequence kernel may have."""
+    threads, _ = SCAN_CFG[np_]
+    return SCAN_MAX_WARPS if np_ <= 16 and not wide else threads // 32
+
+
+def scan_block_warps(batch: int, dim: int, np_: int, *, wide: bool, sms: int | None) -> int:
+    """Warps per block of the sequence kernel (seq or wide) on a device with ``sms`` SMs.
+
+    The default blocks of 4 warps leave the SMs unevenly loaded when there are a few per SM (320 at
+    d = 5120: 56 of 132 SMs run three, the rest two, and the kernel lasts as long as the SMs with
+    three). Where every warp fits in one block per SM, or else in two, of at most ScanCfg::MAX_WARPS
+    warps each, the blocks are sized so: every SM then runs the same number of warps, give or take
+    one (H100, n = 16, B = 1, L = 2048: d 5120 in 256 blocks of 5, 0.124 -> 0.115 ms; d 4096 in 128 of
+    8, 0.100 -> 0.097; d 3072 in 128 of 6, 0.099 -> 0.086; one block of 10 per SM at d 5120 took
+    0.121: benchmarks/NOTES.md, item 52). Elsewhere (sms None, few rows, more warps than two blocks
+    per SM hold, or a configuration whose blocks stay at 4) the default."""
+    threads, cpb = (SCAN_WIDE_CFG if wide else SCAN_CFG)[np_]
+    base, cpw = threads // 32, cpb // (threads // 32)
+    row_warps = (dim + cpw - 1) // cpw
+    total = batch * row_warps
+    top = scan_max_warps(np_, wide=wide)
+    if not sms or top <= base or total <= sms * base or total > 2 * sms * top:
+        return base
+    per_sm = (total + sms * top - 1) // (sms * top)  # blocks per SM: 1, or 2 past `top` warps each
+    w = (total + per_sm * sms - 1) // (per_sm * sms)
+    while w <= top and batch * ((row_warps + w - 1) // w) > per_sm * sms:
+        w += 1
+    return w if w <= top else base
+
+
+def scan_smem_bytes(np_: int, warps: int, *, wide: bool, itemsize: int) -> int:
+    """Dynamic shared memory of a block of the sequence kernel (ScanCfg::smem_bytes): Bm and Cm
+    double-buffered ([2][NP][RS], 16-bit in the wide configuration of 16-bit inputs, else fp32), then
+    per warp dt and dt*u ([CPW][RS] floats each) and the y partial planes (TPC x YPL floats)."""
+    threads, cpb = (SCAN_WIDE_CFG if wide else SCAN_CFG)[np_]
+    return _scan_smem(np_, cpb // (threads // 32), warps, 2 if wide and itemsize == 2 else 4)
+
+
+def _scan_smem(np_: int, cpw: int, warps: int, bc_bytes: int, tch: int | None = None) -> int:
+    """scan_smem_bytes by channels per warp, bytes per staged Bm / Cm value and steps per chunk
+    (ScanCfg::TCH: 16 for n = 64, else 32 unless a benchmark variant says otherwise)."""
+    tpc = 32 // cpw
+    rs = (tch or (16 if np_ == 64 else 32)) + 4
+    target = 8 if tpc == 4 else 4
+    ypl = cpw * rs + ((target - (cpw * rs) % 32) + 32) % 32
+    return 4 * np_ * rs * bc_bytes + 4 * (2 * cpw * rs + tpc * ypl) * warps
+
+
 def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: bool = False,
-                       wide: bool = False) -> tuple[tuple[int, int], int]:
+                       wide: bool = False, sms: int | None = None) -> tuple[tuple[int, int], int]:
     """((grid_x, grid_y), threads per block) of the selective_scan kernels (tp: the time-parallel one,
-    wide: the sequence kernel's wide configuration)."""
+    wide: the sequence kernel's wide configuration; sms: the device's SM count, which sizes the
+    sequence kernel's blocks, scan_block_warps; None keeps its default 4 warps, as TensorRT does).
+    The sequence kernel also takes scan_smem_bytes of dynamic shared memory."""
     np_ = padded_dstate(dstate)
     if step:
         tpc = np_ // 4
         return ((batch * dim * tpc + SSU_THREADS - 1) // SSU_THREADS, 1), SSU_THREADS
-    threads, cpb = TP_CFG if tp else SCAN_WIDE_CFG[np_] if wide else SCAN_CFG[np_]
-    return ((dim + cpb - 1) // cpb, batch), threads
+    if tp:
+        threads, cpb = TP_CFG
+        return ((dim + cpb - 1) // cpb, batch), threads
+    threads, cpb = SCAN_WIDE_CFG[np_] if wide else SCAN_CFG[np_]
+    warps = scan_block_warps(batch, dim, np_, wide=wide, sms=sms)
+    cpb = cpb // (threads // 32) * warps
+    return ((dim + cpb - 1) // cpb, batch), 32 * warps
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,17 +763,24 @@ def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, devi
 
     def build(ctx: int) -> LaunchPlan:
         stem = _SCAN_STEMS[kind]
-        fn = _function(op, dtype, padded_dstate(dstate), stem if st is None else stem + "_strided", device)
+        np_ = padded_dstate(dstate)
+        fn = _function(op, dtype, np_, stem if st is None else stem + "_strided", device)
+        seq = kind in ("seq", "wide")
         grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp",
-                                         wide=kind == "wide")
+                                         wide=kind == "wide", sms=_sm_count(ctx) if seq else None)
+        smem = 0
+        if seq:
+            wide, itemsize = kind == "wide", DTYPES[dtype][2]
+            smem = scan_smem_bytes(np_, block // 32, wide=wide, itemsize=itemsize)
+            allow_smem(fn, scan_smem_bytes(np_, scan_max_warps(np_, wide=wide), wide=wide, itemsize=itemsize))
         if st is None:
             flat = [("p", n) for n in _SCAN_PTRS[:9]]
             flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]
             flat += [("p", "y"), ("p", "ssm_state_out")]
-            return LaunchPlan(fn, ctx, device, grid, block, op, flat=flat)
+            return LaunchPlan(fn, ctx, device, grid, block, op, flat=flat, smem=smem)
         p = _ScanParams(batch=batch, dim=dim, seqlen=seqlen, dstate=dstate, softplus=softplus)
         _fill_strides(p, st, _SCAN_STRIDE_FIELDS)
-        return LaunchPlan(fn, ctx, device, grid, block, op, struct=p)
+        return LaunchPlan(fn, ctx, device, grid, block, op, struct=p, smem=smem)
 
     return _plan(key, device, build)
 

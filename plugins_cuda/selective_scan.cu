@@ -8,7 +8,8 @@
 // NP is n rounded up to 8, 16, 32 or 64; states past n are padding (A = B = C = 0, so h stays 0).
 // In scan_fwd each lane owns SPT states of one (b, c) (ScanCfg); TPC = NP / SPT lanes share a channel.
 //
-//   scan_fwd     any L >= 1. A block owns CPB channels of one batch row and walks the whole sequence
+//   scan_fwd     any L >= 1. A block owns CPW channels per warp of one batch row (its warps: a launch
+//                choice, ScanCfg::WARPS .. MAX_WARPS; its shared memory dynamic) and walks the whole sequence
 //                in chunks of TCH steps, so L is unbounded (65,537 tokens in one call) and the state
 //                never leaves registers. Per chunk: each lane computes dt = softplus(delta + bias)
 //                and dt * u for its own IPL consecutive steps of its channel (on the special-function
@@ -92,6 +93,9 @@ __device__ __forceinline__ ScanParams scan_contiguous(
 #ifndef MRT_SCAN_WARPS
 #define MRT_SCAN_WARPS 4
 #endif
+#ifndef MRT_SCAN_MAX_WARPS
+#define MRT_SCAN_MAX_WARPS 8
+#endif
 #ifndef MRT_SCAN_TCH
 #define MRT_SCAN_TCH 32
 #endif
@@ -117,9 +121,19 @@ struct ScanCfg {
   static constexpr bool BC16 = WIDE || MRT_SCAN_BC16;   // (only where the input type is 16-bit)
   static constexpr int TPC = NP / SPT;                  // lanes per channel: 8, 8, 16, 16 (wide 4, 4, 8, 16)
   static constexpr int CPW = 32 / TPC;                  // channels per warp: 4, 4, 2, 2
+  // Warps per block: a launch choice (blockDim.x / 32) between WARPS and MAX_WARPS. WARPS is the
+  // default (TensorRT's ahead-of-time launch, and wherever the launcher does not balance);
+  // launcher.scan_block_warps picks more so that every SM runs one or two blocks holding the same
+  // number of warps, give or take one. With blocks of 4, d = 5120 is 320 blocks on 132 SMs: 56 SMs
+  // run three and the rest two, and the kernel lasts as long as the SMs with three (benchmarks/
+  // NOTES.md, item 52). Only the kernels with at most two states per lane (n <= 16, not WIDE) take
+  // more than WARPS: two blocks of MAX_WARPS must fit an SM's registers (MIN_BLOCKS).
   static constexpr int WARPS = MRT_SCAN_WARPS;
+  static constexpr int MAX_WARPS = (NP <= 16 && !WIDE) ? MRT_SCAN_MAX_WARPS : WARPS;
   static constexpr int THREADS = 32 * WARPS;
-  static constexpr int CPB = CPW * WARPS;               // channels per block: 16, 16, 8, 8 (wide 32, 32, 16, 8)
+  static constexpr int MAX_THREADS = 32 * MAX_WARPS;
+  static constexpr int MIN_BLOCKS = MAX_WARPS > WARPS ? 2 : 1;  // __launch_bounds__: two such blocks per SM
+  static constexpr int CPB = CPW * WARPS;               // channels per block at WARPS: 16, 16, 8, 8 (wide 32, 32, 16, 8)
   static constexpr int TCH = NP == 64 ? 16 : MRT_SCAN_TCH;  // steps per chunk (64: static smem < 48 KB)
   static constexpr int IPL = TCH / TPC;                 // (channel, step) items per lane: 4, 4, 2, 1
   // 4-step groups unrolled per iteration of the recurrence loop: at most 32 state-steps of code per
@@ -136,7 +150,14 @@ struct ScanCfg {
   static constexpr int YPL_TARGET = TPC == 4 ? 8 : 4;
   static constexpr int YPL = CPW * RS + ((YPL_TARGET - (CPW * RS) % 32) + 32) % 32;
   static constexpr int BCV = NP * TCH / 4;              // 4-step runs of Bm (and of Cm) per chunk
-  static constexpr int BCE = (BCV + THREADS - 1) / THREADS;
+  static constexpr int BCE = (BCV + THREADS - 1) / THREADS;  // (enough for any block of >= WARPS warps)
+  // Dynamic shared memory: Bm and Cm ([2][NP][RS] each, of BCT), then per warp dt and dt*u
+  // ([CPW][RS] floats each) and the y partial planes (TPC * YPL floats). launcher.scan_smem_bytes
+  // restates this; the kernel traps if it was given less.
+  static constexpr int WARP_FLOATS = 2 * CPW * RS + TPC * YPL;
+  __device__ static constexpr unsigned int smem_bytes(int warps, unsigned int bc_bytes) {
+    return 2u * 2u * NP * RS * bc_bytes + 4u * WARP_FLOATS * static_cast<unsigned int>(warps);
+  }
   static_assert(TCH % 4 == 0 && TCH % TPC == 0, "chunk must tile");
 };
 
@@ -272,8 +293,8 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned int bytes) {
 template <typename T, int NP, bool WIDE>
 __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   using Cfg = ScanCfg<NP, WIDE>;
-  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPW = Cfg::CPW, WARPS = Cfg::WARPS;
-  constexpr int THREADS = Cfg::THREADS, CPB = Cfg::CPB, TCH = Cfg::TCH, IPL = Cfg::IPL;
+  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPW = Cfg::CPW;
+  constexpr int TCH = Cfg::TCH, IPL = Cfg::IPL;
   constexpr int RS = Cfg::RS, YPL = Cfg::YPL, BCV = Cfg::BCV, BCE = Cfg::BCE;
   constexpr unsigned int LANE_ALIGN = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);
   constexpr unsigned int BC_ALIGN = 4 * sizeof(T) >= 16 ? 16 : 4 * sizeof(T);
@@ -283,15 +304,26 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   // type (half the shared-memory wavefronts per value; widened at use), else as fp32.
   constexpr bool BC16 = Cfg::BC16 && sizeof(T) == 2;
   using BCT = typename Pick<BC16, T, float>::type;
-  __shared__ __align__(16) BCT B_s[2][NP][RS];
-  __shared__ __align__(16) BCT C_s[2][NP][RS];
   // Per warp: dt and dt*u per (channel, step), and the lanes' partial C . h per step (one plane
   // per lane group g). Only the warp's own lanes touch these (__syncwarp).
-  __shared__ __align__(16) float dt_s[WARPS][CPW][RS];
-  __shared__ __align__(16) float du_s[WARPS][CPW][RS];
-  __shared__ __align__(16) float y_s[WARPS][TPC * YPL];
-
+  extern __shared__ __align__(16) float scan_smem[];
+  const int warps = static_cast<int>(blockDim.x) / 32;
+  const int THREADS = 32 * warps, CPB = CPW * warps;
+  {
+    unsigned int dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (blockDim.x % 32 != 0 || warps < Cfg::WARPS || warps > Cfg::MAX_WARPS ||
+        dyn < Cfg::smem_bytes(warps, sizeof(BCT)))
+      asm volatile("trap;");  // a launch that disagrees with launcher.scan_block_warps / scan_smem_bytes
+  }
+  BCT(*B_s)[NP][RS] = reinterpret_cast<BCT(*)[NP][RS]>(scan_smem);
+  BCT(*C_s)[NP][RS] = B_s + 2;
   const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+  float* const wsm = scan_smem + (2 * 2 * NP * RS * sizeof(BCT)) / 4 + w * Cfg::WARP_FLOATS;
+  float(*dt_w)[RS] = reinterpret_cast<float(*)[RS]>(wsm);
+  float(*du_w)[RS] = dt_w + CPW;
+  float* const yw = wsm + 2 * CPW * RS;
+
   const int lc = lane / TPC, g = lane % TPC;
   const long long b = blockIdx.y;
   const long long c = (long long)blockIdx.x * CPB + w * CPW + lc;
@@ -387,9 +419,8 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   stage_bc(0);
   __syncthreads();
 
-  float* __restrict__ dts = dt_s[w][lc];
-  float* __restrict__ dus = du_s[w][lc];
-  float* __restrict__ yw = y_s[w];
+  float* __restrict__ dts = dt_w[lc];
+  float* __restrict__ dus = du_w[lc];
 #pragma unroll 1
   for (int k = 0; k < nchunks; ++k) {
     const int t0 = k * TCH;
@@ -774,19 +805,19 @@ __device__ __forceinline__ void state_update(const ScanParams& p) {
   mrt::scan_contiguous(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, batch, dim, L, dstate,    \
                        delta_softplus, y, ssm_state_out)
 #define MRT_SCAN_ENTRIES(TAG, T, NP)                                                               \
-  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::THREADS)                         \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::MAX_THREADS, mrt::ScanCfg<NP>::MIN_BLOCKS) \
       mrt_selective_scan_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                                \
     mrt::scan_fwd<T, NP, false>(MRT_SCAN_FLAT_PARAMS(seqlen));                                     \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::THREADS)                         \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::MAX_THREADS, mrt::ScanCfg<NP>::MIN_BLOCKS) \
       mrt_selective_scan_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) {    \
     mrt::scan_fwd<T, NP, false>(p);                                                                \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::THREADS)                   \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::MAX_THREADS, mrt::ScanCfg<NP, true>::MIN_BLOCKS) \
       mrt_selective_scan_wide_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                           \
     mrt::scan_fwd<T, NP, true>(MRT_SCAN_FLAT_PARAMS(seqlen));                                      \
   }                                                                                                \
-  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::THREADS)                   \
+  extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::MAX_THREADS, mrt::ScanCfg<NP, true>::MIN_BLOCKS) \
       mrt_selective_scan_wide_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) { \
     mrt::scan_fwd<T, NP, true>(p);                                                                 \
   }                                                                                                \

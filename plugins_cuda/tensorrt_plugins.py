@@ -154,6 +154,7 @@ class Launch(NamedTuple):
     grid_y: object
     block_x: int
     scalars: tuple
+    shared_mem: int = 0  # dynamic shared memory, bytes
 
 
 def _cdiv(a, b: int):
@@ -177,8 +178,9 @@ def scan_launch(batch, dim, seqlen, dstate: int, delta_softplus: int, *, step: b
         tpc = np_ // 4
         return Launch(_cdiv(batch * dim * tpc, launcher.SSU_THREADS), 1, launcher.SSU_THREADS,
                       (batch, dim, seqlen, dstate, int(delta_softplus)))
-    threads, cpb = launcher.SCAN_CFG[np_]
-    return Launch(_cdiv(dim, cpb), batch, threads, (batch, dim, seqlen, dstate, int(delta_softplus)))
+    threads, cpb = launcher.SCAN_CFG[np_]  # the default blocks (scan_launch_config with sms None)
+    return Launch(_cdiv(dim, cpb), batch, threads, (batch, dim, seqlen, dstate, int(delta_softplus)),
+                  launcher.scan_smem_bytes(np_, threads // 32, wide=False, itemsize=4))
 
 
 def activation_flag(activation: str) -> int:
@@ -389,7 +391,7 @@ def _aot_result(trtp, choice: KernelChoice, launch: Launch):
     params.grid_x = launch.grid_x
     params.grid_y = launch.grid_y
     params.block_x = launch.block_x
-    params.shared_mem = 0
+    params.shared_mem = launch.shared_mem
     extra = trtp.SymIntExprs(len(launch.scalars))
     for i, s in enumerate(launch.scalars):
         extra[i] = trtp.SymInt32(s)

@@ -281,6 +281,30 @@ def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L, kernel):
     assert_close(f"scan state B={B} d={d} L={L}", so, ref_s, STATE_TOL, seed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("per_sm", [1, 2])
+@pytest.mark.parametrize("warps", range(5, launcher.SCAN_MAX_WARPS + 1))
+def test_selective_scan_balanced_blocks(ops, rng, dtype, warps, per_sm):
+    """The sequence kernel in blocks of 5..MAX_WARPS warps, one or two per SM
+    (launcher.scan_block_warps): a channel count for which this GPU gets ``warps``, with a partial
+    last block and a partial chunk; strided rows for odd counts."""
+    seed, gen = rng
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_warps = per_sm * sms * warps - sms // 2  # four channels per warp at n = 16
+    d, L = 4 * row_warps - 3, 70
+    assert launcher.scan_block_warps(1, d, 16, wide=False, sms=sms) == warps
+    layout = "strided" if warps % 2 else "contiguous"
+    inp = scan_inputs(gen, 1, d, L, 16, dtype, layout)
+    plan = launcher.scan_plan(batch=1, dim=d, seqlen=L, dstate=16, dtype=str(dtype).split(".")[1], kernel="seq")
+    assert plan.block == 32 * warps and plan.grid[0] <= per_sm * sms
+    y = _poison((1, d, L), dtype)
+    so = _poison((1, d, 16), torch.float32)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel="seq")
+    ref_y, ref_s = _scan_ref(inp)
+    assert_close(f"scan y d={d} warps={warps} {layout}", y, ref_y, TOL[dtype], seed)
+    assert_close(f"scan state d={d} warps={warps} {layout}", so, ref_s, STATE_TOL, seed)
+
+
 def test_selective_scan_repeated_calls_use_fresh_data(ops, rng):
     """The second call with the same signature takes the cached launch plan: new pointers, new values,
     outputs allocated or given, in-place state, and a changed signature (dtype) still validated."""

@@ -104,6 +104,52 @@ def test_launch_configs():
     assert launcher.scan_launch_config(1, 33, 8, step=False, wide=True) == ((2, 1), 128)
     assert launcher.scan_launch_config(3, 17, 32, step=False, wide=True) == ((2, 3), 128)
     assert launcher.scan_launch_config(1, 9, 64, step=False, wide=True) == ((2, 1), 128)
+    # with the SM count: blocks that spread every warp (d / 4 warps at n = 16) evenly, one or two per SM
+    assert launcher.scan_launch_config(1, 5120, 16, step=False, sms=132) == ((256, 1), 160)
+    assert launcher.scan_launch_config(1, 3000, 16, step=False, sms=132) == ((125, 1), 192)
+    assert launcher.scan_launch_config(2, 1536, 16, step=False, sms=132) == ((64, 2), 192)
+    assert launcher.scan_launch_config(1, 2048, 16, step=False, sms=132) == ((128, 1), 128)
+    assert launcher.scan_launch_config(2, 5120, 16, step=False, wide=True, sms=132) == ((160, 2), 128)
+
+
+@pytest.mark.parametrize("batch, dim, np_, wide, sms, warps", [
+    (1, 5120, 16, False, 132, 5),    # 1280 warps: two blocks of 5 per SM (one of 10 measured slower)
+    (1, 4096, 16, False, 132, 8),    # 1024 warps: one block of 8 per SM
+    (1, 3072, 16, False, 132, 6),
+    (1, 2048, 16, False, 132, 4),    # 512 warps: blocks of 4 already fit one per SM
+    (1, 2049, 16, False, 132, 4),    # 513 warps: 129 blocks of 4
+    (1, 2113, 16, False, 132, 5),    # 529 warps
+    (1, 8448, 16, False, 132, 8),    # 2112 warps: the most two blocks per SM hold
+    (1, 8452, 16, False, 132, 4),    # 2113 warps: the default blocks, several per SM
+    (2, 5120, 16, False, 132, 4),
+    (2, 4100, 16, False, 132, 8),    # 2 x 1025 warps: 129 blocks of 8 per row
+    (3, 2000, 16, False, 132, 6),    # 3 x 500 warps: 84 blocks of 6 per row
+    (1, 5120, 8, False, 132, 5),     # n = 8: also four channels per warp
+    (1, 5120, 32, False, 132, 4),    # n = 32 keeps the default (its registers)
+    (1, 5120, 16, True, 132, 4),     # so does the wide configuration
+    (1, 5120, 16, False, None, 4),   # no SM count (TensorRT's launch)
+    (1, 5120, 16, False, 108, 6),    # another GPU: 1280 warps over 108 SMs
+])
+def test_scan_block_warps(batch, dim, np_, wide, sms, warps):
+    got = launcher.scan_block_warps(batch, dim, np_, wide=wide, sms=sms)
+    assert got == warps
+    threads, cpb = (launcher.SCAN_WIDE_CFG if wide else launcher.SCAN_CFG)[np_]
+    blocks = batch * -(-dim // (cpb // (threads // 32) * got))
+    if got > threads // 32:  # balanced: one block per SM, or two where more than MAX_WARPS warps each
+        per_sm = 1 if batch * -(-dim // (cpb // (threads // 32))) <= sms * launcher.SCAN_MAX_WARPS else 2
+        assert blocks <= per_sm * sms
+
+
+def test_scan_smem_bytes():
+    """The dynamic shared memory of the sequence kernel (ScanCfg::smem_bytes), against the static
+    arrays it replaced at 4 warps (n = 16, fp32 Bm / Cm): Bm and Cm [2][16][36] floats, 9216 bytes;
+    dt and dt*u [4 warps][4 channels][36] floats, 4608; y planes [4 warps][8 x 164] floats, 20992."""
+    assert launcher.scan_smem_bytes(16, 4, wide=False, itemsize=2) == 9216 + 4608 + 20992
+    # per warp 2 x 4 x 36 + 8 x 164 floats; Bm / Cm in 16 bits in the wide configuration only
+    assert launcher.scan_smem_bytes(16, 7, wide=False, itemsize=2) == 9216 + 7 * 4 * (288 + 1312)
+    assert launcher.scan_smem_bytes(16, 4, wide=True, itemsize=4) > launcher.scan_smem_bytes(16, 4, wide=True,
+                                                                                             itemsize=2)
+    assert 2 * launcher.scan_smem_bytes(16, launcher.SCAN_MAX_WARPS, wide=False, itemsize=4) <= 227 * 1024
 
 
 def test_scan_launch_constants_mirror_the_kernel():
@@ -115,6 +161,10 @@ def test_scan_launch_constants_mirror_the_kernel():
     m = re.search(r"SPT0 = NP <= 8 \? (\d+) : NP == 16 \? MRT_SCAN_SPT16 : NP == 32 \? (\d+) : (\d+);", src)
     assert m and "SPT = WIDE ? (2 * SPT0 < 4 ? 2 * SPT0 : 4) : SPT0;" in src
     assert warps == 4 and all(threads == 32 * warps for threads, _ in launcher.SCAN_CFG.values())
+    assert int(re.search(r"#define MRT_SCAN_MAX_WARPS (\d+)", src).group(1)) == launcher.SCAN_MAX_WARPS
+    assert "MAX_WARPS = (NP <= 16 && !WIDE) ? MRT_SCAN_MAX_WARPS : WARPS;" in src
+    assert [launcher.scan_max_warps(n, wide=w) for n in (8, 16, 32, 64) for w in (False, True)] == [
+        8, 4, 8, 4, 4, 4, 4, 4]
     spt = {8: int(m.group(1)), 16: spt16, 32: int(m.group(2)), 64: int(m.group(3))}
     for np_, s in spt.items():
         for cfg, states in ((launcher.SCAN_CFG, s), (launcher.SCAN_WIDE_CFG, min(2 * s, 4))):

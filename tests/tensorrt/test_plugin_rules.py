@@ -143,8 +143,10 @@ def test_conv_launch_matches_the_launcher(batch, dim, seqlen, step):
 def test_scan_launch_matches_the_launcher(batch, dim, seqlen, step, dstate):
     grid, block = launcher.scan_launch_config(batch, dim, dstate, step=step)
     for args in ((batch, dim, seqlen), (Sym(batch), Sym(dim), Sym(seqlen))):
-        got = _ints(tp.scan_launch(*args, dstate, 1, step=step))
-        assert got == (grid, block, (batch, dim, seqlen, dstate, 1))
+        launch = tp.scan_launch(*args, dstate, 1, step=step)
+        assert _ints(launch) == (grid, block, (batch, dim, seqlen, dstate, 1))
+        np_ = launcher.padded_dstate(dstate)
+        assert launch.shared_mem == (0 if step else launcher.scan_smem_bytes(np_, block // 32, wide=False, itemsize=4))
 
 
 # -- the AOT argument order: input pointers, the launch scalars, output pointers --------------------------
