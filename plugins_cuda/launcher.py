@@ -451,7 +451,9 @@ def _check_ptr(op: str, name: str, ptr, itemsize: int, required: bool) -> int:
 
 
 def _resolve_strides(op: str, shapes: dict, strides) -> dict[str, tuple[int, ...]] | None:
-    """Per-tensor element strides, or None when every tensor is contiguous (flat entry point)."""
+    """Per-tensor element strides, or None when every tensor is contiguous (flat entry point). The
+    stride of a dimension of size 1 never moves an address, so it does not count (a prompt's
+    (1, d, L) views of (d, L) projections run the flat entry)."""
     if strides is None:
         return None
     if not isinstance(strides, dict):
@@ -467,7 +469,8 @@ def _resolve_strides(op: str, shapes: dict, strides) -> dict[str, tuple[int, ...
             raise InputError(f"{op}: strides[{name!r}] must be {len(shape)} non-negative ints "
                              f"(tensor shape {shape}), got {strides.get(name)!r}")
         out[name] = st
-    if all(out[n] == _contiguous(s) for n, s in shapes.items()):
+    if all(all(n == 1 or a == b for n, a, b in zip(shape, out[name], _contiguous(shape)))
+           for name, shape in shapes.items()):
         return None
     return out
 

@@ -140,6 +140,18 @@ def test_scan_block_warps(batch, dim, np_, wide, sms, warps):
         assert blocks <= per_sm * sms
 
 
+def test_strides_of_size_one_dimensions_do_not_count():
+    """A (1, d, L) view of a (d, L) matrix (batch stride L) addresses as a contiguous tensor: the flat
+    entry point takes it. With two batch rows the same strides are a strided layout."""
+    shapes = launcher._scan_shapes(1, 8, 5, 16)
+    assert launcher._resolve_strides("selective_scan", shapes, {"u": (5, 5, 1), "z": (0, 5, 1)}) is None
+    assert launcher._resolve_strides("selective_scan", shapes, {"u": (40, 6, 1)}) is not None
+    shapes2 = launcher._scan_shapes(2, 8, 5, 16)
+    assert launcher._resolve_strides("selective_scan", shapes2, {"u": (5, 10, 1)})["u"] == (5, 10, 1)
+    step = launcher._scan_shapes(3, 8, 1, 16)  # L = 1: the time stride is anything
+    assert launcher._resolve_strides("selective_scan", step, {"u": (8, 1, 99), "y": (8, 1, 0)}) is None
+
+
 def test_scan_smem_bytes():
     """The dynamic shared memory of the sequence kernel (ScanCfg::smem_bytes), against the static
     arrays it replaced at 4 warps (n = 16, fp32 Bm / Cm): Bm and Cm [2][16][36] floats, 9216 bytes;
