@@ -530,10 +530,16 @@ def padded_dstate(dstate: int) -> int:
     raise UnsupportedError(f"selective_scan: dstate {dstate} is not supported; expected 1..{MAX_DSTATE}")
 
 
+def _scan_cfg(np_: int, wide: bool) -> tuple[int, int]:
+    """(ScanCfg::WARPS, ScanCfg::CPW) of the sequence kernel: its default warps per block, and the
+    channels each warp holds."""
+    threads, cpb = (SCAN_WIDE_CFG if wide else SCAN_CFG)[np_]
+    return threads // 32, cpb // (threads // 32)
+
+
 def scan_max_warps(np_: int, *, wide: bool) -> int:
     """ScanCfg::MAX_WARPS: the most warps a block of the sequence kernel may have."""
-    threads, _ = SCAN_CFG[np_]
-    return SCAN_MAX_WARPS if np_ <= 16 and not wide else threads // 32
+    return SCAN_MAX_WARPS if np_ <= 16 and not wide else _scan_cfg(np_, wide)[0]
 
 
 def scan_block_warps(batch: int, dim: int, np_: int, *, wide: bool, sms: int | None) -> int:
@@ -547,8 +553,7 @@ def scan_block_warps(batch: int, dim: int, np_: int, *, wide: bool, sms: int | N
     8, 0.100 -> 0.097; d 3072 in 128 of 6, 0.099 -> 0.086; one block of 10 per SM at d 5120 took
     0.121: benchmarks/NOTES.md, item 52). Elsewhere (sms None, few rows, more warps than two blocks
     per SM hold, or a configuration whose blocks stay at 4) the default."""
-    threads, cpb = (SCAN_WIDE_CFG if wide else SCAN_CFG)[np_]
-    base, cpw = threads // 32, cpb // (threads // 32)
+    base, cpw = _scan_cfg(np_, wide)
     row_warps = (dim + cpw - 1) // cpw
     total = batch * row_warps
     top = scan_max_warps(np_, wide=wide)
@@ -565,8 +570,7 @@ def scan_smem_bytes(np_: int, warps: int, *, wide: bool, itemsize: int) -> int:
     """Dynamic shared memory of a block of the sequence kernel (ScanCfg::smem_bytes): Bm and Cm
     double-buffered ([2][NP][RS], 16-bit in the wide configuration of 16-bit inputs, else fp32), then
     per warp dt and dt*u ([CPW][RS] floats each) and the y partial planes (TPC x YPL floats)."""
-    threads, cpb = (SCAN_WIDE_CFG if wide else SCAN_CFG)[np_]
-    return _scan_smem(np_, cpb // (threads // 32), warps, 2 if wide and itemsize == 2 else 4)
+    return _scan_smem(np_, _scan_cfg(np_, wide)[1], warps, 2 if wide and itemsize == 2 else 4)
 
 
 def _scan_smem(np_: int, cpw: int, warps: int, bc_bytes: int, tch: int | None = None) -> int:
@@ -592,9 +596,8 @@ def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: boo
     if tp:
         threads, cpb = TP_CFG
         return ((dim + cpb - 1) // cpb, batch), threads
-    threads, cpb = SCAN_WIDE_CFG[np_] if wide else SCAN_CFG[np_]
     warps = scan_block_warps(batch, dim, np_, wide=wide, sms=sms)
-    cpb = cpb // (threads // 32) * warps
+    cpb = _scan_cfg(np_, wide)[1] * warps
     return ((dim + cpb - 1) // cpb, batch), 32 * warps
 
 

@@ -133,7 +133,6 @@ struct ScanCfg {
   static constexpr int THREADS = 32 * WARPS;
   static constexpr int MAX_THREADS = 32 * MAX_WARPS;
   static constexpr int MIN_BLOCKS = MAX_WARPS > WARPS ? 2 : 1;  // __launch_bounds__: two such blocks per SM
-  static constexpr int CPB = CPW * WARPS;               // channels per block at WARPS: 16, 16, 8, 8 (wide 32, 32, 16, 8)
   static constexpr int TCH = NP == 64 ? 16 : MRT_SCAN_TCH;  // steps per chunk (64: 16, its shared memory < 48 KB)
   static constexpr int IPL = TCH / TPC;                 // (channel, step) items per lane: 4, 4, 2, 1
   // 4-step groups unrolled per iteration of the recurrence loop: at most 32 state-steps of code per
