@@ -215,18 +215,29 @@ _ENTRY = re.compile(r"Compiling entry function '(\w+)'")
 _PROPS = re.compile(r"Function properties for (\S+)\s+ptxas\s+\.\s+(\d+) bytes stack frame, (\d+) bytes spill "
                     r"stores, (\d+) bytes spill loads")
 _REGS = re.compile(r"Used (\d+) registers")
+_USAGE_PROBE = "mrt_usage_probe_"
 
 
 def compile_with_usage(source: str, filename: str, arch: int,
                        extra_options: tuple[str, ...] = ()) -> tuple[bytes, dict[str, EntryUsage]]:
     """compile_program's cubin, and ptxas's resource report of every entry point in it (from its log
     with --ptxas-options=-v): for the tests that keep hot kernels free of local memory, and for tuning."""
-    cubin, log = _compile(source, filename, arch, "cubin", tuple(extra_options) + ("--ptxas-options=-v",))
+    options = tuple(extra_options) + ("--ptxas-options=-v",)
+    cubin, log = _compile(source, filename, arch, "cubin", options)
+    if not _ENTRY.search(log):
+        # On a machine with a GPU driver NVRTC serves a program it compiled before (in any process)
+        # from the CUDA compute cache, and a cached cubin comes with no ptxas report. An empty kernel
+        # with a fresh name makes the program new; its entry is left out of the report.
+        probe = f"{_USAGE_PROBE}{os.urandom(8).hex()}"
+        cubin, log = _compile(f'{source}\nextern "C" __global__ void {probe}() {{}}\n', filename, arch, "cubin",
+                              options)
     usage: dict[str, EntryUsage] = {}
     # ptxas reports each entry as a block: "Compiling entry function 'E'", its (and its callees')
     # "Function properties for ...", then "Used R registers"
     blocks = _ENTRY.split(log)
     for name, text in zip(blocks[1::2], blocks[2::2]):
+        if name.startswith(_USAGE_PROBE):
+            continue
         props = {m.group(1): tuple(map(int, m.groups()[1:])) for m in _PROPS.finditer(text)}
         regs = _REGS.search(text)
         if name not in props or regs is None:
