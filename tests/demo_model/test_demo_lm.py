@@ -1,6 +1,6 @@
-"""The shipped demo language model: its held-out bits/byte through the reference model and through the
-exported portable prefill graph (ONNX Runtime, all positions' logits) agree within 1e-3 bits, match what
-the training run measured on the GPU, and meet the target (<= 2.0; a uniform guess is 8)."""
+"""The shipped demo language model: its held-out bits/byte through the exported portable prefill graph
+(ONNX Runtime, all positions' logits) match what the training run measured on the GPU and meet the
+target (<= 2.0; a uniform guess is 8), and the reference model agrees with the graph within 1e-3 bits."""
 import json
 import math
 
@@ -37,15 +37,23 @@ def test_shipped_model_is_small_fp32_and_byte_level():
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in w.values())
 
 
+REF_CHUNKS = 16  # the reference model's share of the sample: its time-step loop is the slow part on a CPU
+
+
 @pytest.mark.slow
 def test_heldout_bits_per_byte_reference_vs_exported_graph(tmp_path):
+    """The exported graph on the whole held-out sample reproduces the bits/byte the training run measured
+    on the GPU (so the shipped weights are the ones it evaluated) and meets the target; the reference
+    model on the sample's first REF_CHUNKS chunks agrees with the exported graph's logits of the same
+    chunks. (The reference over the whole sample took ~2.5 of this test's ~4.5 minutes on the CI CPU.)"""
     log = json.loads((DEMO_MODEL_DIR / "train_log.json").read_text())
     chunks = _sample_chunks(log["eval_len"])
     assert chunks.shape[0] >= 60  # >= 30 KB of held-out text
 
     model = load_model(DEMO_MODEL_DIR, "fp32", "cpu")
     assert model.ops is REF_OPS
-    ref = bits_per_byte(model, chunks, batch=chunks.shape[0])
+    head = chunks[:REF_CHUNKS]
+    ref = bits_per_byte(model, head, batch=head.shape[0])
 
     pkg = export_package(DEMO_MODEL_DIR, tmp_path / "pkg", dtype="fp32", all_logits=True)
     prefill = OrtSessionsFromPackage(pkg, "cpu")()["prefill"]
@@ -53,13 +61,15 @@ def test_heldout_bits_per_byte_reference_vs_exported_graph(tmp_path):
     logits, _, _ = prefill.run(None, {INPUT_IDS: chunks[:, :-1].numpy(),
                                       CONV_STATE: np.zeros(shapes["conv_state"], np.float32),
                                       SSM_STATE: np.zeros(shapes["ssm_state"], np.float32)})
-    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1)
-    exported = float(-logp.gather(-1, chunks[:, 1:, None]).mean()) / math.log(2)
+    nll = -torch.log_softmax(torch.from_numpy(logits).double(), -1).gather(-1, chunks[:, 1:, None])
+    exported = float(nll.mean()) / math.log(2)
+    exported_head = float(nll[:REF_CHUNKS].mean()) / math.log(2)
 
-    print(f"held-out sample ({chunks.numel()} bytes): reference {ref:.5f}, exported graph {exported:.5f} "
-          f"bits/byte; GPU training run measured {log['sample_bits_per_byte']}")
+    print(f"held-out sample ({chunks.numel()} bytes): exported graph {exported:.5f} bits/byte, GPU training "
+          f"run measured {log['sample_bits_per_byte']}; first {REF_CHUNKS} chunks: reference {ref:.5f}, "
+          f"exported graph {exported_head:.5f}")
     assert math.isfinite(ref) and math.isfinite(exported)
-    assert abs(ref - exported) < 1e-3, (ref, exported)
-    assert ref <= TARGET_BITS and exported <= TARGET_BITS
+    assert abs(ref - exported_head) < 1e-3, (ref, exported_head)
+    assert exported <= TARGET_BITS
     # the shipped weights are the ones the training run evaluated (GPU fp32 vs CPU fp32, log rounded to 1e-4)
-    assert abs(ref - log["sample_bits_per_byte"]) < 2e-3
+    assert abs(exported - log["sample_bits_per_byte"]) < 2e-3
