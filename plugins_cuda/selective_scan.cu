@@ -19,8 +19,11 @@
 //                steps per group (one 16-byte shared load per operand, one MUFU.EX2 per state and
 //                step) leaving each lane's partial C . h per step in shared memory; then each lane
 //                sums the partials of its own IPL steps and writes y, coalesced along time. Full
-//                chunks of time-contiguous, aligned rows use vector loads and no bounds checks.
-//                The chunk loop must stay small (about 8 KB of SASS): see ScanCfg::QU. Its WIDE
+//                chunks of time-contiguous, aligned rows use vector loads and no bounds checks;
+//                where every chunk is such (L a multiple of TCH, every row vector-accessible: a
+//                block-wide vote) the chunk loop runs a copy compiled without the partial-chunk and
+//                scalar paths (4-8 % faster, benchmarks/NOTES.md item 54). Each copy of the chunk
+//                loop must stay small (about 8 KB of SASS): see ScanCfg::QU. Its WIDE
 //                configuration (entry mrt_selective_scan_wide_fwd_*) gives each lane more states
 //                and keeps Bm / Cm in 16 bits, for many rows (ScanCfg).
 //   scan_fwd_tp  the same contract, time-parallel: a warp per (b, c), each lane owning a run of IPL
@@ -372,12 +375,14 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 #pragma unroll
   for (int i = 0; i < IPL; ++i) pu.e[i] = pd.e[i] = pz.e[i] = T{};
 
-  auto load_bc = [&](int t0, bool full) {
+  // fc: every chunk is full and every row takes vector accesses (all_vec below; a constant at each
+  // call, so the inlined copies drop the other paths).
+  auto load_bc = [&](int t0, bool full, bool fc) {
 #pragma unroll
     for (int e = 0; e < BCE; ++e) {
       if (bok[e]) {
         const int t = t0 + 4 * ((tid + e * THREADS) % (TCH / 4));
-        const bool vec = bvec[e] && full;
+        const bool vec = fc || (bvec[e] && full);
         ld_run(pb[e], brow[e], p.B_ts, t, L, vec);
         ld_run(pc[e], crow[e], p.C_ts, t, L, vec);
       }
@@ -402,10 +407,10 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
       }
     }
   };
-  auto load_lane = [&](int t0, bool full) {
+  auto load_lane = [&](int t0, bool full, bool fc) {
     if (cok) {
       const int t = t0 + g * IPL;
-      const bool vec = lvec && full;
+      const bool vec = fc || (lvec && full);
       ld_run(pu, urow, p.u_ts, t, L, vec);
       ld_run(pd, drow, p.d_ts, t, L, vec);
       if (zrow) ld_run(pz, zrow, p.z_ts, t, L, vec);
@@ -413,17 +418,22 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   };
 
   const int nchunks = (L - 1) / TCH + 1;
-  load_bc(0, L >= TCH);
-  load_lane(0, L >= TCH);
+  load_bc(0, L >= TCH, false);
+  load_lane(0, L >= TCH, false);
   stage_bc(0);
-  __syncthreads();
+  // Whole chunks only, every row vector-accessible (contiguous, aligned: any prompt whose length is a
+  // multiple of TCH): the chunk loop below is then compiled without its partial-chunk and scalar
+  // paths. The same choice in every thread of the block (both loops hold barriers).
+  bool bc_vec = true;
+#pragma unroll
+  for (int e = 0; e < BCE; ++e) bc_vec = bc_vec && (!bok[e] || bvec[e]);
+  const bool all_vec = __syncthreads_and(L % TCH == 0 && (!cok || lvec) && bc_vec);
 
   float* __restrict__ dts = dt_w[lc];
   float* __restrict__ dus = du_w[lc];
-#pragma unroll 1
-  for (int k = 0; k < nchunks; ++k) {
+  auto chunk = [&](int k, bool FC) {
     const int t0 = k * TCH;
-    const bool full = L - t0 >= TCH;
+    const bool full = FC || L - t0 >= TCH;
     // dt = softplus(delta + bias) and dt * u, once per (channel, step); steps past L get dt = 0
     // (exp(0) = 1 and no input: the state passes through unchanged).
     const int valid = full ? IPL : L - t0 - g * IPL;
@@ -445,9 +455,9 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     sts_floats<IPL>(dts + g * IPL, dtv);
     sts_floats<IPL>(dus + g * IPL, duv);
     if (k + 1 < nchunks) {  // next chunk's global loads, in flight during this chunk's recurrence
-      const bool nfull = L - t0 - TCH >= TCH;
-      load_lane(t0 + TCH, nfull);
-      load_bc(t0 + TCH, nfull);
+      const bool nfull = FC || L - t0 - TCH >= TCH;
+      load_lane(t0 + TCH, nfull, FC);
+      load_bc(t0 + TCH, nfull, FC);
     }
     __syncwarp();
 
@@ -512,10 +522,18 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     if (cok) {
       float zf[IPL];
       unpack(zk, zf);
-      st_run(yrow, p.y_ts, t0 + g * IPL, L, lvec && full, gate_run<T, IPL>(Dc, uf, out, zf, zrow != nullptr));
+      st_run(yrow, p.y_ts, t0 + g * IPL, L, FC || (lvec && full),
+             gate_run<T, IPL>(Dc, uf, out, zf, zrow != nullptr));
     }
     if (k + 1 < nchunks) stage_bc((k + 1) & 1);
     __syncthreads();
+  };
+  if (all_vec) {
+#pragma unroll 1
+    for (int k = 0; k < nchunks; ++k) chunk(k, true);
+  } else {
+#pragma unroll 1
+    for (int k = 0; k < nchunks; ++k) chunk(k, false);
   }
 
 #pragma unroll
