@@ -778,7 +778,7 @@ def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, devi
         if seq:
             wide, itemsize = kind == "wide", DTYPES[dtype][2]
             smem = scan_smem_bytes(np_, block // 32, wide=wide, itemsize=itemsize)
-            allow_smem(fn, scan_smem_bytes(np_, scan_max_warps(np_, wide=wide), wide=wide, itemsize=itemsize))
+            allow_smem(fn, smem)
         if st is None:
             flat = [("p", n) for n in _SCAN_PTRS[:9]]
             flat += [("i", v) for v in (batch, dim, seqlen, dstate, softplus)]

@@ -178,7 +178,9 @@ def scan_launch(batch, dim, seqlen, dstate: int, delta_softplus: int, *, step: b
         tpc = np_ // 4
         return Launch(_cdiv(batch * dim * tpc, launcher.SSU_THREADS), 1, launcher.SSU_THREADS,
                       (batch, dim, seqlen, dstate, int(delta_softplus)))
-    threads, cpb = launcher.SCAN_CFG[np_]  # the default blocks (scan_launch_config with sms None)
+    # the default blocks (scan_launch_config with sms None); outside the wide configuration Bm / Cm
+    # are staged as fp32 whatever the dtype, so the itemsize below does not change the bytes
+    threads, cpb = launcher.SCAN_CFG[np_]
     return Launch(_cdiv(dim, cpb), batch, threads, (batch, dim, seqlen, dstate, int(delta_softplus)),
                   launcher.scan_smem_bytes(np_, threads // 32, wide=False, itemsize=4))
 
