@@ -22,7 +22,8 @@
 // For larger batches (> 2 rows) the projections are cuBLAS GEMMs and these kernels do the
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
-// reading a delta precomputed by a dt_proj GEMM (large ones).
+// reading a delta precomputed by a dt_proj GEMM (large ones); or, for buckets of 9-16 rows of the larger
+// models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre.
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
@@ -1483,6 +1484,7 @@ struct ConvXprojArgs {
   void* u;                 // [B, d] T: silu(conv) output
   float* xdbl;             // [B, R] fp32 accumulator (zeroed before the step)
   long long d, k, R;       // rows: BM (conv_xproj) or the grid's y (conv_only)
+  long long B;             // rows (conv_xproj_rows: the accumulator's row stride there is R rounded up to 8)
 };
 
 // A channel's conv window (its k - 1 state values s, oldest first) and taps (cw, k of them) in registers,
@@ -1491,14 +1493,22 @@ struct ConvXprojArgs {
 // moves the loads, so the arrays stay in registers (a run-time index such as w[k - 1] put them in local
 // memory; tests/plugins_cuda/test_decode_step_build.py checks that no decode kernel has a stack frame).
 template <typename T>
-__device__ __forceinline__ void conv_load(float (&win)[MAX_CONV], float (&w)[MAX_CONV], const T* s, const T* cw,
-                                          int k, bool ok) {
+__device__ __forceinline__ void conv_load_win(float (&win)[MAX_CONV], const T* s, int k, bool ok) {
   const int o = MAX_CONV - k;
 #pragma unroll
-  for (int j = 0; j < MAX_CONV; ++j) {
-    win[j] = ok && j >= o && j < MAX_CONV - 1 ? to_float(s[j - o]) : 0.f;
-    w[j] = ok && j >= o ? to_float(cw[j - o]) : 0.f;
-  }
+  for (int j = 0; j < MAX_CONV; ++j) win[j] = ok && j >= o && j < MAX_CONV - 1 ? to_float(s[j - o]) : 0.f;
+}
+template <typename T>
+__device__ __forceinline__ void conv_load_taps(float (&w)[MAX_CONV], const T* cw, int k, bool ok) {
+  const int o = MAX_CONV - k;
+#pragma unroll
+  for (int j = 0; j < MAX_CONV; ++j) w[j] = ok && j >= o ? to_float(cw[j - o]) : 0.f;
+}
+template <typename T>
+__device__ __forceinline__ void conv_load(float (&win)[MAX_CONV], float (&w)[MAX_CONV], const T* s, const T* cw,
+                                          int k, bool ok) {
+  conv_load_win<T>(win, s, k, ok);
+  conv_load_taps<T>(w, cw, k, ok);
 }
 
 // One (row, channel) of the conv update from conv_load's registers: u = silu(bias + w . (state, x)), the
@@ -1652,6 +1662,7 @@ struct SsmStepArgs {
   const long long* idx;    // [B]
   void* y;                 // [B, d] T
   long long d, r, R;
+  long long B;             // rows (dt_rows: xdbl_acc's row stride there is R rounded up to 8)
 };
 
 // grid (ceil(d / CPB), B); TPC = N / 4 threads per channel (a power of two), 4 states each. The
@@ -1734,6 +1745,221 @@ __device__ void ssm_step(const SsmStepArgs& a) {
     if (g == 0) {
       const float yv = (a.D ? fmaf(Dv, uv, yp) : yp) * silu(zv);
       static_cast<T*>(a.y)[(long long)b * d + cc] = from_float<T>(yv);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// The GEMM path's x_proj and dt_proj without cuBLAS (16-bit T; buckets of 9-16 rows from mamba-1.4b up:
+// decode_step.ROWS_*): conv_xproj_rows + dt_rows replace conv_only and the x_proj and dt_proj GEMMs before
+// ssm_step_pre. At 16 rows of mamba-1.4b / 2.8b those took ~2.8 + 8.5 (split-K) + 1.7 (its reduction) +
+// 3.0 us per layer for 2 MB of x_proj and 1.6 MB of dt_proj weights (benchmarks/NOTES.md, item 56).
+//
+//   conv_xproj_rows  block (XR_CH channels, XR_ROWS rows): the conv update of its (row, channel) items
+//                    (their conv state prefetched into L2 before waiting for in_proj), then its share of
+//                    x_proj, acc[row, j] += sum_{c in its channels} u[row, c] Wx[j, c], as m16n8k16 mma
+//                    tiles (rows x j, K = its channels) added into the fp32 accumulator acc [B, Rp] (Rp = R
+//                    rounded up to 8) with 16-byte reductions. The weight slice arrives by cp.async while
+//                    the conv runs.
+//   dt_rows          block (DR_CH channels, DR_ROWS rows): dt_proj as mma tiles (channels x rows, K = r) from
+//                    acc rounded to T (the reference's x_proj output), rounded to T into delta; the grid
+//                    also writes acc rounded to T (ssm_step_pre's B and C).
+// Operands of an mma sit in shared memory as [K / 32][rows][32] T: lane (g, q) reads 8 consecutive K of
+// row g (and g + 8) as one 16-byte vector (mma_16816's K order), conflict-free.
+// Measured against cuBLAS (item 56): faster at 16 rows of 1.4b / 2.8b (-7 % / -3 % per step), even or
+// slower at 64 rows and on mamba-130m, where the accumulator's contended reductions (each output gets a
+// sum from every channel block) and the conv's two dependent round trips cost what cuBLAS's split-K does.
+constexpr int XR_CH = 128, XR_ROWS = 32, XR_THREADS = 512;
+constexpr int DR_CH = 32, DR_ROWS = 64, DR_THREADS = 256;
+constexpr int ROWS_MAX_R = 512;  // r + 2n limit (conv_xproj_rows' weight slice: 128 KB of shared memory)
+
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+// p[0..3] += v (16-byte aligned); one reduction on sm_90+.
+__device__ __forceinline__ void red_add4(float* p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
+#endif
+}
+
+// rows x K of T (row stride ld) into [K32 / 32][rows_s][32] of shared memory, rows past `rows` and K past
+// `K` (to K32) zero: by cp.async where every 16-byte piece is aligned (src and ld), else element by element.
+template <typename T>
+__device__ __forceinline__ void stage_rows(T* s, const T* src, long long ld, int rows, int rows_s, int K, int K32) {
+  const bool vec = ld % 8 == 0 && aligned16(src);
+  for (int e = threadIdx.x; e < rows_s * (K32 / 8); e += blockDim.x) {
+    const int row = e / (K32 / 8), v = e % (K32 / 8);
+    T* dst = s + ((v / 4) * rows_s + row) * 32 + (v % 4) * 8;
+    if (vec && row < rows && 8 * v + 8 <= K) {
+      cp_async16(dst, src + row * ld + 8 * v);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 8; ++i) dst[i] = row < rows && 8 * v + i < K ? src[row * ld + 8 * v + i] : T{};
+    }
+  }
+}
+
+template <typename T>
+__device__ void conv_xproj_rows(const ConvXprojArgs& a) {
+  extern __shared__ __align__(16) unsigned char rows_smem[];
+  const int d = (int)a.d, k = (int)a.k, R = (int)a.R, Rp = (R + 7) & ~7, B = (int)a.B;
+  const int c0 = blockIdx.x * XR_CH, r0 = blockIdx.y * XR_ROWS;
+  T* ws = reinterpret_cast<T*>(rows_smem);  // Wx[:, c0 .. c0 + XR_CH) as [2][Rp][32]
+  T* us = ws + Rp * XR_CH;                  // u of the block's rows as [2][XR_ROWS][32]
+  stage_rows<T>(ws, static_cast<const T*>(a.Wx) + c0, a.d, R, Rp, d - c0 < XR_CH ? d - c0 : XR_CH, XR_CH);
+  const int cl = threadIdx.x % XR_CH, rg = threadIdx.x / XR_CH, c = c0 + cl;
+  const bool cok = c < d;
+  float w[MAX_CONV];
+  conv_load_taps<T>(w, static_cast<const T*>(a.conv_w) + (long long)(cok ? c : 0) * k, k, cok);
+  const float bias = cok && a.conv_b ? to_float(static_cast<const T*>(a.conv_b)[c]) : 0.f;
+  // the conv state of the thread's items (written by this kernel a step before, not by in_proj) into L2
+  constexpr int IT = XR_ROWS / (XR_THREADS / XR_CH), BATCH = 4;  // items per thread, loaded 4 at a time
+  T* spi[IT];
+#pragma unroll
+  for (int i = 0; i < IT; ++i) {
+    const int row = r0 + rg + (XR_THREADS / XR_CH) * i;
+    spi[i] = cok && row < B ? static_cast<T*>(a.conv_state) + (a.idx[row] * d + c) * (k - 1) : nullptr;
+    if (spi[i]) prefetch_l2(spi[i]);
+  }
+  pdl_launch_dependents();
+  pdl_wait();
+#pragma unroll
+  for (int i0 = 0; i0 < IT; i0 += BATCH) {
+    float win[BATCH][MAX_CONV];
+    T xv[BATCH];
+    T* sp[BATCH];
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int row = r0 + rg + (XR_THREADS / XR_CH) * (i0 + i);
+      sp[i] = spi[i0 + i];
+      conv_load_win<T>(win[i], sp[i], k, sp[i] != nullptr);
+      xv[i] = sp[i] ? static_cast<const T*>(a.xz)[(long long)row * 2 * d + c] : T{};
+    }
+#pragma unroll
+    for (int i = 0; i < BATCH; ++i) {
+      const int rl = rg + (XR_THREADS / XR_CH) * (i0 + i), row = r0 + rl;
+      T uo = from_float<T>(0.f);
+      if (sp[i]) {
+        uo = conv_one<T>(win[i], w, bias, k, xv[i], sp[i]);
+        static_cast<T*>(a.u)[(long long)row * d + c] = uo;
+      }
+      us[((cl / 32) * XR_ROWS + rl) * 32 + cl % 32] = uo;
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  float* acc = a.xdbl;
+  for (int nt = warp; nt < Rp / 8; nt += XR_THREADS / 32) {
+    uint4 bw[XR_CH / 32];
+#pragma unroll
+    for (int kc = 0; kc < XR_CH / 32; ++kc)
+      bw[kc] = *reinterpret_cast<const uint4*>(ws + (kc * Rp + nt * 8 + g) * 32 + 8 * q);
+#pragma unroll
+    for (int mt = 0; mt < XR_ROWS / 16; ++mt) {
+      float dd[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int kc = 0; kc < XR_CH / 32; ++kc) {
+        const uint4 a0 = *reinterpret_cast<const uint4*>(us + (kc * XR_ROWS + mt * 16 + g) * 32 + 8 * q);
+        const uint4 a1 = *reinterpret_cast<const uint4*>(us + (kc * XR_ROWS + mt * 16 + g + 8) * 32 + 8 * q);
+        mma_16816<T>(dd, a0, a1, bw[kc].x, bw[kc].y, false);
+        mma_16816<T>(dd, a0, a1, bw[kc].z, bw[kc].w, true);
+      }
+      // lane (g, q) holds rows g, g + 8 at columns 2q, 2q + 1: pairs of lanes swap halves so that an
+      // even q adds row g's columns 2q .. 2q + 3 and an odd q row g + 8's columns 2q - 2 .. 2q + 1
+      const bool odd = q & 1;
+      const float s0 = __shfl_xor_sync(0xffffffffu, odd ? dd[0] : dd[2], 1);
+      const float s1 = __shfl_xor_sync(0xffffffffu, odd ? dd[1] : dd[3], 1);
+      const int row = r0 + mt * 16 + g + (odd ? 8 : 0);
+      if (row < B)
+        red_add4(acc + (long long)row * Rp + nt * 8 + 2 * (q & ~1),
+                 odd ? make_float4(s0, s1, dd[2], dd[3]) : make_float4(dd[0], dd[1], s0, s1));
+    }
+  }
+}
+
+// dt_proj of DR_CH channels x DR_ROWS rows as mma tiles (channels x rows, K = r) from x_proj's output as
+// conv_xproj_rows left it (fp32, rounded to T here, as the reference holds it), rounded to T into delta;
+// the blocks of channel block 0 also write x_proj's output rows in T (xdbl_t: B and C for ssm_step_pre).
+template <typename T>
+__device__ void dt_rows(const SsmStepArgs& a) {
+  extern __shared__ __align__(16) unsigned char rows_smem[];
+  const int d = (int)a.d, r = (int)a.r, R = (int)a.R, Rp = (R + 7) & ~7, B = (int)a.B;
+  const int K32 = (r + 31) & ~31;
+  const int c0 = blockIdx.x * DR_CH, r0 = blockIdx.y * DR_ROWS;
+  T* wdt = reinterpret_cast<T*>(rows_smem);  // dt_proj rows c0 .. c0 + DR_CH as [K32 / 32][DR_CH][32]
+  T* xs = wdt + K32 * DR_CH;                 // x_proj's dt columns of the block's rows, [K32 / 32][DR_ROWS][32]
+  stage_rows<T>(wdt, static_cast<const T*>(a.Wdt) + (long long)c0 * r, r, d - c0 < DR_CH ? d - c0 : DR_CH, DR_CH, r,
+                K32);
+  pdl_launch_dependents();
+  pdl_wait();
+  const float* acc = a.xdbl_acc;
+  // the rows' x_proj output in T (ssm_step_pre's B and C): four values per thread of the grid (once, as a
+  // rule)
+  T* xt = static_cast<T*>(const_cast<void*>(a.xdbl_t));
+  for (int e = (blockIdx.x * DR_THREADS + threadIdx.x) * 4; e < DR_ROWS * Rp; e += gridDim.x * DR_THREADS * 4) {
+    const int row = r0 + e / Rp, j = e % Rp;
+    if (row < B) {
+      const float4 f = *reinterpret_cast<const float4*>(acc + (long long)row * Rp + j);
+      const float fv[4] = {f.x, f.y, f.z, f.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (j + i < R) xt[(long long)row * R + j + i] = from_float<T>(fv[i]);
+    }
+  }
+  // dt_proj's input, rounded to T, into shared memory: XI loads issued before their stores
+  constexpr int XI = 8;
+  for (int e0 = 0; e0 < DR_ROWS * (K32 / 4); e0 += XI * DR_THREADS) {
+    float4 fx[XI];
+#pragma unroll
+    for (int i = 0; i < XI; ++i) {
+      const int e = e0 + threadIdx.x + i * DR_THREADS, rl = e / (K32 / 4), v = e % (K32 / 4), row = r0 + rl;
+      fx[i] = e < DR_ROWS * (K32 / 4) && row < B && 4 * v < r
+                  ? *reinterpret_cast<const float4*>(acc + (long long)row * Rp + 4 * v)
+                  : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int i = 0; i < XI; ++i) {
+      const int e = e0 + threadIdx.x + i * DR_THREADS, rl = e / (K32 / 4), v = e % (K32 / 4);
+      if (e < DR_ROWS * (K32 / 4)) {
+        T* dst = xs + (((4 * v) / 32) * DR_ROWS + rl) * 32 + (4 * v) % 32;  // (columns from r on: B's, not dt's)
+        dst[0] = from_float<T>(4 * v < r ? fx[i].x : 0.f);
+        dst[1] = from_float<T>(4 * v + 1 < r ? fx[i].y : 0.f);
+        dst[2] = from_float<T>(4 * v + 2 < r ? fx[i].z : 0.f);
+        dst[3] = from_float<T>(4 * v + 3 < r ? fx[i].w : 0.f);
+      }
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
+  T* delta = static_cast<T*>(const_cast<void*>(a.delta));
+  for (int p = warp; p < (DR_CH / 16) * (DR_ROWS / 8); p += DR_THREADS / 32) {
+    const int mt = p % (DR_CH / 16), nt = p / (DR_CH / 16);
+    float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int kc = 0; kc < K32 / 32; ++kc) {
+      const uint4 a0 = *reinterpret_cast<const uint4*>(wdt + (kc * DR_CH + mt * 16 + g) * 32 + 8 * q);
+      const uint4 a1 = *reinterpret_cast<const uint4*>(wdt + (kc * DR_CH + mt * 16 + g + 8) * 32 + 8 * q);
+      const uint4 bv = *reinterpret_cast<const uint4*>(xs + (kc * DR_ROWS + nt * 8 + g) * 32 + 8 * q);
+      mma_16816<T>(dd, a0, a1, bv.x, bv.y, false);
+      mma_16816<T>(dd, a0, a1, bv.z, bv.w, true);
+    }
+#pragma unroll
+    for (int h = 0; h < 4; ++h) {  // lane (g, q): channels g, g + 8; rows 2q, 2q + 1
+      const int c = c0 + mt * 16 + g + (h >= 2 ? 8 : 0), row = r0 + nt * 8 + 2 * q + (h & 1);
+      if (row < B && c < d) delta[(long long)row * d + c] = from_float<T>(dd[h]);
     }
   }
 }
@@ -2446,6 +2672,13 @@ __device__ void layers(const LayersArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::LY_THREADS, 1)                                    \
       mrt_layers_##TAG(const mrt::LayersArgs a) { mrt::layers<T>(a); }
 
+// The GEMM path's conv + x_proj and dt_proj + state update on the tensor cores (16-bit T).
+#define MRT_DECODE_ROWS(TAG, T)                                                                        \
+  extern "C" __global__ void __launch_bounds__(mrt::XR_THREADS)                                       \
+      mrt_conv_xproj_rows_##TAG(const mrt::ConvXprojArgs a) { mrt::conv_xproj_rows<T>(a); }          \
+  extern "C" __global__ void __launch_bounds__(mrt::DR_THREADS)                                       \
+      mrt_dt_rows_##TAG(const mrt::SsmStepArgs a) { mrt::dt_rows<T>(a); }
+
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
       mrt_ssm_step_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, false>(a); }        \
@@ -2488,4 +2721,5 @@ __device__ void layers(const LayersArgs& a) {
   MRT_DECODE_ENTRIES(TAG, T)                                                                           \
   MRT_DECODE_MMA(TAG, T, 1)                                                                            \
   MRT_DECODE_MMA(TAG, T, 2)                                                                            \
+  MRT_DECODE_ROWS(TAG, T)                                                                              \
   MRT_DECODE_LAYERS(TAG, T)

@@ -42,6 +42,16 @@ XP_BUCKETS = (1, 2, 4, 8, 16)
 # in conv_xproj (its share of the sums added into a float32 accumulator, zeroed once per step) instead
 # of a cuBLAS GEMM (split-K, ~7 us on the H100 whatever the rows: benchmarks/NOTES.md, item 32)
 XPROJ_FOLD_MAX_ROWS = 8
+# GEMM path, 16-bit dtypes: buckets of ROWS_MIN_ROWS..ROWS_MAX_ROWS rows of models with d_inner of at least
+# ROWS_MIN_DINNER run conv_xproj_rows (conv + x_proj's share on the tensor cores, added into a float32
+# accumulator) and dt_rows (dt_proj on the tensor cores) before ssm_step_pre, instead of conv_only and the
+# x_proj and dt_proj GEMMs (0: never). H100 fp16, GPU ms per step, GEMMs / ours, same process
+# (benchmarks/NOTES.md, item 56): batch 16: 130m 0.651 / 0.654, 1.4b 2.424 / 2.253, 2.8b 3.973 / 3.837;
+# batch 64: 130m 0.806 / 0.823, 1.4b 3.060 / 3.037, 2.8b 5.068 / 5.148
+ROWS_MIN_ROWS, ROWS_MAX_ROWS, ROWS_MIN_DINNER = XPROJ_FOLD_MAX_ROWS + 1, 16, 4096
+XR_CH, XR_ROWS, XR_THREADS = 128, 32, 512  # .cu conv_xproj_rows: channels (the mma's K) and rows per block
+DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and rows per block
+ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the two kernels
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -223,7 +233,7 @@ ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w",
                                                 ("res_fp32", _L), ("eps", _F)])
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
                                           ("conv_b", _P), ("Wx", _P), ("u", _P), ("xdbl", _P),
-                                          ("d", _L), ("k", _L), ("R", _L)])
+                                          ("d", _L), ("k", _L), ("R", _L), ("B", _L)])
 LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P), ("hbuf", _P), ("xacc", _P),
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
@@ -231,7 +241,8 @@ LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P
                                     ("eps", _F), ("pf", _P), ("pf_bytes", _L)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
-                                      ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L)])
+                                      ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L),
+                                      ("B", _L)])
 
 
 class Launch:
@@ -461,7 +472,7 @@ class DecodeKernels:
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in XP_BUCKETS: conv + x_proj share (B == bm); bm = 0: conv only (any B; Wx must be 0)."""
-        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, d, k, R)
+        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx or 0, u, xdbl or 0, d, k, R, B)
         if bm and (bm not in XP_BUCKETS or B != bm):
             raise InternalError(f"fused decode conv_xproj: {B} rows in a launch for {bm}; expected {XP_BUCKETS}")
         if not bm and Wx:
@@ -523,10 +534,44 @@ class DecodeKernels:
         if bool(xdbl_acc) == bool(xdbl_t) or (pre and not xdbl_t):
             raise InternalError("fused decode ssm_step: give xdbl_acc or xdbl_t, and delta only with xdbl_t")
         a = SsmStepArgs(xdbl_acc or 0, xdbl_t or 0, delta or 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx,
-                        y, d, r, r + 2 * n)
+                        y, d, r, r + 2 * n, B)
         cpb = SSM_THREADS // (n // 4)
         stem = "ssm_step_pre" if pre else "ssm_step"
         return Launch(self._fn(f"{stem}_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
+
+    # -- the GEMM path's x_proj and dt_proj on the tensor cores (conv_xproj_rows, dt_rows) ---------------
+    def rows_fits(self, *, n: int, r: int) -> bool:
+        """Whether conv_xproj_rows / dt_rows serve this shape: 16-bit dtype, r + 2n at most ROWS_MAX_R, and
+        their shared memory within the GPU's limit. (Weights whose rows are not 16-byte aligned are read
+        element by element.)"""
+        R = r + 2 * n
+        return self.itemsize == 2 and R <= ROWS_MAX_R and max(self._xr_smem(R), self._dr_smem(r)) <= self.smem_optin
+
+    @staticmethod
+    def rows_stride(R: int) -> int:
+        """Row stride of the accumulator conv_xproj_rows adds x_proj's output into (R rounded up to 8)."""
+        return -(-R // 8) * 8
+
+    def _xr_smem(self, R: int) -> int:
+        return (self.rows_stride(R) * XR_CH + XR_CH * XR_ROWS) * self.itemsize
+
+    def _dr_smem(self, r: int) -> int:
+        return -(-r // 32) * 32 * (DR_CH + DR_ROWS) * self.itemsize
+
+    def conv_xproj_rows(self, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, acc, B, d, k, n, r) -> Launch:
+        """The conv update of B rows and x_proj's output added into acc [B, rows_stride(r + 2n)] float32
+        (zero before: the sums of every block are added)."""
+        R = r + 2 * n
+        a = ConvXprojArgs(xz, conv_state, idx, conv_w, conv_b or 0, Wx, u, acc, d, k, R, B)
+        return Launch(self._fn(f"conv_xproj_rows_{self.tag}"), (-(-d // XR_CH), -(-B // XR_ROWS)), XR_THREADS,
+                      self._xr_smem(R), a, "conv_xproj_rows")
+
+    def dt_rows(self, *, acc, xdbl, delta, Wdt, B, d, n, r) -> Launch:
+        """From acc as conv_xproj_rows left it: delta [B, d] T = dt_proj of its first r columns rounded to T
+        (softplus and the bias: ssm_step_pre), and xdbl [B, r + 2n] T = acc rounded (ssm_step_pre's B, C)."""
+        a = SsmStepArgs(acc, xdbl, delta, Wdt, 0, 0, 0, 0, 0, 0, 0, 0, d, r, r + 2 * n, B)
+        return Launch(self._fn(f"dt_rows_{self.tag}"), (-(-d // DR_CH), -(-B // DR_ROWS)), DR_THREADS,
+                      self._dr_smem(r), a, "dt_rows")
 
     # -- launching -----------------------------------------------------------------------------------
     def launch(self, ln: Launch, stream: int) -> None:

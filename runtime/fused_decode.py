@@ -20,8 +20,9 @@ Two paths, chosen per batch bucket:
   kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
-  delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``), the head over
-  the padded vocabulary.
+  delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``; for buckets of
+  9-16 rows from mamba-1.4b up, x_proj and dt_proj on the tensor cores in our ``conv_xproj_rows`` and
+  ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``), the head over the padded vocabulary.
 
 A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
 enqueues one step on the current stream (the backend captures it in a CUDA graph).
@@ -58,18 +59,22 @@ class DecodeBucket:
         self.y = torch.empty(B, d, dtype=dt, device=dev)
         self.logits = torch.empty(B, c.vocab_size, **f32)
         self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
-        # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path)
-        self.fold_dt, self.fold_x = (True, True) if self.gemv else dec.gemm_folds(B)
+        # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path); or, for large GEMM-path
+        # buckets, both on the tensor cores in conv_xproj_rows / dt_rows (rows)
+        self.rows = not self.gemv and dec.rows_path(B)
+        self.fold_dt, self.fold_x = (True, True) if self.gemv else (False, False) if self.rows else dec.gemm_folds(B)
         # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
         # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
         # conv_xproj's blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
         # kernels hand out their rows through it); for the persistent kernel, its grid barrier's counter
-        n_acc, n_ctr = (c.n_layer * B * R if self.fold_x else 0), (2 * c.n_layer + 1 if self.gemv else 0)
+        Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
+        n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
+        n_ctr = 2 * c.n_layer + 1 if self.gemv else 0
         n_ly = 1 if self.ly else 0
         self.zeroed = torch.zeros(n_acc + n_ctr + n_ly, **f32) if n_acc + n_ctr + n_ly else None
-        if self.fold_x:
-            self.acc = self.zeroed[:n_acc].view(c.n_layer, B, R)
+        if n_acc:
+            self.acc = self.zeroed[:n_acc].view(c.n_layer, B, Racc)
         if self.ly:
             self.bar = self.zeroed[-1:].view(torch.int32)
             # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
@@ -88,9 +93,9 @@ class DecodeBucket:
             self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
-            if not self.fold_x:  # x_proj's output for ssm_step (and the dt_proj GEMM)
+            if not self.fold_x:  # x_proj's output for ssm_step (and the dt_proj GEMM or dt_rows)
                 self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
-            if not self.fold_dt:  # the dt_proj GEMM's output
+            if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
             self.logits_t = torch.empty(B, dec.lm_head_padded.shape[0], dtype=dt, device=dev)
@@ -215,19 +220,28 @@ class FusedDecoder:
                 ss, G = bk.ss[i], bk.g4[i]
             else:
                 out.append(self._linear(bk.xn, m.in_proj, bk.xz))
-                acc = p(bk.acc[i]) if fold_x else 0  # x_proj's sums, else x_proj is a GEMM
-                out.append(k.conv_xproj(B if fold_x else 0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
-                                        conv_w=p(self.conv_w[i]), conv_b=p(m.conv1d.bias),
-                                        Wx=p(m.x_proj.weight) if fold_x else 0, u=p(bk.u), xdbl=acc, B=B, d=d,
-                                        k=c.d_conv, R=R))
-                if not fold_x:
-                    out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
-                if not fold_dt:
-                    out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
+                acc = p(bk.acc[i]) if fold_x else 0  # x_proj's sums (conv_xproj), else x_proj's output is xdbl
+                if bk.rows:  # x_proj and dt_proj on the tensor cores, in our kernels
+                    out.append(k.conv_xproj_rows(xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
+                                                 conv_w=p(self.conv_w[i]), conv_b=p(m.conv1d.bias),
+                                                 Wx=p(m.x_proj.weight), u=p(bk.u), acc=p(bk.acc[i]), B=B, d=d,
+                                                 k=c.d_conv, n=n, r=r))
+                    out.append(k.dt_rows(acc=p(bk.acc[i]), xdbl=p(bk.xdbl), delta=p(bk.delta),
+                                         Wdt=p(m.dt_proj.weight), B=B, d=d, n=n, r=r))
+                else:
+                    out.append(k.conv_xproj(B if fold_x else 0, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
+                                            conv_w=p(self.conv_w[i]), conv_b=p(m.conv1d.bias),
+                                            Wx=p(m.x_proj.weight) if fold_x else 0, u=p(bk.u), xdbl=acc, B=B, d=d,
+                                            k=c.d_conv, R=R))
+                    if not fold_x:
+                        out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
+                    if not fold_dt:
+                        out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
                 out.append(k.ssm_step(n=n, B=B, xdbl_acc=acc, xdbl_t=0 if fold_x else p(bk.xdbl),
                                       delta=0 if fold_dt else p(bk.delta),
-                                      Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D),
-                                      u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
+                                      Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]),
+                                      D=p(m.D), u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx),
+                                      y=p(bk.y), d=d, r=r))
                 out.append(self._linear(bk.y, m.out_proj, bk.o))
                 nxt = layers[i + 1].norm.weight if i + 1 < len(layers) else self.model.backbone.norm_f.weight
                 out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
@@ -258,6 +272,16 @@ class FusedDecoder:
 
         fold_dt = B * self.config.d_inner <= ds.DT_FOLD_MAX_ROW_CHANNELS
         return fold_dt, fold_dt and B <= ds.XPROJ_FOLD_MAX_ROWS and B in ds.XP_BUCKETS
+
+    def rows_path(self, B: int) -> bool:
+        """Whether a GEMM-path bucket of B rows runs x_proj and dt_proj in conv_xproj_rows / dt_rows: B in
+        decode_step.ROWS_MIN_ROWS..ROWS_MAX_ROWS and d_inner at least ROWS_MIN_DINNER (read at each bucket's
+        creation: the tests switch them), where those kernels serve the shape (DecodeKernels.rows_fits)."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
+        c = self.config
+        return (bool(ds.ROWS_MIN_ROWS) and ds.ROWS_MIN_ROWS <= B <= ds.ROWS_MAX_ROWS
+                and c.d_inner >= ds.ROWS_MIN_DINNER and self.k.rows_fits(n=c.d_state, r=c.dt_rank))
 
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)

@@ -27,7 +27,8 @@ def test_every_entry_point_compiles(dtype, arch):
              f"mrt_conv_only_{tag}", f"mrt_embed_{tag}", f"mrt_residual_norm_{tag}"]
     names += [f"mrt_ssm_step_{tag}_n{n}" for n in decode_step.STATE_SIZES]
     names += [f"mrt_draw_{tag}"] if arch >= 90 else []  # thread block clusters
-    names += [f"mrt_layers_{tag}"] if DTYPES[dtype][2] == 2 else []  # the persistent kernel (16-bit)
+    if DTYPES[dtype][2] == 2:  # the persistent kernel, the GEMM path's tensor-core x_proj / dt_proj (16-bit)
+        names += [f"mrt_layers_{tag}", f"mrt_conv_xproj_rows_{tag}", f"mrt_dt_rows_{tag}"]
     for name in names:
         assert name.encode() in cubin, name
         assert name in usage, name

@@ -74,7 +74,45 @@ def test_fused_steps_gemm_path_dt_proj_both_ways(case, dtype, fold, monkeypatch)
 
     monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 1 << 40 if fold[0] else 0)
     monkeypatch.setattr(decode_step, "XPROJ_FOLD_MAX_ROWS", 16 if fold[1] else 0)
+    monkeypatch.setattr(decode_step, "ROWS_MIN_ROWS", 0)  # not the tensor-core kernels below
     _check_steps(case, dtype, 16, gemv=None, fold=fold)
+
+
+ROWS_CASES = dict(CASES, n32=dict(d_model=96, n_layer=2, vocab_size=300, d_state=32, d_conv=4),
+                  n64=dict(d_model=64, n_layer=2, vocab_size=300, d_state=64, d_conv=4))
+
+
+@pytest.mark.parametrize("batch", [9, 40, 64])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(ROWS_CASES))
+def test_fused_steps_rows_kernels(case, dtype, batch, monkeypatch):
+    """The GEMM path's x_proj and dt_proj on the tensor cores, whatever the thresholds pick for these small
+    models: conv_xproj_rows (conv + x_proj's share of 128 channels x 32 rows per block, into a float32
+    accumulator), dt_rows (dt_proj of 32 channels x 64 rows per block from it), then ssm_step_pre; at 9,
+    40 and 64 rows: partial blocks of rows (9; 40 = 32 + 8) and whole ones, channels in partial blocks,
+    weight rows that are not 16-byte pieces (dt_rank 5, 9, 10, 34: read element by element), n 4 to 64."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "ROWS_MIN_ROWS", 9)
+    monkeypatch.setattr(decode_step, "ROWS_MAX_ROWS", 64)
+    monkeypatch.setattr(decode_step, "ROWS_MIN_DINNER", 0)
+    _check_steps(ROWS_CASES[case], dtype, batch, gemv=None, bucket=batch, rows=True)
+
+
+def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
+    """By default conv_xproj_rows / dt_rows serve buckets of 9 to 16 rows of models with d_inner from 4096
+    (mamba-1.4b's): not the 64-row bucket, not a smaller model, not fp32."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    for dm, dtype, want in ((2048, "fp16", {16: True, 64: False}), (1024, "bf16", {16: False}),
+                            (2048, "fp32", {16: False})):
+        cfg = MambaConfig(d_model=dm, n_layer=1, vocab_size=300, d_state=16, d_conv=4)
+        model, _ = _models(cfg, dtype, 0)
+        shapes = cfg.state_shapes(64)
+        conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
+        ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+        dec = FusedDecoder(model, conv, ssm, dtype)
+        assert {B: dec.rows_path(B) for B in want} == want, (dm, dtype)
 
 
 LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, bias=True, conv_bias=True,
@@ -179,7 +217,7 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
+def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucket=None, rows=None):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -192,7 +230,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
     conv = (0.5 * torch.randn(shapes["conv_state"], generator=g, device="cuda")).to(model.dtype)
     ssm = 0.5 * torch.randn(shapes["ssm_state"], generator=g, device="cuda")
     dec = FusedDecoder(model, conv, ssm, dtype, gemv=gemv)
-    bucket = batch_bucket(batch, 16)
+    bucket = bucket or batch_bucket(batch, 16)
     bk = dec.bucket(bucket)
     assert bk.gemv == (bucket <= 2), "buckets of 1 and 2 rows take the GEMV path, larger ones the GEMM path"
     if bk.gemv:  # which matrix-vector kernels run (by the kind asked for, dtype, row length and GPU)
@@ -212,6 +250,12 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None):
         assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
+    if rows is not None:  # x_proj and dt_proj in our tensor-core kernels, or as GEMMs (as the thresholds pick)
+        assert bk.rows == rows and not bk.gemv
+        names = [ln.name for ln in bk.launches if not callable(ln)]
+        gemms = sum(callable(ln) for ln in bk.launches)
+        assert (names.count("conv_xproj_rows"), names.count("dt_rows")) == ((cfg.n_layer,) * 2 if rows else (0, 0))
+        assert gemms == cfg.n_layer * 2 + 1 if rows else gemms > cfg.n_layer * 2 + 1, (rows, gemms)
     if pw is not None:  # the persistent kernel's out_proj partials: slots per output, read pw per round trip
         assert bk.ly and bk.ly.P == 3 and bk.ly.pw == pw, bk.ly
     if stepc is not None:  # the persistent kernel's step counter, its tagged buffers as after that many steps
