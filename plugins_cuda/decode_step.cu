@@ -1816,8 +1816,8 @@ __device__ void conv_xproj_rows(const ConvXprojArgs& a) {
   extern __shared__ __align__(16) unsigned char rows_smem[];
   const int d = (int)a.d, k = (int)a.k, R = (int)a.R, Rp = (R + 7) & ~7, B = (int)a.B;
   const int c0 = blockIdx.x * XR_CH, r0 = blockIdx.y * XR_ROWS;
-  T* ws = reinterpret_cast<T*>(rows_smem);  // Wx[:, c0 .. c0 + XR_CH) as [2][Rp][32]
-  T* us = ws + Rp * XR_CH;                  // u of the block's rows as [2][XR_ROWS][32]
+  T* ws = reinterpret_cast<T*>(rows_smem);  // Wx[:, c0 .. c0 + XR_CH) as [XR_CH / 32][Rp][32]
+  T* us = ws + Rp * XR_CH;                  // u of the block's rows as [XR_CH / 32][XR_ROWS][32]
   stage_rows<T>(ws, static_cast<const T*>(a.Wx) + c0, a.d, R, Rp, d - c0 < XR_CH ? d - c0 : XR_CH, XR_CH);
   const int cl = threadIdx.x % XR_CH, rg = threadIdx.x / XR_CH, c = c0 + cl;
   const bool cok = c < d;
@@ -1892,7 +1892,7 @@ __device__ void conv_xproj_rows(const ConvXprojArgs& a) {
 
 // dt_proj of DR_CH channels x DR_ROWS rows as mma tiles (channels x rows, K = r) from x_proj's output as
 // conv_xproj_rows left it (fp32, rounded to T here, as the reference holds it), rounded to T into delta;
-// the blocks of channel block 0 also write x_proj's output rows in T (xdbl_t: B and C for ssm_step_pre).
+// the grid also writes x_proj's output rows in T (xdbl_t: B and C for ssm_step_pre).
 template <typename T>
 __device__ void dt_rows(const SsmStepArgs& a) {
   extern __shared__ __align__(16) unsigned char rows_smem[];
@@ -2672,7 +2672,7 @@ __device__ void layers(const LayersArgs& a) {
   extern "C" __global__ void __launch_bounds__(mrt::LY_THREADS, 1)                                    \
       mrt_layers_##TAG(const mrt::LayersArgs a) { mrt::layers<T>(a); }
 
-// The GEMM path's conv + x_proj and dt_proj + state update on the tensor cores (16-bit T).
+// The GEMM path's conv + x_proj and its dt_proj on the tensor cores (16-bit T).
 #define MRT_DECODE_ROWS(TAG, T)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::XR_THREADS)                                       \
       mrt_conv_xproj_rows_##TAG(const mrt::ConvXprojArgs a) { mrt::conv_xproj_rows<T>(a); }          \

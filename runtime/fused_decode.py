@@ -59,14 +59,14 @@ class DecodeBucket:
         self.y = torch.empty(B, d, dtype=dt, device=dev)
         self.logits = torch.empty(B, c.vocab_size, **f32)
         self.argmax_scratch = torch.zeros(dec.k.argmax_scratch_words(B, c.vocab_size), dtype=torch.int32, device=dev)
-        # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path); or, for large GEMM-path
-        # buckets, both on the tensor cores in conv_xproj_rows / dt_rows (rows)
+        # dt_proj and x_proj inside ssm_step / conv_xproj (always on the GEMV path); or, for GEMM-path buckets
+        # of 9-16 rows of the larger models, both on the tensor cores in conv_xproj_rows / dt_rows (rows_path)
         self.rows = not self.gemv and dec.rows_path(B)
         self.fold_dt, self.fold_x = (True, True) if self.gemv else (False, False) if self.rows else dec.gemm_folds(B)
         # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
         # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
-        # conv_xproj's blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
+        # conv_xproj's or conv_xproj_rows' blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
         # kernels hand out their rows through it); for the persistent kernel, its grid barrier's counter
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
         n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
@@ -93,7 +93,7 @@ class DecodeBucket:
             self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
-            if not self.fold_x:  # x_proj's output for ssm_step (and the dt_proj GEMM or dt_rows)
+            if not self.fold_x:  # x_proj's output in T for ssm_step (from the x_proj GEMM, or dt_rows)
                 self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
             if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
