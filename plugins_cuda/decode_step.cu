@@ -23,7 +23,8 @@
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
 // reading a delta precomputed by a dt_proj GEMM (large ones); or, for buckets of 9-16 rows of the larger
-// models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre.
+// models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre. On
+// sm_90 x_proj (where those do not take it) and the head run on wgmma in proj_wg instead of cuBLAS.
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
@@ -1965,6 +1966,208 @@ __device__ void dt_rows(const SsmStepArgs& a) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// proj_wg: the GEMM path's projections on Hopper's warpgroup MMA (sm_90a only: the host compiles these
+// entries into a program of their own, MRT_DECODE_PROJ, for that target), in place of cuBLAS.
+//
+//   out[b, n] = sum_k x[b, k] W[n, k] (+ bias[n]), b < B, n < N; W [N, K] row-major (the weights as the model
+//   holds them), x rows ldx apart, out rows ldo apart, in T or float32; fp32 sums, rounded once.
+//
+// A block (one warpgroup, 128 threads) owns NT rows of W (columns of out) for 64 batch rows (wgmma's M) over a
+// range of K. W and x stream through a ring of `stages` stages; a stage is PJ_ATOMS boxes of 64 columns (128
+// bytes of a row: the swizzle's span) of each, copied by the tensor memory accelerator (one instruction per box,
+// columns past K and rows past N as zeros) into the 128-byte-swizzled layout that wgmma's shared-memory
+// descriptors read: 4 k-steps of m64nNTk16 per box (NT made of 64/32/16/8-wide instructions). x's boxes hold
+// B rows rounded up to 8 (xbox); the other rows of its 64 in shared memory are stale and meet only outputs that
+// are not stored. The block's W boxes of the whole ring are requested before griddepcontrol.wait: weights do not
+// depend on the previous kernel, which is still draining. Where K is split (gridDim.y > 1) the blocks of an
+// output tile form a cluster; each leaves its fp32 tile in shared memory and, after a cluster barrier, sums a
+// share of the tile over the cluster's blocks in rank order (deterministic) and stores it.
+// Measured (benchmarks/NOTES.md, item 57): x_proj and the head faster than cuBLAS, in_proj, out_proj and dt_proj
+// not (~2.1-2.4 TB/s), so the runtime takes it for the former only (decode_step.PROJ_WG).
+struct ProjArgs {
+  const void* tmx; const void* tmw;  // TMA tensor maps (128 bytes each, in global memory) of x [B, K] and W [N, K]
+  const void* bias; void* out;
+  long long ldo, B, N, K, kchunk, out_float, stages, xbox;  // xbox: rows of x's boxes (B rounded up to 8, <= 64)
+};
+constexpr int PJ_THREADS = 128;  // one warpgroup
+constexpr int PJ_M = 64;         // batch rows per block (wgmma's M)
+constexpr int PJ_ATOM = 64;      // columns of a box: one 128-byte row of 16-bit values (the swizzle's span)
+constexpr int PJ_ATOMS = 4;      // boxes per part per stage: 512 bytes of each W row at a time
+constexpr int PJ_KT = PJ_ATOM * PJ_ATOMS;  // columns per stage
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A box of a 2D tensor (tensor map tm, in global memory) at (column c0, row c1) into shared memory, counted on bar.
+__device__ __forceinline__ void tma_2d(unsigned dst, const void* tm, int c0, int c1, unsigned bar, unsigned long long pol) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+               " [%0], [%1, {%2, %3}], [%4], %5;"
+               ::"r"(dst), "l"(tm), "r"(c0), "r"(c1), "r"(bar), "l"(pol) : "memory");
+}
+
+// A shared-memory matrix descriptor: K-major rows of 128 bytes, 128-byte swizzle, 8-row groups 1024 bytes apart.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned saddr) {
+  return (unsigned long long)((saddr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+// D[64 x N] += A[64 x 16] B[16 x N] (A, B by descriptor), D as wgmma's fragments, N = 8, 16, 32, 64.
+#define MRT_WG_FN(N, NR, REGS, ...)                                                                         \
+  template <typename T>                                                                                      \
+  __device__ __forceinline__ void wg_n##N(float* d, unsigned long long da, unsigned long long db) {        \
+    if constexpr (IsBf16<T>::value)                                                                          \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #NR ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N     \
+                   "k16.f32.bf16.bf16 " REGS ", p, 1, 1, 0, 0;\n}\n"                                         \
+                   : __VA_ARGS__ : "l"(da), "l"(db), "r"(1));                                                \
+    else                                                                                                     \
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #NR ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N     \
+                   "k16.f32.f16.f16 " REGS ", p, 1, 1, 0, 0;\n}\n"                                           \
+                   : __VA_ARGS__ : "l"(da), "l"(db), "r"(1));                                                \
+  }
+#define MRT_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+MRT_WG_FN(8, 6, "{%0, %1, %2, %3}, %4, %5", MRT_F4(0))
+MRT_WG_FN(16, 10, "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9", MRT_F4(0), MRT_F4(4))
+MRT_WG_FN(32, 18, "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17",
+          MRT_F4(0), MRT_F4(4), MRT_F4(8), MRT_F4(12))
+MRT_WG_FN(64, 34,
+          "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+          "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33",
+          MRT_F4(0), MRT_F4(4), MRT_F4(8), MRT_F4(12), MRT_F4(16), MRT_F4(20), MRT_F4(24), MRT_F4(28))
+#undef MRT_F4
+#undef MRT_WG_FN
+
+// One k-step (16 columns) of the block's NT-wide tile: wgmma instructions 64, 32, 16, 8 wide from column c0.
+// Their fragments sit in d in column order (fragment register g: column 8 (g / 4) + 2 (lane % 4) + g % 2, row
+// 16 warp + lane / 4 + 8 ((g / 2) % 2)), and B's rows of a 64-wide part start 64 x 128 bytes further on.
+template <typename T, int NT, int C0 = 0>
+__device__ __forceinline__ void wg_tile(float* d, unsigned long long da, unsigned long long db) {
+  if constexpr (NT - C0 >= 64) {
+    wg_n64<T>(d + C0 / 2, da, db + (C0 * 128 >> 4));
+    wg_tile<T, NT, C0 + 64>(d, da, db);
+  } else if constexpr (NT - C0 >= 32) {
+    wg_n32<T>(d + C0 / 2, da, db + (C0 * 128 >> 4));
+    wg_tile<T, NT, C0 + 32>(d, da, db);
+  } else if constexpr (NT - C0 >= 16) {
+    wg_n16<T>(d + C0 / 2, da, db + (C0 * 128 >> 4));
+    wg_tile<T, NT, C0 + 16>(d, da, db);
+  } else if constexpr (NT - C0 >= 8) {
+    wg_n8<T>(d + C0 / 2, da, db + (C0 * 128 >> 4));
+  }
+}
+
+template <typename T, int NT>
+__device__ void proj_wg(const ProjArgs& a) {
+  static_assert(NT % 8 == 0 && NT <= 256, "NT: a multiple of 8, at most 256");
+  extern __shared__ unsigned char pj_raw[];
+  // the swizzle repeats every 1024 bytes of address: stages start on such a boundary
+  unsigned char* sm = pj_raw + ((1024 - (smem_addr(pj_raw) & 1023)) & 1023);
+  // a stage: PJ_ATOMS boxes of x (64 rows of 128 bytes each, of which the first xbox are copied), then PJ_ATOMS
+  // boxes of W (NT rows each)
+  constexpr int XA = PJ_M * 128, WA = NT * 128, XB = PJ_ATOMS * XA, SB = XB + PJ_ATOMS * WA;
+  const int tid = threadIdx.x, ST = (int)a.stages, xbox = (int)a.xbox;
+  const long long K = a.K, n0 = (long long)blockIdx.x * NT, b0 = (long long)blockIdx.z * PJ_M;
+  const long long k0 = blockIdx.y * a.kchunk, k1 = min(K, k0 + a.kchunk);
+  const int nk = (int)((k1 - k0 + PJ_KT - 1) / PJ_KT);
+  const int xrows = (int)min((long long)PJ_M, a.B - b0);
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(sm + ST * SB);  // a barrier per slot
+  const unsigned s0 = smem_addr(sm);
+  const unsigned long long pol_w = l2_policy<MRT_LD_EVICT_FIRST != 0>(), pol_x = l2_policy<false>();
+  // stage `it` into its slot: W's boxes (and x's, after the wait), all counted on the slot's barrier
+  auto issue_w = [&](int it) {
+    const int s = it % ST;
+    mbar_expect_tx(full + s, PJ_ATOMS * (xbox + NT) * 128);
+#pragma unroll
+    for (int j = 0; j < PJ_ATOMS; ++j)
+      tma_2d(s0 + s * SB + XB + j * WA, a.tmw, (int)(k0 + (long long)it * PJ_KT + j * PJ_ATOM), (int)n0,
+             smem_addr(full + s), pol_w);
+  };
+  auto issue_x = [&](int it) {
+    const int s = it % ST;
+#pragma unroll
+    for (int j = 0; j < PJ_ATOMS; ++j)
+      tma_2d(s0 + s * SB + j * XA, a.tmx, (int)(k0 + (long long)it * PJ_KT + j * PJ_ATOM), (int)b0,
+             smem_addr(full + s), pol_x);
+  };
+  if (tid == 0) {
+    for (int s = 0; s < ST; ++s) mbar_init(full + s, 1);
+    mbar_init_fence();
+  }
+  __syncthreads();
+  if (tid == 0) {
+    asm volatile("prefetch.tensormap [%0];" ::"l"(a.tmw) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(a.tmx) : "memory");
+    for (int s = 0; s < ST && s < nk; ++s) issue_w(s);
+  }
+  pdl_wait();
+  if (tid == 0)
+    for (int s = 0; s < ST && s < nk; ++s) issue_x(s);
+  float d[NT / 2];
+#pragma unroll
+  for (int i = 0; i < NT / 2; ++i) d[i] = 0.f;
+  for (int it = 0; it < nk; ++it) {
+    const int s = it % ST;
+    mbar_wait(full + s, (it / ST) & 1);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < PJ_ATOMS; ++j) {
+      const unsigned long long da = wg_desc(s0 + s * SB + j * XA), db = wg_desc(s0 + s * SB + XB + j * WA);
+#pragma unroll
+      for (int q = 0; q < PJ_ATOM / 16; ++q) wg_tile<T, NT>(d, da + 2 * q, db + 2 * q);  // +32 bytes per k-step
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i) asm volatile("" : "+f"(d[i])::"memory");
+    __syncthreads();  // every warp is done with slot s
+    if (tid == 0 && it + ST < nk) {
+      issue_w(it + ST);
+      issue_x(it + ST);
+    }
+  }
+  pdl_launch_dependents();
+  const int warp = tid >> 5, lane = tid & 31;
+  auto store = [&](long long b, long long n, const float* vals, int cnt) {  // cnt consecutive outputs from n
+    for (int i = 0; i < cnt && n + i < a.N; ++i) {
+      float o = vals[i];
+      if (a.bias) o += to_float(static_cast<const T*>(a.bias)[n + i]);
+      if (a.out_float) static_cast<float*>(a.out)[b * a.ldo + n + i] = o;
+      else static_cast<T*>(a.out)[b * a.ldo + n + i] = from_float<T>(o);
+    }
+  };
+  if (gridDim.y == 1) {
+#pragma unroll
+    for (int g = 0; g < NT / 2; g += 2) {
+      const int row = 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1), col = 8 * (g >> 2) + 2 * (lane & 3);
+      if (row < xrows) store(b0 + row, n0 + col, d + g, 2);
+    }
+    return;
+  }
+  // split K: the cluster's blocks (ranks 0..S-1 along y) add up their tiles (the ring is free: every stage
+  // was awaited, and the loop's last barrier saw every warp's wgmma done)
+  constexpr int LD = NT + 4;  // floats per row of the tile in shared memory (16-byte aligned rows)
+  float* red = reinterpret_cast<float*>(sm);
+#pragma unroll
+  for (int g = 0; g < NT / 2; g += 2) {
+    const int row = 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1), col = 8 * (g >> 2) + 2 * (lane & 3);
+    *reinterpret_cast<float2*>(red + row * LD + col) = make_float2(d[g], d[g + 1]);
+  }
+  cluster_barrier();
+  const int S = (int)gridDim.y, rank = (int)cluster_rank();
+  const int groups = xrows * (NT / 4), lo = groups * rank / S, hi = groups * (rank + 1) / S;
+  for (int e = lo + tid; e < hi; e += PJ_THREADS) {
+    const int row = e / (NT / 4), col = 4 * (e % (NT / 4));
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int q = 0; q < S; ++q) {
+      const unsigned ra = cluster_addr(red + row * LD + col, q);
+      float4 p;
+      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+                   : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w) : "r"(ra) : "memory");
+      v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
+    }
+    store(b0 + row, n0 + col, v, 4);
+  }
+  cluster_barrier();  // no block leaves while another reads its tile
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// ------------------------------------------------------------------------------------------------
 // Every layer of a batch-1 step in one persistent kernel (16-bit T, sm_90+): `layers`.
 //
 // Why: the four kernels per layer above leave the batch-1 step at ~42 us per 2.8b layer for 82 MB of
@@ -2678,6 +2881,16 @@ __device__ void layers(const LayersArgs& a) {
       mrt_conv_xproj_rows_##TAG(const mrt::ConvXprojArgs a) { mrt::conv_xproj_rows<T>(a); }          \
   extern "C" __global__ void __launch_bounds__(mrt::DR_THREADS)                                       \
       mrt_dt_rows_##TAG(const mrt::SsmStepArgs a) { mrt::dt_rows<T>(a); }
+
+// The projections on wgmma (sm_90a): one entry per tile width NT (decode_step.PJ_NTS), in a program of their own.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MRT_PJ(TAG, T, NT)                                                                             \
+  extern "C" __global__ void __launch_bounds__(mrt::PJ_THREADS)                                       \
+      mrt_proj_wg_##TAG##_##NT(const mrt::ProjArgs a) { mrt::proj_wg<T, NT>(a); }
+#define MRT_DECODE_PROJ(TAG, T)                                                                        \
+  MRT_PJ(TAG, T, 16) MRT_PJ(TAG, T, 24) MRT_PJ(TAG, T, 32) MRT_PJ(TAG, T, 40) MRT_PJ(TAG, T, 48)      \
+  MRT_PJ(TAG, T, 64) MRT_PJ(TAG, T, 80) MRT_PJ(TAG, T, 96) MRT_PJ(TAG, T, 128) MRT_PJ(TAG, T, 192)
+#endif
 
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \

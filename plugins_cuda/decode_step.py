@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import threading
 from typing import NamedTuple
 
@@ -52,6 +53,17 @@ ROWS_MIN_ROWS, ROWS_MAX_ROWS, ROWS_MIN_DINNER = XPROJ_FOLD_MAX_ROWS + 1, 16, 409
 XR_CH, XR_ROWS, XR_THREADS = 128, 32, 512  # .cu conv_xproj_rows: channels (the mma's K) and rows per block
 DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and rows per block
 ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the two kernels
+# GEMM path, 16-bit dtypes on sm_90 (Hopper): which projections our wgmma kernel proj_wg computes instead of cuBLAS,
+# a mask of PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD (0: cuBLAS for all). .cu: a block of PJ_THREADS owns NT (one
+# of PJ_NTS) rows of W for PJ_M batch rows, over stages of PJ_ATOMS boxes of PJ_ATOM columns; K split over up to
+# PJ_MAX_SPLIT blocks (a cluster)
+PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD = 1, 2, 4, 8, 16
+PROJ_WG = PROJ_X | PROJ_HEAD
+PJ_THREADS, PJ_M, PJ_ATOM, PJ_ATOMS = 128, 64, 64, 4  # .cu: a stage is PJ_ATOMS boxes of PJ_ATOM columns
+PJ_KT = PJ_ATOM * PJ_ATOMS
+PJ_NTS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
+PJ_MAX_STAGES, PJ_MAX_SPLIT = 16, 8
+PJ_ARCH = "90a"  # wgmma: the architecture-specific target of sm_90
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -210,6 +222,20 @@ def get_cubin(dtype: str, arch: int) -> bytes:
     return compiler.cached_cubin(cache_key(dtype, arch), lambda: compile_cubin(dtype, arch))
 
 
+def proj_program_source(dtype: str) -> str:
+    """The wgmma projections (MRT_DECODE_PROJ) of a 16-bit dtype: a program of their own, for sm_90a."""
+    tag, ctype, _ = DTYPES[dtype]
+    head = "".join(f"#define {k} {v}\n" for k, v in sorted(DEFINES.items()))
+    return head + compiler._read(SOURCE) + f"\nMRT_DECODE_PROJ({tag}, {ctype})\n"
+
+
+def get_proj_cubin(dtype: str) -> bytes:
+    major, minor = compiler.nvrtc_version()
+    src = proj_program_source(dtype)
+    key = f"decode_proj-{dtype}-sm{PJ_ARCH}-src{compiler.source_digest(src, compiler.OPTIONS)}-nvrtc{major}.{minor}"
+    return compiler.cached_cubin(key, lambda: compiler.compile_program(src, SOURCE, PJ_ARCH))
+
+
 # ---------------------------------------------------------------------------------------------------
 # argument structs (field for field as in decode_step.cu)
 
@@ -245,15 +271,32 @@ SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta"
                                       ("B", _L)])
 
 
+ProjArgs = _struct("ProjArgs", [("tmx", _P), ("tmw", _P), ("bias", _P), ("out", _P), ("ldo", _L), ("B", _L),
+                                ("N", _L), ("K", _L), ("kchunk", _L), ("out_float", _L), ("stages", _L),
+                                ("xbox", _L)])
+TMAP_BYTES = 128  # a TMA tensor map (CUtensorMap)
+
+
+class ProjPlan(NamedTuple):
+    """proj_wg's launch for one shape (DecodeKernels.proj_plan)."""
+    nt: int       # W rows per block (the entry point's tile width)
+    split: int    # blocks over K (a cluster along y), each kchunk columns
+    kchunk: int
+    stages: int
+    grid: tuple[int, int, int]
+    smem: int
+
+
 class Launch:
     """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct, and a
     name for messages (the entry point's stem for the GEMVs)."""
 
-    __slots__ = ("fn", "grid", "block", "smem", "args", "name", "coop")
+    __slots__ = ("fn", "grid", "block", "smem", "args", "name", "coop", "cluster_y")
 
-    def __init__(self, fn, grid, block, smem, args, name, coop=False):
+    def __init__(self, fn, grid, block, smem, args, name, coop=False, cluster_y=1):
         self.fn, self.grid, self.block, self.smem, self.args, self.name = fn, grid, block, smem, args, name
         self.coop = coop  # cooperative launch: every block resident at once (the persistent kernel)
+        self.cluster_y = cluster_y  # blocks per cluster along y (1: no cluster)
 
 
 class DecodeKernels:
@@ -285,16 +328,19 @@ class DecodeKernels:
         best = "fma" if self.itemsize != 2 else ("bulk" if self.arch >= 90 else "mma")
         self.gemv = best if gemv is None or GEMV_KINDS.index(gemv) > GEMV_KINDS.index(best) else gemv
         self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
+        self.dtype = dtype
+        self._proj_module = None  # the wgmma projections' program, loaded at first use (proj_plan)
         self._fns: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def _fn(self, stem: str):
+    def _fn(self, stem: str, module=None):
         name = f"mrt_{stem}"
         with self._lock:
             fn = self._fns.get(name)
             if fn is None:
                 drv = launcher._driver()
-                fn = launcher._cu(drv.cuModuleGetFunction(self.module, name.encode()), f"cuModuleGetFunction({name})")
+                fn = launcher._cu(drv.cuModuleGetFunction(module or self.module, name.encode()),
+                                  f"cuModuleGetFunction({name})")
                 fa = drv.CUfunction_attribute
                 static = launcher._cu(drv.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn), name)
                 if static + SMEM_DEFAULT < self.smem_optin:  # let the GEMV kernels hold long rows
@@ -573,11 +619,97 @@ class DecodeKernels:
         return Launch(self._fn(f"dt_rows_{self.tag}"), (-(-d // DR_CH), -(-B // DR_ROWS)), DR_THREADS,
                       self._dr_smem(r), a, "dt_rows")
 
+    # -- the GEMM path's projections on wgmma (proj_wg, sm_90a) ------------------------------------------
+    def proj_serves(self, which: int | None = None) -> bool:
+        """Whether proj_wg runs here: 16-bit dtype on an sm_90 GPU (wgmma); with ``which`` (a PROJ_* bit), also
+        whether PROJ_WG asks for it for that projection."""
+        return self.itemsize == 2 and self.arch == 90 and (which is None or bool(PROJ_WG & which))
+
+    def _proj_fn(self, nt: int):
+        if self._proj_module is None:
+            drv = launcher._driver()
+            self._proj_module = launcher._cu(drv.cuModuleLoadData(get_proj_cubin(self.dtype)),
+                                             "cuModuleLoadData(decode_proj)")
+        return self._fn(f"proj_wg_{self.tag}_{nt}", self._proj_module)
+
+    def proj_plan(self, B: int, N: int, K: int) -> ProjPlan | None:
+        """proj_wg's tile width, K split, stages and grid for out [B, N] = x [B, K] W[N, K]^T, or None where it
+        does not serve (proj_serves, K a multiple of 8). Chosen by a model of the busiest multiprocessor's
+        bytes: W from HBM, x (re-read by every block) from L2 at half weight, ~1 us of fixed cost per block
+        (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first."""
+        best = None
+        for nt in PJ_NTS:
+            for split in (1, 2, 4, 8):
+                plan = self.proj_plan_for(B, N, K, nt, split)
+                if plan is None:
+                    continue
+                ctas = plan.grid[0] * plan.grid[1] * plan.grid[2]
+                per_block = 2 * nt * plan.kchunk + min(B, PJ_M) * plan.kchunk + 23_000 * (1 + (split > 1))
+                key = (-(-ctas // self.sm_count) * per_block, ctas)
+                if best is None or key < best[0]:
+                    best = (key, plan)
+        return None if best is None else best[1]
+
+    def proj_plan_for(self, B: int, N: int, K: int, nt: int, split: int) -> ProjPlan | None:
+        """proj_wg's plan with NT = nt and K split over at most `split` blocks (stage-sized chunks), or None where
+        that does not serve."""
+        if not self.proj_serves() or K % 8 or N < 1 or B < 1 or nt not in PJ_NTS or not 1 <= split <= PJ_MAX_SPLIT:
+            return None
+        kchunk = -(-K // split // PJ_KT) * PJ_KT
+        split = -(-K // kchunk)
+        tiles, rb, sb = -(-N // nt), -(-B // PJ_M), PJ_ATOMS * (PJ_M + nt) * 128
+        ctas = tiles * split * rb
+        nk = kchunk // PJ_KT
+        # two blocks per SM where the grid is more than one wave and two rings of 2 stages fit
+        per_sm = 2 if ctas > self.sm_count and 2 * (2 * sb + 2048) <= self.smem_sm else 1
+        budget = (self.smem_optin if per_sm == 1 else self.smem_sm // 2) - 2048
+        stages = min(PJ_MAX_STAGES, nk, (budget - 8 * PJ_MAX_STAGES) // sb)
+        if stages < min(2, nk) or (split > 1 and (nt + 4) * PJ_M * 4 > stages * sb):
+            return None
+        return ProjPlan(nt, split, kchunk, stages, (tiles, split, rb), stages * (sb + 8) + 1024)
+
+    def proj_maps(self, plan: ProjPlan, *, x: int, ldx: int, W: int, B: int, N: int, K: int) -> bytes:
+        """The two TMA tensor maps proj_wg reads (x [B, K] with rows ldx apart, then W [N, K]), 2 x TMAP_BYTES
+        to be copied into device memory (64-byte aligned) whose address goes to proj(maps=...). x and W
+        16-byte aligned, ldx a multiple of 8."""
+        if x % 16 or W % 16 or ldx % 8 or K % 8:
+            raise InternalError(f"proj_wg: x ({x:#x}) and W ({W:#x}) must be 16-byte aligned and ldx ({ldx}), K ({K}) "
+                                f"multiples of 8")
+        return self._tmap(x, B, K, ldx, self._xbox(B)) + self._tmap(W, N, K, K, plan.nt)
+
+    @staticmethod
+    def _xbox(B: int) -> int:
+        """Rows of proj_wg's boxes of x: B rounded up to 8, at most PJ_M (the tensor memory accelerator fills rows
+        outside the tensor slowly; rows of shared memory past the box only meet outputs that are not stored)."""
+        return min(PJ_M, -(-B // 8) * 8)
+
+    def _tmap(self, ptr: int, rows: int, cols: int, ld: int, box_rows: int) -> bytes:
+        """A tensor map of a row-major [rows, cols] matrix of T (rows ld apart): boxes of PJ_ATOM columns x box_rows
+        rows, swizzled by 128 bytes (wgmma's layout), zeros outside the matrix."""
+        drv = launcher._driver()
+        dt = drv.CUtensorMapDataType
+        tm = launcher._cu(drv.cuTensorMapEncodeTiled(
+            dt.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if self.tag == "bf16" else dt.CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, ptr,
+            [drv.cuuint64_t(cols), drv.cuuint64_t(rows)], [drv.cuuint64_t(ld * self.itemsize)],
+            [drv.cuuint32_t(PJ_ATOM), drv.cuuint32_t(box_rows)], [drv.cuuint32_t(1), drv.cuuint32_t(1)],
+            drv.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, drv.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+            drv.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            drv.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE), "cuTensorMapEncodeTiled")
+        return struct.pack("<16Q", *[int(v) for v in tm.opaque])
+
+    def proj(self, plan: ProjPlan, *, maps: int, bias, out, ldo, B, N, K, out_float=False) -> Launch:
+        """out [B, N] (rows ldo apart; float32 where out_float, else T) = x [B, K] . W [N, K]^T (+ bias [N]), by
+        the plan proj_plan gave for (B, N, K); maps: the device address of proj_maps' bytes."""
+        a = ProjArgs(maps, maps + TMAP_BYTES, bias or 0, out, ldo, B, N, K, plan.kchunk, int(out_float), plan.stages,
+                     self._xbox(B))
+        return Launch(self._proj_fn(plan.nt), plan.grid, PJ_THREADS, plan.smem, a, "proj_wg", cluster_y=plan.split)
+
     # -- launching -----------------------------------------------------------------------------------
     def launch(self, ln: Launch, stream: int) -> None:
         drv = launcher._driver()
         cfg = drv.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = ln.grid[0], ln.grid[1], 1
+        cfg.gridDimX, cfg.gridDimY = ln.grid[0], ln.grid[1]
+        cfg.gridDimZ = ln.grid[2] if len(ln.grid) > 2 else 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = ln.block, 1, 1
         cfg.sharedMemBytes = ln.smem
         cfg.hStream = drv.CUstream(stream)
@@ -586,6 +718,11 @@ class DecodeKernels:
             at = drv.CUlaunchAttribute()
             at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             at.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(at)
+        if ln.cluster_y > 1:
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            at.value.clusterDim.x, at.value.clusterDim.y, at.value.clusterDim.z = 1, ln.cluster_y, 1
             attrs.append(at)
         if ln.coop:
             at = drv.CUlaunchAttribute()

@@ -16,7 +16,8 @@ Two paths, chosen per batch bucket:
   At batch 1 with the copy-engine GEMVs (mamba-1.4b and up on sm_90+) every layer runs instead in one
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), between
   the embedding and the head's ``norm_gemv``.
-* GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), the rest the same
+* GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), except on sm_90 those that
+  ``decode_step.PROJ_WG`` names (x_proj and the head), which our wgmma kernel ``proj_wg`` computes; the rest the same
   kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
@@ -138,6 +139,7 @@ class FusedDecoder:
         # against 100 us for 50280); the padding rows' logits are dropped in the copy to float32
         self.lm_head_padded = model.lm_head.weight
         self._table = None  # the persistent kernel's pointers per layer (_layer_table)
+        self._tmaps = []  # proj_wg's tensor maps in device memory, per launch
         self.aligned = all(w.data_ptr() % 16 == 0 for w in
                            [self.lm_head] + [p for l in layers for p in (l.mixer.in_proj.weight, l.mixer.out_proj.weight)])
 
@@ -179,6 +181,8 @@ class FusedDecoder:
 
     def _prepare(self, bk: DecodeBucket):
         """The step's kernel launches for bucket ``bk`` (arguments fixed: the buffers are static)."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
         c, k, p, B = self.config, self.k, self._p, bk.B
         d, dm, n, r = c.d_inner, c.d_model, c.d_state, c.dt_rank
         R = r + 2 * n
@@ -219,7 +223,7 @@ class FusedDecoder:
                                            ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32, ctr=p(bk.ctr[2 * i + 1])))
                 ss, G = bk.ss[i], bk.g4[i]
             else:
-                out.append(self._linear(bk.xn, m.in_proj, bk.xz))
+                out.append(self._proj(bk.xn, m.in_proj, bk.xz, ds.PROJ_IN))
                 acc = p(bk.acc[i]) if fold_x else 0  # x_proj's sums (conv_xproj), else x_proj's output is xdbl
                 if bk.rows:  # x_proj and dt_proj on the tensor cores, in our kernels
                     out.append(k.conv_xproj_rows(xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
@@ -234,15 +238,16 @@ class FusedDecoder:
                                             Wx=p(m.x_proj.weight) if fold_x else 0, u=p(bk.u), xdbl=acc, B=B, d=d,
                                             k=c.d_conv, R=R))
                     if not fold_x:
-                        out.append(self._linear(bk.u, m.x_proj, bk.xdbl))
+                        out.append(self._proj(bk.u, m.x_proj, bk.xdbl, ds.PROJ_X))
                     if not fold_dt:
-                        out.append(self._linear(bk.xdbl[:, :r], m.dt_proj, bk.delta, bias=False))  # bias: in the scan
+                        # bias: in the scan
+                        out.append(self._proj(bk.xdbl[:, :r], m.dt_proj, bk.delta, ds.PROJ_DT, bias=False))
                 out.append(k.ssm_step(n=n, B=B, xdbl_acc=acc, xdbl_t=0 if fold_x else p(bk.xdbl),
                                       delta=0 if fold_dt else p(bk.delta),
                                       Wdt=p(m.dt_proj.weight), dt_bias=p(m.dt_proj.bias), A=p(self.A[i]),
                                       D=p(m.D), u=p(bk.u), xz=p(bk.xz), ssm_state=ssm_i, idx=p(bk.idx),
                                       y=p(bk.y), d=d, r=r))
-                out.append(self._linear(bk.y, m.out_proj, bk.o))
+                out.append(self._proj(bk.y, m.out_proj, bk.o, ds.PROJ_OUT))
                 nxt = layers[i + 1].norm.weight if i + 1 < len(layers) else self.model.backbone.norm_f.weight
                 out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
                                            res_fp32=res32, eps=self.eps))
@@ -251,11 +256,34 @@ class FusedDecoder:
                                    W=p(self.lm_head), bias=0, out=p(bk.logits), N=c.vocab_size, K=dm,
                                    out_float=True, eps=self.eps, ctr=p(bk.ctr[-1])))
         else:
-            def head():
-                torch.mm(bk.xn, self.lm_head_padded.t(), out=bk.logits_t)
-                bk.logits.copy_(bk.logits_t[:, : c.vocab_size])
+            head = self._proj_launch(bk.xn, self.lm_head, None, bk.logits, ds.PROJ_HEAD, out_float=True)
+            if head is None:
+                def head():
+                    torch.mm(bk.xn, self.lm_head_padded.t(), out=bk.logits_t)
+                    bk.logits.copy_(bk.logits_t[:, : c.vocab_size])
             out.append(head)
         return out
+
+    def _proj(self, x, lin, out, which, bias=True):
+        """The GEMM path's projection ``out = x . lin.weight^T (+ lin.bias)``: our wgmma kernel where it serves
+        and decode_step.PROJ_WG asks for it (``which``: its PROJ_* bit), else cuBLAS (a deferred call)."""
+        ln = self._proj_launch(x, lin.weight, lin.bias if bias else None, out, which)
+        return self._linear(x, lin, out, bias) if ln is None else ln
+
+    def _proj_launch(self, x, w, bias, out, which, out_float=False):
+        """proj_wg's launch for out [B, N] = x [B, K] . w [N, K]^T (+ bias), or None where it does not serve
+        (the GPU, the dtype, decode_step.PROJ_WG, K, or rows that are not 16-byte aligned)."""
+        (B, K), N = x.shape, w.shape[0]
+        if not self.k.proj_serves(which) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or w.data_ptr() % 16 or not w.is_contiguous():
+            return None
+        plan = self.k.proj_plan(B, N, K)
+        if plan is None:
+            return None
+        maps = self.k.proj_maps(plan, x=x.data_ptr(), ldx=x.stride(0), W=w.data_ptr(), B=B, N=N, K=K)
+        dev_maps = torch.frombuffer(bytearray(maps), dtype=torch.uint8).to(self.device)
+        self._tmaps.append(dev_maps)  # kept as long as the decoder (its launches read them)
+        return self.k.proj(plan, maps=dev_maps.data_ptr(), bias=self._p(bias), out=out.data_ptr(), ldo=out.stride(0),
+                           B=B, N=N, K=K, out_float=out_float)
 
     @staticmethod
     def _linear(x, lin, out, bias=True):

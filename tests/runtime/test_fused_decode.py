@@ -119,6 +119,60 @@ LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, 
                    residual_in_fp32=False)
 
 
+PROJ_SHAPES = {  # (rows B, outputs N, K)
+    "few-rows-odd-n": (3, 37, 48),        # N not a multiple of 8 or of any tile, K a partial stage
+    "x_proj-2.8b": (16, 192, 5120),       # many stages, every split
+    "partial-stage": (64, 2560, 1088),    # K = 4.25 stages of 256 columns
+    "two-row-blocks": (100, 1000, 136),   # rows past wgmma's 64: two blocks along z, the second partial
+    "dt_proj-2.8b": (64, 5120, 160),      # K of 2.5 boxes
+}
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("shape", list(PROJ_SHAPES))
+def test_proj_wg_matches_float64(shape, dtype):
+    """proj_wg (the GEMM path's projections on wgmma, sm_90a) against float64, with every tile width and K
+    split that serves the shape (not only the one proj_plan picks): outputs poisoned with NaN first, rows
+    ldo apart with a sentinel between rows that must survive; bias and float32 outputs in alternate plans;
+    x rows ldx > K apart. Within the output's rounding (fp16 / bf16) or 1e-5 (float32 outputs)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    ctx = decode_step.launcher._context(0)
+    name = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    k = decode_step.kernels(name, int(ctx))
+    if not k.proj_serves():
+        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    B, N, K = PROJ_SHAPES[shape]
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    g = torch.Generator(device="cuda").manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    ldx, ldo = K + 8, N + 3
+    xbuf = torch.randn(B, ldx, device="cuda", generator=g).to(tdt)
+    x = xbuf[:, :K]
+    W = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(tdt)
+    bias = torch.randn(N, device="cuda", generator=g).to(tdt)
+    plans = [(nt, s, k.proj_plan_for(B, N, K, nt, s)) for nt in decode_step.PJ_NTS for s in (1, 2, 4, 8)]
+    plans = [p for p in plans if p[2] is not None]
+    assert {p.split for _, _, p in plans} >= ({1, 2} if K >= 1024 else {1}), plans
+    assert k.proj_plan(B, N, K) in [p for _, _, p in plans]
+    stream = torch.cuda.current_stream().cuda_stream
+    for i, (nt, split, plan) in enumerate(plans):
+        use_bias, out_float = i % 2 == 1, i % 3 == 2
+        ref = x.double() @ W.double().t() + (bias.double() if use_bias else 0)
+        out = torch.full((B, ldo), float("nan"), dtype=torch.float32 if out_float else tdt, device="cuda")
+        out[:, N:] = 7.0
+        maps = torch.frombuffer(bytearray(k.proj_maps(plan, x=x.data_ptr(), ldx=ldx, W=W.data_ptr(), B=B, N=N, K=K)),
+                                dtype=torch.uint8).cuda()
+        k.launch(k.proj(plan, maps=maps.data_ptr(), bias=bias.data_ptr() if use_bias else 0, out=out.data_ptr(),
+                        ldo=ldo, B=B, N=N, K=K, out_float=out_float), stream)
+        torch.cuda.synchronize()
+        got = out[:, :N].double()
+        assert torch.all(out[:, N:] == 7.0), (nt, split, "wrote past N")
+        assert not torch.isnan(got).any(), (nt, split, torch.isnan(got).sum().item())
+        tol = 1e-4 if out_float else {"fp16": 2e-3, "bf16": 1.6e-2}[dtype]
+        err = ((got - ref).abs() / (ref.abs() + 1)).max().item()
+        assert err < tol, (nt, plan, out_float, err)
+
+
 @pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, monkeypatch):
@@ -244,16 +298,20 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
             if ly:  # the head's norm_gemv only
                 assert len([n for n in names if n.startswith(kind)]) == (kind == "norm_gemv"), (kind, names)
             assert got == ({want} if not ly or kind == "norm_gemv" else set()), (kind, names)
-    elif fold is not None:  # cuBLAS calls: in_proj, (x_proj, (dt_proj,)) out_proj per layer, and the head
-        gemms = sum(callable(ln) for ln in bk.launches)
+    elif fold is not None:  # projections (cuBLAS or proj_wg): in_proj, (x_proj, (dt_proj,)) out_proj per layer, the head
+        gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (bk.fold_dt, bk.fold_x) == fold
         assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
-    if rows:  # x_proj and dt_proj in our tensor-core kernels: cuBLAS for in_proj, out_proj and the head only
+    if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
+        from mamba_rt.plugins_cuda import decode_step
+
+        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD) and cfg.d_model % 8 == 0), bk.launches[-1]
+    if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
         names = [ln.name for ln in bk.launches if not callable(ln)]
-        gemms = sum(callable(ln) for ln in bk.launches)
+        gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (names.count("conv_xproj_rows"), names.count("dt_rows")) == (cfg.n_layer,) * 2, names
         assert gemms == cfg.n_layer * 2 + 1, gemms
     if pw is not None:  # the persistent kernel's out_proj partials: slots per output, read pw per round trip
