@@ -2123,6 +2123,9 @@ __device__ void proj_wg(const ProjArgs& a) {
   }
   pdl_launch_dependents();
   const int warp = tid >> 5, lane = tid & 31;
+  // the row and column of the tile that fragment registers g and g + 1 (g even) hold (wg_tile's order)
+  auto frag_row = [&](int g) { return 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1); };
+  auto frag_col = [&](int g) { return 8 * (g >> 2) + 2 * (lane & 3); };
   auto store = [&](long long b, long long n, const float* vals, int cnt) {  // cnt consecutive outputs from n
     for (int i = 0; i < cnt && n + i < a.N; ++i) {
       float o = vals[i];
@@ -2133,10 +2136,8 @@ __device__ void proj_wg(const ProjArgs& a) {
   };
   if (gridDim.y == 1) {
 #pragma unroll
-    for (int g = 0; g < NT / 2; g += 2) {
-      const int row = 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1), col = 8 * (g >> 2) + 2 * (lane & 3);
-      if (row < xrows) store(b0 + row, n0 + col, d + g, 2);
-    }
+    for (int g = 0; g < NT / 2; g += 2)
+      if (frag_row(g) < xrows) store(b0 + frag_row(g), n0 + frag_col(g), d + g, 2);
     return;
   }
   // split K: the cluster's blocks (ranks 0..S-1 along y) add up their tiles (the ring is free: every stage
@@ -2144,10 +2145,8 @@ __device__ void proj_wg(const ProjArgs& a) {
   constexpr int LD = NT + 4;  // floats per row of the tile in shared memory (16-byte aligned rows)
   float* red = reinterpret_cast<float*>(sm);
 #pragma unroll
-  for (int g = 0; g < NT / 2; g += 2) {
-    const int row = 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1), col = 8 * (g >> 2) + 2 * (lane & 3);
-    *reinterpret_cast<float2*>(red + row * LD + col) = make_float2(d[g], d[g + 1]);
-  }
+  for (int g = 0; g < NT / 2; g += 2)
+    *reinterpret_cast<float2*>(red + frag_row(g) * LD + frag_col(g)) = make_float2(d[g], d[g + 1]);
   cluster_barrier();
   const int S = (int)gridDim.y, rank = (int)cluster_rank();
   const int groups = xrows * (NT / 4), lo = groups * rank / S, hi = groups * (rank + 1) / S;

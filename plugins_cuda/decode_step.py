@@ -56,13 +56,13 @@ ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the 
 # GEMM path, 16-bit dtypes on sm_90 (Hopper): which projections our wgmma kernel proj_wg computes instead of cuBLAS,
 # a mask of PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD (0: cuBLAS for all). .cu: a block of PJ_THREADS owns NT (one
 # of PJ_NTS) rows of W for PJ_M batch rows, over stages of PJ_ATOMS boxes of PJ_ATOM columns; K split over up to
-# PJ_MAX_SPLIT blocks (a cluster)
+# max(PJ_SPLITS) blocks (a cluster; the plan tries each of PJ_SPLITS)
 PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD = 1, 2, 4, 8, 16
 PROJ_WG = PROJ_X | PROJ_HEAD
 PJ_THREADS, PJ_M, PJ_ATOM, PJ_ATOMS = 128, 64, 64, 4  # .cu: a stage is PJ_ATOMS boxes of PJ_ATOM columns
 PJ_KT = PJ_ATOM * PJ_ATOMS
 PJ_NTS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
-PJ_MAX_STAGES, PJ_MAX_SPLIT = 16, 8
+PJ_MAX_STAGES, PJ_SPLITS = 16, (1, 2, 4, 8)
 PJ_ARCH = "90a"  # wgmma: the architecture-specific target of sm_90
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
@@ -197,17 +197,24 @@ def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str 
 DEFINES: dict[str, int] = {}  # tuning macros of decode_step.cu (MRT_MMA_U1, ...): for experiments
 
 
-def program_source(dtype: str) -> str:
+def program_source(dtype: str, entries: str | None = None) -> str:
+    """decode_step.cu with the tuning macros (DEFINES) and one entry-point macro instantiated for ``dtype``: by
+    default every decode entry; "MRT_DECODE_PROJ" for the wgmma projections (a program of their own, sm_90a)."""
     tag, ctype, _ = DTYPES[dtype]
     head = "".join(f"#define {k} {v}\n" for k, v in sorted(DEFINES.items()))
-    entries = "MRT_DECODE_ENTRIES_16" if DTYPES[dtype][2] == 2 else "MRT_DECODE_ENTRIES"
+    if entries is None:
+        entries = "MRT_DECODE_ENTRIES_16" if DTYPES[dtype][2] == 2 else "MRT_DECODE_ENTRIES"
     return head + compiler._read(SOURCE) + f"\n{entries}({tag}, {ctype})\n"
 
 
-def cache_key(dtype: str, arch: int) -> str:
+def proj_program_source(dtype: str) -> str:
+    return program_source(dtype, "MRT_DECODE_PROJ")
+
+
+def cache_key(dtype: str, arch: int | str, source: str | None = None, name: str = "decode_step") -> str:
     major, minor = compiler.nvrtc_version()
-    digest = compiler.source_digest(program_source(dtype), compiler.OPTIONS)
-    return f"decode_step-{dtype}-sm{arch}-src{digest}-nvrtc{major}.{minor}"
+    digest = compiler.source_digest(program_source(dtype) if source is None else source, compiler.OPTIONS)
+    return f"{name}-{dtype}-sm{arch}-src{digest}-nvrtc{major}.{minor}"
 
 
 def compile_cubin(dtype: str, arch: int) -> bytes:
@@ -222,18 +229,11 @@ def get_cubin(dtype: str, arch: int) -> bytes:
     return compiler.cached_cubin(cache_key(dtype, arch), lambda: compile_cubin(dtype, arch))
 
 
-def proj_program_source(dtype: str) -> str:
-    """The wgmma projections (MRT_DECODE_PROJ) of a 16-bit dtype: a program of their own, for sm_90a."""
-    tag, ctype, _ = DTYPES[dtype]
-    head = "".join(f"#define {k} {v}\n" for k, v in sorted(DEFINES.items()))
-    return head + compiler._read(SOURCE) + f"\nMRT_DECODE_PROJ({tag}, {ctype})\n"
-
-
 def get_proj_cubin(dtype: str) -> bytes:
-    major, minor = compiler.nvrtc_version()
+    """The wgmma projections' cubin (sm_90a), cached like get_cubin's."""
     src = proj_program_source(dtype)
-    key = f"decode_proj-{dtype}-sm{PJ_ARCH}-src{compiler.source_digest(src, compiler.OPTIONS)}-nvrtc{major}.{minor}"
-    return compiler.cached_cubin(key, lambda: compiler.compile_program(src, SOURCE, PJ_ARCH))
+    return compiler.cached_cubin(cache_key(dtype, PJ_ARCH, src, "decode_proj"),
+                                 lambda: compiler.compile_program(src, SOURCE, PJ_ARCH))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,7 +339,7 @@ class DecodeKernels:
             fn = self._fns.get(name)
             if fn is None:
                 drv = launcher._driver()
-                fn = launcher._cu(drv.cuModuleGetFunction(module or self.module, name.encode()),
+                fn = launcher._cu(drv.cuModuleGetFunction(self.module if module is None else module, name.encode()),
                                   f"cuModuleGetFunction({name})")
                 fa = drv.CUfunction_attribute
                 static = launcher._cu(drv.cuFuncGetAttribute(fa.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn), name)
@@ -639,7 +639,7 @@ class DecodeKernels:
         (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first."""
         best = None
         for nt in PJ_NTS:
-            for split in (1, 2, 4, 8):
+            for split in PJ_SPLITS:
                 plan = self.proj_plan_for(B, N, K, nt, split)
                 if plan is None:
                     continue
@@ -653,7 +653,7 @@ class DecodeKernels:
     def proj_plan_for(self, B: int, N: int, K: int, nt: int, split: int) -> ProjPlan | None:
         """proj_wg's plan with NT = nt and K split over at most `split` blocks (stage-sized chunks), or None where
         that does not serve."""
-        if not self.proj_serves() or K % 8 or N < 1 or B < 1 or nt not in PJ_NTS or not 1 <= split <= PJ_MAX_SPLIT:
+        if not self.proj_serves() or K % 8 or N < 1 or B < 1 or nt not in PJ_NTS or split not in PJ_SPLITS:
             return None
         kchunk = -(-K // split // PJ_KT) * PJ_KT
         split = -(-K // kchunk)

@@ -99,7 +99,6 @@ class DecodeBucket:
             if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
-            self.logits_t = torch.empty(B, dec.lm_head_padded.shape[0], dtype=dt, device=dev)
         self.launches = dec._prepare(self)
         # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
         # decode_step.HEAD_ARGMAX), its launch made per output tensor at first use (FusedDecoder.enqueue)
@@ -257,7 +256,9 @@ class FusedDecoder:
                                    out_float=True, eps=self.eps, ctr=p(bk.ctr[-1])))
         else:
             head = self._proj_launch(bk.xn, self.lm_head, None, bk.logits, ds.PROJ_HEAD, out_float=True)
-            if head is None:
+            if head is None:  # cuBLAS, into logits in T over the padded vocabulary, then copied to float32
+                bk.logits_t = torch.empty(B, self.lm_head_padded.shape[0], dtype=self.tdtype, device=self.device)
+
                 def head():
                     torch.mm(bk.xn, self.lm_head_padded.t(), out=bk.logits_t)
                     bk.logits.copy_(bk.logits_t[:, : c.vocab_size])
@@ -274,7 +275,8 @@ class FusedDecoder:
         """proj_wg's launch for out [B, N] = x [B, K] . w [N, K]^T (+ bias), or None where it does not serve
         (the GPU, the dtype, decode_step.PROJ_WG, K, or rows that are not 16-byte aligned)."""
         (B, K), N = x.shape, w.shape[0]
-        if not self.k.proj_serves(which) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16 or w.data_ptr() % 16 or not w.is_contiguous():
+        if (not self.k.proj_serves(which) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
+                or w.data_ptr() % 16 or not w.is_contiguous()):
             return None
         plan = self.k.proj_plan(B, N, K)
         if plan is None:
