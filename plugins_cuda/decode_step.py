@@ -58,11 +58,19 @@ ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the 
 # of PJ_NTS) rows of W for PJ_M batch rows, over stages of PJ_ATOMS boxes of PJ_ATOM columns; K split over up to
 # max(PJ_SPLITS) blocks (a cluster; the plan tries each of PJ_SPLITS)
 PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD = 1, 2, 4, 8, 16
-PROJ_WG = PROJ_X | PROJ_HEAD
+# PROJ_WG for buckets of up to PROJ_WG_ROWS rows, PROJ_WG_MANY above. H100 fp16, GPU ms per step against x_proj and
+# the head alone (18) in the same process (benchmarks/NOTES.md, item 58): in_proj and out_proj too (27) at 4-32 rows
+# 2-8 % faster on 130m, 790m, 1.4b and 2.8b; at 64 rows within +-2 % either way, at 128 slower (two row blocks read W
+# twice); dt_proj (4) slower everywhere
+PROJ_WG = PROJ_IN | PROJ_X | PROJ_OUT | PROJ_HEAD
+PROJ_WG_MANY, PROJ_WG_ROWS = PROJ_X | PROJ_HEAD, 32
 PJ_THREADS, PJ_M, PJ_ATOM, PJ_ATOMS = 128, 64, 64, 4  # .cu: a stage is PJ_ATOMS boxes of PJ_ATOM columns
 PJ_KT = PJ_ATOM * PJ_ATOMS
 PJ_NTS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
 PJ_MAX_STAGES, PJ_SPLITS = 16, (1, 2, 4, 8)
+# proj_plan prefers plans whose blocks each run at most this many stages (1.4b's out_proj at 4-8 rows on one block
+# per 16 rows over all 16 stages of K was 2 us per layer slower than cuBLAS: a chain of dependent stages)
+PJ_MAX_CHAIN = 12
 PJ_ARCH = "90a"  # wgmma: the architecture-specific target of sm_90
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
@@ -330,6 +338,7 @@ class DecodeKernels:
         self.module = launcher._cu(drv.cuModuleLoadData(get_cubin(dtype, self.arch)), "cuModuleLoadData(decode_step)")
         self.dtype = dtype
         self._proj_module = None  # the wgmma projections' program, loaded at first use (proj_plan)
+        self._proj_clusters: dict[tuple[int, int, int], int] = {}  # (nt, split, smem) -> clusters resident at once
         self._fns: dict[str, object] = {}
         self._lock = threading.Lock()
 
@@ -620,10 +629,11 @@ class DecodeKernels:
                       self._dr_smem(r), a, "dt_rows")
 
     # -- the GEMM path's projections on wgmma (proj_wg, sm_90a) ------------------------------------------
-    def proj_serves(self, which: int | None = None) -> bool:
+    def proj_serves(self, which: int | None = None, rows: int = 1) -> bool:
         """Whether proj_wg runs here: 16-bit dtype on an sm_90 GPU (wgmma); with ``which`` (a PROJ_* bit), also
-        whether PROJ_WG asks for it for that projection."""
-        return self.itemsize == 2 and self.arch == 90 and (which is None or bool(PROJ_WG & which))
+        whether PROJ_WG (buckets of up to PROJ_WG_ROWS rows) or PROJ_WG_MANY asks for it for that projection."""
+        mask = PROJ_WG if rows <= PROJ_WG_ROWS else PROJ_WG_MANY
+        return self.itemsize == 2 and self.arch == 90 and (which is None or bool(mask & which))
 
     def _proj_fn(self, nt: int):
         if self._proj_module is None:
@@ -636,7 +646,9 @@ class DecodeKernels:
         """proj_wg's tile width, K split, stages and grid for out [B, N] = x [B, K] W[N, K]^T, or None where it
         does not serve (proj_serves, K a multiple of 8). Chosen by a model of the busiest multiprocessor's
         bytes: W from HBM, x (re-read by every block) from L2 at half weight, ~1 us of fixed cost per block
-        (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first."""
+        (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first, and
+        clusters beyond those the GPU holds at once (a cluster's blocks share a GPC) a wave later; plans whose
+        blocks run more than PJ_MAX_CHAIN stages each only where no other serves."""
         best = None
         for nt in PJ_NTS:
             for split in PJ_SPLITS:
@@ -645,10 +657,33 @@ class DecodeKernels:
                     continue
                 ctas = plan.grid[0] * plan.grid[1] * plan.grid[2]
                 per_block = 2 * nt * plan.kchunk + min(B, PJ_M) * plan.kchunk + 23_000 * (1 + (split > 1))
-                key = (-(-ctas // self.sm_count) * per_block, ctas)
+                waves = -(-ctas // self.sm_count)
+                if plan.split > 1:
+                    waves = max(waves, -(-(ctas // plan.split) // self._proj_max_clusters(plan)))
+                key = (plan.kchunk > PJ_MAX_CHAIN * PJ_KT, waves * per_block, ctas)
                 if best is None or key < best[0]:
                     best = (key, plan)
         return None if best is None else best[1]
+
+    def _proj_max_clusters(self, plan: ProjPlan) -> int:
+        """How many of plan's clusters (plan.split blocks each) the GPU runs at once (cuOccupancyMaxActiveClusters: a
+        cluster's blocks share a GPC; on the H100 at one block per SM 66 clusters of 2, 30 of 4, not 33)."""
+        key = (plan.nt, plan.split, plan.smem)
+        got = self._proj_clusters.get(key)
+        if got is None:
+            drv = launcher._driver()
+            cfg = drv.CUlaunchConfig()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = 1, plan.split, 1
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = PJ_THREADS, 1, 1
+            cfg.sharedMemBytes = plan.smem
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            at.value.clusterDim.x, at.value.clusterDim.y, at.value.clusterDim.z = 1, plan.split, 1
+            cfg.attrs, cfg.numAttrs = [at], 1
+            got = launcher._cu(drv.cuOccupancyMaxActiveClusters(self._proj_fn(plan.nt), cfg),
+                               f"cuOccupancyMaxActiveClusters(proj_wg {plan.nt} x {plan.split})")
+            got = self._proj_clusters[key] = max(1, int(got))
+        return got
 
     def proj_plan_for(self, B: int, N: int, K: int, nt: int, split: int) -> ProjPlan | None:
         """proj_wg's plan with NT = nt and K split over at most `split` blocks (stage-sized chunks), or None where

@@ -17,7 +17,8 @@ Two paths, chosen per batch bucket:
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), between
   the embedding and the head's ``norm_gemv``.
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), except on sm_90 those that
-  ``decode_step.PROJ_WG`` names (x_proj and the head), which our wgmma kernel ``proj_wg`` computes; the rest the same
+  ``decode_step.PROJ_WG`` names (in_proj, x_proj, out_proj and the head up to ``PROJ_WG_ROWS`` rows; above, x_proj
+  and the head: ``PROJ_WG_MANY``), which our wgmma kernel ``proj_wg`` computes; the rest the same
   kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
@@ -275,7 +276,7 @@ class FusedDecoder:
         """proj_wg's launch for out [B, N] = x [B, K] . w [N, K]^T (+ bias), or None where it does not serve
         (the GPU, the dtype, decode_step.PROJ_WG, K, or rows that are not 16-byte aligned)."""
         (B, K), N = x.shape, w.shape[0]
-        if (not self.k.proj_serves(which) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
+        if (not self.k.proj_serves(which, B) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
                 or w.data_ptr() % 16 or not w.is_contiguous()):
             return None
         plan = self.k.proj_plan(B, N, K)

@@ -173,6 +173,27 @@ def test_proj_wg_matches_float64(shape, dtype):
         assert err < tol, (nt, plan, out_float, err)
 
 
+@pytest.mark.parametrize("shape", [(64, 2560, 5120), (64, 2048, 4096), (4, 2048, 4096), (8, 10240, 2560), (16, 192, 5120)],
+                         ids=["out_proj-2.8b-64", "out_proj-1.4b-64", "out_proj-1.4b-4", "in_proj-2.8b-8", "x_proj-2.8b-16"])
+def test_proj_plan_keeps_clusters_in_one_wave_and_chains_short(shape):
+    """proj_plan's choice: its clusters (a split's blocks) all resident at once where the GPU holds fewer than
+    the grid asks (2.8b's out_proj at 64 rows: 32 clusters of 4 blocks, of which the H100 holds 30, took 21.5 us
+    against 14.5 with 27 clusters), and no block running more than PJ_MAX_CHAIN stages where a split serves."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    ctx = decode_step.launcher._context(0)
+    k = decode_step.kernels("float16", int(ctx))
+    if not k.proj_serves():
+        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    B, N, K = shape
+    plan = k.proj_plan(B, N, K)
+    assert plan is not None and plan.kchunk <= decode_step.PJ_MAX_CHAIN * decode_step.PJ_KT, plan
+    if plan.split > 1:
+        assert plan.grid[0] * plan.grid[2] <= k._proj_max_clusters(plan), (plan, k._proj_max_clusters(plan))
+    # the planner did not simply avoid clusters: a split serves each shape
+    assert any(p is not None and p.split > 1 for p in (k.proj_plan_for(B, N, K, nt, 2) for nt in decode_step.PJ_NTS))
+
+
 @pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, monkeypatch):
@@ -307,7 +328,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
     if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
         from mamba_rt.plugins_cuda import decode_step
 
-        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD) and cfg.d_model % 8 == 0), bk.launches[-1]
+        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B) and cfg.d_model % 8 == 0), bk.launches[-1]
     if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
         names = [ln.name for ln in bk.launches if not callable(ln)]
