@@ -24,8 +24,8 @@
 // x_proj share, ssm_step computing dt_proj from x_proj's output row (small buckets) or ssm_step_pre
 // reading a delta precomputed by a dt_proj GEMM (large ones); or, for buckets of 9-16 rows of the larger
 // models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre. On
-// sm_90 x_proj (where those do not take it) and the head run on wgmma in proj_wg instead of cuBLAS, and so do
-// in_proj and out_proj for buckets of up to 32 rows (decode_step.PROJ_WG, PROJ_WG_MANY).
+// sm_90 x_proj (where those do not take it) runs on wgmma in proj_wg instead of cuBLAS, and so do the head up to
+// 64 rows and in_proj and out_proj up to 32 (decode_step.PROJ_WG, PROJ_WG_MANY, PROJ_WG_WIDE).
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
@@ -1983,8 +1983,8 @@ __device__ void dt_rows(const SsmStepArgs& a) {
 // depend on the previous kernel, which is still draining. Where K is split (gridDim.y > 1) the blocks of an
 // output tile form a cluster; each leaves its fp32 tile in shared memory and, after a cluster barrier, sums a
 // share of the tile over the cluster's blocks in rank order (deterministic) and stores it.
-// Measured (benchmarks/NOTES.md, items 57-58): in the step x_proj and the head faster than cuBLAS at 3-128 rows,
-// in_proj and out_proj at 4-32 rows (not at 64 and 128), dt_proj never; decode_step.PROJ_WG / PROJ_WG_MANY.
+// Measured in the step (benchmarks/NOTES.md, items 57-58): faster than cuBLAS for x_proj, for the head up to 64 rows
+// and for in_proj and out_proj at 4-32 rows, slower for dt_proj; beyond 64 rows each block of 64 reads all of W.
 struct ProjArgs {
   const void* tmx; const void* tmw;  // TMA tensor maps (128 bytes each, in global memory) of x [B, K] and W [N, K]
   const void* bias; void* out;

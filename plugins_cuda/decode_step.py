@@ -58,12 +58,13 @@ ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the 
 # of PJ_NTS) rows of W for PJ_M batch rows, over stages of PJ_ATOMS boxes of PJ_ATOM columns; K split over up to
 # max(PJ_SPLITS) blocks (a cluster; the plan tries each of PJ_SPLITS)
 PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD = 1, 2, 4, 8, 16
-# PROJ_WG for buckets of up to PROJ_WG_ROWS rows, PROJ_WG_MANY above. H100 fp16, GPU ms per step against x_proj and
-# the head alone (18) in the same process (benchmarks/NOTES.md, item 58): in_proj and out_proj too (27) at 4-32 rows
-# 2-8 % faster on 130m, 790m, 1.4b and 2.8b; at 64 rows within +-2 % either way, at 128 slower (two row blocks read W
-# twice); dt_proj (4) slower everywhere
+# PROJ_WG for buckets of up to PROJ_WG_ROWS rows, PROJ_WG_MANY up to PJ_M, PROJ_WG_WIDE above (two or more row blocks,
+# each reading all of W). H100 fp16, GPU ms per step in the same process (benchmarks/NOTES.md, item 58), against x_proj
+# and the head alone (18): in_proj and out_proj too (27) at 4-32 rows 1-8 % faster on 130m, 790m, 1.4b and 2.8b; at 64
+# rows within +-2 % either way, at 128 slower; dt_proj (4) slower everywhere. At 96 and 128 rows x_proj alone (2) is
+# 1-3 % faster than with the head
 PROJ_WG = PROJ_IN | PROJ_X | PROJ_OUT | PROJ_HEAD
-PROJ_WG_MANY, PROJ_WG_ROWS = PROJ_X | PROJ_HEAD, 32
+PROJ_WG_MANY, PROJ_WG_ROWS, PROJ_WG_WIDE = PROJ_X | PROJ_HEAD, 32, PROJ_X
 PJ_THREADS, PJ_M, PJ_ATOM, PJ_ATOMS = 128, 64, 64, 4  # .cu: a stage is PJ_ATOMS boxes of PJ_ATOM columns
 PJ_KT = PJ_ATOM * PJ_ATOMS
 PJ_NTS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
@@ -631,8 +632,9 @@ class DecodeKernels:
     # -- the GEMM path's projections on wgmma (proj_wg, sm_90a) ------------------------------------------
     def proj_serves(self, which: int | None = None, rows: int = 1) -> bool:
         """Whether proj_wg runs here: 16-bit dtype on an sm_90 GPU (wgmma); with ``which`` (a PROJ_* bit), also
-        whether PROJ_WG (buckets of up to PROJ_WG_ROWS rows) or PROJ_WG_MANY asks for it for that projection."""
-        mask = PROJ_WG if rows <= PROJ_WG_ROWS else PROJ_WG_MANY
+        whether the mask for ``rows`` (PROJ_WG up to PROJ_WG_ROWS, PROJ_WG_MANY up to PJ_M, PROJ_WG_WIDE above) asks
+        for it for that projection."""
+        mask = PROJ_WG if rows <= PROJ_WG_ROWS else PROJ_WG_MANY if rows <= PJ_M else PROJ_WG_WIDE
         return self.itemsize == 2 and self.arch == 90 and (which is None or bool(mask & which))
 
     def _proj_fn(self, nt: int):

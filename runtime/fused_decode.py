@@ -17,9 +17,9 @@ Two paths, chosen per batch bucket:
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), between
   the embedding and the head's ``norm_gemv``.
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), except on sm_90 those that
-  ``decode_step.PROJ_WG`` names (in_proj, x_proj, out_proj and the head up to ``PROJ_WG_ROWS`` rows; above, x_proj
-  and the head: ``PROJ_WG_MANY``), which our wgmma kernel ``proj_wg`` computes; the rest the same
-  kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
+  ``decode_step.PROJ_WG`` names (in_proj, x_proj, out_proj and the head up to ``PROJ_WG_ROWS`` rows; x_proj and the
+  head up to 64: ``PROJ_WG_MANY``; x_proj above: ``PROJ_WG_WIDE``), which our wgmma kernel ``proj_wg`` computes; the
+  rest the same kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
   delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``; for buckets of
