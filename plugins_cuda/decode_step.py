@@ -65,6 +65,10 @@ PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD = 1, 2, 4, 8, 16
 # 1-3 % faster than with the head
 PROJ_WG = PROJ_IN | PROJ_X | PROJ_OUT | PROJ_HEAD
 PROJ_WG_MANY, PROJ_WG_ROWS, PROJ_WG_WIDE = PROJ_X | PROJ_HEAD, 32, PROJ_X
+# ... except that models whose in_proj has at least PROJ_WG_BIG_BYTES take PROJ_WG_MANY_BIG up to PJ_M rows, in_proj
+# then planned with K unsplit where that keeps within PJ_MAX_CHAIN. Same process, 64 rows, 18 / this: 1.4b 2.924 /
+# 2.824, 2.8b 4.931 / 4.852; 130m 0.789 / 0.819 and 790m 2.272 / 2.328 were slower with it (so not theirs)
+PROJ_WG_MANY_BIG, PROJ_WG_BIG_BYTES = PROJ_IN | PROJ_X | PROJ_OUT | PROJ_HEAD, 32 << 20
 PJ_THREADS, PJ_M, PJ_ATOM, PJ_ATOMS = 128, 64, 64, 4  # .cu: a stage is PJ_ATOMS boxes of PJ_ATOM columns
 PJ_KT = PJ_ATOM * PJ_ATOMS
 PJ_NTS = (16, 24, 32, 40, 48, 64, 80, 96, 128, 192)
@@ -72,6 +76,8 @@ PJ_MAX_STAGES, PJ_SPLITS = 16, (1, 2, 4, 8)
 # proj_plan prefers plans whose blocks each run at most this many stages (1.4b's out_proj at 4-8 rows on one block
 # per 16 rows over all 16 stages of K was 2 us per layer slower than cuBLAS: a chain of dependent stages)
 PJ_MAX_CHAIN = 12
+# proj_plan's fixed cost of a block, and the extra of a split's cluster reduction, in bytes of its busiest SM's stream
+PJ_FIXED, PJ_CLUSTER = 23_000, 23_000
 PJ_ARCH = "90a"  # wgmma: the architecture-specific target of sm_90
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
@@ -630,11 +636,12 @@ class DecodeKernels:
                       self._dr_smem(r), a, "dt_rows")
 
     # -- the GEMM path's projections on wgmma (proj_wg, sm_90a) ------------------------------------------
-    def proj_serves(self, which: int | None = None, rows: int = 1) -> bool:
+    def proj_serves(self, which: int | None = None, rows: int = 1, big: bool = False) -> bool:
         """Whether proj_wg runs here: 16-bit dtype on an sm_90 GPU (wgmma); with ``which`` (a PROJ_* bit), also
-        whether the mask for ``rows`` (PROJ_WG up to PROJ_WG_ROWS, PROJ_WG_MANY up to PJ_M, PROJ_WG_WIDE above) asks
-        for it for that projection."""
-        mask = PROJ_WG if rows <= PROJ_WG_ROWS else PROJ_WG_MANY if rows <= PJ_M else PROJ_WG_WIDE
+        whether the mask for ``rows`` (PROJ_WG up to PROJ_WG_ROWS, PROJ_WG_MANY up to PJ_M, or PROJ_WG_MANY_BIG for a
+        ``big`` model's: in_proj of PROJ_WG_BIG_BYTES; PROJ_WG_WIDE above) asks for it for that projection."""
+        mask = (PROJ_WG if rows <= PROJ_WG_ROWS else (PROJ_WG_MANY_BIG if big else PROJ_WG_MANY) if rows <= PJ_M
+                else PROJ_WG_WIDE)
         return self.itemsize == 2 and self.arch == 90 and (which is None or bool(mask & which))
 
     def _proj_fn(self, nt: int):
@@ -644,13 +651,14 @@ class DecodeKernels:
                                              "cuModuleLoadData(decode_proj)")
         return self._fn(f"proj_wg_{self.tag}_{nt}", self._proj_module)
 
-    def proj_plan(self, B: int, N: int, K: int) -> ProjPlan | None:
+    def proj_plan(self, B: int, N: int, K: int, unsplit: bool = False) -> ProjPlan | None:
         """proj_wg's tile width, K split, stages and grid for out [B, N] = x [B, K] W[N, K]^T, or None where it
         does not serve (proj_serves, K a multiple of 8). Chosen by a model of the busiest multiprocessor's
         bytes: W from HBM, x (re-read by every block) from L2 at half weight, ~1 us of fixed cost per block
         (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first, and
         clusters beyond those the GPU holds at once (a cluster's blocks share a GPC) a wave later; plans whose
-        blocks run more than PJ_MAX_CHAIN stages each only where no other serves."""
+        blocks run more than PJ_MAX_CHAIN stages each only where no other serves, and with ``unsplit`` plans that
+        split K only where those do."""
         best = None
         for nt in PJ_NTS:
             for split in PJ_SPLITS:
@@ -658,11 +666,11 @@ class DecodeKernels:
                 if plan is None:
                     continue
                 ctas = plan.grid[0] * plan.grid[1] * plan.grid[2]
-                per_block = 2 * nt * plan.kchunk + min(B, PJ_M) * plan.kchunk + 23_000 * (1 + (split > 1))
+                per_block = 2 * nt * plan.kchunk + min(B, PJ_M) * plan.kchunk + PJ_FIXED + PJ_CLUSTER * (plan.split > 1)
                 waves = -(-ctas // self.sm_count)
                 if plan.split > 1:
                     waves = max(waves, -(-(ctas // plan.split) // self._proj_max_clusters(plan)))
-                key = (plan.kchunk > PJ_MAX_CHAIN * PJ_KT, waves * per_block, ctas)
+                key = (plan.kchunk > PJ_MAX_CHAIN * PJ_KT, unsplit and plan.split > 1, waves * per_block, ctas)
                 if best is None or key < best[0]:
                     best = (key, plan)
         return None if best is None else best[1]

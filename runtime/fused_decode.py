@@ -18,7 +18,8 @@ Two paths, chosen per batch bucket:
   the embedding and the head's ``norm_gemv``.
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), except on sm_90 those that
   ``decode_step.PROJ_WG`` names (in_proj, x_proj, out_proj and the head up to ``PROJ_WG_ROWS`` rows; x_proj and the
-  head up to 64: ``PROJ_WG_MANY``; x_proj above: ``PROJ_WG_WIDE``), which our wgmma kernel ``proj_wg`` computes; the
+  head up to 64: ``PROJ_WG_MANY``, all four from mamba-1.4b up: ``PROJ_WG_MANY_BIG``; x_proj above:
+  ``PROJ_WG_WIDE``), which our wgmma kernel ``proj_wg`` computes; the
   rest the same kernels (``embed``/``residual_norm`` one block per row; ``conv_xproj`` with its x_proj share for
   buckets of up to ``decode_step.XPROJ_FOLD_MAX_ROWS`` rows, without it (x_proj a GEMM) above;
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
@@ -275,11 +276,15 @@ class FusedDecoder:
     def _proj_launch(self, x, w, bias, out, which, out_float=False):
         """proj_wg's launch for out [B, N] = x [B, K] . w [N, K]^T (+ bias), or None where it does not serve
         (the GPU, the dtype, decode_step.PROJ_WG, K, or rows that are not 16-byte aligned)."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
         (B, K), N = x.shape, w.shape[0]
-        if (not self.k.proj_serves(which, B) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
+        big = 2 * self.config.d_inner * self.config.d_model * w.element_size() >= ds.PROJ_WG_BIG_BYTES
+        if (not self.k.proj_serves(which, B, big) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
                 or w.data_ptr() % 16 or not w.is_contiguous()):
             return None
-        plan = self.k.proj_plan(B, N, K)
+        # in a big model's bucket past PROJ_WG_ROWS, in_proj with K unsplit (decode_step.PROJ_WG_MANY_BIG)
+        plan = self.k.proj_plan(B, N, K, unsplit=big and which == ds.PROJ_IN and B > ds.PROJ_WG_ROWS)
         if plan is None:
             return None
         maps = self.k.proj_maps(plan, x=x.data_ptr(), ldx=x.stride(0), W=w.data_ptr(), B=B, N=N, K=K)

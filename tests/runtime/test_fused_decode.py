@@ -194,6 +194,20 @@ def test_proj_plan_keeps_clusters_in_one_wave_and_chains_short(shape):
     assert any(p is not None and p.split > 1 for p in (k.proj_plan_for(B, N, K, nt, 2) for nt in decode_step.PJ_NTS))
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, monkeypatch):
+    """decode_step.PROJ_WG_MANY_BIG: buckets of 33-64 rows of models whose in_proj has PROJ_WG_BIG_BYTES (0 here, so
+    that the test model counts) run in_proj with K unsplit, x_proj, out_proj and the head on proj_wg (sm_90); the
+    steps against the reference model (40 rows in the bucket of 64)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    k = decode_step.kernels({"fp16": "float16", "bf16": "bfloat16"}[dtype], int(decode_step.launcher._context(0)))
+    if not k.proj_serves():
+        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    monkeypatch.setattr(decode_step, "PROJ_WG_BIG_BYTES", 0)
+    _check_steps("wide", dtype, 40, gemv=None, wg_all=True)
+
+
 @pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, monkeypatch):
@@ -292,7 +306,7 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucket=None, rows=False):
+def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucket=None, rows=False, wg_all=False):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -328,13 +342,19 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
     if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
         from mamba_rt.plugins_cuda import decode_step
 
-        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B) and cfg.d_model % 8 == 0), bk.launches[-1]
+        big = 2 * cfg.d_inner * cfg.d_model * dec.lm_head.element_size() >= decode_step.PROJ_WG_BIG_BYTES
+        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B, big)
+                                             and cfg.d_model % 8 == 0), bk.launches[-1]
     if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
         names = [ln.name for ln in bk.launches if not callable(ln)]
         gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (names.count("conv_xproj_rows"), names.count("dt_rows")) == (cfg.n_layer,) * 2, names
         assert gemms == cfg.n_layer * 2 + 1, gemms
+    if wg_all:  # in_proj (K unsplit), x_proj, out_proj and the head on proj_wg (decode_step.PROJ_WG_MANY_BIG)
+        wg = [ln for ln in bk.launches if not callable(ln) and ln.name == "proj_wg"]
+        assert len(wg) == 3 * cfg.n_layer + 1, [getattr(ln, "name", "cuBLAS") for ln in bk.launches]
+        assert all(ln.grid[1] == 1 for ln in wg[0:3 * cfg.n_layer:3]), [ln.grid for ln in wg]
     if pw is not None:  # the persistent kernel's out_proj partials: slots per output, read pw per round trip
         assert bk.ly and bk.ly.P == 3 and bk.ly.pw == pw, bk.ly
     if stepc is not None:  # the persistent kernel's step counter, its tagged buffers as after that many steps
