@@ -25,7 +25,7 @@
 // reading a delta precomputed by a dt_proj GEMM (large ones); or, for buckets of 9-16 rows of the larger
 // models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre. On
 // sm_90 x_proj (where those do not take it) runs on wgmma in proj_wg instead of cuBLAS, and so do the head up to
-// 64 rows and in_proj and out_proj up to 32 (decode_step.PROJ_WG, PROJ_WG_MANY, PROJ_WG_WIDE).
+// 64 rows and in_proj and out_proj up to 32 (64 from mamba-1.4b up; decode_step.PROJ_WG and the masks after it).
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,

@@ -655,10 +655,10 @@ class DecodeKernels:
         """proj_wg's tile width, K split, stages and grid for out [B, N] = x [B, K] W[N, K]^T, or None where it
         does not serve (proj_serves, K a multiple of 8). Chosen by a model of the busiest multiprocessor's
         bytes: W from HBM, x (re-read by every block) from L2 at half weight, ~1 us of fixed cost per block
-        (twice that with a split's cluster reduction), blocks beyond one per SM queued behind the first, and
-        clusters beyond those the GPU holds at once (a cluster's blocks share a GPC) a wave later; plans whose
-        blocks run more than PJ_MAX_CHAIN stages each only where no other serves, and with ``unsplit`` plans that
-        split K only where those do."""
+        (PJ_FIXED; PJ_CLUSTER more with a split's cluster reduction), blocks beyond one per SM queued behind the
+        first, and clusters beyond those the GPU holds at once (a cluster's blocks share a GPC) a wave later; plans
+        whose blocks run more than PJ_MAX_CHAIN stages each only where no other serves, and with ``unsplit`` plans
+        that split K only where those do."""
         best = None
         for nt in PJ_NTS:
             for split in PJ_SPLITS:

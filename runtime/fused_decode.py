@@ -279,7 +279,7 @@ class FusedDecoder:
         from mamba_rt.plugins_cuda import decode_step as ds
 
         (B, K), N = x.shape, w.shape[0]
-        big = 2 * self.config.d_inner * self.config.d_model * w.element_size() >= ds.PROJ_WG_BIG_BYTES
+        big = self.proj_big()
         if (not self.k.proj_serves(which, B, big) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
                 or w.data_ptr() % 16 or not w.is_contiguous()):
             return None
@@ -292,6 +292,13 @@ class FusedDecoder:
         self._tmaps.append(dev_maps)  # kept as long as the decoder (its launches read them)
         return self.k.proj(plan, maps=dev_maps.data_ptr(), bias=self._p(bias), out=out.data_ptr(), ldo=out.stride(0),
                            B=B, N=N, K=K, out_float=out_float)
+
+    def proj_big(self) -> bool:
+        """Whether this model's in_proj has decode_step.PROJ_WG_BIG_BYTES or more (read at each call: the tests
+        switch it): its GEMM buckets of up to 64 rows then take proj_wg for every projection but dt_proj."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
+        return 2 * self.config.d_inner * self.config.d_model * self.lm_head.element_size() >= ds.PROJ_WG_BIG_BYTES
 
     @staticmethod
     def _linear(x, lin, out, bias=True):

@@ -342,8 +342,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
     if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
         from mamba_rt.plugins_cuda import decode_step
 
-        big = 2 * cfg.d_inner * cfg.d_model * dec.lm_head.element_size() >= decode_step.PROJ_WG_BIG_BYTES
-        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B, big)
+        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B, dec.proj_big())
                                              and cfg.d_model % 8 == 0), bk.launches[-1]
     if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
