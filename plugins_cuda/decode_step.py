@@ -686,10 +686,7 @@ class DecodeKernels:
             cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = 1, plan.split, 1
             cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = PJ_THREADS, 1, 1
             cfg.sharedMemBytes = plan.smem
-            at = drv.CUlaunchAttribute()
-            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            at.value.clusterDim.x, at.value.clusterDim.y, at.value.clusterDim.z = 1, plan.split, 1
-            cfg.attrs, cfg.numAttrs = [at], 1
+            cfg.attrs, cfg.numAttrs = [_cluster_attr(plan.split)], 1
             got = launcher._cu(drv.cuOccupancyMaxActiveClusters(self._proj_fn(plan.nt), cfg),
                                f"cuOccupancyMaxActiveClusters(proj_wg {plan.nt} x {plan.split})")
             got = self._proj_clusters[key] = max(1, int(got))
@@ -765,10 +762,7 @@ class DecodeKernels:
             at.value.programmaticStreamSerializationAllowed = 1
             attrs.append(at)
         if ln.cluster_y > 1:
-            at = drv.CUlaunchAttribute()
-            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            at.value.clusterDim.x, at.value.clusterDim.y, at.value.clusterDim.z = 1, ln.cluster_y, 1
-            attrs.append(at)
+            attrs.append(_cluster_attr(ln.cluster_y))
         if ln.coop:
             at = drv.CUlaunchAttribute()
             at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
@@ -779,6 +773,15 @@ class DecodeKernels:
         cfg.numAttrs = len(attrs)
         ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(ln.args))
         launcher._cu(drv.cuLaunchKernelEx(cfg, ln.fn, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({ln.name})")
+
+
+def _cluster_attr(y: int):
+    """The launch attribute of thread block clusters of y blocks along the grid's y."""
+    drv = launcher._driver()
+    at = drv.CUlaunchAttribute()
+    at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+    at.value.clusterDim.x, at.value.clusterDim.y, at.value.clusterDim.z = 1, y, 1
+    return at
 
 
 @functools.lru_cache(maxsize=None)

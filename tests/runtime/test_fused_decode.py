@@ -119,6 +119,17 @@ LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, 
                    residual_in_fp32=False)
 
 
+def _proj_kernels(dtype):
+    """The decode kernels of dtype ("fp16", "bf16") in this process's context, or a skip where proj_wg does not
+    run (it needs wgmma: compute capability 9.0)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    k = decode_step.kernels({"fp16": "float16", "bf16": "bfloat16"}[dtype], int(decode_step.launcher._context(0)))
+    if not k.proj_serves():
+        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    return k
+
+
 PROJ_SHAPES = {  # (rows B, outputs N, K)
     "few-rows-odd-n": (3, 37, 48),        # N not a multiple of 8 or of any tile, K a partial stage
     "x_proj-2.8b": (16, 192, 5120),       # many stages, every split
@@ -137,11 +148,7 @@ def test_proj_wg_matches_float64(shape, dtype):
     x rows ldx > K apart. Within the output's rounding (fp16 / bf16) or 1e-5 (float32 outputs)."""
     from mamba_rt.plugins_cuda import decode_step
 
-    ctx = decode_step.launcher._context(0)
-    name = {"fp16": "float16", "bf16": "bfloat16"}[dtype]
-    k = decode_step.kernels(name, int(ctx))
-    if not k.proj_serves():
-        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    k = _proj_kernels(dtype)
     B, N, K = PROJ_SHAPES[shape]
     tdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
     g = torch.Generator(device="cuda").manual_seed(int(np.random.SeedSequence().entropy % 2**31))
@@ -181,10 +188,7 @@ def test_proj_plan_keeps_clusters_in_one_wave_and_chains_short(shape):
     against 14.5 with 27 clusters), and no block running more than PJ_MAX_CHAIN stages where a split serves."""
     from mamba_rt.plugins_cuda import decode_step
 
-    ctx = decode_step.launcher._context(0)
-    k = decode_step.kernels("float16", int(ctx))
-    if not k.proj_serves():
-        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    k = _proj_kernels("fp16")
     B, N, K = shape
     plan = k.proj_plan(B, N, K)
     assert plan is not None and plan.kchunk <= decode_step.PJ_MAX_CHAIN * decode_step.PJ_KT, plan
@@ -201,9 +205,7 @@ def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, monkeypat
     steps against the reference model (40 rows in the bucket of 64)."""
     from mamba_rt.plugins_cuda import decode_step
 
-    k = decode_step.kernels({"fp16": "float16", "bf16": "bfloat16"}[dtype], int(decode_step.launcher._context(0)))
-    if not k.proj_serves():
-        pytest.skip(f"proj_wg needs wgmma (compute capability 9.0), this GPU is sm_{k.arch}")
+    _proj_kernels(dtype)
     monkeypatch.setattr(decode_step, "PROJ_WG_BIG_BYTES", 0)
     _check_steps("wide", dtype, 40, gemv=None, wg_all=True)
 
