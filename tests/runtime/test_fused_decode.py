@@ -431,7 +431,9 @@ def test_head_argmax_ties_and_nans(bucket, gemv):
     kinds (fed by loads: the default at this size; by the copy engine). The same step three times
     from a zero state: random weights; then the best row of row 0 copied to two other rows of the
     vocabulary (a three-way tie at the top: the first index wins); then two rows of NaN weights (NaN
-    ranked highest: the first wins)."""
+    ranked highest: the first wins). Random logits rounded to fp16 tie at the top by themselves now and
+    then (top two within one fp16 step in 2 of 30 draws on the CPU): such a row ties too, and ranks after
+    row 0's first best, so the expected winner stays the same."""
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
     cfg = MambaConfig(**CASES["wide"])
@@ -465,7 +467,7 @@ def test_head_argmax_ties_and_nans(bucket, gemv):
                 W[i], W[j] = W[m], W[m]
                 want = min(i, j, m)
             elif trial == 1:
-                assert (x[0] == x[0, m]).sum() == 3 and x[0, i] == x[0, j] == x[0, m], "the rows do not tie"
+                assert (x[0] == x[0, m]).sum() >= 3 and x[0, i] == x[0, j] == x[0, m], "the rows do not tie"
                 i, j = free[2:4]
                 W[i], W[j] = float("nan"), float("nan")
                 want = min(i, j)
