@@ -1077,6 +1077,12 @@ MRT_CLUSTER_LDST(double, f64, "d")
 MRT_CLUSTER_LDST(unsigned, u32, "r")
 MRT_CLUSTER_LDST(unsigned long long, u64, "l")
 #undef MRT_CLUSTER_LDST
+__device__ __forceinline__ float4 ld_cluster_f32x4(unsigned a) {  // 16 bytes (a 16-byte aligned)
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a) : "memory");
+  return v;
+}
 __device__ __forceinline__ unsigned atom_cluster_add(unsigned a, unsigned v) {
   unsigned old;
   asm volatile("atom.shared::cluster.add.u32 %0, [%1], %2;" : "=r"(old) : "r"(a), "r"(v) : "memory");
@@ -2155,10 +2161,7 @@ __device__ void proj_wg(const ProjArgs& a) {
     const int row = e / (NT / 4), col = 4 * (e % (NT / 4));
     float v[4] = {0.f, 0.f, 0.f, 0.f};
     for (int q = 0; q < S; ++q) {
-      const unsigned ra = cluster_addr(red + row * LD + col, q);
-      float4 p;
-      asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
-                   : "=f"(p.x), "=f"(p.y), "=f"(p.z), "=f"(p.w) : "r"(ra) : "memory");
+      const float4 p = ld_cluster_f32x4(cluster_addr(red + row * LD + col, q));
       v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
     }
     store(b0 + row, n0 + col, v, 4);
