@@ -43,3 +43,12 @@ def available(name: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def default_device() -> str:
+    """"cuda" when torch is installed and sees a GPU, else "cpu": the default of every command that runs a model."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"

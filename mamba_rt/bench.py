@@ -451,9 +451,9 @@ def run(args) -> int:
     if args.prefill_chunk is not None:
         _positive(args.prefill_chunk, "--prefill-chunk")
     bandwidth = parse_bandwidth(args.bandwidth) if args.bandwidth else None
-    from .demo import _default_device  # cuda when torch sees a GPU, as `mamba-rt demo` chooses
+    from ._optional import default_device
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     kind, idx = check_device(device)
     out = sys.stderr if args.json == "-" else sys.stdout
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from . import env
+from ._optional import default_device
 from .errors import CheckpointError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
@@ -52,14 +53,6 @@ def _model_summary(ckpt: Path) -> str:
             f"({ckpt / 'MODEL_CARD.md'})")
 
 
-def _default_device() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def add_arguments(p) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to complete")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -90,7 +83,7 @@ def run(args) -> int:
         stamp.write_text(digest + "\n")
     else:
         print(f"[2/3] reusing the exported package {pkg} (--force re-exports)", file=sys.stderr)
-    device = args.device or _default_device()
+    device = args.device or default_device()
     with Session.open(pkg, backend=args.backend, device=device, max_batch=1) as s:
         print(f"[3/3] generating with {s.describe()}", file=sys.stderr)
         sys.stdout.write(args.prompt)

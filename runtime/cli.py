@@ -23,12 +23,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R", help="1 = off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--stop", type=int, action="append", default=[], metavar="ID", help="stop token id (repeatable)")
-    p.add_argument("--backend", default="auto", help="auto (default), onnxruntime or torch")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--backend", default="auto", help="auto (default), onnxruntime, torch, tensorrt or tensorrt-rtx")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
 
 
 def run(args: argparse.Namespace) -> int:
+    from mamba_rt._optional import default_device
     from mamba_rt.errors import InputError
 
     from .sampling import SamplingParams
@@ -41,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
             prompt = [int(x) for x in args.prompt_ids.split(",") if x.strip()]
         except ValueError:
             raise InputError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
-    with Session.open(args.package, backend=args.backend, device=args.device, max_batch=1) as s:
+    device = args.device or default_device()
+    with Session.open(args.package, backend=args.backend, device=device, max_batch=1) as s:
         print(f"mamba-rt: {s.backend.choice}: {s.describe()}", file=sys.stderr)
         prompt_ids = s.check_ids(s.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt).tolist()
         ids, text = [], []

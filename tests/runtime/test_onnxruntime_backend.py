@@ -300,19 +300,33 @@ def test_cli_generate_json_and_stream(hf_package, capsys):
     with Session.open(pkg, backend="onnxruntime") as s:
         want = s.generate(prompt, 10, stream=False)[0]
     ids = ",".join(map(str, prompt))
-    assert main(["generate", str(pkg), "--prompt-ids", ids, "--max-new-tokens", "10", "--json"]) == 0
+    assert main(["generate", str(pkg), "--prompt-ids", ids, "--max-new-tokens", "10", "--json", "--device", "cpu"]) == 0
     out = capsys.readouterr()
     obj = json.loads(out.out)
     assert obj["prompt_ids"] == prompt and obj["generated_ids"] == want.ids and obj["text"] == want.text
     assert obj["tokens_per_s"] > 0 and obj["backend"] == "onnxruntime"
     assert "auto chose onnxruntime" in out.err
     assert main(["generate", str(pkg), "--prompt", "HA", "--max-new-tokens", "6", "--temperature", "0.8",
-                 "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "3"]) == 0
+                 "--top-k", "5", "--top-p", "0.9", "--repetition-penalty", "1.1", "--seed", "3", "--device", "cpu"]) == 0
     out = capsys.readouterr()
     assert "tokens/s" in out.err and out.out.endswith("\n")
     r = subprocess.run([sys.executable, "-m", "mamba_rt.cli", "generate", str(pkg), "--prompt-ids", f"1,{cfg.vocab_size}"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "outside the vocabulary" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_generate_runs_where_the_other_commands_do_by_default(hf_package, capsys, monkeypatch):
+    """Without --device, generate takes the device `mamba-rt demo` and `bench` take (cuda when torch sees a
+    GPU): here the default is made a GPU this machine does not have, and the error names it."""
+    import mamba_rt._optional
+    from mamba_rt.cli import main
+
+    monkeypatch.setattr(mamba_rt._optional, "default_device", lambda: "cuda:7")
+    assert main(["generate", str(hf_package[0]), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 2
+    assert "on cuda:7" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["generate", str(hf_package[0]), "--prompt-ids", "1,2", "--max-new-tokens", "2"]) == 0
+    assert f"on {mamba_rt._optional.default_device()}" in capsys.readouterr().err
 
 
 def test_onnxruntime_backend_runs_without_torch(hf_package):
