@@ -47,7 +47,7 @@ from mamba_rt.exporters.tensorrt_build import slug  # noqa: E402  (torch-free)
 RESULTS = HERE / "results"
 BASELINE_IMPLS = ("mamba_ssm full", "mamba_ssm no-ext", "hf generate")
 CPU_BATCHES, CPU_PROMPTS = [1], [128]  # a CPU backend on a large model: minutes per extra point
-DECODE_FIELDS = ("median_ms", "p99_ms", "wall_per_call_ms", "timer", "steps", "memory_trace")
+DECODE_FIELDS = ("median_ms", "p99_ms", "wall_per_call_ms", "timer", "steps", "memory_trace", "first_attempt", "host_paced")
 
 
 def csv(text: str) -> list[str]:
@@ -522,7 +522,8 @@ def print_summary(doc: dict, run: int) -> None:
         p99 = f"{r['p99_ms']:.3f}" if r.get("p99_ms") is not None else "n/a"
         print(f"{r['kind']:<12} {r['config']:>6} {r['dtype']:>5} {r['impl']:<28} {r['batch']:>5} "
               f"{r.get('length') or '':>6} {r['median_ms']:>10.3f} {p99:>9} {r['tokens_per_s']:>10.1f} "
-              f"{format(r['x_floor'], '7.1f') if 'x_floor' in r else '':>7}  " + ", ".join(f"{k} {v:.2f}x" for k, v in vs.items()))
+              f"{format(r['x_floor'], '7.1f') if 'x_floor' in r else '':>7}  " + ", ".join(f"{k} {v:.2f}x" for k, v in vs.items())
+              + (f"  (host-paced: wall {r['host_paced']:.2f}x the GPU's median)" if r.get("host_paced") else ""))
 
 
 def parse_args(argv=None):
