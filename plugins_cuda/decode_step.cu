@@ -609,7 +609,8 @@ __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st
       }
       // ldmatrix's four 8 x 8 tiles are the mma's A registers in order; mma_16816 takes them as
       // (wa.x, wb.x, wa.y, wb.y)
-      if (!EARLY) mma_16816<T>(d, uint4{a[i][0], a[i][2], 0u, 0u}, uint4{a[i][1], a[i][3], 0u, 0u}, b[i][0], b[i][1], false);
+      if (!EARLY)
+        mma_16816<T>(d, uint4{a[i][0], a[i][2], 0u, 0u}, uint4{a[i][1], a[i][3], 0u, 0u}, b[i][0], b[i][1], false);
     }
   }
   __syncwarp();
