@@ -580,6 +580,13 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes,
 #endif
 }
 
+// d += one 16 x 16 weight tile a (ldmatrix.x4's four 8 x 8 tiles, which are the mma's A registers in order;
+// mma_16816 takes them as (wa.x, wb.x, wa.y, wb.y)) times x's 16 values b
+template <typename T>
+__device__ __forceinline__ void stage_product(float* d, const unsigned (&a)[4], const unsigned (&b)[2]) {
+  mma_16816<T>(d, uint4{a[0], a[2], 0u, 0u}, uint4{a[1], a[3], 0u, 0u}, b[0], b[1], false);
+}
+
 // d += the 16 rows x BULK_KS columns of one stage st (rows ROWB bytes apart) times x (BM rows of K values
 // of T in shared memory) at columns kb + ...: consumer warp w takes the 16-wide steps w * BULK_STEPS ..;
 // ldmatrix.x4 reads the 16 x 16 weight tile (lanes 0-15: rows 0-15 at k0, lanes 16-31: at k0 + 8).
@@ -607,18 +614,14 @@ __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st
         b[i][0] = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q);
         b[i][1] = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q + 8);
       }
-      // ldmatrix's four 8 x 8 tiles are the mma's A registers in order; mma_16816 takes them as
-      // (wa.x, wb.x, wa.y, wb.y)
-      if (!EARLY)
-        mma_16816<T>(d, uint4{a[i][0], a[i][2], 0u, 0u}, uint4{a[i][1], a[i][3], 0u, 0u}, b[i][0], b[i][1], false);
+      if (!EARLY) stage_product<T>(d, a[i], b[i]);
     }
   }
   __syncwarp();
   if (lane == 0) mbar_arrive(rel);
 #pragma unroll
   for (int i = 0; i < BULK_STEPS; ++i)
-    if (EARLY && kb + (warp * BULK_STEPS + i) * 16 < K)
-      mma_16816<T>(d, uint4{a[i][0], a[i][2], 0u, 0u}, uint4{a[i][1], a[i][3], 0u, 0u}, b[i][0], b[i][1], false);
+    if (EARLY && kb + (warp * BULK_STEPS + i) * 16 < K) stage_product<T>(d, a[i], b[i]);
 }
 
 template <typename T, int BM>
