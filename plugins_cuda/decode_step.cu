@@ -449,6 +449,14 @@ __device__ __forceinline__ void argmax_partials(const float* pv, const int* pi, 
   argmax_block(bv, bi, sv, si);
 }
 
+// Row b's token v into out (device memory: the next step's ids) and, where out_host is not null, into
+// mapped pinned host memory too, where the host reads it once the launch is done: no copy node after
+// the kernel in the step's graph (one cost 8-10 us per step on the H100; benchmarks/NOTES.md, item 68).
+__device__ __forceinline__ void put_token(long long* out, long long* out_host, int b, long long v) {
+  out[b] = v;
+  if (out_host) out_host[b] = v;
+}
+
 struct NormGemvArgs {
   const float* h;        // [BM, K] residual stream
   const float* ss;       // [G, BM] partial sums of squares of h
@@ -464,6 +472,7 @@ struct NormGemvArgs {
   int* ascr;             // with amax: [BM, gridDim.x] the blocks' best values (float bits), [BM, gridDim.x]
                          // their indices, a ticket (zero before the launch, zero again after it). (Two
                          // fields: with four, the FMA kernels' arguments made them spill.)
+  long long* amax_host;  // with amax: [BM] the same indices in mapped pinned host memory, or null (put_token)
 };
 
 // norm_gemv's argmax (a.amax): every thread's best output (av, ai) of each row, then each block's into
@@ -493,7 +502,7 @@ __device__ void gemv_argmax(const NormGemvArgs& a, float* av, int* ai) {
     float bv;
     int bi;
     argmax_partials(apv + b * G, api + b * G, G, bv, bi, sv, si);
-    if (threadIdx.x == 0) a.amax[b] = bi;
+    if (threadIdx.x == 0) put_token(a.amax, a.amax_host, b, bi);
   }
   if (threadIdx.x == 0) *atk = 0u;
 }
@@ -906,6 +915,8 @@ struct EmbedArgs {
   void* xn;              // [B, K] T
   long long B, V, K;
   float eps;
+  unsigned* zero;        // nzero words this kernel zeroes (the step's accumulators and counters, where the
+  long long nzero;       // kernels after it touch them only after griddepcontrol.wait), or null
 };
 
 // Block-wide sum over the block's threads (red: 32 floats of shared memory).
@@ -929,6 +940,8 @@ __device__ void embed(const EmbedArgs& a) {
   pdl_wait();
   const T* emb = static_cast<const T*>(a.emb);
   const int K = (int)a.K, B = (int)a.B;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < a.nzero; i += (long long)gridDim.x * blockDim.x)
+    a.zero[i] = 0u;
   if (a.norm_w) {
     const int b = blockIdx.x;
     long long id = a.ids[b];
@@ -960,12 +973,13 @@ __device__ void embed(const EmbedArgs& a) {
 }
 
 struct ArgmaxArgs {
-  const float* x;   // [B, V] logits
-  long long* out;   // [B]
-  float* pv;        // [B, gridDim.x] the blocks' best values
-  int* pi;          // [B, gridDim.x] and their indices
-  unsigned* tk;     // [B] tickets: zero before the launch, zero again after it
+  const float* x;       // [B, V] logits
+  long long* out;       // [B]
+  float* pv;            // [B, gridDim.x] the blocks' best values
+  int* pi;              // [B, gridDim.x] and their indices
+  unsigned* tk;         // [B] tickets: zero before the launch, zero again after it
   long long V;
+  long long* out_host;  // [B] out's values in mapped pinned host memory as well, or null (put_token)
 };
 
 // out[b] = the index of the first largest logit of row b, on the GPU: block (c, b) takes ARGMAX_CHUNK
@@ -1004,7 +1018,7 @@ __device__ void argmax_rows(const ArgmaxArgs& a) {
   if (!argmax_last_block(a.tk + b, C, &last)) return;
   argmax_partials(a.pv + b * C, a.pi + b * C, C, bv, bi, sv, si);
   if (threadIdx.x == 0) {
-    a.out[b] = bi;
+    put_token(a.out, a.out_host, b, bi);
     a.tk[b] = 0u;
   }
 }
@@ -1022,6 +1036,7 @@ struct DrawArgs {
                          //         off), top_p (1: off), u in [0, 1)
   long long* out;        // [B]
   long long V;           // <= DRAW_MAX_VOCAB
+  long long* out_host;   // [B] out's values in mapped pinned host memory as well, or null (put_token)
 };
 
 constexpr int DRAW_CLUSTER = 8, DRAW_THREADS = 512, DRAW_WARPS = DRAW_THREADS / 32, DRAW_ITEMS = 16;
@@ -1421,9 +1436,9 @@ __device__ void draw_rows(const DrawArgs& a) {
         if (cum > target) { pick = g0 + j; break; }
       }
     }
-    a.out[b] = pick;
+    put_token(a.out, a.out_host, b, pick);
   } else if (rank == 0 && tid == 0 && !(target < total)) {
-    a.out[b] = glast;  // u * total rounded up to the total: the last kept token
+    put_token(a.out, a.out_host, b, glast);  // u * total rounded up to the total: the last kept token
   }
   cluster_barrier();  // no block leaves while another may still read its shared memory
 }

@@ -134,6 +134,20 @@ HEAD_ARGMAX = 1
 # 1.201, 2.8b 2.203 / 2.184 / 2.194; on another instance 0 / 8 / 16 MB 1.4b 1.200 / 1.200 / 1.200, 2.8b 2.203 /
 # 2.190 / 2.198
 LY_HEAD_PREFETCH = 8 << 20
+# The kernels that take a step's tokens (the head's argmax, the argmax kernel, the draw kernel) also store them
+# in the graph's mapped pinned host buffer (1), instead of a device-to-host copy node after them (0); where the
+# buffer is not mapped (launcher.mapped_host_address) the copy stays. H100 fp16, GPU µs per batch-1 step, same
+# process (benchmarks/NOTES.md, item 68): the copy node cost 8.1 (130m) and 9.9 (1.4b)
+IDS_TO_HOST = 1
+# A step queued ahead (its ids those the step before left on the device) has its embedding read them where
+# they are (1), instead of a device-to-device copy node into the step's input first (0). H100 fp16, GPU µs
+# per batch-1 step, same process (benchmarks/NOTES.md, item 68)
+NEXT_IDS_IN_PLACE = 1
+# The persistent kernel's step has its x_proj accumulators, grid barrier and head counter zeroed by the
+# embedding kernel before it (1: `layers` and the head touch them only after griddepcontrol.wait), instead
+# of by a memset node first (0). H100 fp16, GPU µs per batch-1 step, same process (benchmarks/NOTES.md,
+# item 68)
+EMBED_ZEROES = 1
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
@@ -263,13 +277,16 @@ def _struct(name, fields):
 
 NormGemvArgs = _struct("NormGemvArgs", [("h", _P), ("ss", _P), ("norm_w", _P), ("W", _P), ("bias", _P),
                                         ("out", _P), ("ctr", _P), ("G", _L), ("N", _L), ("K", _L), ("out_float", _L),
-                                        ("param", _L), ("eps", _F), ("amax", _P), ("ascr", _P)])
+                                        ("param", _L), ("eps", _F), ("amax", _P), ("ascr", _P),
+                                        ("amax_host", _P)])
 GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _P), ("h", _P), ("ss_out", _P),
                                                 ("ctr", _P), ("N", _L), ("K", _L), ("res_fp32", _L), ("param", _L)])
 EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
-                                  ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F)])
-ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _P), ("tk", _P), ("V", _L)])
-DrawArgs = _struct("DrawArgs", [("x", _P), ("knobs", _P), ("out", _P), ("V", _L)])
+                                  ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F), ("zero", _P),
+                                  ("nzero", _L)])
+ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _P), ("tk", _P), ("V", _L),
+                                    ("out_host", _P)])
+DrawArgs = _struct("DrawArgs", [("x", _P), ("knobs", _P), ("out", _P), ("V", _L), ("out_host", _P)])
 ResidualNormArgs = _struct("ResidualNormArgs", [("h", _P), ("o", _P), ("norm_w", _P), ("xn", _P), ("K", _L),
                                                 ("res_fp32", _L), ("eps", _F)])
 ConvXprojArgs = _struct("ConvXprojArgs", [("xz", _P), ("conv_state", _P), ("idx", _P), ("conv_w", _P),
@@ -452,7 +469,7 @@ class DecodeKernels:
         """ctr: a 32-bit counter for this launch alone, zero when it runs (the copy-engine kernel hands
         out its rows through it)."""
         stem, grid, threads, smem, pf = self._gemv("norm_gemv", bm, N, K, W)
-        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps, 0, 0)
+        a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps, 0, 0, 0)
         return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
     @staticmethod
@@ -469,15 +486,25 @@ class DecodeKernels:
         zero again after every launch)."""
         return 2 * ln.grid[0] * bm + 1
 
-    def with_argmax(self, ln: Launch, bm: int, *, out, scratch) -> Launch:
+    def with_argmax(self, ln: Launch, bm: int, *, out, scratch, out_host=0) -> Launch:
         """norm_gemv launch ``ln`` (of bm rows) that also writes out[b] (int64) = the index of the first
         largest output of row b, NaN ranked highest (as argmax ranks the float32 logits it writes).
-        scratch: 2 grid bm + 1 32-bit words, the last one zero."""
+        scratch: 2 grid bm + 1 32-bit words, the last one zero. out_host: where nonzero, the device
+        address of mapped pinned host memory (bm int64) that gets the same ids (``.cu put_token``)."""
         if not self.takes_argmax(ln):
             raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch (and "
                                 f"HEAD_ARGMAX on), not {ln.name}")
         a = NormGemvArgs.from_buffer_copy(ln.args)
-        a.amax, a.ascr = out, scratch
+        a.amax, a.ascr, a.amax_host = out, scratch, out_host
+        return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)
+
+    @staticmethod
+    def with_ids(ln: Launch, ids: int) -> Launch:
+        """embed launch ``ln`` reading its token ids (int64, one per row) at device address ``ids``."""
+        if ln.name != "embed":
+            raise InternalError(f"fused decode: token ids are an embed launch's, not {ln.name}'s")
+        a = EmbedArgs.from_buffer_copy(ln.args)
+        a.ids = ids
         return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)
 
     def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32, ctr) -> Launch:
@@ -494,8 +521,10 @@ class DecodeKernels:
     def embed_grid(self, k: int) -> int:
         return max(1, min(-(-k // ROW_THREADS), self.sm_count))
 
-    def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0) -> Launch:
-        a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps)
+    def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0, zero=0, nzero=0) -> Launch:
+        """zero: nzero 32-bit words the kernel zeroes before the step's other kernels touch them (they
+        must do so only after griddepcontrol.wait), or 0."""
+        a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps, zero or 0, nzero if zero else 0)
         grid = B if norm_w else self.embed_grid(K)
         return Launch(self._fn(f"embed_{self.tag}"), (grid, 1), ROW_THREADS, 0, a, "embed")
 
@@ -510,11 +539,12 @@ class DecodeKernels:
         (zero at first, and zero again after every launch)."""
         return B * (2 * -(-V // ARGMAX_CHUNK) + 1)
 
-    def argmax(self, *, x, out, scratch, B, V) -> Launch:
+    def argmax(self, *, x, out, scratch, B, V, out_host=0) -> Launch:
         """out[b] (int64) = the index of the first largest of x[b, :V] (float32), NaN ranked highest.
-        scratch: argmax_scratch_words(B, V) 32-bit words, the last B of them zero."""
+        scratch: argmax_scratch_words(B, V) 32-bit words, the last B of them zero. out_host: as in
+        with_argmax."""
         C = -(-V // ARGMAX_CHUNK)
-        a = ArgmaxArgs(x, out, scratch, scratch + 4 * B * C, scratch + 8 * B * C, V)
+        a = ArgmaxArgs(x, out, scratch, scratch + 4 * B * C, scratch + 8 * B * C, V, out_host)
         return Launch(self._fn(f"argmax_{self.tag}"), (C, B), ARGMAX_THREADS, 0, a, "argmax")
 
     def draws(self, V: int) -> bool:
@@ -522,15 +552,15 @@ class DecodeKernels:
         DRAW_MAX_VOCAB."""
         return self.arch >= 90 and 1 <= V <= DRAW_MAX_VOCAB
 
-    def draw(self, *, x, knobs, out, B, V) -> Launch:
+    def draw(self, *, x, knobs, out, B, V, out_host=0) -> Launch:
         """out[b] (int64) = the token drawn from x[b, :V] (float32 logits) with knobs[b] (4 float64:
         temperature, the sorted position of the k-th largest logit or V - 1, top_p, u), as
-        runtime/sampling.py's reference draws it. Where ``draws(V)``."""
+        runtime/sampling.py's reference draws it. Where ``draws(V)``. out_host: as in with_argmax."""
         if not self.draws(V):
             raise InternalError(f"fused decode draw: needs sm_90+ and at most {DRAW_MAX_VOCAB} logits a row; "
                                 f"got sm_{self.arch}, {V}")
         return Launch(self._fn(f"draw_{self.tag}"), (DRAW_CLUSTER, B), DRAW_THREADS, 0,
-                      DrawArgs(x, knobs, out, V), "draw")
+                      DrawArgs(x, knobs, out, V, out_host), "draw")
 
     def conv_xproj(self, bm, *, xz, conv_state, idx, conv_w, conv_b, Wx, u, xdbl, B, d, k, R) -> Launch:
         """bm in XP_BUCKETS: conv + x_proj share (B == bm); bm = 0: conv only (any B; Wx must be 0)."""

@@ -154,6 +154,16 @@ def _context(device: int | None):
     return ctx
 
 
+def mapped_host_address(ptr: int, device: int | None = None) -> int:
+    """The device address of page-locked host memory at ``ptr`` (cuMemHostGetDevicePointer), where a
+    kernel can store to it directly, or 0 where the memory is not mapped into the device's address
+    space (the caller then copies instead)."""
+    drv = _driver()
+    _context(device)
+    err, dptr = drv.cuMemHostGetDevicePointer(ptr, 0)
+    return int(dptr) if err == drv.CUresult.CUDA_SUCCESS else 0
+
+
 def current_arch(device: int | None = None) -> int:
     """Compute capability of the device of the current context, as 10 * major + minor."""
     drv = _driver()

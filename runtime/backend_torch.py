@@ -293,18 +293,33 @@ class _Ids:
 
 
 class _IdsOut:
-    """Pinned host memory a graph copies its greedy ids to (``copy_from``, captured in the graph), the
-    event of its last replay and that replay's ids: ``reuse()`` before a replay (ids nobody read yet
-    are kept), ``launched(n)`` after it."""
+    """Pinned host memory a graph copies its greedy ids to (``copy_from``, captured in the graph), or
+    where the fused decoder's kernels store them themselves (``mapped``), the event of its last replay
+    and that replay's ids: ``reuse()`` before a replay (ids nobody read yet are kept), ``launched(n)``
+    after it."""
 
     def __init__(self, rows: int):
         self.pin = torch.zeros(rows, dtype=torch.int64).pin_memory()
         self.host = self.pin.numpy()  # host view, made once
         self.done = torch.cuda.Event()
         self.last: _Ids | None = None
+        self._mapped: int | None = None
 
     def copy_from(self, gid: "torch.Tensor") -> None:
         self.pin.copy_(gid, non_blocking=True)
+
+    def mapped(self, device) -> int:
+        """The device address at which a kernel of the fused decoder stores the ids straight into the
+        pinned buffer (no copy node after it in the graph; decode_step.IDS_TO_HOST, read at each call),
+        or 0 where that is off or the buffer is not mapped into the device's address space (then
+        ``copy_from``)."""
+        from mamba_rt.plugins_cuda import decode_step, launcher
+
+        if not decode_step.IDS_TO_HOST:
+            return 0
+        if self._mapped is None:
+            self._mapped = launcher.mapped_host_address(self.pin.data_ptr(), torch.device(device).index)
+        return self._mapped
 
     def reuse(self) -> None:
         if self.last is not None:
@@ -368,14 +383,17 @@ class _Draws:
         if self.draw is None and self.draw_fn is not None:
             self.draw = self.draw_fn()
 
+        host = out.mapped(dev) if self.draw is not None else 0  # the kernel stores the ids there too
+
         def body():
             knobs.copy_(pin, non_blocking=True)
             x = self.logits.float().contiguous()
             if self.draw is not None:
-                self.draw(x, knobs, self.gid)
+                self.draw(x, knobs, self.gid, host)
             else:
                 self.gid.copy_(draw_torch(x, knobs, sort))
-            out.copy_from(self.gid)
+            if not host:
+                out.copy_from(self.gid)
 
         return _capture(body, dev, self.pool, 1)[0], pin.numpy(), out
 
@@ -492,13 +510,15 @@ class _ModelGraph:
 class _FusedGraph:
     """One CUDA graph per bucket for a fused decode step (runtime/fused_decode.py): copy the token ids
     and slot indices in from pinned host memory, run every layer's fused kernels on the slots' state
-    in place, take the argmax and copy it back to pinned host memory: one graph launch per token.
+    in place, take the argmax and put it in pinned host memory (stored there by the kernel that takes
+    it where the buffer is mapped, ``_IdsOut.mapped``; else copied): one graph launch per token.
 
     ``run_next`` replays one of two more graphs of the same step (captured at its first use) whose
     ids are the ones the last replay left on the device (its argmax, or the draw queued after it,
-    :class:`_Draws`) and whose slots are the last replay's: the step after needs nothing from the
-    host, so it can be queued before the host has read the ids of the one before. The two copy their
-    argmax ids to two pinned buffers in turn."""
+    :class:`_Draws`), read there by the embedding (decode_step.NEXT_IDS_IN_PLACE; else copied into
+    the step's input first), and whose slots are the last replay's: the step after needs nothing from
+    the host, so it can be queued before the host has read the ids of the one before. The two put
+    their argmax ids in two pinned buffers in turn."""
 
     def __init__(self, decoder, state: TorchStateBuffers, bucket: int, pool):
         dev = state.conv.device
@@ -517,13 +537,20 @@ class _FusedGraph:
         self._slots: np.ndarray | None = None  # and its slots
 
     def _step(self, out: _IdsOut | None = None):
-        bk = self.bk
+        from mamba_rt.plugins_cuda import decode_step
+
+        bk, ids = self.bk, None
         if out is None:
             self.io.copy_in(bk.inp)
-        else:  # the last replay's ids; its slot indices are still in bk.idx
+        elif decode_step.NEXT_IDS_IN_PLACE:  # the last replay's ids, read where it left them; its slot
+            ids = self.io.gid                # indices are still in bk.idx
+        else:
             bk.ids.copy_(self.io.gid)
-        self._decoder.enqueue(bk, argmax=self.io.gid)
-        (self.io.out if out is None else out).copy_from(self.io.gid)
+        out = self.io.out if out is None else out
+        host = out.mapped(self._dev)  # the kernel that takes the ids stores them there too
+        self._decoder.enqueue(bk, argmax=self.io.gid, host=host, ids=ids)
+        if not host:
+            out.copy_from(self.io.gid)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         n = len(slots)
@@ -547,6 +574,7 @@ class _FusedGraph:
             self._next = []
             for _ in range(2):
                 out = _IdsOut(len(self.bk.ids))
+                out.mapped(self._dev)  # its driver call before the capture, not during it
                 self._next.append((_capture(lambda o=out: self._step(o), self._dev, self._pool, 0)[0], out))
         graph, out = self._next[self._turn]
         self._turn ^= 1

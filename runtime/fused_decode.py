@@ -49,6 +49,8 @@ class DecodeBucket:
     """Static buffers of one batch bucket: inputs (token ids, slot indices), scratch and logits."""
 
     def __init__(self, dec: "FusedDecoder", B: int):
+        from mamba_rt.plugins_cuda import decode_step as ds
+
         c, dev, dt = dec.config, dec.device, dec.tdtype
         f32 = dict(dtype=torch.float32, device=dev)
         d, dm, R = c.d_inner, c.d_model, c.dt_rank + 2 * c.d_state
@@ -68,14 +70,18 @@ class DecodeBucket:
         self.fold_dt, self.fold_x = (True, True) if self.gemv else (False, False) if self.rows else dec.gemm_folds(B)
         # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
-        # zeroed before every step (one memset), where there is one: x_proj's accumulators (added up by
-        # conv_xproj's or conv_xproj_rows' blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine
-        # kernels hand out their rows through it); for the persistent kernel, its grid barrier's counter
+        # zeroed before every step (one memset, or the embedding kernel: embed_zeroes), where there is one: x_proj's
+        # accumulators (added up by conv_xproj's or conv_xproj_rows' blocks), then on the GEMV path a work counter per
+        # GEMV launch (the copy-engine kernels hand out their rows through it); for the persistent kernel, its grid
+        # barrier's counter
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
         n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
         n_ctr = 2 * c.n_layer + 1 if self.gemv else 0
         n_ly = 1 if self.ly else 0
         self.zeroed = torch.zeros(n_acc + n_ctr + n_ly, **f32) if n_acc + n_ctr + n_ly else None
+        # by the embedding kernel, where the kernels after it touch them only after their griddepcontrol.wait
+        # (the persistent kernel's step; decode_step.EMBED_ZEROES), else by a memset first
+        self.embed_zeroes = bool(self.ly and self.zeroed is not None and ds.EMBED_ZEROES)
         if n_acc:
             self.acc = self.zeroed[:n_acc].view(c.n_layer, B, Racc)
         if self.ly:
@@ -102,6 +108,7 @@ class DecodeBucket:
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
         self.launches = dec._prepare(self)
+        self.embeds: dict = {}  # the embedding's launch per ids tensor other than self.ids (FusedDecoder.enqueue)
         # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
         # decode_step.HEAD_ARGMAX), its launch made per output tensor at first use (FusedDecoder.enqueue)
         self.head_argmax = bool(self.gemv and dec.k.takes_argmax(self.launches[-1]))
@@ -193,8 +200,9 @@ class FusedDecoder:
         fold_dt, fold_x = bk.fold_dt, bk.fold_x
         out = []
         if bk.gemv:
+            zero = dict(zero=p(bk.zeroed), nzero=bk.zeroed.numel()) if bk.embed_zeroes else {}
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
-                               V=emb.shape[0], K=dm, eps=self.eps))
+                               V=emb.shape[0], K=dm, eps=self.eps, **zero))
             ss, G = bk.ss_embed, bk.ge
         else:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
@@ -330,22 +338,33 @@ class FusedDecoder:
         return DecodeBucket(self, B)
 
     @torch.no_grad()
-    def enqueue(self, bk: DecodeBucket, argmax: "torch.Tensor | None" = None) -> None:
+    def enqueue(self, bk: DecodeBucket, argmax: "torch.Tensor | None" = None, host: int = 0,
+                ids: "torch.Tensor | None" = None) -> None:
         """One decode step of bucket ``bk`` on the current stream: bk.ids (token per row) and bk.idx
         (slot per row) in, the slots' state updated, bk.logits [B, vocab_size] float32 out; with
         ``argmax`` (int64 (B,)) also the greedy token of each row, as enqueue_argmax gives it: taken
-        by the head itself where bk.head_argmax, else by the argmax kernel after it."""
+        by the head itself where bk.head_argmax, else by the argmax kernel after it. host: with argmax,
+        where nonzero, the device address of mapped pinned host memory that gets the tokens too
+        (launcher.mapped_host_address). ids: the token ids (int64 (B,), on this device, each in range)
+        to read instead of bk.ids, e.g. those the step before left (no copy into bk.ids first)."""
         stream = torch.cuda.current_stream(self.device).cuda_stream
         launches = bk.launches
         head = None
         if argmax is not None and bk.head_argmax:
             self._check_ids_out(argmax, bk.B)
-            head = bk.amax_heads.get(argmax.data_ptr())
+            key = (argmax.data_ptr(), host)
+            head = bk.amax_heads.get(key)
             if head is None:
-                head = bk.amax_heads[argmax.data_ptr()] = self.k.with_argmax(
-                    launches[-1], bk.B, out=argmax.data_ptr(), scratch=bk.amax_scratch.data_ptr())
+                head = bk.amax_heads[key] = self.k.with_argmax(
+                    launches[-1], bk.B, out=argmax.data_ptr(), scratch=bk.amax_scratch.data_ptr(), out_host=host)
             launches = launches[:-1] + [head]
-        if bk.zeroed is not None:
+        if ids is not None:
+            self._check_ids_out(ids, bk.B, "step: ids")
+            emb = bk.embeds.get(ids.data_ptr())
+            if emb is None:
+                emb = bk.embeds[ids.data_ptr()] = self.k.with_ids(launches[0], ids.data_ptr())
+            launches = [emb] + launches[1:]
+        if bk.zeroed is not None and not bk.embed_zeroes:
             bk.zeroed.zero_()
         for ln in launches:
             if callable(ln):  # a cuBLAS projection (GEMM path)
@@ -353,11 +372,12 @@ class FusedDecoder:
             else:
                 self.k.launch(ln, stream)
         if argmax is not None and head is None:
-            self.enqueue_argmax(bk, argmax)
+            self.enqueue_argmax(bk, argmax, host)
 
-    def enqueue_argmax(self, bk: DecodeBucket, out: "torch.Tensor") -> None:
-        """out [bk.B] int64 = the greedy token of each row of bk.logits, on the current stream."""
-        self._argmax(bk.logits, out, bk.argmax_scratch)
+    def enqueue_argmax(self, bk: DecodeBucket, out: "torch.Tensor", host: int = 0) -> None:
+        """out [bk.B] int64 = the greedy token of each row of bk.logits, on the current stream (and at
+        host, as in enqueue)."""
+        self._argmax(bk.logits, out, bk.argmax_scratch, host)
 
     def argmax_fn(self, rows: int):
         """``argmax(logits, out)`` for a graph of ``rows`` rows (logits [rows, vocab_size] float32 on
@@ -374,13 +394,13 @@ class FusedDecoder:
         return self.k.draws(self.config.vocab_size)
 
     def draw_fn(self, rows: int):
-        """``draw(logits, knobs, out)`` for a graph of ``rows`` rows: out (rows,) int64 = the tokens
-        drawn by the draw kernel (as ``backend_torch.draw_torch`` draws them) from logits [rows,
+        """``draw(logits, knobs, out, host=0)`` for a graph of ``rows`` rows: out (rows,) int64 = the
+        tokens drawn by the draw kernel (as ``backend_torch.draw_torch`` draws them) from logits [rows,
         vocab_size] float32 with knobs [rows, 4] float64 (``backend_torch.sample_knobs``), on the
-        current stream. Where :attr:`draws`."""
+        current stream (and at host, as in enqueue). Where :attr:`draws`."""
         V = self.config.vocab_size
 
-        def draw(logits, knobs, out):
+        def draw(logits, knobs, out, host=0):
             if (logits.dtype, tuple(logits.shape), knobs.dtype, tuple(knobs.shape), out.dtype, tuple(out.shape)) != (
                     torch.float32, (rows, V), torch.float64, (rows, 4), torch.int64, (rows,)) or not (
                     logits.is_contiguous() and knobs.is_contiguous() and out.is_contiguous()):
@@ -388,18 +408,19 @@ class FusedDecoder:
                                     f"knobs ({rows}, 4), int64 out ({rows},); got {logits.dtype} "
                                     f"{tuple(logits.shape)}, {knobs.dtype} {tuple(knobs.shape)}, {out.dtype} "
                                     f"{tuple(out.shape)}")
-            ln = self.k.draw(x=logits.data_ptr(), knobs=knobs.data_ptr(), out=out.data_ptr(), B=rows, V=V)
+            ln = self.k.draw(x=logits.data_ptr(), knobs=knobs.data_ptr(), out=out.data_ptr(), B=rows, V=V,
+                             out_host=host)
             self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
 
         return draw
 
-    def _check_ids_out(self, out, B: int | None = None) -> None:
+    def _check_ids_out(self, out, B: int | None = None, what: str = "argmax: out") -> None:
         if (out.dtype != torch.int64 or out.dim() != 1 or not out.is_contiguous() or out.device != self.device
                 or (B is not None and out.shape[0] != B)):
-            raise InternalError(f"fused decode argmax: out must be contiguous int64 ({B or 'rows'},) on "
+            raise InternalError(f"fused decode {what} must be contiguous int64 ({B or 'rows'},) on "
                                 f"{self.device}, got {out.dtype} {tuple(out.shape)} on {out.device}")
 
-    def _argmax(self, logits, out, scratch) -> None:
+    def _argmax(self, logits, out, scratch, host: int = 0) -> None:
         self._check_ids_out(out)
         B, V = out.shape[0], self.config.vocab_size
         if logits.dtype != torch.float32 or tuple(logits.shape) != (B, V) or logits.device != self.device:
@@ -408,5 +429,6 @@ class FusedDecoder:
         if scratch.numel() < self.k.argmax_scratch_words(B, V):
             raise InternalError(f"fused decode argmax: scratch of {scratch.numel()} words for {B} rows")
         logits = logits.contiguous()
-        ln = self.k.argmax(x=logits.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(), B=B, V=V)
+        ln = self.k.argmax(x=logits.data_ptr(), out=out.data_ptr(), scratch=scratch.data_ptr(), B=B, V=V,
+                           out_host=host)
         self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)

@@ -223,6 +223,49 @@ def test_torch_graph_draws_equal_the_numpy_reference(packages, dtype):
         check_generate_ahead_equals_waiting(s, prompts, 30, sp)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_fused_steps_store_their_tokens_in_pinned_memory(packages, dtype, monkeypatch):
+    """The kernels that take a fused step's tokens (the head's argmax, the argmax kernel, the draw
+    kernel) store them straight into the graph's pinned buffer (decode_step.IDS_TO_HOST), with no copy
+    node after them: each buffer the graphs use is mapped on this GPU and poisoned before every
+    replay, and decode (steps queued ahead), greedy at buckets 1 and 8 (6 rows: the GEMM path's argmax
+    kernel) and sampled, gives the tokens it gives with the copy nodes (IDS_TO_HOST = 0)."""
+    from mamba_rt.plugins_cuda import decode_step
+    from mamba_rt.runtime import backend_torch
+
+    used = []
+    reuse = backend_torch._IdsOut.reuse
+
+    def poisoned(self):
+        reuse(self)  # the ids not read yet are kept first
+        self.host[:] = -7
+        used.append(self)
+
+    monkeypatch.setattr(backend_torch._IdsOut, "reuse", poisoned)
+    pkgs, seed = packages
+    runs, prompts = {}, None
+    for flag in (1, 0):
+        monkeypatch.setattr(decode_step, "IDS_TO_HOST", flag)
+        with Session.open(pkgs[dtype], backend="torch", device="cuda", max_batch=8) as s:
+            assert s.backend.fused
+            prompts = prompts or diverse_prompts(s, [1, 5, 11, 3, 8, 2], 30)  # the same for both
+            out = []
+            for group, sp in ((prompts[:1], None), (prompts, None),
+                              (prompts[:1], SamplingParams(temperature=1.1, top_p=0.9, seed=seed))):
+                slots = s.alloc(len(group))
+                for x, p in zip(slots, group):
+                    s.prefill(x, p, sp)
+                out.append(np.asarray(s.decode(slots, 30, sampling=sp)))
+                for x in slots:
+                    s.free(x)
+            runs[flag] = out
+            if flag:
+                assert used and all(o.mapped("cuda") for o in used), "a graph's pinned buffer is not mapped"
+                used.clear()
+    for a, b in zip(runs[1], runs[0]):
+        assert (a >= 0).all() and np.array_equal(a, b), (seed, a, b)
+
+
 def _rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
