@@ -470,9 +470,9 @@ struct NormGemvArgs {
   long long* amax;       // [BM] the index of each row's first largest output (the greedy token), or null
                          // (the tensor-core kinds only)
   int* ascr;             // with amax: [BM, gridDim.x] the blocks' best values (float bits), [BM, gridDim.x]
-                         // their indices, a ticket (zero before the launch, zero again after it). (One
-                         // field: with four fields for the argmax, the FMA kernels' arguments made them
-                         // spill; with these three they do not.)
+                         // their indices, a ticket (zero before the launch, zero again after it). (The
+                         // scratch is one pointer: with four argmax fields the FMA kernels' arguments made
+                         // them spill; these three do not.)
   long long* amax_host;  // with amax: [BM] the same indices in mapped pinned host memory, or null (put_token)
 };
 

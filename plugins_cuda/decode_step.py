@@ -330,6 +330,13 @@ class Launch:
         self.coop = coop  # cooperative launch: every block resident at once (the persistent kernel)
         self.cluster_y = cluster_y  # blocks per cluster along y (1: no cluster)
 
+    def with_fields(self, **fields) -> "Launch":
+        """This launch (everything kept) with a copy of its argument struct whose ``fields`` are set."""
+        a = type(self.args).from_buffer_copy(self.args)
+        for k, v in fields.items():
+            setattr(a, k, v)
+        return Launch(self.fn, self.grid, self.block, self.smem, a, self.name, self.coop, self.cluster_y)
+
 
 class DecodeKernels:
     """The decode kernels of one dtype, loaded in the current CUDA context (torch's, in the backend)."""
@@ -494,18 +501,14 @@ class DecodeKernels:
         if not self.takes_argmax(ln):
             raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch (and "
                                 f"HEAD_ARGMAX on), not {ln.name}")
-        a = NormGemvArgs.from_buffer_copy(ln.args)
-        a.amax, a.ascr, a.amax_host = out, scratch, out_host
-        return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)
+        return ln.with_fields(amax=out, ascr=scratch, amax_host=out_host)
 
     @staticmethod
     def with_ids(ln: Launch, ids: int) -> Launch:
         """embed launch ``ln`` reading its token ids (int64, one per row) at device address ``ids``."""
         if ln.name != "embed":
             raise InternalError(f"fused decode: token ids are an embed launch's, not {ln.name}'s")
-        a = EmbedArgs.from_buffer_copy(ln.args)
-        a.ids = ids
-        return Launch(ln.fn, ln.grid, ln.block, ln.smem, a, ln.name)
+        return ln.with_fields(ids=ids)
 
     def gemv_residual(self, bm, *, y, W, bias, h, ss_out, N, K, res_fp32, ctr) -> Launch:
         """ctr as in norm_gemv."""
