@@ -2299,6 +2299,16 @@ struct LayersArgs {
   float eps;
   const void* pf;         // the head's weights, whose first pf_bytes the producers prefetch into L2 once
   long long pf_bytes;     // the last layer's stages are issued (a multiple of 16 gridDim.x; 0: none)
+  // The head in this kernel (hw not null; else norm_gemv's, after it): the final norm of h and the product
+  // with hw, its units of 16 rows streamed by each block's producer right after the last layer's weights
+  const void* hw;         // [hN, dm] T, rows 16-byte aligned
+  const void* hnorm;      // [dm] T: the final norm's weight
+  float* logits;          // [hN] the step's logits (rounded to T, widened)
+  long long hN;
+  long long* amax;        // [1] the greedy token (the first largest logit; NaN above all), or null
+  unsigned* ascr;         // with amax: the best key so far (64 bits: layers_argmax_key) and a ticket, zero
+                          // before the launch and zero again after it
+  long long* amax_host;   // with amax: the token in mapped pinned host memory too, or null (put_token)
 };
 
 // Shared-memory layout of `layers` (byte offsets; decode_step.py's layers_smem mirrors it).
@@ -2394,6 +2404,12 @@ struct LyWork {
     nseg = (int)((a.dm + BULK_KS - 1) / BULK_KS);
     nchunk = (int)((a.d + BULK_KS - 1) / BULK_KS);
   }
+  // the block's units of 16 head rows [hu0, hu1) (computed where used: kept from the start, the two
+  // registers made the kernel spill)
+  __device__ __forceinline__ static void head_units(const LayersArgs& a, int& hu0, int& hu1) {
+    const long long G = gridDim.x, b = blockIdx.x, HU = (a.hN + 15) / 16;
+    hu0 = (int)(b * HU / G); hu1 = (int)((b + 1) * HU / G);
+  }
   // in_proj row i < 16 of the block's group gq (gq < u1 - u0): channel li of the block's (x or z: isx).
   // xfirst: the x rows of all the block's channels, then their z rows, so that x_proj's share and its
   // barrier arrival come before the z rows are streamed; else group gq is unit u0 + gq (x rows, z rows)
@@ -2448,13 +2464,13 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
   unsigned long long* sempty = sfull + 1;
   const unsigned long long wpol = l2_policy<MRT_BULK_EVICT_FIRST>();
   int t = 0;
-  // one stage: lane i < 16 copies `bytes` from its row src (16 rows)
-  auto stage = [&](const T* src, int bytes) {
+  // one stage: lane i < rows copies `bytes` from its row src (16 rows; those past `rows` stale)
+  auto stage = [&](const T* src, int bytes, int rows = 16) {
     const int slot_ = t % S;
     if (t >= S) mbar_wait(empty + slot_, ((t / S) - 1) & 1);
-    if (lane == 0) mbar_expect_tx(full + slot_, 16 * bytes);
+    if (lane == 0) mbar_expect_tx(full + slot_, rows * bytes);
     __syncwarp();
-    if (lane < 16) bulk_copy(smem + ly.ring + slot_ * STAGE + lane * ROWB, src, bytes, full + slot_, wpol);
+    if (lane < rows) bulk_copy(smem + ly.ring + slot_ * STAGE + lane * ROWB, src, bytes, full + slot_, wpol);
     ++t;
   };
   for (int l = 0; l < (int)a.n_layer; ++l) {
@@ -2484,7 +2500,47 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
       if (lane == 0) layers_side<T>(a, ly, wk, smem + ly.side, sfull, l + 1);
     }
   }
+  if (a.hw) {  // the head's units of this block, straight after the last layer's stages
+    const T* hw = static_cast<const T*>(a.hw);
+    int hu0, hu1;
+    LyWork::head_units(a, hu0, hu1);
+    for (int hu = hu0; hu < hu1; ++hu) {
+      const int rows = (int)min(16LL, a.hN - 16LL * hu);
+      const T* src = hw + (16LL * hu + (lane & 15)) * dm;
+      for (int sg = 0; sg < wk.nseg; ++sg)
+        stage(src + sg * BULK_KS, (int)min((long long)BULK_KS, dm - sg * BULK_KS) * 2, rows);
+    }
+  }
 #endif
+}
+
+// The head's greedy argmax in `layers` as one 64-bit key per row: the logit's bits mapped to an unsigned
+// order (NaN above every number, -0 as +0), then the complement of the index (ties: the first index).
+// Key 0 is below every row's.
+__device__ __forceinline__ unsigned long long layers_argmax_key(float v, int i) {
+  unsigned u = __float_as_uint(v == 0.f ? 0.f : v);
+  u = v != v ? 0xffffffffu : (u & 0x80000000u) ? ~u : u | 0x80000000u;
+  return ((unsigned long long)u << 32) | (0xffffffffu - (unsigned)i);
+}
+
+// Warp 0 of each block, key: the best key of the block's rows (0: none). The largest key of the grid
+// by atomicMax, then a ticket; the last block to take one writes its token (put_token) and zeroes both.
+__device__ __forceinline__ void layers_argmax(const LayersArgs& a, unsigned long long key) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const unsigned long long o = __shfl_xor_sync(0xffffffffu, key, off);
+    key = o > key ? o : key;
+  }
+  if ((threadIdx.x & 31) != 0) return;
+  unsigned long long* best = reinterpret_cast<unsigned long long*>(a.ascr);
+  unsigned* ticket = a.ascr + 2;
+  if (key) atomicMax(best, key);
+  __threadfence();
+  if (atomicAdd(ticket, 1u) != gridDim.x - 1) return;
+  __threadfence();
+  const unsigned long long k = atomicExch(best, 0ull);
+  put_token(a.amax, a.amax_host, 0, (long long)(0xffffffffu - (unsigned)k));
+  *ticket = 0u;
 }
 
 template <typename T>
@@ -2648,18 +2704,35 @@ __device__ void layers(const LayersArgs& a) {
   // read the count (after the first grid barrier).
   step0 = __ldcg(a.stepc);
   tag0 = step0 * (unsigned)a.n_layer + 1u;
-  for (int l = 0; l < (int)a.n_layer; ++l) {
-    const LayerPtrs P = a.L[l];  // by value: loaded before the barrier below
+  const int nl = (int)a.n_layer;
+  for (int l = 0; l <= nl; ++l) {  // l = nl: the final h, then the head (or its slice for norm_gemv's)
+    const bool fin = l == nl;
+    const LayerPtrs P = a.L[fin ? l - 1 : l];  // by value: loaded before the barrier below
     if (tid == 0) LY_MARK(l, 0);
     h_load(l);
-    float nwv[LY_HV];  // this thread's norm weights
+    float nwv[LY_HV];  // this thread's norm weights (the final norm's for the head)
+    const T* nw = static_cast<const T*>(fin && a.hw ? a.hnorm : P.norm_w);
 #pragma unroll
     for (int j = 0; j < LY_HV; ++j) {
       const int i = tid + j * LY_CT;
-      nwv[j] = i < dm ? to_float(static_cast<const T*>(P.norm_w)[i]) : 0.f;
+      nwv[j] = i < dm ? to_float(nw[i]) : 0.f;
     }
     // -- h (with out_proj(l - 1)'s sums as they come), its norm into xs; this block's slice of h to hbuf
     h_add(l, bo_prev);
+    if (fin && !a.hw) {  // the final h's slice of this block and its sum of squares, for norm_gemv after
+      float ssq = 0.f;
+#pragma unroll
+      for (int j = 0; j < LY_HV; ++j) {
+        const int i = tid + j * LY_CT;
+        if (i >= wk.h0 && i < wk.h1) {
+          a.h[i] = hv[j];
+          ssq = fmaf(hv[j], hv[j], ssq);
+        }
+      }
+      ssq = bsum(ssq);
+      if (tid == 0) a.ss[blockIdx.x] = ssq;
+      return;
+    }
     if (tid == 0) LY_MARK(l, 1);
     float ssq = 0.f;
 #pragma unroll
@@ -2674,6 +2747,7 @@ __device__ void layers(const LayersArgs& a) {
       }
     }
     ly_bar();
+    if (fin) break;
     if (tid == 0) LY_MARK(l, 2);
     // -- in_proj in groups of 16 rows (LyWork::row): x rows through their conv update into u, z rows
     // kept; once every x row is in, this block's share of x_proj (atomics) and its arrival at the grid
@@ -2859,20 +2933,24 @@ __device__ void layers(const LayersArgs& a) {
     if (tid == 0) LY_MARK(l, 9);
     bo_prev = static_cast<const T*>(P.b_out);
   }
-  const int nl = (int)a.n_layer;
-  h_load(nl);
-  h_add(nl, bo_prev);
-  float ssq = 0.f;
-#pragma unroll
-  for (int j = 0; j < LY_HV; ++j) {
-    const int i = tid + j * LY_CT;
-    if (i >= wk.h0 && i < wk.h1) {
-      a.h[i] = hv[j];
-      ssq = fmaf(hv[j], hv[j], ssq);
+  // -- the head (a.hw): the final h's norm is in xs; this block's units of its rows
+  unsigned long long key = 0ull;  // this thread's best row (tid < 16: one row of each unit)
+  int hu0, hu1;
+  LyWork::head_units(a, hu0, hu1);
+  for (int hu = hu0; hu < hu1; ++hu) {
+    float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, nl - 1, 15);
+    float acc = 0.f;
+    reduce16(dd, acc);
+    const long long row = 16LL * hu + tid;
+    if (tid < 16 && row < a.hN) {
+      const float of = to_float(from_float<T>(acc));
+      a.logits[row] = of;
+      const unsigned long long kr = layers_argmax_key(of, (int)row);
+      key = kr > key ? kr : key;
     }
   }
-  ssq = bsum(ssq);
-  if (tid == 0) a.ss[blockIdx.x] = ssq;
+  if (a.amax && warp == 0) layers_argmax(a, key);  // the rows' sums are warp 0's (tid < 16)
 #endif
 }
 

@@ -134,6 +134,10 @@ HEAD_ARGMAX = 1
 # 1.201, 2.8b 2.203 / 2.184 / 2.194; on another instance 0 / 8 / 16 MB 1.4b 1.200 / 1.200 / 1.200, 2.8b 2.203 /
 # 2.190 / 2.198
 LY_HEAD_PREFETCH = 8 << 20
+# The persistent kernel also takes the head (1: the final norm, the logits and the greedy argmax, its weights
+# streamed by each block's producer straight after the last layer's), instead of norm_gemv after it (0; where
+# the head's weights are not 16-byte aligned, too). Measured: benchmarks/NOTES.md, item 69
+LY_HEAD = 1
 # The kernels that take a step's tokens (the head's argmax, the argmax kernel, the draw kernel) also store them
 # in the graph's mapped pinned host buffer (1), instead of a device-to-host copy node after them (0); where the
 # buffer is not mapped (launcher.mapped_host_address) the copy stays. H100 fp16, GPU µs per batch-1 step, same
@@ -296,7 +300,8 @@ LayersArgs = _struct("LayersArgs", [("L", _P), ("idx", _P), ("h", _P), ("ss", _P
                                     ("part", _P), ("y", _P), ("stepc", _P), ("bar", _P), ("n_layer", _L), ("dm", _L),
                                     ("d", _L), ("n", _L), ("r", _L), ("k", _L), ("res_fp32", _L), ("stages", _L),
                                     ("P", _L), ("xfirst", _L), ("lag", _L), ("combine", _L), ("pw", _L),
-                                    ("eps", _F), ("pf", _P), ("pf_bytes", _L)])
+                                    ("eps", _F), ("pf", _P), ("pf_bytes", _L), ("hw", _P), ("hnorm", _P),
+                                    ("logits", _P), ("hN", _L), ("amax", _P), ("ascr", _P), ("amax_host", _P)])
 SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta", _P), ("Wdt", _P),
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L),
@@ -481,26 +486,33 @@ class DecodeKernels:
 
     @staticmethod
     def takes_argmax(ln: Launch) -> bool:
-        """Whether launch ``ln`` takes its outputs' argmax too (with_argmax): HEAD_ARGMAX on (read at each
-        call: the tests and benchmarks switch it) and a norm_gemv of the tensor-core kinds (the FMA one's
-        tracking took local memory)."""
+        """Whether launch ``ln`` takes its outputs' argmax too (with_argmax): the persistent kernel where it
+        takes the head (LY_HEAD), or, with HEAD_ARGMAX on (read at each call: the tests and benchmarks switch
+        it), a norm_gemv of the tensor-core kinds (the FMA one's tracking took local memory)."""
+        if ln.name == "layers":
+            return bool(ln.args.hw)
         return bool(HEAD_ARGMAX) and ln.name.startswith(("norm_gemv_mma_", "norm_gemv_bulk_"))
 
     @staticmethod
     def gemv_argmax_words(ln: Launch, bm: int) -> int:
         """32-bit words of scratch that norm_gemv launch ``ln`` of bm rows needs to take its argmax as
         well (with_argmax): a value and an index per block and row, and a ticket (zero at first, and
-        zero again after every launch)."""
+        zero again after every launch). The persistent kernel uses the first three (its best key so far,
+        64 bits, and a ticket; the same rule)."""
         return 2 * ln.grid[0] * bm + 1
 
     def with_argmax(self, ln: Launch, bm: int, *, out, scratch, out_host=0) -> Launch:
-        """norm_gemv launch ``ln`` (of bm rows) that also writes out[b] (int64) = the index of the first
-        largest output of row b, NaN ranked highest (as argmax ranks the float32 logits it writes).
-        scratch: 2 grid bm + 1 32-bit words, the last one zero. out_host: where nonzero, the device
-        address of mapped pinned host memory (bm int64) that gets the same ids (``.cu put_token``)."""
+        """norm_gemv launch ``ln`` (of bm rows), or the persistent kernel's that takes the head (bm 1), that
+        also writes out[b] (int64) = the index of the first largest output of row b, NaN ranked highest (as
+        argmax ranks the float32 logits it writes). scratch: gemv_argmax_words 32-bit words, zero (the
+        kernels leave them so). out_host: where nonzero, the device address of mapped pinned host memory
+        (bm int64) that gets the same ids (``.cu put_token``)."""
         if not self.takes_argmax(ln):
             raise InternalError(f"fused decode: an argmax only with a tensor-core norm_gemv launch (and "
-                                f"HEAD_ARGMAX on), not {ln.name}")
+                                f"HEAD_ARGMAX on) or the persistent kernel with the head, not {ln.name}")
+        if ln.name == "layers" and (bm != 1 or scratch % 8):
+            raise InternalError(f"fused decode: the persistent kernel's argmax takes 1 row and an 8-byte aligned "
+                                f"scratch (its 64-bit best key), got {bm} rows, scratch at {scratch:#x}")
         return ln.with_fields(amax=out, ascr=scratch, amax_host=out_host)
 
     @staticmethod
@@ -604,19 +616,23 @@ class DecodeKernels:
         return LayersLaunch(grid, smem, stages, P, LY_XFIRST, LY_ARRIVE_LAG, combine, pw)
 
     def layers(self, cfg: LayersLaunch, *, table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k,
-               res_fp32, eps, head=0, head_bytes=0) -> Launch:
+               res_fp32, eps, head=0, head_bytes=0, head_norm=0, logits=0, vocab=0) -> Launch:
         """Every layer of a batch-1 step in one launch (`layers` in decode_step.cu), with cfg what
         layers_launch gave for this shape. table: n_layer x LY_PTRS pointers (.cu LayerPtrs); ss: the
         grid's partial sums of squares of the final h (the head's norm_gemv reads grid of them); xacc and
         bar zero before every step; part (2 x P x dm 64-bit words), y (d 32-bit words) and stepc (one
         32-bit word) zero once, then left to the kernel (tagged values: a step never reads the words of
-        one before). head: the head's weights (head_bytes of them), whose first LY_HEAD_PREFETCH bytes
-        the kernel prefetches into L2 after issuing its last layer's weights (where they are 16-byte
-        aligned, as the bulk copy wants)."""
-        pf = min(LY_HEAD_PREFETCH, head_bytes) // (16 * cfg.grid) * 16 * cfg.grid if head and head % 16 == 0 else 0
+        one before). head: the head's weights (head_bytes of them; vocab rows of dm), taken by the kernel
+        where LY_HEAD asks and they are 16-byte aligned, as the bulk copy wants (then with head_norm, the final
+        norm's weight, into logits: vocab float32; h and ss are not written), else their first LY_HEAD_PREFETCH
+        bytes prefetched into L2 after the last layer's weights are issued (for norm_gemv after it)."""
+        fused = bool(LY_HEAD and head and head % 16 == 0 and head_norm and logits and vocab)
+        pf = (min(LY_HEAD_PREFETCH, head_bytes) // (16 * cfg.grid) * 16 * cfg.grid
+              if head and head % 16 == 0 and not fused else 0)
         a = LayersArgs(table, idx, h, ss, hbuf, xacc, part, y, stepc, bar, n_layer, dm, d, n, r, k, int(res_fp32),
                        cfg.stages, cfg.P, int(cfg.xfirst), int(cfg.lag), int(cfg.combine), int(cfg.pw), eps,
-                       head if pf else 0, pf)
+                       head if pf else 0, pf, head if fused else 0, head_norm if fused else 0,
+                       logits if fused else 0, vocab if fused else 0, 0, 0, 0)
         return Launch(self._fn(f"layers_{self.tag}"), (cfg.grid, 1), LY_THREADS, cfg.smem, a, "layers", coop=True)
 
     def ssm_step(self, *, n, B, xdbl_acc, xdbl_t, delta, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, y,

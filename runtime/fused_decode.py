@@ -14,8 +14,9 @@ Two paths, chosen per batch bucket:
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
   At batch 1 with the copy-engine GEMVs (mamba-1.4b and up on sm_90+) every layer runs instead in one
-  persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), between
-  the embedding and the head's ``norm_gemv``.
+  persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), after
+  the embedding; it takes the head too, the final norm, the logits and the greedy argmax
+  (``decode_step.LY_HEAD``; item 69), else the head's ``norm_gemv`` follows it.
 * GEMM (more rows): the projections are cuBLAS matrix products (``torch.mm``), except on sm_90 those that
   ``decode_step.PROJ_WG`` names (in_proj, x_proj, out_proj and the head up to ``PROJ_WG_ROWS`` rows; x_proj and the
   head up to 64: ``PROJ_WG_MANY``, all four from mamba-1.4b up: ``PROJ_WG_MANY_BIG``; x_proj above:
@@ -207,14 +208,18 @@ class FusedDecoder:
         else:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
                                eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
-        if bk.ly:  # every layer in one kernel; the head reads its h and partial sums
+        if bk.ly:  # every layer in one kernel, and the head (else the head reads its h and partial sums)
             out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
                                 ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
                                 y=p(bk.y_tagged), stepc=p(bk.stepc), bar=p(bk.bar), n_layer=c.n_layer, dm=dm, d=d,
                                 n=n, r=r, k=c.d_conv, res_fp32=res32, eps=self.eps, head=p(self.lm_head),
-                                head_bytes=self.lm_head.numel() * self.lm_head.element_size()))
+                                head_bytes=self.lm_head.numel() * self.lm_head.element_size(),
+                                head_norm=p(self.model.backbone.norm_f.weight), logits=p(bk.logits),
+                                vocab=c.vocab_size))
             ss, G = bk.ss_layers, bk.ly.grid
             layers = []
+            if out[-1].args.hw:  # the head too (decode_step.LY_HEAD)
+                return out
         for i, layer in enumerate(layers):
             m = layer.mixer
             conv_i, ssm_i = p(self.conv[i]), p(self.ssm[i])

@@ -211,16 +211,19 @@ def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, monkeypat
 
 
 @pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
+@pytest.mark.parametrize("head", [1, 0], ids=["head-inside", "head-after"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, monkeypatch):
+def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, head, monkeypatch):
     """The persistent kernel of every layer (batch 1, copy-engine kind) on a shape the cases above do not
     give it: biases in every projection and the conv, the residual rounded to the model dtype, n 8 (two
     threads per channel in its state update), k 2; out_proj's 10 tiles over more blocks than tiles (most
     without one), its partial sums read by every block or combined by each row group's first block
-    (decode_step.LY_COMBINE_MIN_DMODEL)."""
+    (decode_step.LY_COMBINE_MIN_DMODEL); the head inside it (decode_step.LY_HEAD: 700 rows, the last of its
+    44 units of 16 rows partial, most blocks without one) or norm_gemv's after it."""
     from mamba_rt.plugins_cuda import decode_step
 
     monkeypatch.setattr(decode_step, "LY_COMBINE_MIN_DMODEL", 0 if combine else 1 << 20)
+    monkeypatch.setattr(decode_step, "LY_HEAD", head)
     _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk")
 
 
@@ -329,12 +332,17 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         arch = dec.k.arch
         ly = _expected_layers(cfg, dtype, gemv, bucket, arch)
         assert (bk.ly is not None) == ly and names.count("layers") == ly, (ly, names)
+        from mamba_rt.plugins_cuda import decode_step
+
+        head_gemv = not ly or not decode_step.LY_HEAD  # else the persistent kernel takes the head too
         for kind, k in (("norm_gemv", cfg.d_model), ("gemv_residual", cfg.d_inner)):
             want = _expected_gemv(gemv, dtype, k, arch)
             got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
-            if ly:  # the head's norm_gemv only
-                assert len([n for n in names if n.startswith(kind)]) == (kind == "norm_gemv"), (kind, names)
-            assert got == ({want} if not ly or kind == "norm_gemv" else set()), (kind, names)
+            if ly:  # the head's norm_gemv only, if that
+                assert len([n for n in names if n.startswith(kind)]) == (kind == "norm_gemv" and head_gemv), \
+                    (kind, names)
+            assert got == ({want} if not ly or (kind == "norm_gemv" and head_gemv) else set()), (kind, names)
+        assert (names[-1] == "layers") == (not head_gemv), names
     elif fold is not None:  # projections (cuBLAS or proj_wg): in_proj, (x_proj, (dt_proj,)) out_proj per layer, the head
         gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (bk.fold_dt, bk.fold_x) == fold
@@ -365,9 +373,11 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         bk.y_tagged.fill_(((last & 0xFFFF) << 16) - (2**32 if last & 0x8000 else 0))
         bk.part.fill_((last << 32) - (2**64 if last >= 2**31 else 0))
     # the greedy ids asked for with the step: taken by the head itself on the GEMV path with the
-    # tensor-core kinds (decode_step.HEAD_ARGMAX), by the argmax kernel after it otherwise
+    # tensor-core kinds (decode_step.HEAD_ARGMAX) or in the persistent kernel (LY_HEAD), by the argmax
+    # kernel after it otherwise
     head = bk.launches[-1]
-    assert bk.head_argmax == (bk.gemv and ("_mma_" in head.name or "_bulk_" in head.name)), (bk.head_argmax, head.name)
+    assert bk.head_argmax == (bk.gemv and (head.name == "layers" or "_mma_" in head.name or "_bulk_" in head.name)), \
+        (bk.head_argmax, head.name)
     amax = torch.empty(bucket, dtype=torch.int64, device="cuda")
     slots = torch.randperm(n_slots, generator=g, device="cuda")[:bucket]
     conv0, ssm0 = conv.clone(), ssm.clone()
@@ -423,19 +433,22 @@ def test_backend_uses_fused_decode_and_gemm_bucket(tmp_path):
             assert a == b
 
 
-@pytest.mark.parametrize("gemv", [None, "bulk"])
-@pytest.mark.parametrize("bucket", [1, 2])
-def test_head_argmax_ties_and_nans(bucket, gemv):
-    """The greedy ids the head's norm_gemv takes itself (decode_step.HEAD_ARGMAX: its blocks' best
-    rows, reduced by the last block) against torch.argmax of the logits it wrote, both tensor-core
-    kinds (fed by loads: the default at this size; by the copy engine). The same step three times
+@pytest.mark.parametrize("bucket, gemv, ly_head", [(1, None, 0), (2, None, 0), (1, "bulk", 0), (2, "bulk", 0),
+                                                   (1, "bulk", 1)])
+def test_head_argmax_ties_and_nans(bucket, gemv, ly_head, monkeypatch):
+    """The greedy ids the head takes itself (its blocks' best rows, reduced by the last block) against
+    torch.argmax of the logits it wrote: the head's norm_gemv (decode_step.HEAD_ARGMAX) of both tensor-core
+    kinds (fed by loads: the default at this size; by the copy engine), and at batch 1 of the copy-engine
+    kind also the head inside the persistent kernel (decode_step.LY_HEAD). The same step three times
     from a zero state: random weights; then the best row of row 0 copied to two other rows of the
     vocabulary (a three-way tie at the top: the first index wins); then two rows of NaN weights (NaN
     ranked highest: the first wins). Random logits rounded to fp16 tie at the top by themselves now and
     then (top two within one fp16 step in 2 of 30 draws on the CPU): such a row ties too, and ranks after
     row 0's first best, so the expected winner stays the same."""
+    from mamba_rt.plugins_cuda import decode_step
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
+    monkeypatch.setattr(decode_step, "LY_HEAD", ly_head)
     cfg = MambaConfig(**CASES["wide"])
     model, _ = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
     shapes = cfg.state_shapes(bucket + 1)
@@ -443,7 +456,10 @@ def test_head_argmax_ties_and_nans(bucket, gemv):
     ssm = torch.zeros(shapes["ssm_state"], device="cuda")
     dec = FusedDecoder(model, conv, ssm, "fp16", gemv=gemv)
     bk = dec.bucket(bucket)
-    assert bk.head_argmax and bk.launches[-1].name.startswith("norm_gemv")
+    if ly_head and not bk.ly:
+        pytest.skip(f"the persistent kernel does not serve this GPU (sm_{dec.k.arch})")
+    assert bk.head_argmax and bk.launches[-1].name.startswith("layers" if ly_head else "norm_gemv"), \
+        bk.launches[-1].name
     V, W = cfg.vocab_size, dec.lm_head
     ids = torch.randint(0, V, (bucket,))
     free = [int(v) for v in torch.randperm(V) if int(v) not in ids.tolist()]  # rows whose embedding is unused
