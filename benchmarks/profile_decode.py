@@ -4,7 +4,7 @@ on the GPU (a development tool for issue 8; the user-facing numbers come from ``
 
     python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
                                         [--kernels] [--gemv fma|mma|bulk] [--knob NAME=VAL] [--out FILE.json]
-                                        [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8]] [--session]
+                                        [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8] [--ab-ahead]] [--session]
 
 Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
@@ -16,7 +16,9 @@ random (time does not depend on their values).
 
 ``--ab NAME=V1/V2``: an A/B comparison in one process: per (config, batch) one graph per value of the
 launch constant NAME (set before the graph's bucket is made), replayed in turn for ``--ab-rounds``
-rounds of 100; a row per value with the median of its rounds (and its spread).
+rounds of 100; a row per value with the median of its rounds (and its spread). With ``--ab-ahead`` the
+graphs timed are those of a step queued ahead (``Session.decode``'s: ids read where the step before left
+them) instead of the step graphs that copy their ids in.
 
 ``--session``: instead, through ``Session`` (a package of random weights): 100 greedy steps as
 ``step()`` calls, each waiting for its tokens, and as one ``decode()``, which queues each step before
@@ -88,8 +90,10 @@ def warmed(g, B: int):
     return slots, ids
 
 
-def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
-    """One graph per (constant, value) of ``ab`` for bucket B, replayed in turn; a row per value."""
+def ab_rows(ab, dec, state, B, config, decode_step, rounds, ahead=False) -> list:
+    """One graph per (constant, value) of ``ab`` for bucket B, replayed in turn; a row per value. ahead:
+    the graph of a step queued ahead (what ``Session.decode`` replays: its ids those the step before left
+    on the device) instead of the step graph that copies its ids in."""
     from mamba_rt.runtime.backend_torch import _FusedGraph
 
     graphs = []
@@ -101,14 +105,16 @@ def ab_rows(ab, dec, state, B, config, decode_step, rounds) -> list:
         finally:
             setattr(decode_step, name, old)
     for g in graphs:
-        warmed(g, B)
+        slots, ids = warmed(g, B)
+        if ahead:  # captured at the first run_next
+            g.run_next(slots, g.run(slots, ids)).greedy()
     times = [[] for _ in graphs]
     for _ in range(rounds):
         for g, t in zip(graphs, times):
-            t.append(replay_ms(g.graph, rounds=1))
+            t.append(replay_ms(g._next[0][0] if ahead else g.graph, rounds=1))
     rows = []
     for (name, val), t in zip(ab, times):
-        row = {"config": config, "batch": B, "ab": f"{name}={val}", "gpu_ms": statistics.median(t),
+        row = {"config": config, "batch": B, "ab": f"{name}={val}", "ahead": ahead, "gpu_ms": statistics.median(t),
                "gpu_ms_min": min(t), "gpu_ms_max": max(t), "rounds": rounds}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -165,6 +171,8 @@ def main() -> int:
     ap.add_argument("--ab", default=None, help="NAME=V1/V2[/...]: graphs of each value of a launch constant, "
                                                "replayed in turn (ints, or comma-separated for tuples)")
     ap.add_argument("--ab-rounds", type=int, default=8)
+    ap.add_argument("--ab-ahead", action="store_true",
+                    help="--ab times the graph of a step queued ahead (as Session.decode replays it)")
     ap.add_argument("--session", action="store_true",
                     help="only Session.step at a time against Session.decode (steps queued ahead), per batch")
     ap.add_argument("--out", default=None)
@@ -206,7 +214,7 @@ def main() -> int:
                            gemv=args.gemv)
         for B in batches:
             if ab:
-                rows += ab_rows(ab, dec, state, B, name, decode_step, args.ab_rounds)
+                rows += ab_rows(ab, dec, state, B, name, decode_step, args.ab_rounds, args.ab_ahead)
                 continue
             g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
             slots, ids = warmed(g, B)
