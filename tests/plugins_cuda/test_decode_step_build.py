@@ -149,3 +149,39 @@ def test_layers_combined_partials_are_each_written_once(dm, d, grid):
     assert all(writes.get((0, rg)) == 1 for rg in range(dm // 16)), "slot 0 of every row group, once"
     assert all(n == 1 for n in writes.values()), sorted(k for k, n in writes.items() if n != 1)[:5]
     assert reads == {k for k in writes if k[0] > 0}, "the first block reads exactly the partials written"
+
+
+def test_head_argmax_is_taken_by_the_kernel_that_takes_the_head(monkeypatch):
+    """Which launch takes a step's greedy argmax (DecodeKernels.takes_argmax / with_argmax, no GPU): the
+    persistent kernel exactly when it takes the head (its hw pointer set: decode_step.LY_HEAD), whatever
+    HEAD_ARGMAX says; a tensor-core norm_gemv only with HEAD_ARGMAX. with_argmax sets the three argmax
+    fields of a copy (the launch it was given untouched) and refuses what the kernels cannot take: the
+    persistent kernel at more than one row or with a scratch its 64-bit key cannot sit in (8-byte
+    aligned), a launch that takes no argmax."""
+    from mamba_rt.errors import InternalError
+
+    k = object.__new__(decode_step.DecodeKernels)  # with_argmax reads nothing of the instance
+    grid, scratch, out, host = (132, 1), 0x7F0000001000, 0x7F0000002000, 0x7F0000003000
+
+    def layers(hw):
+        a = decode_step.LayersArgs()
+        a.hw, a.logits, a.hN = hw, 0x7F0000004000 if hw else 0, 700 if hw else 0
+        return decode_step.Launch(None, grid, decode_step.LY_THREADS, 0, a, "layers", coop=True)
+
+    gemv = decode_step.Launch(None, grid, 288, 0, decode_step.NormGemvArgs(), "norm_gemv_bulk_f16_b1")
+    for head_argmax in (0, 1):
+        monkeypatch.setattr(decode_step, "HEAD_ARGMAX", head_argmax)
+        assert decode_step.DecodeKernels.takes_argmax(layers(0x7F0000005000))
+        assert not decode_step.DecodeKernels.takes_argmax(layers(0))
+        assert decode_step.DecodeKernels.takes_argmax(gemv) == bool(head_argmax)
+    ln = layers(0x7F0000005000)
+    got = k.with_argmax(ln, 1, out=out, scratch=scratch, out_host=host)
+    assert (got.args.amax, got.args.ascr, got.args.amax_host) == (out, scratch, host)
+    assert (got.args.hw, got.args.hN, got.grid, got.coop, got.name) == (ln.args.hw, 700, grid, True, "layers")
+    assert (ln.args.amax, ln.args.ascr, ln.args.amax_host) == (None, None, None), "the launch given was changed"
+    with pytest.raises(InternalError, match="1 row"):
+        k.with_argmax(ln, 2, out=out, scratch=scratch)
+    with pytest.raises(InternalError, match="8-byte aligned"):
+        k.with_argmax(ln, 1, out=out, scratch=scratch + 4)
+    with pytest.raises(InternalError, match="persistent kernel with the head"):
+        k.with_argmax(layers(0), 1, out=out, scratch=scratch)
