@@ -247,12 +247,14 @@ def test_layers_kernel_in_proj_row_orders(dtype, order, monkeypatch):
     sums (LY_COMBINE_MIN_DMODEL: combined at 0) where a block has several units of 8 channels: d_inner
     5120 gives 4-5 units per block on 132 SMs (H100, H200), so with x rows first a block's x rows fill
     two or three groups of 16 rows, the last of them x and z rows mixed where it has 5, and its x_proj
-    share runs before its last z rows, its arrival right after it or one group later."""
+    share runs before its last z rows, its arrival right after it or one group later. The vocabulary, 5000
+    rows, gives the head inside the kernel (decode_step.LY_HEAD) 313 units of 16 rows: two or three per block,
+    the last partial."""
     from mamba_rt.plugins_cuda import decode_step
 
     for name, v in zip(("LY_XFIRST", "LY_ARRIVE_LAG", "LY_COMBINE_MIN_DMODEL"), order):
         monkeypatch.setattr(decode_step, name, v)
-    _check_steps(dict(d_model=2560, n_layer=2, vocab_size=1000, d_state=16, d_conv=4), dtype, 1, gemv="bulk")
+    _check_steps(dict(d_model=2560, n_layer=2, vocab_size=5000, d_state=16, d_conv=4), dtype, 1, gemv="bulk")
 
 
 @pytest.mark.parametrize("pw", [1, 2], ids=["one-slot-per-load", "two-slots-per-load"])
