@@ -2404,8 +2404,9 @@ struct LyWork {
     nseg = (int)((a.dm + BULK_KS - 1) / BULK_KS);
     nchunk = (int)((a.d + BULK_KS - 1) / BULK_KS);
   }
-  // the block's units of 16 head rows [hu0, hu1) (computed where used: kept from the start, the two
-  // registers made the kernel spill)
+  // the block's units of 16 head rows [hu0, hu1), computed where used: kept in LyWork they stay live across
+  // the layer loop (164 registers against 162; before the final h ran as the loop's last turn they made the
+  // kernel spill)
   __device__ __forceinline__ static void head_units(const LayersArgs& a, int& hu0, int& hu1) {
     const long long G = gridDim.x, b = blockIdx.x, HU = (a.hN + 15) / 16;
     hu0 = (int)(b * HU / G); hu1 = (int)((b + 1) * HU / G);
@@ -2743,7 +2744,7 @@ __device__ void layers(const LayersArgs& a) {
       const int i = tid + j * LY_CT;
       if (i < dm) {
         xs[i] = from_float<T>(hv[j] * rstd * nwv[j]);
-        if (i >= wk.h0 && i < wk.h1) a.hbuf[((l + 1) & 1) * dm + i] = hv[j];
+        if (!fin && i >= wk.h0 && i < wk.h1) a.hbuf[((l + 1) & 1) * dm + i] = hv[j];  // the next layer's h
       }
     }
     ly_bar();
