@@ -28,7 +28,7 @@ from mamba_rt.plugins_cuda import decode_step, launcher
 from profile_decode import gpu_model, parse_knob
 
 TRACE_LAYERS = 64  # .cu: layers recorded (LY_MARK)
-TRACE_SLOTS = 16
+TRACE_SLOTS = 32  # .cu: LY_AT
 PHASES = ["sums_in", "norm", "in_x", "xproj", "in_z", "barrier", "ssm", "y_in", "out_proj"]  # slots 0-9
 
 
@@ -73,6 +73,12 @@ def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     out["producer_in_issued_after_sums_in"] = stats(t[:, 1:, 12] - t[:, 1:, 1])
     out["producer_out_issued_after_sums_in"] = stats(t[:, 1:, 13] - t[:, 1:, 1])
     out["arrival_after_xproj"] = stats(t[:, 1:, 14] - t[:, 1:, 4])
+    # warp 0 (and warp 1) inside in_proj / out_proj: loading + multiplying stages, the reductions across
+    # warps (their barrier's wait included), in_proj's epilogue (conv update, z)
+    for k, i in (("w0_in_mma", 16), ("w0_out_mma", 17), ("w0_in_reduce", 18), ("w0_in_epilogue", 19),
+                 ("w0_out_reduce", 20), ("w1_wait_in", 22), ("w1_wait_out", 23), ("w1_in_reduce", 24),
+                 ("w1_out_reduce", 25)):
+        out[k] = stats(t[:, 1:, i])
     return out
 
 

@@ -605,7 +605,7 @@ __device__ __forceinline__ void stage_product(float* d, const unsigned (&a)[4], 
 // before the products, so it goes back to the producer as soon as the warp holds its part (`layers`:
 // 2-3 % faster per step; GemvBulk at 2 rows: 4.7 % slower; NOTES item 67); else each product follows its
 // loads and the slot is released after the last.
-template <typename T, int BM, bool EARLY>
+template <typename T, int BM, bool EARLY, int ACC = 1>
 __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st, const T* xs, int K, int kb,
                                                unsigned long long* rel) {
   constexpr int ROWB = BULK_ROWB;
@@ -631,7 +631,7 @@ __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st
   if (lane == 0) mbar_arrive(rel);
 #pragma unroll
   for (int i = 0; i < BULK_STEPS; ++i)
-    if (EARLY && kb + (warp * BULK_STEPS + i) * 16 < K) stage_product<T>(d, a[i], b[i]);
+    if (EARLY && kb + (warp * BULK_STEPS + i) * 16 < K) stage_product<T>(d + 4 * (i % ACC), a[i], b[i]);
 }
 
 template <typename T, int BM>
@@ -2250,13 +2250,13 @@ __device__ void proj_wg(const ProjArgs& a) {
 // MRT_LY_NOSYNC, a 2.8b layer takes 30.7 us against 33.1: item 44).
 // Filling the gaps with more traffic (L2 prefetch past the ring) made every round trip slower and the
 // step 17-50 % slower (item 40): what is left to cut is round trips, not idle bandwidth.
-#ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 16 slots), clock64 at phase ends
+#ifdef MRT_LY_TRACE  // development only: per block and layer (64 x 32 slots), clock64 at phase ends
 // (benchmarks/trace_layers.py reads them)
 }  // namespace mrt
 extern "C" __device__ long long mrt_ly_trace[MRT_LY_TRACE];
 namespace mrt {
-#define LY_AT(l, p) mrt_ly_trace[(blockIdx.x * 64 + (l)) * 16 + (p)]
-#define LY_ON(l) ((l) < 64 && (blockIdx.x + 1) * 64 * 16 <= MRT_LY_TRACE)
+#define LY_AT(l, p) mrt_ly_trace[(blockIdx.x * 64 + (l)) * 32 + (p)]
+#define LY_ON(l) ((l) < 64 && (blockIdx.x + 1) * 64 * 32 <= MRT_LY_TRACE)
 #define LY_MARK(l, p) do { if (LY_ON(l)) LY_AT(l, p) = clock64(); } while (0)
 #define LY_ADD(l, p, v) do { if (LY_ON(l)) LY_AT(l, p) += (v); } while (0)
 #else
@@ -2266,6 +2266,13 @@ namespace mrt {
 #ifndef MRT_LY_NOSYNC  // development only: 1 skips every wait on another block (wrong results, no hang):
 #define MRT_LY_NOSYNC 0  // what the weight stream and the phases cost without the exchanges' waits; or a
 #endif                   // mask of them: 2 out_proj's partials, 4 the grid barrier, 8 y (what each costs)
+#ifndef MRT_LY_NOMMA  // development only: 1 releases every stage unread, no products (wrong results): what
+#define MRT_LY_NOMMA 0  // the consumers' loads and products cost in the step (NOTES item 71)
+#endif
+#ifndef MRT_LY_ACC  // accumulators per consumer warp: a stage's products alternate between them, so that
+#define MRT_LY_ACC 2  // they are not one dependent chain (1.4b: 2 or 4 ~0.8 % faster than 1; item 71)
+#endif
+constexpr int LY_ACC = MRT_LY_ACC;
 constexpr bool LY_NOSYNC_P = MRT_LY_NOSYNC & 3, LY_NOSYNC_B = MRT_LY_NOSYNC & 5, LY_NOSYNC_Y = MRT_LY_NOSYNC & 9;
 constexpr int LY_WARPS = BULK_WARPS;       // consumer warps
 constexpr int LY_CT = LY_WARPS * 32;       // consumer threads
@@ -2465,7 +2472,9 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
   unsigned long long* sempty = sfull + 1;
   const unsigned long long wpol = l2_policy<MRT_BULK_EVICT_FIRST>();
   int t = 0;
-  // one stage: lane i < rows copies `bytes` from its row src (16 rows; those past `rows` stale)
+  // one stage: lane i < rows copies `bytes` from its row src (16 rows; those past `rows` stale). The slot
+  // and round come from a division per stage here, unlike the consumers' running counts: without it the
+  // producer's loop is shorter and the step was 2.5 % slower at 1.4b and 2.8b (NOTES item 71)
   auto stage = [&](const T* src, int bytes, int rows = 16) {
     const int slot_ = t % S;
     if (t >= S) mbar_wait(empty + slot_, ((t / S) - 1) & 1);
@@ -2591,9 +2600,17 @@ __device__ void layers(const LayersArgs& a) {
   unsigned step0 = 0u, tag0 = 0u;  // set after pdl_wait
   const int NP = (int)a.P;         // out_proj's partial sums per output (slots)
   const int NR = a.combine ? 1 : NP;  // of them read by every block: slot 0 holds the sum when combined
-  int tc = 0, par = 0;
+  // the next stage's slot and its full barrier's phase, counted as the stages go: a division by the ring's
+  // stages (a run-time count) per stage sat between each stage's wait and its loads, on the path that every
+  // consumer warp takes ~1,250 times a 1.4b step (removing it: 1.4b -5 %, 370m -3 %, 2.8b -0.7 %; item 71)
+  int csl = 0, cph = 0, par = 0;
   // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum
-  auto reduce16 = [&](const float* dd, float& out) {
+  auto reduce16 = [&](float* dd, float& out) {
+#pragma unroll
+    for (int i = 1; i < LY_ACC; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) dd[j] += dd[4 * i + j];
+    }
     mma_d_put<1>(red + par * (LY_WARPS * 16) + warp * 16, g, q, dd);
     ly_bar();
     if (tid < 16) {
@@ -2606,16 +2623,29 @@ __device__ void layers(const LayersArgs& a) {
   // the next stage of the ring (columns kb .. of a K-long product) into dd, its slot released after;
   // the trace adds the wait for it to slot tr of layer l
   auto consume = [&](float* dd, int K, int kb, int l, int tr) {
-    const int sl = tc % S;
+    const int sl = csl;
 #ifdef MRT_LY_TRACE
     const long long w0 = clock64();
 #endif
-    mbar_wait(full + sl, (tc / S) & 1);
+    mbar_wait(full + sl, cph);
 #ifdef MRT_LY_TRACE
-    if (tid == 0) LY_ADD(l, tr, clock64() - w0);
+    const long long w1 = clock64();
+    if (tid == 0) LY_ADD(l, tr, w1 - w0);
+    if (tid == 32) LY_ADD(l, tr + 12, w1 - w0);  // 22, 23, 27: warp 1's waits
 #endif
-    bulk_stage_mma<T, 1, true>(dd, smem + ly.ring + sl * STAGE, xs, K, kb, empty + sl);
-    ++tc;
+#if MRT_LY_NOMMA  // development only: the stage released unread (wrong results; what the products cost)
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty + sl);
+#else
+    bulk_stage_mma<T, 1, true, LY_ACC>(dd, smem + ly.ring + sl * STAGE, xs, K, kb, empty + sl);
+#endif
+#ifdef MRT_LY_TRACE
+    if (tid == 0) LY_ADD(l, tr + 6, clock64() - w1);  // 16, 17, 21: warp 0 loading and multiplying
+#endif
+    if (++csl == S) {
+      csl = 0;
+      cph ^= 1;
+    }
   };
   // the consumers' block sum (all consumer threads get it)
   auto bsum = [&](float v) {
@@ -2789,10 +2819,18 @@ __device__ void layers(const LayersArgs& a) {
       arrive();
     }
     for (int gq = 0; gq < wk.u1 - wk.u0; ++gq) {
-      float dd[4] = {0.f, 0.f, 0.f, 0.f};
+      float dd[4 * LY_ACC] = {};
       for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 10);
       float acc = 0.f;
+#ifdef MRT_LY_TRACE
+      const long long r0 = clock64();
+#endif
       reduce16(dd, acc);
+#ifdef MRT_LY_TRACE
+      const long long r1 = clock64();
+      if (tid == 0) LY_ADD(l, 18, r1 - r0);   // warp 0's in_proj reductions
+      if (tid == 32) LY_ADD(l, 24, r1 - r0);  // warp 1's
+#endif
       if (tid < 16) {
         bool isx;
         int li;
@@ -2809,6 +2847,9 @@ __device__ void layers(const LayersArgs& a) {
           uz[CH + li] = to_float(v);
         }
       }
+#ifdef MRT_LY_TRACE
+      if (tid == 0) LY_ADD(l, 19, clock64() - r1);  // warp 0's epilogue (conv, z)
+#endif
       if (gq == gx) xproj();
       if (gq == ga) arrive();
     }
@@ -2892,7 +2933,7 @@ __device__ void layers(const LayersArgs& a) {
     // blocks (written at their start; loaded two tiles ahead) in block order and writes the sum into
     // slot 0, the one slot the readers poll. Else every block writes its slot and the block with the
     // row group's last tile fills the slots after its own with tagged zeros, and the readers sum them.
-    float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    float dd[4 * LY_ACC] = {};
     const unsigned ctag = tag0 + (unsigned)l;
     const unsigned long long ptag = (unsigned long long)ctag << 32;
     unsigned long long* pp = a.part + (long long)(l & 1) * NP * dm;
@@ -2908,7 +2949,15 @@ __device__ void layers(const LayersArgs& a) {
         consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);                               // (if it has tiles)
       }
       float acc = 0.f;
+#ifdef MRT_LY_TRACE
+      const long long r0 = clock64();
+#endif
       reduce16(dd, acc);
+#ifdef MRT_LY_TRACE
+      const long long r1 = clock64();
+      if (tid == 0) LY_ADD(l, 20, r1 - r0);   // warp 0's out_proj reductions
+      if (tid == 32) LY_ADD(l, 25, r1 - r0);  // warp 1's
+#endif
       if (tid < 16) {
         const long long row = 16LL * rg + tid;
         if (a.combine && kp == 0) {
@@ -2925,7 +2974,8 @@ __device__ void layers(const LayersArgs& a) {
             for (int z = kp + 1; z < NP; ++z) st_tagged(pp + (long long)z * dm + row, ptag);
         }
       }
-      dd[0] = dd[1] = dd[2] = dd[3] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 4 * LY_ACC; ++j) dd[j] = 0.f;
     }
     if (!a.combine && wk.t0 == wk.t1 && wk.t0 < wk.NT && tid < 16) {  // no tiles (more blocks than tiles):
       const int rg = wk.t0 / wk.nchunk, kp = (int)blockIdx.x - wk.owner(rg * wk.nchunk);  // a zero partial
@@ -2939,7 +2989,7 @@ __device__ void layers(const LayersArgs& a) {
   int hu0, hu1;
   LyWork::head_units(a, hu0, hu1);
   for (int hu = hu0; hu < hu1; ++hu) {
-    float dd[4] = {0.f, 0.f, 0.f, 0.f};
+    float dd[4 * LY_ACC] = {};
     for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, nl - 1, 15);
     float acc = 0.f;
     reduce16(dd, acc);
