@@ -2474,7 +2474,7 @@ __device__ void layers_producer(const LayersArgs& a, const LyLayout& ly, const L
   int t = 0;
   // one stage: lane i < rows copies `bytes` from its row src (16 rows; those past `rows` stale). The slot
   // and round come from a division per stage here, unlike the consumers' running counts: without it the
-  // producer's loop is shorter and the step was 2.5 % slower at 1.4b and 2.8b (NOTES item 71)
+  // producer's loop is shorter and the step was 2.5-3 % slower at 1.4b and 2.8b (NOTES item 71)
   auto stage = [&](const T* src, int bytes, int rows = 16) {
     const int slot_ = t % S;
     if (t >= S) mbar_wait(empty + slot_, ((t / S) - 1) & 1);
