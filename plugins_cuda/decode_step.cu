@@ -604,7 +604,8 @@ __device__ __forceinline__ void stage_product(float* d, const unsigned (&a)[4], 
 // producer may refill the slot). EARLY: every step's tile and x are loaded first and the slot released
 // before the products, so it goes back to the producer as soon as the warp holds its part (`layers`:
 // 2-3 % faster per step; GemvBulk at 2 rows: 4.7 % slower; NOTES item 67); else each product follows its
-// loads and the slot is released after the last.
+// loads and the slot is released after the last. ACC: step i's product goes into accumulator i % ACC (d
+// holds 4 ACC floats; the caller sums them), so that the steps are not one dependent chain (item 71).
 template <typename T, int BM, bool EARLY, int ACC = 1>
 __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st, const T* xs, int K, int kb,
                                                unsigned long long* rel) {
@@ -624,7 +625,7 @@ __device__ __forceinline__ void bulk_stage_mma(float* d, const unsigned char* st
         b[i][0] = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q);
         b[i][1] = *reinterpret_cast<const unsigned*>(xs + g * K + k + 2 * q + 8);
       }
-      if (!EARLY) stage_product<T>(d, a[i], b[i]);
+      if (!EARLY) stage_product<T>(d + 4 * (i % ACC), a[i], b[i]);
     }
   }
   __syncwarp();
@@ -726,16 +727,20 @@ struct GemvBulk {
       return;
     }
     const int g = lane >> 2, q = lane & 3;
-    int tc = 0;
+    int slot = 0, ph = 0;  // the next stage's slot and phase, counted as they go: no division per stage
+                           // (batch 2: 1.4b -1.0 %, 2.8b -1.1 %; NOTES item 71)
     for (int grp = 0;; ++grp) {
-      mbar_wait(full + tc % S, (tc / S) & 1);
-      const int u = tag[tc % S];
+      mbar_wait(full + slot, ph);
+      const int u = tag[slot];
       if (u < 0) break;
       float d[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int seg = 0; seg < nseg; ++seg, ++tc) {
-        const int slot = tc % S;
-        if (seg) mbar_wait(full + slot, (tc / S) & 1);
+      for (int seg = 0; seg < nseg; ++seg) {
+        if (seg) mbar_wait(full + slot, ph);
         bulk_stage_mma<T, BM, false>(d, ring + slot * STAGE, xs, K, seg * BULK_KS, full + S + slot);
+        if (++slot == S) {
+          slot = 0;
+          ph ^= 1;
+        }
       }
       mma_d_put<BM>(red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM, g, q, d);
       asm volatile("bar.sync 1, %0;" ::"r"(BULK_WARPS * 32) : "memory");
@@ -2621,7 +2626,8 @@ __device__ void layers(const LayersArgs& a) {
     par ^= 1;
   };
   // the next stage of the ring (columns kb .. of a K-long product) into dd, its slot released after;
-  // the trace adds the wait for it to slot tr of layer l
+  // the trace adds warp 0's wait for it to slot tr of layer l (warp 1's to tr + 12, warp 0's time after it
+  // to tr + 6)
   auto consume = [&](float* dd, int K, int kb, int l, int tr) {
     const int sl = csl;
 #ifdef MRT_LY_TRACE
