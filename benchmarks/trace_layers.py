@@ -77,7 +77,7 @@ def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     # warps (their barrier's wait included), in_proj's epilogue (conv update, z)
     for k, i in (("w0_in_mma", 16), ("w0_out_mma", 17), ("w0_in_reduce", 18), ("w0_in_epilogue", 19),
                  ("w0_out_reduce", 20), ("w1_wait_in", 22), ("w1_wait_out", 23), ("w1_in_reduce", 24),
-                 ("w1_out_reduce", 25)):
+                 ("w1_out_reduce", 25), ("w0_head_wait", 15), ("w0_head_reduce", 28), ("w1_head_reduce", 29)):
         out[k] = stats(t[:, 1:, i])
     return out
 

@@ -581,6 +581,16 @@ __device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, int byte
 #endif
 }
 
+// A consumer's place in a ring of S stages: the next stage's slot and its full barrier's phase, counted as
+// the stages go. Not t % S and t / S per stage: S is a run-time count, so each was an integer division
+// between a stage's wait and its loads (NOTES item 71: 1.4b 5 % of a step in `layers`).
+__device__ __forceinline__ void ring_next(int& slot, int& phase, int S) {
+  if (++slot == S) {
+    slot = 0;
+    phase ^= 1;
+  }
+}
+
 // bytes (a multiple of 16, both addresses 16-byte aligned) from global src into shared dst, counted on bar
 __device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes, unsigned long long* bar,
                                           unsigned long long pol) {
@@ -727,8 +737,7 @@ struct GemvBulk {
       return;
     }
     const int g = lane >> 2, q = lane & 3;
-    int slot = 0, ph = 0;  // the next stage's slot and phase, counted as they go: no division per stage
-                           // (batch 2: 1.4b -1.0 %, 2.8b -1.1 %; NOTES item 71)
+    int slot = 0, ph = 0;  // ring_next (batch 2: 1.4b -1.0 %, 2.8b -1.1 % against dividing; item 71)
     for (int grp = 0;; ++grp) {
       mbar_wait(full + slot, ph);
       const int u = tag[slot];
@@ -737,10 +746,7 @@ struct GemvBulk {
       for (int seg = 0; seg < nseg; ++seg) {
         if (seg) mbar_wait(full + slot, ph);
         bulk_stage_mma<T, BM, false>(d, ring + slot * STAGE, xs, K, seg * BULK_KS, full + S + slot);
-        if (++slot == S) {
-          slot = 0;
-          ph ^= 1;
-        }
+        ring_next(slot, ph, S);
       }
       mma_d_put<BM>(red + (grp & 1) * (BULK_WARPS * 16 * BM) + warp * 16 * BM, g, q, d);
       asm volatile("bar.sync 1, %0;" ::"r"(BULK_WARPS * 32) : "memory");
@@ -2605,12 +2611,15 @@ __device__ void layers(const LayersArgs& a) {
   unsigned step0 = 0u, tag0 = 0u;  // set after pdl_wait
   const int NP = (int)a.P;         // out_proj's partial sums per output (slots)
   const int NR = a.combine ? 1 : NP;  // of them read by every block: slot 0 holds the sum when combined
-  // the next stage's slot and its full barrier's phase, counted as the stages go: a division by the ring's
-  // stages (a run-time count) per stage sat between each stage's wait and its loads, on the path that every
-  // consumer warp takes ~1,250 times a 1.4b step (removing it: 1.4b -5 %, 370m -3 %, 2.8b -0.7 %; item 71)
+  // the next stage's slot and phase (ring_next: every consumer warp takes ~1,250 stages a 1.4b step; counting
+  // instead of dividing took 1.4b -5 %, 370m -3 %, 2.8b -0.7 %, item 71)
   int csl = 0, cph = 0, par = 0;
-  // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum
-  auto reduce16 = [&](float* dd, float& out) {
+  // the reduction of one group of 16 rows across the consumer warps: thread t < 16 gets row t's sum; the
+  // trace adds warp 0's and warp 1's time in it (the barrier's wait included) to slots t0 and t1 of layer l
+  auto reduce16 = [&](float* dd, float& out, int l, int t0, int t1) {
+#ifdef MRT_LY_TRACE
+    const long long r0 = clock64();
+#endif
 #pragma unroll
     for (int i = 1; i < LY_ACC; ++i) {
 #pragma unroll
@@ -2624,6 +2633,10 @@ __device__ void layers(const LayersArgs& a) {
       out = acc[0];
     }
     par ^= 1;
+#ifdef MRT_LY_TRACE
+    if (tid == 0) LY_ADD(l, t0, clock64() - r0);
+    if (tid == 32) LY_ADD(l, t1, clock64() - r0);
+#endif
   };
   // the next stage of the ring (columns kb .. of a K-long product) into dd, its slot released after;
   // the trace adds warp 0's wait for it to slot tr of layer l (warp 1's to tr + 12, warp 0's time after it
@@ -2648,10 +2661,7 @@ __device__ void layers(const LayersArgs& a) {
 #ifdef MRT_LY_TRACE
     if (tid == 0) LY_ADD(l, tr + 6, clock64() - w1);  // 16, 17, 21: warp 0 loading and multiplying
 #endif
-    if (++csl == S) {
-      csl = 0;
-      cph ^= 1;
-    }
+    ring_next(csl, cph, S);
   };
   // the consumers' block sum (all consumer threads get it)
   auto bsum = [&](float v) {
@@ -2828,14 +2838,9 @@ __device__ void layers(const LayersArgs& a) {
       float dd[4 * LY_ACC] = {};
       for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, l, 10);
       float acc = 0.f;
+      reduce16(dd, acc, l, 18, 24);
 #ifdef MRT_LY_TRACE
-      const long long r0 = clock64();
-#endif
-      reduce16(dd, acc);
-#ifdef MRT_LY_TRACE
-      const long long r1 = clock64();
-      if (tid == 0) LY_ADD(l, 18, r1 - r0);   // warp 0's in_proj reductions
-      if (tid == 32) LY_ADD(l, 24, r1 - r0);  // warp 1's
+      const long long e0 = clock64();
 #endif
       if (tid < 16) {
         bool isx;
@@ -2854,7 +2859,7 @@ __device__ void layers(const LayersArgs& a) {
         }
       }
 #ifdef MRT_LY_TRACE
-      if (tid == 0) LY_ADD(l, 19, clock64() - r1);  // warp 0's epilogue (conv, z)
+      if (tid == 0) LY_ADD(l, 19, clock64() - e0);  // warp 0's epilogue (conv, z)
 #endif
       if (gq == gx) xproj();
       if (gq == ga) arrive();
@@ -2955,15 +2960,7 @@ __device__ void layers(const LayersArgs& a) {
         consume(dd, d, (tt % wk.nchunk) * BULK_KS, l, 11);                               // (if it has tiles)
       }
       float acc = 0.f;
-#ifdef MRT_LY_TRACE
-      const long long r0 = clock64();
-#endif
-      reduce16(dd, acc);
-#ifdef MRT_LY_TRACE
-      const long long r1 = clock64();
-      if (tid == 0) LY_ADD(l, 20, r1 - r0);   // warp 0's out_proj reductions
-      if (tid == 32) LY_ADD(l, 25, r1 - r0);  // warp 1's
-#endif
+      reduce16(dd, acc, l, 20, 25);
       if (tid < 16) {
         const long long row = 16LL * rg + tid;
         if (a.combine && kp == 0) {
@@ -2998,7 +2995,7 @@ __device__ void layers(const LayersArgs& a) {
     float dd[4 * LY_ACC] = {};
     for (int sg = 0; sg < wk.nseg; ++sg) consume(dd, dm, sg * BULK_KS, nl - 1, 15);
     float acc = 0.f;
-    reduce16(dd, acc);
+    reduce16(dd, acc, nl - 1, 28, 29);
     const long long row = 16LL * hu + tid;
     if (tid < 16 && row < a.hN) {
       const float of = to_float(from_float<T>(acc));
