@@ -657,6 +657,7 @@ struct GemvBulk {
   long long N;
   int K, S, nseg, units;
   int t, unit, seg;          // producer: next stage, its unit and column segment
+  int ps, pph;               // producer: the next stage's slot and its round's parity (t % S, (t / S) & 1)
   int nxt;                   // producer lane 0: the unit after this one
   bool done;
 
@@ -669,10 +670,10 @@ struct GemvBulk {
     return ((BM * K * 2 + 15) / 16) * 16 + 2 * BULK_WARPS * 16 * BM * 4 + ((20 * S + 15) / 16) * 16;
   }
 
-  __device__ __forceinline__ void issue() {  // producer warp: the next stage into slot t % S
+  __device__ __forceinline__ void issue() {  // producer warp: the next stage into slot ps
 #if __CUDA_ARCH__ >= 900
-    const int lane = threadIdx.x & 31, slot = t % S;
-    if (t >= S) mbar_wait(full + S + slot, ((t / S) - 1) & 1);
+    const int lane = threadIdx.x & 31, slot = ps;
+    if (t >= S) mbar_wait(full + S + slot, pph ^ 1);  // the slot's round before
     if (seg == nseg) {  // the next unit: the one lane 0 asked for a unit ago
       const int u = __shfl_sync(0xffffffffu, nxt, 0);
       unit = u < units ? u : -1;
@@ -700,6 +701,7 @@ struct GemvBulk {
                 l2_policy<MRT_BULK_EVICT_FIRST>());
     ++seg;
     ++t;
+    ring_next(ps, pph, S);
 #endif
   }
 
@@ -709,7 +711,7 @@ struct GemvBulk {
     W = W_; N = N_; K = K_; S = stages; ctr = ctr_;
     nseg = (K + BULK_KS - 1) / BULK_KS;
     units = (int)((N + 15) / 16);
-    t = 0; seg = 0; done = false;
+    t = 0; seg = 0; ps = 0; pph = 0; done = false;
     unit = blockIdx.x < units ? (int)blockIdx.x : -1;  // first the block's own unit
     if (unit >= 0 && (threadIdx.x & 31) == 0 && (threadIdx.x >> 5) == BULK_WARPS) ask();
     const long long head = head_bytes(K, S);
