@@ -34,6 +34,7 @@ SETTINGS = {
     "t0.8_p0.95": SamplingParams(temperature=0.8, top_p=0.95, seed=1),
     "t0.8_k50_p0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=1),
     "rp1.2_greedy": SamplingParams(repetition_penalty=1.2),
+    "rp1.2_t0.8_k50_p0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=1),
 }
 VOCAB = 50280
 

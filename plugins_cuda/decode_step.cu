@@ -29,7 +29,8 @@
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
-// top-p, as runtime/sampling.py's reference; thread block clusters, sm_90+).
+// top-p, as runtime/sampling.py's reference; thread block clusters, sm_90+). With a repetition penalty,
+// penalize_rows first, over the tokens each slot was fed, which the embedding kernel marks in a bitmap.
 //
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
 // holds in the model dtype T (normalised input, xz, conv output u, x_proj output, dt_proj output, y,
@@ -54,6 +55,7 @@ constexpr int SSM_THREADS = 128;   // ssm_step
 constexpr int ROW_THREADS = 512;   // embed, residual_norm
 constexpr int CONV_THREADS = 256;  // conv_only
 constexpr int ARGMAX_THREADS = 1024;
+constexpr int PENALIZE_THREADS = 256;  // penalize
 constexpr int MAX_CONV = 8;        // d_conv limit (registers)
 constexpr int MAX_XDBL = 1024;     // r + 2n limit (ssm_step's shared row)
 
@@ -931,6 +933,9 @@ struct EmbedArgs {
   float eps;
   unsigned* zero;        // nzero words this kernel zeroes (the step's accumulators and counters, where the
   long long nzero;       // kernels after it touch them only after griddepcontrol.wait), or null
+  unsigned* seen;        // [slots, seen_w] the slots' seen tokens (bit id % 32 of word id / 32), or null: each
+  const long long* idx;  // row's token marked in its slot idx[b]'s row (the repetition penalty's: penalize_rows)
+  long long seen_w, slots;
 };
 
 // Block-wide sum over the block's threads (red: 32 floats of shared memory).
@@ -954,6 +959,12 @@ __device__ void embed(const EmbedArgs& a) {
   pdl_wait();
   const T* emb = static_cast<const T*>(a.emb);
   const int K = (int)a.K, B = (int)a.B;
+  if (a.seen && blockIdx.x == 0)
+    for (int b = threadIdx.x; b < B; b += blockDim.x) {
+      const long long id = a.ids[b], sl = a.idx[b];
+      if (id >= 0 && (id >> 5) < a.seen_w && sl >= 0 && sl < a.slots)  // checked on the host; never written outside
+        atomicOr(a.seen + sl * a.seen_w + (id >> 5), 1u << (id & 31));
+    }
   for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < a.nzero; i += (long long)gridDim.x * blockDim.x)
     a.zero[i] = 0u;
   if (a.norm_w) {
@@ -983,6 +994,38 @@ __device__ void embed(const EmbedArgs& a) {
     }
     s = block_sum(s, red);
     if (threadIdx.x == 0) a.ss_out[blockIdx.x * B + b] = s;
+  }
+}
+
+struct PenalizeArgs {
+  float* x;               // [B, V] logits, penalised in place
+  const long long* idx;   // [B] the rows' state slots
+  const unsigned* seen;   // [slots, W] the slots' seen tokens: bit i % 32 of word i / 32 (embed marks them)
+  const float* r;         // [B] the rows' repetition penalties (1: off)
+  long long V, W, slots;
+};
+
+// The repetition penalty (runtime/sampling.py, step 1; Hugging Face's rule) on the GPU: each logit of row b
+// whose token its slot has seen is divided by r[b] where positive, else multiplied by it, each rounded once to
+// float32 as the numpy reference rounds. Block b takes row b; its threads go over the slot's words and touch
+// only the seen tokens' logits, so a row costs its V / 8 bytes of bitmap and not its V logits.
+__device__ void penalize_rows(const PenalizeArgs& a) {
+  pdl_launch_dependents();
+  pdl_wait();
+  const int b = blockIdx.x;
+  const float r = a.r[b];
+  const long long sl = a.idx[b];
+  if (r == 1.f || sl < 0 || sl >= a.slots) return;  // slots are checked on the host; never read outside
+  float* x = a.x + (long long)b * a.V;
+  const unsigned* row = a.seen + sl * a.W;
+  for (long long w = threadIdx.x; w < a.W; w += blockDim.x) {
+    for (unsigned m = row[w]; m; m &= m - 1) {
+      const long long i = 32 * w + __ffs(m) - 1;
+      if (i < a.V) {
+        const float v = x[i];
+        x[i] = v > 0.f ? __fdiv_rn(v, r) : __fmul_rn(v, r);
+      }
+    }
   }
 }
 
@@ -3090,6 +3133,8 @@ __device__ void layers(const LayersArgs& a) {
       mrt_residual_norm_##TAG(const mrt::ResidualNormArgs a) { mrt::residual_norm<T>(a); }               \
   extern "C" __global__ void __launch_bounds__(mrt::ARGMAX_THREADS)                                   \
       mrt_argmax_##TAG(const mrt::ArgmaxArgs a) { mrt::argmax_rows(a); }                                \
+  extern "C" __global__ void __launch_bounds__(mrt::PENALIZE_THREADS)                                 \
+      mrt_penalize_##TAG(const mrt::PenalizeArgs a) { mrt::penalize_rows(a); }                          \
   MRT_DRAW_ENTRY(TAG)
 
 // 16-bit T: every entry point plus the tensor-core GEMVs. (Buckets of 4 and 8 rows through them

@@ -24,6 +24,7 @@ from .compiler import DTYPES
 SOURCE = "decode_step.cu"
 GEMV_THREADS, XP_THREADS, XP_CH, SSM_THREADS, ROW_THREADS, CONV_THREADS = 512, 256, 64, 128, 512, 256  # .cu
 ARGMAX_THREADS = 1024
+PENALIZE_THREADS = 256  # .cu
 ARGMAX_CHUNK = 8 * ARGMAX_THREADS  # logits per argmax block
 DRAW_CLUSTER, DRAW_THREADS, DRAW_ITEMS = 8, 512, 16  # .cu: a cluster of blocks per row, tokens per thread
 DRAW_MAX_VOCAB = DRAW_CLUSTER * DRAW_THREADS * DRAW_ITEMS  # the row in the cluster's registers
@@ -287,7 +288,9 @@ GemvResidualArgs = _struct("GemvResidualArgs", [("y", _P), ("W", _P), ("bias", _
                                                 ("ctr", _P), ("N", _L), ("K", _L), ("res_fp32", _L), ("param", _L)])
 EmbedArgs = _struct("EmbedArgs", [("ids", _P), ("emb", _P), ("h", _P), ("ss_out", _P), ("norm_w", _P),
                                   ("xn", _P), ("B", _L), ("V", _L), ("K", _L), ("eps", _F), ("zero", _P),
-                                  ("nzero", _L)])
+                                  ("nzero", _L), ("seen", _P), ("idx", _P), ("seen_w", _L), ("slots", _L)])
+PenalizeArgs = _struct("PenalizeArgs", [("x", _P), ("idx", _P), ("seen", _P), ("r", _P), ("V", _L), ("W", _L),
+                                        ("slots", _L)])
 ArgmaxArgs = _struct("ArgmaxArgs", [("x", _P), ("out", _P), ("pv", _P), ("pi", _P), ("tk", _P), ("V", _L),
                                     ("out_host", _P)])
 DrawArgs = _struct("DrawArgs", [("x", _P), ("knobs", _P), ("out", _P), ("V", _L), ("out_host", _P)])
@@ -536,10 +539,14 @@ class DecodeKernels:
     def embed_grid(self, k: int) -> int:
         return max(1, min(-(-k // ROW_THREADS), self.sm_count))
 
-    def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0, zero=0, nzero=0) -> Launch:
+    def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0, zero=0, nzero=0, seen=0, idx=0,
+              slots=0, seen_v=0) -> Launch:
         """zero: nzero 32-bit words the kernel zeroes before the step's other kernels touch them (they
-        must do so only after griddepcontrol.wait), or 0."""
-        a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps, zero or 0, nzero if zero else 0)
+        must do so only after griddepcontrol.wait), or 0. seen: the bitmap of the tokens seen per state slot
+        ([slots, seen_words(seen_v)] 32-bit words, seen_v the logits' vocabulary), in which the kernel marks
+        each row's token in the row's slot (idx: int64 [B]), or 0."""
+        a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps, zero or 0, nzero if zero else 0,
+                      seen or 0, idx if seen else 0, self.seen_words(seen_v) if seen else 0, slots if seen else 0)
         grid = B if norm_w else self.embed_grid(K)
         return Launch(self._fn(f"embed_{self.tag}"), (grid, 1), ROW_THREADS, 0, a, "embed")
 
@@ -547,6 +554,18 @@ class DecodeKernels:
         a = ResidualNormArgs(h, o, norm_w, xn, K, int(res_fp32), eps)
         return Launch(self._fn(f"residual_norm_{self.tag}"), (B, 1), residual_norm_threads(K), 0, a,
                       "residual_norm")
+
+    @staticmethod
+    def seen_words(V: int) -> int:
+        """32-bit words of one slot's row of the seen-token bitmap (embed, penalize)."""
+        return -(-V // 32)
+
+    def penalize(self, *, x, idx, seen, r, B, V, slots) -> Launch:
+        """The repetition penalty in place on x [B, V] (float32 logits): row b's logits of the tokens seen in
+        slot idx[b] (int64; the bitmap seen [slots, seen_words(V)], as embed marks it) divided by r[b] (float32
+        [B]; 1 leaves the row) where positive, else multiplied by it (runtime/sampling.py, step 1)."""
+        a = PenalizeArgs(x, idx, seen, r, V, self.seen_words(V), slots)
+        return Launch(self._fn(f"penalize_{self.tag}"), (B, 1), PENALIZE_THREADS, 0, a, "penalize")
 
     @staticmethod
     def argmax_scratch_words(B: int, V: int) -> int:

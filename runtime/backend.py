@@ -123,7 +123,8 @@ class Backend(abc.ABC):
         device (by the sampler's ``queue``: the greedy argmax, or a draw), without waiting for it.
         Returns what ``forward`` returns, or None where this backend cannot or something else ran
         since ``after`` (the caller then reads the tokens of ``after`` and feeds them to
-        ``forward``). Without a repetition penalty only: the seen-token mask is the host's."""
+        ``forward``). With a repetition penalty only where the sampler keeps the seen-token mask on the
+        device too (the torch backend's fused decode steps)."""
         return None
 
     def make_sampler(self) -> Sampler:

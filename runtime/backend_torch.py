@@ -26,7 +26,9 @@ through :func:`~mamba_rt.manifest.read_weights`, memory-mapped on the CPU). Runn
 * CUDA, fused decode (the default where the model's shape allows it): the decode step is the fused
   kernels of ``plugins_cuda/decode_step.cu`` (:mod:`~mamba_rt.runtime.fused_decode`), four per layer,
   on the slots' state in place, captured with the input copy and a greedy argmax in one CUDA graph per
-  bucket (``fused=False`` keeps the model-based graph above).
+  bucket (``fused=False`` keeps the model-based graph above). Its embedding kernel also marks each row's
+  token in a per-slot bitmap (``FusedDecoder.seen``), from which a step with a repetition penalty is
+  penalised on the device before its argmax or draw (``_Draws.penalized``), so it too can be queued ahead.
 
 This module and ``fused_decode`` are the only ones of ``mamba_rt.runtime`` that import torch.
 """
@@ -208,34 +210,111 @@ class StepLogits(NamedTuple):
     """What the torch backend's ``forward`` returns: the logits (b, vocab) on the device; ``greedy()``,
     their argmax ids (b,) on the host (a graph replay already copied them to pinned memory: the call
     waits for the replay); and ``sample(params, u)``, which queues a draw of the rows on the device
-    (``forward_next`` then feeds its ids) and returns a call that reads them."""
+    (``forward_next`` then feeds its ids) and returns a call that reads them. A fused decode step also
+    has ``penalized(params, u)``, the same with the repetition penalty applied on the device first (u
+    None when greedy; the logits are penalised in place), and ``marked``: its fed tokens are marked in
+    the device's seen-token bitmap (``FusedDecoder.seen``) already."""
 
     logits: "torch.Tensor"
     greedy: Callable[[], np.ndarray]
     sample: Callable[[SamplingParams, np.ndarray], Callable[[], np.ndarray]]
+    penalized: Callable[[SamplingParams, "np.ndarray | None"], Callable[[], np.ndarray]] | None = None
+    marked: bool = False
 
 
 class TorchSampler(HostSampler):
     """Sampling on the device where the logits are; only the ids (b,) come back to the host. Steps
-    without a repetition penalty take the ids their ``forward`` call draws on the device
-    (:class:`StepLogits`: the greedy ids a graph copied out, or a draw queued in a CUDA graph of its
-    own), so they can also be queued ahead (:meth:`queue`). The seen-token mask stays on the host
-    (marking it costs no device work per step) and goes to the device only when a repetition penalty
-    needs it."""
+    take the ids their ``forward`` call draws on the device (:class:`StepLogits`: the greedy ids a graph
+    copied out, or a draw queued in a CUDA graph of its own), so they can also be queued ahead
+    (:meth:`queue`); with a repetition penalty, fused decode steps too (``StepLogits.penalized``: the
+    penalty, then the argmax or the draw, in graphs of their own), other steps are sampled eagerly with
+    the host's mask. The seen-token mask is the host's (snapshots, forks), mirrored on the device by
+    ``seen_bits()`` (the fused decoder's bitmap, or None): the fused steps mark their fed tokens there
+    themselves, and the rows the host marked otherwise (prompts, restored snapshots) are topped up from
+    the host's before a penalised step reads them."""
 
-    def __init__(self, max_batch: int, vocab: int, device):
+    def __init__(self, max_batch: int, vocab: int, device, seen_bits: Callable[[], "torch.Tensor | None"] | None = None):
         self.device = torch.device(device)
         super().__init__(max_batch, vocab)
+        self._seen_bits = seen_bits or (lambda: None)
+        self._bits = None  # the device bitmap the rows below refer to
+        self._stale = np.ones(max_batch, bool)  # slots whose host row may hold tokens the device row lacks
+
+    def _device_rows(self):
+        """The device bitmap, or None; a new one (a backend activated again) counts every row stale."""
+        bits = self._seen_bits()
+        if bits is not self._bits:
+            self._bits = bits
+            self._stale[:] = True
+        return bits
+
+    def _sync(self, slots: np.ndarray) -> None:
+        """The device rows of ``slots`` ORed with the host's (in stream order, after the steps queued so
+        far, whose marks they keep)."""
+        bits = self._device_rows()
+        stale = slots[self._stale[slots]]
+        if bits is None or not len(stale):
+            return
+        words = bits.shape[1]
+        packed = np.zeros((len(stale), 4 * words), np.uint8)
+        packed[:, :(self.vocab + 7) // 8] = np.packbits(self.seen[stale], axis=1, bitorder="little")
+        rows = torch.from_numpy(packed.view("<i4")).to(bits.device)
+        at = torch.from_numpy(stale).to(bits.device)
+        bits[at] = bits[at] | rows
+        self._stale[stale] = False
+
+    def _on_device(self, logits) -> bool:
+        """Whether a repetition penalty on this step's logits runs on the device (a fused step's); else it
+        is applied eagerly with the host's mask."""
+        return isinstance(logits, StepLogits) and logits.penalized is not None and self._device_rows() is not None
+
+    def _penalized(self, logits, slots, params, u):
+        """Queue the penalty and the draw (u) or the argmax (u None) of a fused step; a call reads them."""
+        self._sync(slots)
+        return logits.penalized(params, u)
+
+    # -- the device rows follow the host's (companion protocol, observe) ------------------------------
+    def reset_slot(self, slot: int) -> None:
+        super().reset_slot(slot)
+        bits = self._device_rows()
+        if bits is not None:
+            bits[slot].zero_()
+        self._stale[slot] = False
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        super().copy_slot(src, dst)
+        bits = self._device_rows()
+        if bits is not None:
+            bits[dst].copy_(bits[src])
+        self._stale[dst] = self._stale[src]
+
+    def load_slot(self, slot: int, meta: dict, arrays: dict) -> None:
+        super().load_slot(slot, meta, arrays)
+        bits = self._device_rows()
+        if bits is not None:
+            bits[slot].zero_()
+        self._stale[slot] = True
+
+    def observe(self, slots, ids, out=None) -> None:
+        super().observe(slots, ids, out)
+        if not (isinstance(out, StepLogits) and out.marked):
+            self._stale[np.asarray(slots, np.int64)] = True
 
     def queue(self, logits, slots, params):
-        if not isinstance(logits, StepLogits) or params.repetition_penalty != 1.0:
+        if not isinstance(logits, StepLogits):
             return None
+        if params.repetition_penalty != 1.0:
+            if not self._on_device(logits):
+                return None
+            return self._penalized(logits, slots, params, None if params.greedy else self._uniforms(slots))
         return logits.greedy if params.greedy else logits.sample(params, self._uniforms(slots))
 
     def _sample(self, logits, slots, params, u):
         if isinstance(logits, StepLogits):
             if params.repetition_penalty == 1.0:
                 return (logits.greedy if params.greedy else logits.sample(params, u))()
+            if self._on_device(logits):
+                return self._penalized(logits, slots, params, u)()
             logits = logits.logits
         seen = None
         if params.repetition_penalty != 1.0:
@@ -354,8 +433,10 @@ class _GraphIO:
         self.out.done.synchronize()
         self.out.reuse()
 
-    def launched(self, n: int, logits, draws: "_Draws") -> StepLogits:
-        return StepLogits(logits, self.out.launched(n), functools.partial(draws, n))
+    def launched(self, n: int, logits, draws: "_Draws", fused: bool = False) -> StepLogits:
+        """fused: a fused decode step's (its tokens marked on the device, its penalty drawn there)."""
+        return StepLogits(logits, self.out.launched(n), functools.partial(draws, n),
+                          functools.partial(draws.penalized, n) if fused else None, fused)
 
 
 class _Draws:
@@ -365,49 +446,77 @@ class _Draws:
     (:func:`sample_knobs`) are copied in from pinned memory, so a graph serves every setting of its
     kind (sorting or not); two of each kind, used in turn, as two steps may be unread. Captured at
     first use in ``pool`` (intermediates only: every output lives outside it). ``draw_fn``: makes the
-    fused decoder's draw kernel (``FusedDecoder.draw_fn``) where there is one; else :func:`draw_torch`."""
+    fused decoder's draw kernel (``FusedDecoder.draw_fn``) where there is one; else :func:`draw_torch`.
+    With ``penalize`` (a fused step's: ``FusedDecoder.penalize`` on these logits) and ``argmax_fn``
+    (``FusedDecoder.argmax_fn``), :meth:`penalized` graphs apply the repetition penalty first (the
+    penalties copied in as the knobs are), then draw, or take the argmax where greedy."""
 
-    def __init__(self, logits: "torch.Tensor", gid: "torch.Tensor", pool, draw_fn=None):
+    def __init__(self, logits: "torch.Tensor", gid: "torch.Tensor", pool, draw_fn=None, penalize=None,
+                 argmax_fn=None):
         self.logits, self.gid, self.pool = logits, gid, pool
         self.draw_fn, self.draw = draw_fn, None  # the kernel's call, made at first capture
+        self.penalize, self.argmax_fn, self.argmax = penalize, argmax_fn, None
         self.vocab = logits.shape[-1]
-        self.graphs: dict = {}  # (sort, turn) -> (graph, host knobs, _IdsOut)
+        self.graphs: dict = {}  # (sort, penalised, greedy, turn) -> (graph, host knobs, host penalties, _IdsOut)
         self.turn = 0
 
-    def _capture(self, sort: bool):
+    def _capture(self, sort: bool, pen: bool = False, greedy: bool = False):
         rows, dev = len(self.gid), self.gid.device
         pin = torch.from_numpy(sample_knobs(SamplingParams(temperature=1.0), np.full(rows, 0.5), self.vocab))
         pin = pin.pin_memory()  # padding rows keep these harmless knobs
         knobs = torch.empty_like(pin, device=dev)
+        rpin = torch.ones(rows, dtype=torch.float32).pin_memory()  # 1: no penalty (padding rows, the warm-up)
+        r = torch.empty_like(rpin, device=dev)
         out = _IdsOut(rows)
         if self.draw is None and self.draw_fn is not None:
             self.draw = self.draw_fn()
-
-        host = out.mapped(dev) if self.draw is not None else 0  # the kernel stores the ids there too
+        if greedy and self.argmax is None:
+            self.argmax = self.argmax_fn()
+        kernel = self.argmax if greedy else self.draw
+        host = out.mapped(dev) if kernel is not None else 0  # the kernel stores the ids there too
 
         def body():
-            knobs.copy_(pin, non_blocking=True)
-            x = self.logits.float().contiguous()
-            if self.draw is not None:
-                self.draw(x, knobs, self.gid, host)
+            if pen:
+                r.copy_(rpin, non_blocking=True)
+                self.penalize(r)
+            if greedy:
+                self.argmax(self.logits, self.gid, host)
             else:
-                self.gid.copy_(draw_torch(x, knobs, sort))
+                knobs.copy_(pin, non_blocking=True)
+                x = self.logits.float().contiguous()
+                if self.draw is not None:
+                    self.draw(x, knobs, self.gid, host)
+                else:
+                    self.gid.copy_(draw_torch(x, knobs, sort))
             if not host:
                 out.copy_from(self.gid)
 
-        return _capture(body, dev, self.pool, 1)[0], pin.numpy(), out
+        return _capture(body, dev, self.pool, 1)[0], pin.numpy(), rpin.numpy(), out
+
+    def _replay(self, key, n: int, params: SamplingParams, u) -> _Ids:
+        key = key + (self.turn,)
+        self.turn ^= 1
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key[:3])
+        graph, knobs, rp, out = self.graphs[key]
+        out.reuse()  # its last replay no longer reads the host buffers
+        if u is not None:
+            knobs[:n] = sample_knobs(params, u, self.vocab)
+        rp[:n] = params.repetition_penalty
+        graph.replay()
+        return out.launched(n)
 
     def __call__(self, n: int, params: SamplingParams, u: np.ndarray) -> _Ids:
         sort = needs_sort(params, self.vocab) or self.draw_fn is not None  # the kernel: one kind
-        key = (sort, self.turn)
-        self.turn ^= 1
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(sort)
-        graph, host, out = self.graphs[key]
-        out.reuse()  # its last replay no longer reads host
-        host[:n] = sample_knobs(params, u, self.vocab)
-        graph.replay()
-        return out.launched(n)
+        return self._replay((sort, False, False), n, params, u)
+
+    def penalized(self, n: int, params: SamplingParams, u: "np.ndarray | None") -> _Ids:
+        """The rows' repetition penalty (params.repetition_penalty) applied to the logits in place, then
+        the draw with u, or the greedy argmax where u is None."""
+        if self.penalize is None:
+            raise InternalError("penalized draws are a fused decode step's")
+        sort = u is not None and (needs_sort(params, self.vocab) or self.draw_fn is not None)
+        return self._replay((sort, True, u is None), n, params, u)
 
 
 class _PaddedOps:
@@ -530,7 +639,8 @@ class _FusedGraph:
         # warm-up (kernel loading, cuBLAS handles) on the scratch slot only
         self.graph, _ = _capture(self._step, dev, pool, 2)
         self.draws = _Draws(self.bk.logits, self.io.gid, pool,
-                            functools.partial(decoder.draw_fn, bucket) if decoder.draws else None)
+                            functools.partial(decoder.draw_fn, bucket) if decoder.draws else None,
+                            functools.partial(decoder.penalize, self.bk), functools.partial(decoder.argmax_fn, bucket))
         self._next: list | None = None  # (graph, its _IdsOut) x 2, captured at the first run_next
         self._turn = 0
         self._last: StepLogits | None = None  # what the last replay returned
@@ -560,7 +670,7 @@ class _FusedGraph:
         inp[1, :n], inp[1, n:] = slots, self.scratch
         self.graph.replay()
         self._slots = slots.copy()
-        self._last = self.io.launched(n, self.bk.logits[:n], self.draws)
+        self._last = self.io.launched(n, self.bk.logits[:n], self.draws, fused=True)
         return self._last
 
     def run_next(self, slots: np.ndarray, after: StepLogits) -> StepLogits | None:
@@ -581,7 +691,8 @@ class _FusedGraph:
         out.reuse()
         graph.replay()
         n = len(slots)
-        self._last = StepLogits(self.bk.logits[:n], out.launched(n), functools.partial(self.draws, n))
+        self._last = StepLogits(self.bk.logits[:n], out.launched(n), functools.partial(self.draws, n),
+                                functools.partial(self.draws.penalized, n), True)
         return self._last
 
 
@@ -661,7 +772,8 @@ class TorchBackend(Backend):
             torch.cuda.empty_cache()
 
     def make_sampler(self):
-        return TorchSampler(self.max_batch, self.vocab, self.torch_device)
+        return TorchSampler(self.max_batch, self.vocab, self.torch_device,
+                            lambda: self.decoder.seen if self.decoder is not None else None)
 
     def logits_to_host(self, logits):
         if isinstance(logits, StepLogits):

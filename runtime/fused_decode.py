@@ -151,6 +151,10 @@ class FusedDecoder:
         self._tmaps = []  # proj_wg's tensor maps in device memory, per launch
         self.aligned = all(w.data_ptr() % 16 == 0 for w in
                            [self.lm_head] + [p for l in layers for p in (l.mixer.in_proj.weight, l.mixer.out_proj.weight)])
+        # the tokens each state slot was fed by these steps: the embedding marks every row's token in its slot
+        # (decode_step.cu embed), the repetition penalty reads them (penalize); the sampler owns the rows
+        # (runtime/backend_torch.py TorchSampler: zeroed, copied and topped up from the host's mask)
+        self.seen = torch.zeros(conv.shape[1], self.k.seen_words(c.vocab_size), dtype=torch.int32, device=self.device)
 
     @staticmethod
     def _p(t):
@@ -200,14 +204,15 @@ class FusedDecoder:
         res32 = c.residual_in_fp32
         fold_dt, fold_x = bk.fold_dt, bk.fold_x
         out = []
+        seen = dict(seen=p(self.seen), idx=p(bk.idx), slots=self.seen.shape[0], seen_v=c.vocab_size)
         if bk.gemv:
             zero = dict(zero=p(bk.zeroed), nzero=bk.zeroed.numel()) if bk.embed_zeroes else {}
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
-                               V=emb.shape[0], K=dm, eps=self.eps, **zero))
+                               V=emb.shape[0], K=dm, eps=self.eps, **zero, **seen))
             ss, G = bk.ss_embed, bk.ge
         else:
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=0, B=B, V=emb.shape[0], K=dm,
-                               eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn)))
+                               eps=self.eps, norm_w=p(layers[0].norm.weight), xn=p(bk.xn), **seen))
         if bk.ly:  # every layer in one kernel, and the head (else the head reads its h and partial sums)
             out.append(k.layers(bk.ly, table=p(self._layer_table()[0]), idx=p(bk.idx), h=p(bk.h),
                                 ss=p(bk.ss_layers), hbuf=p(bk.hbuf), xacc=p(bk.acc), part=p(bk.part),
@@ -385,12 +390,24 @@ class FusedDecoder:
         self._argmax(bk.logits, out, bk.argmax_scratch, host)
 
     def argmax_fn(self, rows: int):
-        """``argmax(logits, out)`` for a graph of ``rows`` rows (logits [rows, vocab_size] float32 on
-        this device): the greedy kernel above, with a scratch of its own, on the current stream. A
-        graph that captures it must keep the function (its scratch) alive as long as the graph."""
+        """``argmax(logits, out, host=0)`` for a graph of ``rows`` rows (logits [rows, vocab_size] float32 on
+        this device): the greedy kernel above, with a scratch of its own, on the current stream (and at host,
+        as in enqueue). A graph that captures it must keep the function (its scratch) alive as long as the
+        graph."""
         scratch = torch.zeros(self.k.argmax_scratch_words(rows, self.config.vocab_size), dtype=torch.int32,
                               device=self.device)
-        return lambda logits, out: self._argmax(logits, out, scratch)
+        return lambda logits, out, host=0: self._argmax(logits, out, scratch, host)
+
+    def penalize(self, bk: DecodeBucket, r: "torch.Tensor") -> None:
+        """The repetition penalty on bk.logits in place, on the current stream: row b's logits of the tokens
+        its slot bk.idx[b] was fed (self.seen) divided by r[b] where positive, else multiplied by it
+        (runtime/sampling.py, step 1; r float32 (bk.B,) on this device, 1 for rows without a penalty)."""
+        if r.dtype != torch.float32 or tuple(r.shape) != (bk.B,) or not r.is_contiguous() or r.device != self.device:
+            raise InternalError(f"fused decode penalize: r must be contiguous float32 ({bk.B},) on {self.device}, "
+                                f"got {r.dtype} {tuple(r.shape)} on {r.device}")
+        ln = self.k.penalize(x=bk.logits.data_ptr(), idx=bk.idx.data_ptr(), seen=self.seen.data_ptr(),
+                             r=r.data_ptr(), B=bk.B, V=self.config.vocab_size, slots=self.seen.shape[0])
+        self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
 
     @property
     def draws(self) -> bool:

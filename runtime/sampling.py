@@ -174,8 +174,10 @@ class Sampler:
         """Start a new random stream for ``slot``."""
         self.seeds[slot], self.counters[slot] = np.uint64(seed & _M64), 0
 
-    def observe(self, slots, ids) -> None:
-        """Mark the tokens ``ids`` (b, L) fed to ``slots`` as seen (for the repetition penalty)."""
+    def observe(self, slots, ids, out=None) -> None:
+        """Mark the tokens ``ids`` (b, L) fed to ``slots`` as seen (for the repetition penalty). ``out``:
+        what the backend's ``forward`` returned for them, where a sampler keeps a copy of the mask on the
+        device and the step may have marked them there already (the torch backend's fused steps)."""
         self.seen[np.asarray(slots, np.int64)[:, None], np.asarray(ids, np.int64)] = True
 
     def sample(self, logits, slots, params: SamplingParams) -> np.ndarray:

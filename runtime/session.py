@@ -213,7 +213,7 @@ class Session:
             raise InputError(f"token_ids: expected one id per slot ({len(slots)}), got {ids.size}")
         sampling = GREEDY if sampling is None else sampling
         logits = self.backend.forward(slots, ids[:, None])
-        self.sampler.observe(slots, ids[:, None])
+        self.sampler.observe(slots, ids[:, None], logits)
         return self._finish_step(slots, logits, sampling, return_logits)
 
     def decode(self, slots: Sequence[int], steps: int, token_ids=None,
@@ -222,9 +222,9 @@ class Session:
         before chose (the first feeds ``token_ids``, by default the slots' pending tokens); returns
         the chosen tokens, (steps, len(slots)) int64. Tokens, state and pending tokens afterwards are
         those of as many :meth:`step` calls; but where the backend can (the torch backend's fused
-        decode graphs, greedy or sampled on the GPU, no repetition penalty) each step is queued on
-        the GPU, fed from the device, before the host reads the step before it, so the GPU never
-        waits for the host."""
+        decode graphs, greedy or sampled on the GPU, with or without a repetition penalty) each step is
+        queued on the GPU, fed from the device, before the host reads the step before it, so the GPU
+        never waits for the host."""
         run = self._step_run(slots, steps, token_ids, sampling)
         return np.stack([run.next() for _ in range(steps)])
 
@@ -387,9 +387,9 @@ class _StepRun:
     """``limit`` decode steps of fixed ``slots`` (Session.decode, generate): the first fed ``ids``,
     each next one the tokens of the one before. ``next()`` returns the oldest unread step's tokens
     (observed by the sampler, the slots' pending tokens). Where the sampler leaves a step's tokens on
-    the device (``Sampler.queue``: the torch backend, no repetition penalty) it first queues the step
-    after that one (``Backend.forward_next``), so at most two steps are unread; otherwise each step
-    is read (sampled) as soon as it is queued. No step is queued past ``limit``."""
+    the device (``Sampler.queue``: the torch backend; with a repetition penalty, its fused steps) it
+    first queues the step after that one (``Backend.forward_next``), so at most two steps are unread;
+    otherwise each step is read (sampled) as soon as it is queued. No step is queued past ``limit``."""
 
     def __init__(self, session: Session, slots: np.ndarray, ids: np.ndarray, sampling: SamplingParams,
                  limit: int):
@@ -410,7 +410,7 @@ class _StepRun:
         if toks is None:  # sampled now: the logits are the backend's until its next call
             if ids is None:
                 raise InternalError("decode: a step queued ahead cannot be sampled on the host")
-            smp.observe(self.slots, ids[:, None])
+            smp.observe(self.slots, ids[:, None], out)
             toks = self.s._finish_step(self.slots, out, self.sampling, False)
         self.flight.append((out, toks))
         return True
@@ -433,9 +433,9 @@ class _StepRun:
         return toks
 
     def _read(self) -> np.ndarray:
-        _, toks = self.flight.pop(0)
+        out, toks = self.flight.pop(0)
         if callable(toks):  # on the device until now: observed and handed out as it is read
-            self.s.sampler.observe(self.slots, self.fed[:, None])
+            self.s.sampler.observe(self.slots, self.fed[:, None], out)
             toks = self.s._hand_out(self.slots, toks())
         self.fed = toks
         return toks

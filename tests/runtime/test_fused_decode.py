@@ -523,6 +523,87 @@ def test_argmax_matches_torch(bucket):
         assert torch.equal(out, torch.argmax(x, dim=-1)), (trial, out, torch.argmax(x, dim=-1))
 
 
+def _seen_rows(dec, V):
+    """The fused decoder's seen-token bitmap as a bool array [slots, V]."""
+    words = dec.seen.cpu().numpy().astype("<i4").view(np.uint8)
+    return np.unpackbits(words, axis=1, count=V, bitorder="little").astype(bool)
+
+
+@pytest.mark.parametrize("vocab", [101, 50277])
+def test_penalize_kernel_equals_the_numpy_reference(vocab):
+    """The repetition penalty kernel against runtime/sampling.py's numpy rule, bit for bit: random seen
+    bitmaps (dense, sparse, a full row, an empty one, the vocabulary's last token, whose word is partial),
+    each row its own slot (two rows on one slot) and penalty (above and below 1, and 1: the row left as it
+    is), logits with positive, negative, zero, infinite and NaN values, poisoned bitmap padding bits past
+    the vocabulary that must not be read as tokens."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    cfg = MambaConfig(d_model=64, n_layer=1, vocab_size=vocab, d_state=16, d_conv=4, pad_vocab_size_multiple=1)
+    model, _ = _models(cfg, "fp16", 0)
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
+    shapes = cfg.state_shapes(7)  # 7 slots
+    dec = FusedDecoder(model, torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda"),
+                       torch.zeros(shapes["ssm_state"], device="cuda"), "fp16")
+    bk = dec.bucket(8)
+    slots, W = dec.seen.shape
+    assert slots == 7 and W == -(-vocab // 32)
+    for trial in range(3):
+        seen = rng.random((slots, vocab)) < np.array([0.5, 0.02, 1.1, 0.0, 0.3, 0.1, 0.7])[:, None]
+        seen[4, vocab - 1] = True
+        packed = np.zeros((slots, 4 * W), np.uint8)
+        packed[:, :(vocab + 7) // 8] = np.packbits(seen, axis=1, bitorder="little")
+        bits = packed.view("<i4").copy()
+        if vocab % 32:  # poison: bits past the vocabulary
+            bits[:, -1] |= np.int32(-1) << np.int32(vocab % 32)
+        dec.seen.copy_(torch.from_numpy(bits))
+        assert np.array_equal(_seen_rows(dec, vocab), seen)
+        idx = np.array([0, 1, 2, 3, 4, 5, 6, 2])
+        r = np.array([1.2, 0.5, 3.0, 1.7, 1.0, 0.9, 1.1, 1.3], np.float32)
+        x = rng.standard_normal((8, vocab)).astype(np.float32) * 4
+        x[:, :3] = [0.0, -0.0, float("inf")]
+        x[rng.random((8, vocab)) < 0.01] = float("nan")
+        x[:, vocab - 1] = -1.5
+        bk.logits.copy_(torch.from_numpy(x))
+        bk.idx.copy_(torch.from_numpy(idx))
+        dec.penalize(bk, torch.from_numpy(r).cuda())
+        got = bk.logits.cpu().numpy()
+        with np.errstate(invalid="ignore"):
+            want = np.where(seen[idx], np.where(x > 0, x / r[:, None], x * r[:, None]), x).astype(np.float32)
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan), trial  # (a NaN's payload is the GPU's own)
+        assert np.array_equal(got[~nan].view(np.int32), want[~nan].view(np.int32)), trial
+        assert (got[~nan] != x[~nan]).sum() > vocab // 4, trial  # it did something
+
+
+@pytest.mark.parametrize("bucket", [1, 3, 16])
+def test_embed_marks_each_rows_token_in_its_slot(bucket):
+    """Every fused step's embedding marks the row's token in its slot's row of the seen-token bitmap (the
+    repetition penalty's), ORed into what is there, and nothing else (the GEMV path at 1 row, the GEMM
+    path's embedding at 3 and 16)."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    cfg = MambaConfig(**CASES["mid"])
+    model, _ = _models(cfg, "fp16", 0)
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**31))
+    shapes = cfg.state_shapes(bucket + 2)
+    dec = FusedDecoder(model, torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda"),
+                       torch.zeros(shapes["ssm_state"], device="cuda"), "fp16")
+    bk = dec.bucket(bucket)
+    V = cfg.vocab_size
+    before = rng.integers(-2**31, 2**31, dec.seen.shape, dtype=np.int64).astype(np.int32)
+    before &= rng.integers(-2**31, 2**31, dec.seen.shape, dtype=np.int64).astype(np.int32)  # a quarter set
+    dec.seen.copy_(torch.from_numpy(before))
+    want = _seen_rows(dec, V)
+    ids = rng.integers(0, V, bucket)
+    idx = rng.permutation(bucket + 2)[:bucket]
+    bk.ids.copy_(torch.from_numpy(ids))
+    bk.idx.copy_(torch.from_numpy(idx))
+    dec.enqueue(bk)
+    torch.cuda.synchronize()
+    want[idx, ids] = True
+    assert np.array_equal(_seen_rows(dec, V), want)
+
+
 @pytest.mark.parametrize("vocab", [1000, 50277, 65536])
 def test_draw_kernel_equals_the_numpy_sampler(vocab):
     """The draw kernel (one sampled token per row) against runtime/sampling.py's numpy reference on

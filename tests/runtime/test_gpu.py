@@ -224,6 +224,55 @@ def test_torch_graph_draws_equal_the_numpy_reference(packages, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_torch_penalty_on_the_device_equals_the_numpy_reference(packages, dtype):
+    """With a repetition penalty a fused step's logits are penalised on the device (the tokens seen: the
+    prompt's, topped up from the host's mask before the first such step, then those the steps were fed,
+    marked by their embedding kernels), then the argmax or the draw runs in a graph of its own: each step
+    picks the tokens of sample_numpy on the same logits, host mask and uniform numbers, at bucket 1 and at
+    bucket 4 with a padding row (the logits from a fork of each slot, whose mask the fork copies on the
+    device too). Then decode (every step after the first queued ahead) and generate give the same as step()
+    at a time."""
+    from mamba_rt.runtime.sampling import sample_numpy, uniforms
+    from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
+
+    pkgs, seed = packages
+    settings = [SamplingParams(repetition_penalty=3.0), SamplingParams(repetition_penalty=0.3),
+                SamplingParams(temperature=0.9, top_k=30, repetition_penalty=1.5),
+                SamplingParams(temperature=1.2, top_p=0.9, repetition_penalty=2.0)]
+    rng = np.random.default_rng(seed)
+    changed = 0
+    with Session.open(pkgs[dtype], backend="torch", device="cuda", max_batch=6) as s:
+        assert s.backend.fused
+        prompts = diverse_prompts(s, [1, 5, 11], 12)
+        for n in (1, 3):
+            for sp in settings:
+                slots = s.alloc(n)
+                for x, p in zip(slots, prompts):
+                    s.seed(x, int(rng.integers(2**63)))
+                    s.prefill(x, p)
+                toks = np.array([s.pending(x) for x in slots])
+                for _ in range(6):
+                    forks = [s.fork(x) for x in slots]
+                    logits = s.step(forks, toks, return_logits=True)
+                    seen = s.sampler.seen[forks].copy()  # the prompt and the tokens fed, this step's too
+                    for y in forks:
+                        s.free(y)
+                    u = None if sp.greedy else uniforms(s.sampler.seeds[slots], s.sampler.counters[slots])
+                    want = sample_numpy(logits, seen, sp, u)
+                    toks = s.step(slots, toks, sp)
+                    np.testing.assert_array_equal(toks, want, err_msg=f"seed {seed}, {sp}")
+                    changed += int((want != sample_numpy(logits, None, sp, u)).sum())
+                for x in slots:
+                    s.free(x)
+        assert changed >= 4, "the penalty all but never changed a token: the comparison would not discriminate"
+        for sp in (SamplingParams(repetition_penalty=1.4), SamplingParams(temperature=1.1, top_k=30, top_p=0.9,
+                                                                        repetition_penalty=1.3, seed=seed)):
+            check_decode_equals_steps(s, prompts[:1], 30, sp)
+            check_decode_equals_steps(s, prompts, 30, sp)
+            check_generate_ahead_equals_waiting(s, prompts, 30, sp)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_fused_steps_store_their_tokens_in_pinned_memory(packages, dtype, monkeypatch):
     """The kernels that take a fused step's tokens (the head's argmax, the argmax kernel, the draw
     kernel) store them straight into the graph's pinned buffer (decode_step.IDS_TO_HOST), with no copy
@@ -279,7 +328,7 @@ SETTINGS = {"greedy": None, "sampled": SamplingParams(temperature=1.0, top_p=0.9
                                           ("onnxruntime", "sampled")])
 def test_constant_device_and_host_memory_over_20000_tokens(packages, name, setting):
     """Greedy and sampled (the torch backend queues steps ahead, drawn in CUDA graphs), and with a
-    repetition penalty (each step read before the next)."""
+    repetition penalty (applied on the device, queued ahead as well)."""
     pkgs, _ = packages
     n = 20000
     sp = SETTINGS[setting]
