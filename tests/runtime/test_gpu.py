@@ -230,8 +230,8 @@ def test_torch_penalty_on_the_device_equals_the_numpy_reference(packages, dtype)
     marked by their embedding kernels), then the argmax or the draw runs in a graph of its own: each step
     picks the tokens of sample_numpy on the same logits, host mask and uniform numbers, at bucket 1 and at
     bucket 4 with a padding row (the logits from a fork of each slot, whose mask the fork copies on the
-    device too). Then decode (every step after the first queued ahead) and generate give the same as step()
-    at a time."""
+    device too); a restored snapshot goes on as its slot did. Then decode (every step after the first queued
+    ahead) and generate give the same as step() at a time."""
     from mamba_rt.runtime.sampling import sample_numpy, uniforms
     from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
 
@@ -265,6 +265,20 @@ def test_torch_penalty_on_the_device_equals_the_numpy_reference(packages, dtype)
                 for x in slots:
                     s.free(x)
         assert changed >= 4, "the penalty all but never changed a token: the comparison would not discriminate"
+        # a snapshot restored into another slot (its device row zeroed, then topped up from the host's) goes on
+        # as the slot it came from did
+        sp = SamplingParams(temperature=1.0, top_k=40, repetition_penalty=1.6)
+        a = s.alloc()
+        s.seed(a, seed)
+        whole = s.generate(prompts[1], 24, sp, stream=False, slots=[a])[0].ids
+        s.reset(a)
+        s.seed(a, seed)
+        first = s.generate(prompts[1], 12, sp, stream=False, slots=[a])[0].ids
+        b = s.alloc()
+        s.restore(b, s.snapshot(a))
+        assert first + s.generate([], 12, sp, stream=False, slots=[b])[0].ids == whole, seed
+        s.free(a)
+        s.free(b)
         for sp in (SamplingParams(repetition_penalty=1.4), SamplingParams(temperature=1.1, top_k=30, top_p=0.9,
                                                                         repetition_penalty=1.3, seed=seed)):
             check_decode_equals_steps(s, prompts[:1], 30, sp)
