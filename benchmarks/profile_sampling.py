@@ -7,7 +7,8 @@ NOTES.md, item 37).
 Default: per model (random weights, fp16) and batch, 50 steps of ``Session.decode`` (queued ahead where
 the sampler allows) and 50 ``step()`` calls ("/step") with each of SETTINGS, in turn for 3 timed
 rounds after one; wall ms per step, medians. Also ``sample_torch`` called eagerly on random logits
-(GPU ms per call, CUDA events).
+(GPU ms per call, CUDA events), and (batch 1) the time to the first token of a prompt of PROMPT tokens
+with each setting (``Session.prefill`` into a reset slot, wall ms, median of 10 after 2).
 
 ``--draw``: the draw alone on logits of vocabulary 50,280 (random, and shaped like a language model's:
 ``LOGITS``), as CUDA-graph replays (µs per replay): the draw kernel with each sampled setting,
@@ -37,6 +38,7 @@ SETTINGS = {
     "rp1.2_t0.8_k50_p0.95": SamplingParams(temperature=0.8, top_k=50, top_p=0.95, repetition_penalty=1.2, seed=1),
 }
 VOCAB = 50280
+PROMPT = 512
 
 
 def _zipf(B: int) -> "torch.Tensor":
@@ -73,6 +75,17 @@ def session_rows(name: str, batches, steps=50, rounds=3) -> None:
                     if r:
                         res.setdefault(k, []).append((t1 - t0) * 1e3 / steps)
                         res.setdefault(k + "/step", []).append((t2 - t1) * 1e3 / steps)
+            ttft = {}
+            if B == 1:
+                prompt = np.random.default_rng(0).integers(0, s.vocab, PROMPT)
+                for k, p in SETTINGS.items():
+                    times = []
+                    for i in range(12):
+                        s.reset(slots[0])
+                        t0 = time.perf_counter()
+                        s.prefill(slots[0], prompt, p)
+                        times.append(time.perf_counter() - t0)
+                    ttft[k] = round(statistics.median(times[2:]) * 1e3, 4)
             for x in slots:
                 s.free(x)
             logits = torch.randn(B, s.vocab, device="cuda")
@@ -93,6 +106,7 @@ def session_rows(name: str, batches, steps=50, rounds=3) -> None:
                 eager[k] = round(e0.elapsed_time(e1) / steps, 4)
             print(json.dumps({"config": name, "batch": B,
                               "ms_per_step": {k: round(statistics.median(v), 4) for k, v in res.items()},
+                              f"ttft_ms_{PROMPT}": ttft,
                               "sample_torch_eager_ms": eager}), flush=True)
 
 

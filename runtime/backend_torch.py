@@ -210,10 +210,11 @@ class StepLogits(NamedTuple):
     """What the torch backend's ``forward`` returns: the logits (b, vocab) on the device; ``greedy()``,
     their argmax ids (b,) on the host (a graph replay already copied them to pinned memory: the call
     waits for the replay); and ``sample(params, u)``, which queues a draw of the rows on the device
-    (``forward_next`` then feeds its ids) and returns a call that reads them. A fused decode step also
-    has ``penalized(params, u)``, the same with the repetition penalty applied on the device first (u
-    None when greedy; the logits are penalised in place), and ``marked``: its fed tokens are marked in
-    the device's seen-token bitmap (``FusedDecoder.seen``) already."""
+    (``forward_next`` then feeds its ids) and returns a call that reads them. Where the fused decoder
+    serves (its decode steps, the prompt graphs) also ``penalized(params, u)``, the same with the
+    repetition penalty applied on the device first (u None when greedy; float32 logits are penalised in
+    place); and ``marked`` (a fused decode step's): its fed tokens are marked in the device's seen-token
+    bitmap (``FusedDecoder.seen``) already."""
 
     logits: "torch.Tensor"
     greedy: Callable[[], np.ndarray]
@@ -226,14 +227,15 @@ class TorchSampler(HostSampler):
     """Sampling on the device where the logits are; only the ids (b,) come back to the host. Steps
     take the ids their ``forward`` call draws on the device (:class:`StepLogits`: the greedy ids a graph
     copied out, or a draw queued in a CUDA graph of its own), so they can also be queued ahead
-    (:meth:`queue`); with a repetition penalty, fused decode steps too (``StepLogits.penalized``: the
-    penalty, then the argmax or the draw, in graphs of their own), other steps are sampled eagerly with
-    the host's mask. The seen-token mask is the host's (snapshots, forks), mirrored on the device by
-    ``seen_bits()`` (the fused decoder's bitmap, or None): the fused steps mark their fed tokens there
-    themselves, and the rows the host marked otherwise (prompts, restored snapshots) are topped up from
-    the host's before a penalised step reads them."""
+    (:meth:`queue`); with a repetition penalty, fused decode steps and prompt graphs too
+    (``StepLogits.penalized``: the penalty, then the argmax or the draw, in graphs of their own), other
+    steps are sampled eagerly with the host's mask. The seen-token mask is the host's (snapshots,
+    forks), mirrored on the device by ``seen_bits()`` (the fused decoder's bitmap, or None): the fused
+    steps mark their fed tokens there themselves, and the rows the host marked otherwise (prompts,
+    restored snapshots) are topped up from the host's before a penalised step reads them."""
 
-    def __init__(self, max_batch: int, vocab: int, device, seen_bits: Callable[[], "torch.Tensor | None"] | None = None):
+    def __init__(self, max_batch: int, vocab: int, device,
+                 seen_bits: Callable[[], "torch.Tensor | None"] | None = None):
         self.device = torch.device(device)
         super().__init__(max_batch, vocab)
         self._seen_bits = seen_bits or (lambda: None)
@@ -264,8 +266,8 @@ class TorchSampler(HostSampler):
         self._stale[stale] = False
 
     def _on_device(self, logits) -> bool:
-        """Whether a repetition penalty on this step's logits runs on the device (a fused step's); else it
-        is applied eagerly with the host's mask."""
+        """Whether a repetition penalty on this step's logits runs on the device (a fused step's or a prompt
+        graph's); else it is applied eagerly with the host's mask."""
         return isinstance(logits, StepLogits) and logits.penalized is not None and self._device_rows() is not None
 
     def _penalized(self, logits, slots, params, u):
@@ -433,10 +435,10 @@ class _GraphIO:
         self.out.done.synchronize()
         self.out.reuse()
 
-    def launched(self, n: int, logits, draws: "_Draws", fused: bool = False) -> StepLogits:
-        """fused: a fused decode step's (its tokens marked on the device, its penalty drawn there)."""
+    def launched(self, n: int, logits, draws: "_Draws", marked: bool = False) -> StepLogits:
+        """marked: a fused decode step's (its tokens marked in the device's seen-token bitmap)."""
         return StepLogits(logits, self.out.launched(n), functools.partial(draws, n),
-                          functools.partial(draws.penalized, n) if fused else None, fused)
+                          functools.partial(draws.penalized, n) if draws.penalize is not None else None, marked)
 
 
 class _Draws:
@@ -447,9 +449,9 @@ class _Draws:
     kind (sorting or not); two of each kind, used in turn, as two steps may be unread. Captured at
     first use in ``pool`` (intermediates only: every output lives outside it). ``draw_fn``: makes the
     fused decoder's draw kernel (``FusedDecoder.draw_fn``) where there is one; else :func:`draw_torch`.
-    With ``penalize`` (a fused step's: ``FusedDecoder.penalize`` on these logits) and ``argmax_fn``
-    (``FusedDecoder.argmax_fn``), :meth:`penalized` graphs apply the repetition penalty first (the
-    penalties copied in as the knobs are), then draw, or take the argmax where greedy."""
+    With ``penalize`` (``penalize(x, r)``: ``FusedDecoder.penalize`` on float32 logits x, the rows' slots
+    bound) and ``argmax_fn`` (``FusedDecoder.argmax_fn``), :meth:`penalized` graphs apply the repetition
+    penalty first (the penalties copied in as the knobs are), then draw, or take the argmax where greedy."""
 
     def __init__(self, logits: "torch.Tensor", gid: "torch.Tensor", pool, draw_fn=None, penalize=None,
                  argmax_fn=None):
@@ -476,14 +478,14 @@ class _Draws:
         host = out.mapped(dev) if kernel is not None else 0  # the kernel stores the ids there too
 
         def body():
+            x = self.logits.float().contiguous()  # the logits themselves where they are float32 already
             if pen:
                 r.copy_(rpin, non_blocking=True)
-                self.penalize(r)
+                self.penalize(x, r)
             if greedy:
-                self.argmax(self.logits, self.gid, host)
+                self.argmax(x, self.gid, host)
             else:
                 knobs.copy_(pin, non_blocking=True)
-                x = self.logits.float().contiguous()
                 if self.draw is not None:
                     self.draw(x, knobs, self.gid, host)
                 else:
@@ -514,7 +516,7 @@ class _Draws:
         """The rows' repetition penalty (params.repetition_penalty) applied to the logits in place, then
         the draw with u, or the greedy argmax where u is None."""
         if self.penalize is None:
-            raise InternalError("penalized draws are a fused decode step's")
+            raise InternalError("penalized draws need the fused decoder's penalty kernel")
         sort = u is not None and (needs_sort(params, self.vocab) or self.draw_fn is not None)
         return self._replay((sort, True, u is None), n, params, u)
 
@@ -556,10 +558,12 @@ class _ModelGraph:
     back, the last position's logits and their greedy ids (``argmax(logits, out)``, torch's by
     default) copied back to pinned memory. A decode step of a batch bucket is (bucket, 1), a prompt
     piece of one slot (1, length). Padding rows read and write the scratch slot. ``padded`` (one
-    row): prompts of fewer tokens, right-aligned behind padding positions (:class:`_PaddedOps`)."""
+    row): prompts of fewer tokens, right-aligned behind padding positions (:class:`_PaddedOps`).
+    ``penalize`` (``FusedDecoder.penalize``, with its argmax kernel as ``argmax``): the first token's
+    repetition penalty on the device too (:meth:`_Draws.penalized`)."""
 
     def __init__(self, model, state: TorchStateBuffers, rows: int, length: int, pool, warmup: int, argmax=None,
-                 padded: bool = False, draw_fn=None):
+                 padded: bool = False, draw_fn=None, penalize=None):
         dev = state.conv.device
         self.rows, self.length, self.scratch = rows, length, state.scratch
         self.k1 = state.conv.shape[-1]
@@ -574,6 +578,9 @@ class _ModelGraph:
         self.inp = torch.empty(n_in, dtype=torch.int64, device=dev)
         cut = rows * length
         ids, idx = self.inp[:cut].view(rows, length), self.inp[cut:cut + rows]
+        # with penalize (FusedDecoder.penalize) and the argmax kernel (FusedDecoder.argmax_fn), the repetition
+        # penalty on the device too (:meth:`_Draws.penalized`)
+        pen = (lambda x, r: penalize(x, idx, r)) if penalize is not None and argmax is not None else None
         # kept with the graph: the replays use whatever device memory they hold (the kernel's scratch)
         self.argmax = argmax = argmax or (lambda x, out: torch.argmax(x, -1, out=out))
         self.padded = _PaddedOps(model.ops, self.inp[cut + rows:], length, self.k1) if padded else None
@@ -593,7 +600,7 @@ class _ModelGraph:
             return logits
 
         self.graph, self.logits = _capture(body, dev, pool, warmup)
-        self.draws = _Draws(self.logits, self.io.gid, pool, draw_fn)
+        self.draws = _Draws(self.logits, self.io.gid, pool, draw_fn, pen, lambda: self.argmax)
 
     def run(self, slots: np.ndarray, ids: np.ndarray) -> StepLogits:
         """slots (n,), ids (n, length) with n <= rows: the logits of the n rows and their greedy ids.
@@ -640,7 +647,8 @@ class _FusedGraph:
         self.graph, _ = _capture(self._step, dev, pool, 2)
         self.draws = _Draws(self.bk.logits, self.io.gid, pool,
                             functools.partial(decoder.draw_fn, bucket) if decoder.draws else None,
-                            functools.partial(decoder.penalize, self.bk), functools.partial(decoder.argmax_fn, bucket))
+                            lambda x, r: decoder.penalize(x, self.bk.idx, r),
+                            functools.partial(decoder.argmax_fn, bucket))
         self._next: list | None = None  # (graph, its _IdsOut) x 2, captured at the first run_next
         self._turn = 0
         self._last: StepLogits | None = None  # what the last replay returned
@@ -670,7 +678,7 @@ class _FusedGraph:
         inp[1, :n], inp[1, n:] = slots, self.scratch
         self.graph.replay()
         self._slots = slots.copy()
-        self._last = self.io.launched(n, self.bk.logits[:n], self.draws, fused=True)
+        self._last = self.io.launched(n, self.bk.logits[:n], self.draws, marked=True)
         return self._last
 
     def run_next(self, slots: np.ndarray, after: StepLogits) -> StepLogits | None:
@@ -846,7 +854,8 @@ class TorchBackend(Backend):
                 g = self._prefill_graphs[length, padded] = _ModelGraph(
                     self.model, self.state, 1, length, self._prefill_pool, 1,
                     self.decoder.argmax_fn(1) if self.decoder else None, padded,
-                    functools.partial(self.decoder.draw_fn, 1) if self.decoder and self.decoder.draws else None)
+                    functools.partial(self.decoder.draw_fn, 1) if self.decoder and self.decoder.draws else None,
+                    self.decoder.penalize if self.decoder else None)
             logits = g.run(slots, piece)
         return logits
 

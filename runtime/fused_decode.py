@@ -154,7 +154,8 @@ class FusedDecoder:
         # the tokens each state slot was fed by these steps: the embedding marks every row's token in its slot
         # (decode_step.cu embed), the repetition penalty reads them (penalize); the sampler owns the rows
         # (runtime/backend_torch.py TorchSampler: zeroed, copied and topped up from the host's mask)
-        self.seen = torch.zeros(conv.shape[1], self.k.seen_words(c.vocab_size), dtype=torch.int32, device=self.device)
+        self.seen = torch.zeros(conv.shape[1], self.k.seen_words(c.vocab_size), dtype=torch.int32,
+                                device=self.device)
 
     @staticmethod
     def _p(t):
@@ -398,15 +399,18 @@ class FusedDecoder:
                               device=self.device)
         return lambda logits, out, host=0: self._argmax(logits, out, scratch, host)
 
-    def penalize(self, bk: DecodeBucket, r: "torch.Tensor") -> None:
-        """The repetition penalty on bk.logits in place, on the current stream: row b's logits of the tokens
-        its slot bk.idx[b] was fed (self.seen) divided by r[b] where positive, else multiplied by it
-        (runtime/sampling.py, step 1; r float32 (bk.B,) on this device, 1 for rows without a penalty)."""
-        if r.dtype != torch.float32 or tuple(r.shape) != (bk.B,) or not r.is_contiguous() or r.device != self.device:
-            raise InternalError(f"fused decode penalize: r must be contiguous float32 ({bk.B},) on {self.device}, "
-                                f"got {r.dtype} {tuple(r.shape)} on {r.device}")
-        ln = self.k.penalize(x=bk.logits.data_ptr(), idx=bk.idx.data_ptr(), seen=self.seen.data_ptr(),
-                             r=r.data_ptr(), B=bk.B, V=self.config.vocab_size, slots=self.seen.shape[0])
+    def penalize(self, x: "torch.Tensor", idx: "torch.Tensor", r: "torch.Tensor") -> None:
+        """The repetition penalty on x in place, on the current stream: row b's logits of the tokens its slot
+        idx[b] was fed (self.seen) divided by r[b] where positive, else multiplied by it (runtime/sampling.py,
+        step 1). x float32 (rows, vocab_size), idx int64 (rows,) (slots in range: the host's), r float32 (rows,)
+        (1 for rows without a penalty), all contiguous on this device."""
+        rows, V = x.shape[0], self.config.vocab_size
+        for t, dt, shape in ((x, torch.float32, (rows, V)), (idx, torch.int64, (rows,)), (r, torch.float32, (rows,))):
+            if t.dtype != dt or tuple(t.shape) != shape or not t.is_contiguous() or t.device != self.device:
+                raise InternalError(f"fused decode penalize: expected contiguous {dt} {shape} on {self.device}, got "
+                                    f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        ln = self.k.penalize(x=x.data_ptr(), idx=idx.data_ptr(), seen=self.seen.data_ptr(), r=r.data_ptr(), B=rows,
+                             V=V, slots=self.seen.shape[0])
         self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
 
     @property

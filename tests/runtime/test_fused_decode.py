@@ -565,7 +565,7 @@ def test_penalize_kernel_equals_the_numpy_reference(vocab):
         x[:, vocab - 1] = -1.5
         bk.logits.copy_(torch.from_numpy(x))
         bk.idx.copy_(torch.from_numpy(idx))
-        dec.penalize(bk, torch.from_numpy(r).cuda())
+        dec.penalize(bk.logits, bk.idx, torch.from_numpy(r).cuda())
         got = bk.logits.cpu().numpy()
         with np.errstate(invalid="ignore"):
             want = np.where(seen[idx], np.where(x > 0, x / r[:, None], x * r[:, None]), x).astype(np.float32)

@@ -227,8 +227,9 @@ def test_torch_graph_draws_equal_the_numpy_reference(packages, dtype):
 def test_torch_penalty_on_the_device_equals_the_numpy_reference(packages, dtype):
     """With a repetition penalty a fused step's logits are penalised on the device (the tokens seen: the
     prompt's, topped up from the host's mask before the first such step, then those the steps were fed,
-    marked by their embedding kernels), then the argmax or the draw runs in a graph of its own: each step
-    picks the tokens of sample_numpy on the same logits, host mask and uniform numbers, at bucket 1 and at
+    marked by their embedding kernels), then the argmax or the draw runs in a graph of its own, and so do
+    the prompt graphs' for the first token: each picks the tokens of sample_numpy on the same logits, host
+    mask and uniform numbers (prompts of 1, 5 and 11 tokens: a decode step and prompt graphs), at bucket 1 and at
     bucket 4 with a padding row (the logits from a fork of each slot, whose mask the fork copies on the
     device too); a restored snapshot goes on as its slot did. Then decode (every step after the first queued
     ahead) and generate give the same as step() at a time."""
@@ -247,9 +248,16 @@ def test_torch_penalty_on_the_device_equals_the_numpy_reference(packages, dtype)
         for n in (1, 3):
             for sp in settings:
                 slots = s.alloc(n)
-                for x, p in zip(slots, prompts):
+                for x, p in zip(slots, prompts):  # the first token: the prompt graphs' penalty
                     s.seed(x, int(rng.integers(2**63)))
-                    s.prefill(x, p)
+                    y = s.fork(x)
+                    logits = s.prefill(y, p, return_logits=True)[None]
+                    seen = s.sampler.seen[[y]].copy()
+                    s.free(y)
+                    u = None if sp.greedy else uniforms(s.sampler.seeds[[x]], s.sampler.counters[[x]])
+                    want = sample_numpy(logits, seen, sp, u)
+                    assert s.prefill(x, p, sp) == want[0], (seed, sp, len(p))
+                    changed += int((want != sample_numpy(logits, None, sp, u)).sum())
                 toks = np.array([s.pending(x) for x in slots])
                 for _ in range(6):
                     forks = [s.fork(x) for x in slots]
