@@ -26,6 +26,7 @@ compares with the baselines.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -112,25 +113,34 @@ class Timer:
             self.torch = torch
 
     def run(self, fn, n: int, probe=None, probe_every: int = 0) -> dict:
+        """As ``timeit`` does, the garbage collector runs before the loop and not during it: a collection
+        inside would pause a call, and free (or, for the memory probe, count) what the caller left behind."""
         torch, walls, events, trace = self.torch, [], [], []
+        gc.collect()
         if torch:
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        for i in range(n):
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            start = time.perf_counter()
+            for i in range(n):
+                if torch:
+                    ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    ev[0].record()
+                t0 = time.perf_counter()
+                fn()
+                walls.append((time.perf_counter() - t0) * 1e3)
+                if torch:
+                    ev[1].record()
+                    events.append(ev)
+                if probe is not None and probe_every and (i % probe_every == 0 or i == n - 1):
+                    trace.append([i + 1, probe()])
             if torch:
-                ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                ev[0].record()
-            t0 = time.perf_counter()
-            fn()
-            walls.append((time.perf_counter() - t0) * 1e3)
-            if torch:
-                ev[1].record()
-                events.append(ev)
-            if probe is not None and probe_every and (i % probe_every == 0 or i == n - 1):
-                trace.append([i + 1, probe()])
-        if torch:
-            torch.cuda.synchronize()
-        total_ms = (time.perf_counter() - start) * 1e3
+                torch.cuda.synchronize()
+            total_ms = (time.perf_counter() - start) * 1e3
+        finally:
+            if collecting:
+                gc.enable()
         wall = summarize(walls)
         out = {"timer": "cuda_event" if torch else "wall", "steps": n, "wall_per_call_ms": total_ms / n,
                "wall_median_ms": wall["median_ms"], "wall_p99_ms": wall["p99_ms"]}

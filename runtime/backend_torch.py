@@ -240,6 +240,7 @@ class TorchSampler(HostSampler):
         super().__init__(max_batch, vocab)
         self._seen_bits = seen_bits or (lambda: None)
         self._bits = None  # the device bitmap the rows below refer to
+        self._stage = None  # pinned staging rows and slot indices for _sync, and the event of their last copies
         self._stale = np.ones(max_batch, bool)  # slots whose host row may hold tokens the device row lacks
 
     def _device_rows(self):
@@ -252,17 +253,24 @@ class TorchSampler(HostSampler):
 
     def _sync(self, slots: np.ndarray) -> None:
         """The device rows of ``slots`` ORed with the host's (in stream order, after the steps queued so
-        far, whose marks they keep)."""
+        far, whose marks they keep), through pinned staging rows: the host does not wait for the GPU."""
         bits = self._device_rows()
         stale = slots[self._stale[slots]]
         if bits is None or not len(stale):
             return
-        words = bits.shape[1]
-        packed = np.zeros((len(stale), 4 * words), np.uint8)
+        k = len(stale)
+        if self._stage is None or self._stage[0].shape[1] != bits.shape[1]:
+            self._stage = (torch.zeros(self.max_batch, bits.shape[1], dtype=torch.int32).pin_memory(),
+                           torch.zeros(self.max_batch, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+        rows, at, done = self._stage
+        done.synchronize()  # the last top-up's copies have read the staging rows
+        packed = rows.numpy()[:k].view(np.uint8)
+        packed[:] = 0
         packed[:, :(self.vocab + 7) // 8] = np.packbits(self.seen[stale], axis=1, bitorder="little")
-        rows = torch.from_numpy(packed.view("<i4")).to(bits.device)
-        at = torch.from_numpy(stale).to(bits.device)
-        bits[at] = bits[at] | rows
+        at.numpy()[:k] = stale
+        dev_rows, dev_at = rows[:k].to(bits.device, non_blocking=True), at[:k].to(bits.device, non_blocking=True)
+        bits.index_put_((dev_at,), bits.index_select(0, dev_at) | dev_rows)
+        done.record()
         self._stale[stale] = False
 
     def _on_device(self, logits) -> bool:

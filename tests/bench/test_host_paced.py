@@ -68,3 +68,31 @@ def test_the_table_marks_a_host_paced_point(bench_run):
     rows = [line for line in table if line.lstrip().startswith(str(marked["decode"][-1]["batch"]) + " ")]
     assert len(rows) == 1 and rows[0].endswith(" *")
     assert any(line.strip().startswith("* the host set the pace") for line in table)
+
+
+def test_timer_runs_the_collector_before_the_loop_and_not_in_it():
+    """A collection inside the timed loop would pause a call and, for the memory probe, free what the caller
+    left behind (a decode point's device memory then reads as changing); after the loop the collector is as
+    it was."""
+    import gc
+
+    class Cycle:
+        freed = 0
+
+        def __del__(self):
+            Cycle.freed += 1
+
+    a, b = Cycle(), Cycle()
+    a.other, b.other = b, a
+    del a, b  # garbage only a collection frees
+    during = []
+    r = bench.Timer(cuda=False).run(lambda: during.append((gc.isenabled(), Cycle.freed)), 3, probe=lambda: 0,
+                                    probe_every=1)
+    assert during == [(False, 2)] * 3 and gc.isenabled()
+    assert r["steps"] == 3 and [m for _, m in r["memory_trace"]] == [0, 0, 0]
+    gc.disable()
+    try:
+        bench.Timer(cuda=False).run(lambda: None, 2)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
