@@ -279,7 +279,7 @@ class TorchSampler(HostSampler):
         return isinstance(logits, StepLogits) and logits.penalized is not None and self._device_rows() is not None
 
     def _penalized(self, logits, slots, params, u):
-        """Queue the penalty and the draw (u) or the argmax (u None) of a fused step; a call reads them."""
+        """Queue the penalty and the draw (u) or the argmax (u None) on the device; a call reads them."""
         self._sync(slots)
         return logits.penalized(params, u)
 
