@@ -94,9 +94,11 @@ BULK_STAGE_BYTES = 16 * (BULK_KS * 2 + 16)
 BULK_STAGES = (4, 6)
 BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STAGES[0] stages fit two)
 # The copy-engine kind is the default only for models whose in_proj has at least this many bytes
-# (mamba-1.4b and up): smaller ones measured 3-5 % slower with it than with the load-fed kind, and
-# mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5).
-BULK_MIN_IN_PROJ = 32 << 20
+# (mamba-370m and up in 16 bits): smaller ones measured 3-5 % slower with it than with the load-fed kind,
+# and mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5); from 32 MiB
+# (mamba-1.4b) until session 34, when GemvBulk (then faster: items 67, 71, 72) took 370m and 790m's
+# batch-2 steps 2 and 8.5 % faster than the load-fed kind (item 75; their batch-1 steps run `layers` either way)
+BULK_MIN_IN_PROJ = 8 << 20
 # .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
 # of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
@@ -612,7 +614,7 @@ class DecodeKernels:
         LY_XFIRST, LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL,
         their slots read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2,
         else 1) of the persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
-        kind (16-bit dtypes, sm_90+; the default from mamba-1.4b up: gemv_for) or, from d_model
+        kind (16-bit dtypes, sm_90+; the default from mamba-370m up: gemv_for) or, from d_model
         LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
         (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
         and at least LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory.

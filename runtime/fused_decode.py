@@ -13,7 +13,7 @@ Two paths, chosen per batch bucket:
   + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
-  At batch 1 with the copy-engine GEMVs (mamba-1.4b and up on sm_90+) every layer runs instead in one
+  At batch 1 with the copy-engine GEMVs (mamba-370m and up on sm_90+) every layer runs instead in one
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), after
   the embedding; it takes the head too, the final norm, the logits and the greedy argmax
   (``decode_step.LY_HEAD``; item 69), else the head's ``norm_gemv`` follows it.
