@@ -542,13 +542,13 @@ class DecodeKernels:
         return max(1, min(-(-k // ROW_THREADS), self.sm_count))
 
     def embed(self, *, ids, emb, h, ss_out, B, V, K, eps, norm_w=0, xn=0, zero=0, nzero=0, seen=0, idx=0,
-              slots=0, seen_v=0) -> Launch:
+              slots=0, seen_w=0) -> Launch:
         """zero: nzero 32-bit words the kernel zeroes before the step's other kernels touch them (they
         must do so only after griddepcontrol.wait), or 0. seen: the bitmap of the tokens seen per state slot
-        ([slots, seen_words(seen_v)] 32-bit words, seen_v the logits' vocabulary), in which the kernel marks
-        each row's token in the row's slot (idx: int64 [B]), or 0."""
+        ([slots, seen_w] 32-bit words: seen_words of the logits' vocabulary), in which the kernel marks each
+        row's token in the row's slot (idx: int64 [B]), or 0."""
         a = EmbedArgs(ids, emb, h, ss_out or 0, norm_w or 0, xn or 0, B, V, K, eps, zero or 0, nzero if zero else 0,
-                      seen or 0, idx if seen else 0, self.seen_words(seen_v) if seen else 0, slots if seen else 0)
+                      seen or 0, idx if seen else 0, seen_w if seen else 0, slots if seen else 0)
         grid = B if norm_w else self.embed_grid(K)
         return Launch(self._fn(f"embed_{self.tag}"), (grid, 1), ROW_THREADS, 0, a, "embed")
 
@@ -562,11 +562,11 @@ class DecodeKernels:
         """32-bit words of one slot's row of the seen-token bitmap (embed, penalize)."""
         return -(-V // 32)
 
-    def penalize(self, *, x, idx, seen, r, B, V, slots) -> Launch:
+    def penalize(self, *, x, idx, seen, r, B, V, W, slots) -> Launch:
         """The repetition penalty in place on x [B, V] (float32 logits): row b's logits of the tokens seen in
-        slot idx[b] (int64; the bitmap seen [slots, seen_words(V)], as embed marks it) divided by r[b] (float32
-        [B]; 1 leaves the row) where positive, else multiplied by it (runtime/sampling.py, step 1)."""
-        a = PenalizeArgs(x, idx, seen, r, V, self.seen_words(V), slots)
+        slot idx[b] (int64; the bitmap seen [slots, W >= seen_words(V)], as embed marks it) divided by r[b]
+        (float32 [B]; 1 leaves the row) where positive, else multiplied by it (runtime/sampling.py, step 1)."""
+        a = PenalizeArgs(x, idx, seen, r, V, W, slots)
         return Launch(self._fn(f"penalize_{self.tag}"), (B, 1), PENALIZE_THREADS, 0, a, "penalize")
 
     @staticmethod

@@ -444,9 +444,7 @@ class _GraphIO:
         self.out.reuse()
 
     def launched(self, n: int, logits, draws: "_Draws", marked: bool = False) -> StepLogits:
-        """marked: a fused decode step's (its tokens marked in the device's seen-token bitmap)."""
-        return StepLogits(logits, self.out.launched(n), functools.partial(draws, n),
-                          functools.partial(draws.penalized, n) if draws.penalize is not None else None, marked)
+        return draws.step_logits(logits, self.out.launched(n), n, marked)
 
 
 class _Draws:
@@ -515,6 +513,12 @@ class _Draws:
         rp[:n] = params.repetition_penalty
         graph.replay()
         return out.launched(n)
+
+    def step_logits(self, logits, greedy: _Ids, n: int, marked: bool = False) -> StepLogits:
+        """What a replay of n rows returns: its logits and greedy ids, and these draws (penalised ones where
+        there is a penalty kernel). marked: a fused decode step's (its tokens marked in the device's bitmap)."""
+        return StepLogits(logits, greedy, functools.partial(self, n),
+                          functools.partial(self.penalized, n) if self.penalize is not None else None, marked)
 
     def __call__(self, n: int, params: SamplingParams, u: np.ndarray) -> _Ids:
         sort = needs_sort(params, self.vocab) or self.draw_fn is not None  # the kernel: one kind
@@ -707,8 +711,7 @@ class _FusedGraph:
         out.reuse()
         graph.replay()
         n = len(slots)
-        self._last = StepLogits(self.bk.logits[:n], out.launched(n), functools.partial(self.draws, n),
-                                functools.partial(self.draws.penalized, n), True)
+        self._last = self.draws.step_logits(self.bk.logits[:n], out.launched(n), n, marked=True)
         return self._last
 
 

@@ -205,7 +205,7 @@ class FusedDecoder:
         res32 = c.residual_in_fp32
         fold_dt, fold_x = bk.fold_dt, bk.fold_x
         out = []
-        seen = dict(seen=p(self.seen), idx=p(bk.idx), slots=self.seen.shape[0], seen_v=c.vocab_size)
+        seen = dict(seen=p(self.seen), idx=p(bk.idx), slots=self.seen.shape[0], seen_w=self.seen.shape[1])
         if bk.gemv:
             zero = dict(zero=p(bk.zeroed), nzero=bk.zeroed.numel()) if bk.embed_zeroes else {}
             out.append(k.embed(ids=p(bk.ids), emb=p(emb), h=p(bk.h), ss_out=p(bk.ss_embed), B=B,
@@ -410,7 +410,7 @@ class FusedDecoder:
                 raise InternalError(f"fused decode penalize: expected contiguous {dt} {shape} on {self.device}, got "
                                     f"{t.dtype} {tuple(t.shape)} on {t.device}")
         ln = self.k.penalize(x=x.data_ptr(), idx=idx.data_ptr(), seen=self.seen.data_ptr(), r=r.data_ptr(), B=rows,
-                             V=V, slots=self.seen.shape[0])
+                             V=V, W=self.seen.shape[1], slots=self.seen.shape[0])
         self.k.launch(ln, torch.cuda.current_stream(self.device).cuda_stream)
 
     @property
