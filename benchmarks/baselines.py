@@ -349,7 +349,9 @@ class Llama:
                 self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        from mamba_rt.runtime.backend_torch import collector_paused
+
+        with collector_paused(), torch.cuda.graph(graph):
             logits = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
         return graph, ids, pos, logits
 

@@ -72,7 +72,9 @@ def graph_per_call_us(calls, reps: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    from mamba_rt.runtime.backend_torch import collector_paused
+
+    with collector_paused(), torch.cuda.graph(g):
         for c in calls:
             c()
     g.replay()

@@ -34,7 +34,9 @@ This module and ``fused_decode`` are the only ones of ``mamba_rt.runtime`` that 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -347,10 +349,26 @@ def run_slots(model, state: TorchStateBuffers, idx, ids):
     return logits
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector paused for the block (then as it was): around a CUDA graph capture.
+    A collection that falls inside a capture runs the destructors of whatever unreachable objects it finds,
+    and one of those that touches the GPU in a way a capture forbids aborts the process (the GPU tests
+    aborted so in a collection inside a capture, with a fresh kernel cache; torch's own ``torch.cuda.graph``
+    no longer collects first). Paused, the garbage is collected at the next collection after the capture."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _capture(fn: Callable, dev, pool, warmup: int):
     """Run ``fn`` ``warmup`` times on a side stream (kernel loading, cuBLAS workspaces), then capture
-    one call in a CUDA graph drawing on memory ``pool``; returns (graph, what the captured call
-    returned)."""
+    one call in a CUDA graph drawing on memory ``pool``, with the garbage collector paused
+    (collector_paused); returns (graph, what the captured call returned)."""
     side = torch.cuda.Stream(device=dev)
     side.wait_stream(torch.cuda.current_stream(dev))
     with torch.cuda.stream(side):
@@ -358,7 +376,7 @@ def _capture(fn: Callable, dev, pool, warmup: int):
             fn()
     torch.cuda.current_stream(dev).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with collector_paused(), torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
 

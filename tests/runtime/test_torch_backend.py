@@ -128,3 +128,41 @@ def test_prompt_pieces_cover_the_prompt_with_few_graphs(k1):
                 assert t == length, (n, pieces)
     assert prompt_pieces(2047, 3) == [(2, 2, False), (2045, 2048, True)]
     assert prompt_pieces(2048, 3) == [(2048, 2048, False)]
+
+
+def test_graph_captures_pause_the_garbage_collector():
+    """collector_paused (around every CUDA graph capture): no automatic collection inside, however many
+    objects are made there, so the destructors of unreachable objects run after the capture; the collector's
+    state comes back as it was, after an exception too."""
+    import gc
+    import weakref
+
+    from mamba_rt.runtime.backend_torch import collector_paused
+
+    class Node:
+        pass
+
+    was, thresholds = gc.isenabled(), gc.get_threshold()
+    try:
+        gc.enable()
+        gc.set_threshold(1, 1, 1)
+        with collector_paused():
+            assert not gc.isenabled()
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # a cycle: only a collection frees it
+            alive = weakref.ref(a)
+            del a, b
+            junk = [[i] for i in range(10_000)]  # allocations that would trigger collections
+            assert alive() is not None, "a collection ran inside the paused block"
+        assert gc.isenabled()
+        del junk
+        gc.collect()
+        assert alive() is None
+        gc.disable()
+        with pytest.raises(RuntimeError, match="inside"):
+            with collector_paused():
+                raise RuntimeError("inside")
+        assert not gc.isenabled(), "a collector disabled before stays disabled"
+    finally:
+        gc.set_threshold(*thresholds)
+        (gc.enable if was else gc.disable)()
