@@ -93,20 +93,14 @@ BULK_WARPS, BULK_THREADS, BULK_KS = 8, 288, 512
 BULK_STAGE_BYTES = 16 * (BULK_KS * 2 + 16)
 BULK_STAGES = (4, 6)
 BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STAGES[0] stages fit two)
-# The copy-engine kind is the default only for models whose in_proj has at least this many bytes
-# (mamba-370m and up in 16 bits): smaller ones measured 3-5 % slower with it than with the load-fed kind,
-# and mixing the two kinds in one step was slower than either (benchmarks/NOTES.md, session 5); from 32 MiB
-# (mamba-1.4b) until session 34, when GemvBulk (then faster: items 67, 71, 72) took 370m and 790m's
-# batch-2 steps 2 and 8.5 % faster than the load-fed kind (item 75; their batch-1 steps run `layers` either way)
-BULK_MIN_IN_PROJ = 8 << 20
 # .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
 # of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
-# The persistent kernel also for models of the load-fed tensor-core kind (below mamba-1.4b; sm_90+ either
-# way; the batch-2 bucket keeps that kind) from this d_model up (0: every size). H100 fp16, GPU ms per
-# step, four kernels / persistent, same process (benchmarks/NOTES.md, item 42): 130m (768) 0.321 / 0.325,
-# 370m (1024) 0.752 / 0.684, 790m (1536) 1.162 / 1.010.
-LY_ANY_KIND_MIN_DMODEL = 1024
+# The persistent kernel from this d_model up (0: every size). H100 fp16, GPU ms per step, four kernels / persistent,
+# same process: of the load-fed tensor-core kind (benchmarks/NOTES.md, item 42) 130m (768) 0.321 / 0.325, 370m
+# (1024) 0.752 / 0.684, 790m (1536) 1.162 / 1.010; of the copy-engine kind (item 76) 130m 0.288 / 0.306, 370m
+# 0.693 / 0.625, 790m 1.060 / 0.845, 1.4b 1.491 / 1.094, 2.8b 2.662 / 2.123
+LY_MIN_DMODEL = 1024
 LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
 LY_MAX_DINNER = 4 * 8 * LY_WARPS * 32  # .cu LY_YV loads of four y words per consumer thread
@@ -205,12 +199,6 @@ def residual_norm_threads(K: int) -> int:
     rows leave room for more rows per SM (prompts: a block per token): 4 warps for mamba-130m's 768."""
     per = -(-K // RN_ITEMS)
     return min(ROW_THREADS, max(128, -(-per // 32) * 32))
-
-
-def gemv_for(in_proj_bytes: int, gemv: str | None) -> str | None:
-    """The GEMV kind a model gets: the one asked for, else the fastest there is (None) where its in_proj
-    has at least BULK_MIN_IN_PROJ bytes, else the load-fed tensor-core kind."""
-    return "mma" if gemv is None and in_proj_bytes < BULK_MIN_IN_PROJ else gemv
 
 
 def why_unsupported(d_state: int, d_conv: int, dt_rank: int, dtype: str) -> str | None:
@@ -371,7 +359,9 @@ class DecodeKernels:
         self.pdl = (self.arch >= 90) if pdl is None else bool(pdl and self.arch >= 90)
         # The GEMVs' kind: the fastest this dtype and GPU allow (16-bit: tensor cores, fed by the copy
         # engine on sm_90+), or the one asked for where it applies (matrices it cannot take fall back
-        # to the next kind: bulk -> mma -> fma).
+        # to the next kind: bulk -> mma -> fma). Until session 35 models with an in_proj under 8 MiB
+        # (mamba-130m) kept the load-fed kind, faster for them in session 5; GemvBulk has since become
+        # 5 % faster there at batch 1 and 7 % at batch 2 (benchmarks/NOTES.md, items 75-76).
         if gemv is not None and gemv not in GEMV_KINDS:
             raise UnsupportedError(f"fused decode: GEMV kind {gemv!r} is not one of {GEMV_KINDS}")
         best = "fma" if self.itemsize != 2 else ("bulk" if self.arch >= 90 else "mma")
@@ -613,15 +603,14 @@ class DecodeKernels:
         """The LayersLaunch (grid, shared bytes, stages, partial sums per out_proj output: layers_partials,
         LY_XFIRST, LY_ARRIVE_LAG, whether out_proj's partials are combined: dm >= LY_COMBINE_MIN_DMODEL,
         their slots read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2,
-        else 1) of the persistent `layers` kernel for this shape, or None where it does not apply: the copy-engine GEMV
-        kind (16-bit dtypes, sm_90+; the default from mamba-370m up: gemv_for) or, from d_model
-        LY_ANY_KIND_MIN_DMODEL up, the load-fed tensor-core kind on sm_90+, dm and d multiples of 16
-        (whole 16-wide mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on,
-        and at least LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory.
-        (Every pointer must also be 16-byte aligned: the caller checks.)"""
-        kind = self.gemv == "bulk" or (dm >= LY_ANY_KIND_MIN_DMODEL and self.gemv == "mma" and self.arch >= 90)
-        if not (LAYERS_KERNEL and kind and dm % 16 == 0 and d % 16 == 0 and dm <= LY_MAX_DMODEL
-                and d <= LY_MAX_DINNER):
+        else 1) of the persistent `layers` kernel for this shape, or None where it does not apply: a tensor-core
+        GEMV kind (16-bit dtypes) on sm_90+, dm from LY_MIN_DMODEL up, dm and d multiples of 16 (whole 16-wide
+        mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on, and at least
+        LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory. (Every pointer
+        must also be 16-byte aligned: the caller checks.)"""
+        kind = self.gemv != "fma" and self.arch >= 90
+        if not (LAYERS_KERNEL and kind and dm >= LY_MIN_DMODEL and dm % 16 == 0 and d % 16 == 0
+                and dm <= LY_MAX_DMODEL and d <= LY_MAX_DINNER):
             return None
         grid = self.sm_count
         ring, rest = layers_smem(dm, d, n, r, k, 1, grid)

@@ -13,7 +13,7 @@ Two paths, chosen per batch bucket:
   + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
   the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
-  At batch 1 with the copy-engine GEMVs (mamba-370m and up on sm_90+) every layer runs instead in one
+  At batch 1 on sm_90+ from mamba-370m up (``decode_step.LY_MIN_DMODEL``) every layer runs instead in one
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), after
   the embedding; it takes the head too, the final norm, the logits and the greedy argmax
   (``decode_step.LY_HEAD``; item 69), else the head's ``norm_gemv`` follows it.
@@ -136,7 +136,6 @@ class FusedDecoder:
         self.device, self.tdtype = conv.device, torch_dtype(dtype)
         with torch.cuda.device(self.device):
             ctx = decode_step.launcher._context(self.device.index)
-            gemv = decode_step.gemv_for(c.d_model * 2 * c.d_inner * self.tdtype.itemsize, gemv)
             self.k = decode_step.kernels(DTYPES[dtype], int(ctx), pdl, gemv)
         self.eps = float(c.norm_epsilon)
         layers = model.backbone.layers

@@ -50,14 +50,14 @@ def test_fused_steps_match_reference(case, dtype, batch):
     _check_steps(case, dtype, batch, gemv=None)
 
 
-@pytest.mark.parametrize("gemv", ["fma", "bulk"])
+@pytest.mark.parametrize("gemv", ["fma", "mma"])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_steps_other_gemv(case, dtype, batch, gemv):
-    """The GEMV buckets of 1 and 2 rows with the matrix-vector kernels that models this small do not
-    get by default (tensor cores fed by loads, tested above): the FMA loop in every dtype, and the
-    tensor cores fed by the copy engine (sm_90+; the default from mamba-1.4b up)."""
+    """The GEMV buckets of 1 and 2 rows with the matrix-vector kernels a model gets only when asked for
+    on sm_90+ (the default, tested above, is the tensor cores fed by the copy engine there): the FMA loop
+    in every dtype, and the tensor cores fed by loads (the default below sm_90)."""
     _check_steps(case, dtype, batch, gemv=gemv)
 
 
@@ -113,6 +113,14 @@ def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
         ssm = torch.zeros(shapes["ssm_state"], device="cuda")
         dec = FusedDecoder(model, conv, ssm, dtype)
         assert {B: dec.rows_path(B) for B in want} == want, (dm, dtype)
+
+
+@pytest.fixture
+def layers_any_size(monkeypatch):
+    """The persistent kernel for the small test models too (decode_step.LY_MIN_DMODEL: 1024 otherwise)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LY_MIN_DMODEL", 0)
 
 
 LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, bias=True, conv_bias=True,
@@ -213,7 +221,7 @@ def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, monkeypat
 @pytest.mark.parametrize("combine", [0, 1], ids=["partials-read-by-all", "partials-combined"])
 @pytest.mark.parametrize("head", [1, 0], ids=["head-inside", "head-after"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, head, monkeypatch):
+def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, head, monkeypatch, layers_any_size):
     """The persistent kernel of every layer (batch 1, copy-engine kind) on a shape the cases above do not
     give it: biases in every projection and the conv, the residual rounded to the model dtype, n 8 (two
     threads per channel in its state update), k 2; out_proj's 10 tiles over more blocks than tiles (most
@@ -228,14 +236,11 @@ def test_layers_kernel_with_biases_and_residual_in_dtype(dtype, combine, head, m
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_beside_the_load_fed_kind(dtype, monkeypatch):
-    """decode_step.LY_ANY_KIND_MIN_DMODEL (0 here): the persistent kernel at batch 1 of a model whose GEMVs
-    are the load-fed tensor-core kind (the head's norm_gemv then of that kind, reading the kernel's partial
-    sums)."""
-    from mamba_rt.plugins_cuda import decode_step
-
-    monkeypatch.setattr(decode_step, "LY_ANY_KIND_MIN_DMODEL", 0)
-    _check_steps(LAYERS_CASE, dtype, 1, gemv=None)
+def test_layers_kernel_beside_the_load_fed_kind(dtype, layers_any_size):
+    """The persistent kernel at batch 1 of a model whose GEMVs are the load-fed tensor-core kind (asked for;
+    the head's norm_gemv, where the kernel does not take the head, then of that kind, reading the kernel's
+    partial sums)."""
+    _check_steps(LAYERS_CASE, dtype, 1, gemv="mma")
 
 
 @pytest.mark.parametrize("order", [(1, 1, 0), (1, 0, 0), (0, 0, 0), (1, 1, 1 << 20)],
@@ -259,7 +264,7 @@ def test_layers_kernel_in_proj_row_orders(dtype, order, monkeypatch):
 
 @pytest.mark.parametrize("pw", [1, 2], ids=["one-slot-per-load", "two-slots-per-load"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_partials_per_round_trip(dtype, pw, monkeypatch):
+def test_layers_kernel_partials_per_round_trip(dtype, pw, monkeypatch, layers_any_size):
     """The persistent kernel reading out_proj's partial sums at a layer's start one slot per round trip
     or two (decode_step.LY_PARTIALS_PER_LOAD), each block reading every slot: d_model 768 gives three
     slots per output on 114-132 SMs (H100, H200), so with two per round trip the second round has one."""
@@ -272,7 +277,7 @@ def test_layers_kernel_partials_per_round_trip(dtype, pw, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_layers_kernel_tags_wrap(dtype):
+def test_layers_kernel_tags_wrap(dtype, layers_any_size):
     """The persistent kernel's tagged exchanges (out_proj's partial sums: 32-bit tags; y: 16-bit tags)
     across the wrap of both tags: the step counter set so that the second step's tags end at 2^32 - 1
     (0xffff for y) and the third step's start again at 0, the tagged buffers holding the tag of the
@@ -280,7 +285,7 @@ def test_layers_kernel_tags_wrap(dtype):
     _check_steps(LAYERS_CASE, dtype, 1, gemv="bulk", stepc=(2**32 - 2) // LAYERS_CASE["n_layer"] - 1)
 
 
-@pytest.mark.parametrize("gemv", [None, "bulk"])
+@pytest.mark.parametrize("gemv", [None, "mma"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_steps_four_kernels_per_layer_at_batch_1(case, dtype, gemv, monkeypatch):
@@ -294,21 +299,20 @@ def test_fused_steps_four_kernels_per_layer_at_batch_1(case, dtype, gemv, monkey
 
 def _expected_layers(cfg, dtype, gemv, bucket, arch):
     """Whether a bucket takes the persistent kernel of every layer: batch 1, a 16-bit dtype on sm_90+,
-    the copy-engine kind or, from LY_ANY_KIND_MIN_DMODEL up, the load-fed one (the small test models get
-    it only when asked for), d_model and d_inner multiples of 16, LAYERS_KERNEL on."""
+    a tensor-core kind, d_model from LY_MIN_DMODEL up (the small test models get it where a test lowers
+    that), d_model and d_inner multiples of 16, LAYERS_KERNEL on."""
     from mamba_rt.plugins_cuda import decode_step
 
-    kind = gemv == "bulk" or (cfg.d_model >= decode_step.LY_ANY_KIND_MIN_DMODEL and gemv in (None, "mma"))
-    return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and kind
-                and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
+    return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and gemv != "fma"
+                and cfg.d_model >= decode_step.LY_MIN_DMODEL and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
 
 
 def _expected_gemv(asked, dtype, k, arch):
-    """The GEMV kind a matrix with rows of k elements gets in these (small) models: the fallbacks of
-    DecodeKernels, and no copy-engine kind unless asked for."""
+    """The GEMV kind a matrix with rows of k elements gets: the one asked for (None: the fastest there is)
+    with the fallbacks of DecodeKernels."""
     if dtype == "fp32" or k % 8 or asked == "fma":
         return "fma"
-    if asked != "bulk" or arch < 90 or k % 16:
+    if asked == "mma" or arch < 90 or k % 16:
         return "mma"
     return "bulk"
 
@@ -435,13 +439,13 @@ def test_backend_uses_fused_decode_and_gemm_bucket(tmp_path):
             assert a == b
 
 
-@pytest.mark.parametrize("bucket, gemv, ly_head", [(1, None, 0), (2, None, 0), (1, "bulk", 0), (2, "bulk", 0),
-                                                   (1, "bulk", 1)])
+@pytest.mark.parametrize("bucket, gemv, ly_head", [(1, None, 0), (2, None, 0), (1, "mma", 0), (2, "mma", 0),
+                                                   (1, None, 1)])
 def test_head_argmax_ties_and_nans(bucket, gemv, ly_head, monkeypatch):
     """The greedy ids the head takes itself (its blocks' best rows, reduced by the last block) against
     torch.argmax of the logits it wrote: the head's norm_gemv (decode_step.HEAD_ARGMAX) of both tensor-core
-    kinds (fed by loads: the default at this size; by the copy engine), and at batch 1 of the copy-engine
-    kind also the head inside the persistent kernel (decode_step.LY_HEAD). The same step three times
+    kinds (fed by the copy engine: the default on sm_90+; by loads), and at batch 1 also the head inside the
+    persistent kernel (decode_step.LY_HEAD; LY_MIN_DMODEL lowered for this small model). The same step three times
     from a zero state: random weights; then the best row of row 0 copied to two other rows of the
     vocabulary (a three-way tie at the top: the first index wins); then two rows of NaN weights (NaN
     ranked highest: the first wins). Random logits rounded to fp16 tie at the top by themselves now and
@@ -451,6 +455,7 @@ def test_head_argmax_ties_and_nans(bucket, gemv, ly_head, monkeypatch):
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
     monkeypatch.setattr(decode_step, "LY_HEAD", ly_head)
+    monkeypatch.setattr(decode_step, "LY_MIN_DMODEL", 0 if ly_head else 1 << 20)
     cfg = MambaConfig(**CASES["wide"])
     model, _ = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
     shapes = cfg.state_shapes(bucket + 1)
@@ -671,32 +676,35 @@ def test_draw_kernel_takes_rows_up_to_its_register_capacity():
 
 @pytest.mark.parametrize("d_model", [768, 1024, 2048])
 def test_default_gemv_by_model_size(d_model):
-    """Models whose in_proj has 8 MiB or more (d_model 1024 in fp16: mamba-370m's) take the copy-engine
-    GEMVs by default on sm_90+, smaller ones (d_model 768: 130m's) the load-fed tensor-core kind; a batch-1
-    step runs its layers in the persistent kernel (decode_step.LAYERS_KERNEL) with the copy-engine kind, and
-    with the load-fed one from d_model LY_ANY_KIND_MIN_DMODEL up on sm_90+ (so not at 768); one step of each
-    shape (one layer) against the reference."""
+    """Every 16-bit model takes the copy-engine GEMVs by default on sm_90+ (the load-fed tensor-core kind
+    below) in both GEMV buckets; a batch-1 step runs its layers in the persistent kernel
+    (decode_step.LAYERS_KERNEL) on sm_90+ from d_model LY_MIN_DMODEL (1024: mamba-370m's) up, the four
+    kernels per layer below (768: 130m's); one step of each shape (one layer) and bucket against the
+    reference, from a random state."""
     from mamba_rt.plugins_cuda import decode_step
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
+    assert decode_step.LY_MIN_DMODEL == 1024
     cfg = MambaConfig(d_model=d_model, n_layer=1, vocab_size=1000, d_state=16, d_conv=4)
     model, hi = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
     shapes = cfg.state_shapes(2)
-    conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
-    ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+    conv = torch.randn(shapes["conv_state"], device="cuda").to(model.dtype)
+    ssm = torch.randn(shapes["ssm_state"], device="cuda")
     dec = FusedDecoder(model, conv, ssm, "fp16")
-    big = d_model * 2 * cfg.d_inner * 2 >= decode_step.BULK_MIN_IN_PROJ
-    assert big == (d_model >= 1024)
-    assert dec.k.gemv == ("bulk" if big and dec.k.arch >= 90 else "mma")
-    bk = dec.bucket(1)
-    persistent = dec.k.gemv == "bulk" or (dec.k.arch >= 90 and d_model >= decode_step.LY_ANY_KIND_MIN_DMODEL)
-    assert (bk.ly is not None) == (persistent and bool(decode_step.LAYERS_KERNEL))
-    h_conv, h_ssm = conv[:, :1].float().clone(), ssm[:, :1].clone()  # before the step updates them
-    ids = torch.randint(0, cfg.vocab_size, (1,), device="cuda")
-    bk.logits.fill_(float("nan"))
-    bk.ids.copy_(ids)
-    bk.idx.fill_(0)
-    dec.enqueue(bk)
-    with torch.no_grad():
-        ref, _ = hi(ids[:, None], MambaState(h_conv, h_ssm), last_only=True)
-    assert rel_err(bk.logits.double(), ref.double()) < TOL["fp16"]
+    hopper = dec.k.arch >= 90
+    assert dec.k.gemv == ("bulk" if hopper else "mma")
+    for B in (1, 2):
+        bk = dec.bucket(B)
+        assert bk.gemv
+        assert (bk.ly is not None) == (B == 1 and hopper and d_model >= 1024 and bool(decode_step.LAYERS_KERNEL))
+        names = [ln.name for ln in bk.launches]
+        assert any(n.startswith(("norm_gemv_bulk_" if hopper else "norm_gemv_mma_", "layers")) for n in names), names
+        h_conv, h_ssm = conv[:, :B].float().clone(), ssm[:, :B].clone()  # before the step updates them
+        ids = torch.randint(0, cfg.vocab_size, (B,), device="cuda")
+        bk.logits.fill_(float("nan"))
+        bk.ids.copy_(ids)
+        bk.idx.copy_(torch.arange(B, device="cuda"))
+        dec.enqueue(bk)
+        with torch.no_grad():
+            ref, _ = hi(ids[:, None], MambaState(h_conv, h_ssm), last_only=True)
+        assert rel_err(bk.logits.double(), ref.double()) < TOL["fp16"], B
