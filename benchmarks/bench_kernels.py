@@ -72,7 +72,7 @@ def graph_per_call_us(calls, reps: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    from mamba_rt.runtime.backend_torch import collector_paused
+    from mamba_rt._gc import collector_paused
 
     with collector_paused(), torch.cuda.graph(g):
         for c in calls:

@@ -49,7 +49,7 @@ def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     _, ptr, size = drv.cuModuleGetGlobal(dec.k.module, b"mrt_ly_trace")
     dec.enqueue(bk)
     graph = torch.cuda.CUDAGraph()
-    from mamba_rt.runtime.backend_torch import collector_paused
+    from mamba_rt._gc import collector_paused
 
     with collector_paused(), torch.cuda.graph(graph):
         dec.enqueue(bk)

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from . import __version__, env
+from ._gc import collector_paused
 from .errors import InputError, UnsupportedError
 
 # published Mamba-1 sizes (state-spaces/mamba-*): name -> (d_model, n_layer); GPT-NeoX vocabulary
@@ -119,9 +120,7 @@ class Timer:
         gc.collect()
         if torch:
             torch.cuda.synchronize()
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
+        with collector_paused():
             start = time.perf_counter()
             for i in range(n):
                 if torch:
@@ -138,9 +137,6 @@ class Timer:
             if torch:
                 torch.cuda.synchronize()
             total_ms = (time.perf_counter() - start) * 1e3
-        finally:
-            if collecting:
-                gc.enable()
         wall = summarize(walls)
         out = {"timer": "cuda_event" if torch else "wall", "steps": n, "wall_per_call_ms": total_ms / n,
                "wall_median_ms": wall["median_ms"], "wall_p99_ms": wall["p99_ms"]}

@@ -208,7 +208,7 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(s)
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        from mamba_rt.runtime.backend_torch import collector_paused
+        from mamba_rt._gc import collector_paused
 
         with collector_paused(), torch.cuda.graph(self.graph):
             self.loss = self.loss_fn(self.model, self.x, self.y)

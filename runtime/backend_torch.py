@@ -34,9 +34,7 @@ This module and ``fused_decode`` are the only ones of ``mamba_rt.runtime`` that 
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import gc
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mamba_rt._gc import collector_paused
 from mamba_rt._optional import available, require
 from mamba_rt.errors import InternalError, MissingDependencyError, UnsupportedError
 from mamba_rt.checkpoint import torch_dtype
@@ -347,22 +346,6 @@ def run_slots(model, state: TorchStateBuffers, idx, ids):
     state.conv.index_copy_(1, idx, new.conv)
     state.ssm.index_copy_(1, idx, new.ssm)
     return logits
-
-
-@contextlib.contextmanager
-def collector_paused():
-    """Python's cyclic garbage collector paused for the block (then as it was): around a CUDA graph capture.
-    A collection that falls inside a capture runs the destructors of whatever unreachable objects it finds,
-    and one of those that touches the GPU in a way a capture forbids aborts the process (the GPU tests
-    aborted so in a collection inside a capture, with a fresh kernel cache; torch's own ``torch.cuda.graph``
-    no longer collects first). Paused, the garbage is collected at the next collection after the capture."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _capture(fn: Callable, dev, pool, warmup: int):

@@ -137,7 +137,7 @@ def test_graph_captures_pause_the_garbage_collector():
     import gc
     import weakref
 
-    from mamba_rt.runtime.backend_torch import collector_paused
+    from mamba_rt._gc import collector_paused
 
     class Node:
         pass
