@@ -23,3 +23,18 @@ def tiny_config(**over):
                 pad_vocab_size_multiple=1)
     base.update(over)
     return MambaConfig(**base)
+
+
+def varied_prompt(greedy, vocab: int, length: int = 7, min_distinct: int = 4, tries: int = 20):
+    """(prompt (1, length) int64, greedy(prompt)) for the first of up to ``tries`` random prompts whose
+    greedy continuation (ids: a list, or a tensor of one row) has at least ``min_distinct`` different tokens, else the last one
+    drawn: a random prompt of a random model now and then settles on one token (CI saw [5, 44, 44, 94, 94,
+    ...]), and a comparison of such sequences would not discriminate. The caller still asserts the count."""
+    import torch
+
+    for _ in range(tries):
+        prompt = torch.randint(0, vocab, (1, length))
+        out = greedy(prompt)
+        if len(set(torch.as_tensor(out).reshape(-1).tolist())) >= min_distinct:
+            break
+    return prompt, out

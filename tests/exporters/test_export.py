@@ -25,7 +25,7 @@ import torch
 from mamba_rt.checkpoint import open_checkpoint, save_checkpoint
 from mamba_rt.errors import CheckpointError, MambaRTError, UnsupportedError
 from mamba_rt.manifest import load_manifest, read_weights
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import rel_err, tiny_config, varied_prompt
 
 onnx = pytest.importorskip("onnx", reason="onnx is needed to export")
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime runs the portable graphs")
@@ -255,13 +255,7 @@ def test_greedy_32_tokens_equal_hugging_face(hf_pkg):
             logits, state = decode(nxt[:, None], state)
         return out
 
-    # a random prompt of a random model now and then settles on one token (CI saw [5, 44, 44, 94, 94, ...]):
-    # such a sequence would not discriminate, so draw prompts until one continues with varied tokens
-    for _ in range(20):
-        prompt = torch.randint(0, cfg.vocab_size, (1, 7))
-        mine = greedy(prompt)
-        if len(set(mine)) >= 4:
-            break
+    prompt, mine = varied_prompt(greedy, cfg.vocab_size)  # a prompt whose continuation is not one token
     theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, 7:].tolist()
     assert len(set(mine)) >= 4, f"degenerate sequence {mine} after 20 prompts: the comparison would not discriminate"
     assert mine == theirs, f"seed {hf_pkg['seed']}\nours {mine}\nhf   {theirs}"

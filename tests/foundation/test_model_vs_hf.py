@@ -8,7 +8,7 @@ import torch
 
 from mamba_rt.checkpoint import save_checkpoint
 from mamba_rt.exporters.model import load_model, random_weights
-from tests.helpers import rel_err, tiny_config
+from tests.helpers import rel_err, tiny_config, varied_prompt
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the HF oracle tests")
 
@@ -52,8 +52,7 @@ def test_logits_match_hf_fp32(tmp_path, name):
 def test_greedy_generation_matches_hf(tmp_path, name):
     seed = int(torch.randint(0, 2**31, ()).item())
     cfg, ours, hf = _hf_pair(tmp_path, name, seed)
-    prompt = torch.randint(0, cfg.vocab_size, (1, 7))
-    mine = ours.generate_greedy(prompt, 32)
+    prompt, mine = varied_prompt(lambda p: ours.generate_greedy(p, 32), cfg.vocab_size)
     theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)[:, 7:]
     assert len(set(mine[0].tolist())) >= 4, "degenerate sequence: the comparison would not discriminate"
     assert torch.equal(mine, theirs), f"seed {seed}\nours   {mine.tolist()}\nhf     {theirs.tolist()}"
