@@ -1,0 +1,121 @@
+"""What a kernel boundary costs in a decode step's CUDA graph: chains of dependent kernels that do almost
+nothing, so that the time per kernel is the boundary itself (a development tool for issue 8; see
+benchmarks/NOTES.md, item 79).
+
+    python benchmarks/bench_boundary.py [--kernels 96] [--grids 1,48,132,264] [--reps 50]
+
+Each kernel of a chain waits for the one before it (as the fused decode kernels do: launched with
+programmatic dependent launch and `griddepcontrol.wait`, or in plain stream order with --no-pdl's rows),
+then every block reads the whole vector of N floats the previous kernel wrote (every block wrote a slice
+of it: an all-to-all dependency like a GEMV's input) and writes its own slice of the next vector. One
+graph per setting, replayed ``--reps`` times between CUDA events; the figure is GPU µs per kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+
+import torch
+
+from mamba_rt.plugins_cuda import compiler, launcher
+
+SOURCE = r"""
+extern "C" __global__ void chain(const float* __restrict__ x, float* __restrict__ y, int n, int pdl) {
+  if (pdl) asm volatile("griddepcontrol.launch_dependents;" :::);
+  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+  __shared__ float red[32];
+  float s = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
+  for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float t = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) t += red[w];
+    red[0] = t;
+  }
+  __syncthreads();
+  const int per = (n + gridDim.x - 1) / gridDim.x;
+  for (int i = blockIdx.x * per + threadIdx.x; i < min(n, (blockIdx.x + 1) * per); i += blockDim.x)
+    y[i] = red[0] * 1e-3f + (float)i;
+}
+"""
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p), ("n", ctypes.c_int), ("pdl", ctypes.c_int)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernels", type=int, default=96, help="kernels per chain (per graph)")
+    ap.add_argument("--grids", default="1,48,132,264", help="blocks per kernel")
+    ap.add_argument("--threads", type=int, default=288)
+    ap.add_argument("--n", type=int, default=768, help="floats each kernel reads whole and writes a slice of")
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    drv = launcher._driver()
+    torch.cuda.init()
+    dev = torch.cuda.current_device()
+    cubin = compiler.compile_program(SOURCE, "chain.cu", launcher.current_arch(dev))
+    mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
+    fn = launcher._cu(drv.cuModuleGetFunction(mod, b"chain"), "cuModuleGetFunction")
+    bufs = [torch.zeros(args.n, device="cuda") for _ in range(2)]
+    keep = []
+
+    def launch(grid: int, pdl: bool, src, dst, stream: int) -> None:
+        a = _Args(src.data_ptr(), dst.data_ptr(), args.n, int(pdl))
+        keep.append(a)
+        cfg = drv.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = args.threads, 1, 1
+        cfg.sharedMemBytes = 0
+        cfg.hStream = drv.CUstream(stream)
+        attrs = []
+        if pdl:
+            at = drv.CUlaunchAttribute()
+            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+            at.value.programmaticStreamSerializationAllowed = 1
+            attrs.append(at)
+        if attrs:
+            cfg.attrs = attrs
+        cfg.numAttrs = len(attrs)
+        ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(a) + getattr(_Args, f).offset for f in ("x", "y", "n", "pdl")))
+        keep.append(ptrs)
+        launcher._cu(drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0), "cuLaunchKernelEx(chain)")
+
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: chains of {args.kernels} kernels, {args.threads} threads, "
+          f"{args.n} floats in and a slice out", flush=True)
+    for grid in (int(g) for g in args.grids.split(",")):
+        for pdl in (True, False):
+            side = torch.cuda.Stream()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=side):
+                for k in range(args.kernels):
+                    launch(grid, pdl, bufs[k % 2], bufs[(k + 1) % 2], side.cuda_stream)
+            graph.replay()
+            torch.cuda.synchronize()
+            per = []
+            for _ in range(5):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                for _ in range(args.reps):
+                    graph.replay()
+                e.record()
+                e.synchronize()
+                per.append(s.elapsed_time(e) * 1e3 / (args.reps * args.kernels))
+            row = {"grid": grid, "pdl": pdl, "us_per_kernel": statistics.median(per)}
+            rows.append(row)
+            print(f"grid {grid:4d} {'PDL   ' if pdl else 'stream'}: {row['us_per_kernel']:.3f} µs per kernel", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
