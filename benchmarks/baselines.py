@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_rt._gc import collector_paused
 from mamba_rt.bench import Timer
 
 
@@ -349,8 +350,6 @@ class Llama:
                 self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        from mamba_rt._gc import collector_paused
-
         with collector_paused(), torch.cuda.graph(graph):
             logits = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
         return graph, ids, pos, logits

@@ -4,8 +4,9 @@ benchmarks/NOTES.md, item 79).
 
     python benchmarks/bench_boundary.py [--kernels 96] [--grids 1,48,132,264] [--reps 50]
 
-Each kernel of a chain waits for the one before it (as the fused decode kernels do: launched with
-programmatic dependent launch and `griddepcontrol.wait`, or in plain stream order with --no-pdl's rows),
+Each kernel of a chain waits for the one before it (launched as the fused decode kernels are, by
+decode_step.launch_kernel: with programmatic dependent launch and `griddepcontrol.wait`, and again in plain
+stream order),
 then every block reads the whole vector of N floats the previous kernel wrote (every block wrote a slice
 of it: an all-to-all dependency like a GEMV's input) and writes its own slice of the next vector. One
 graph per setting, replayed ``--reps`` times between CUDA events; the figure is GPU µs per kernel.
@@ -13,18 +14,21 @@ graph per setting, replayed ``--reps`` times between CUDA events; the figure is 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 
 import torch
 
-from mamba_rt.plugins_cuda import compiler, launcher
+from mamba_rt.plugins_cuda import compiler, decode_step, launcher
 
 SOURCE = r"""
-extern "C" __global__ void chain(const float* __restrict__ x, float* __restrict__ y, int n, int pdl) {
-  if (pdl) asm volatile("griddepcontrol.launch_dependents;" :::);
-  if (pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+struct ChainArgs { const float* x; float* y; long long n, pdl; };
+extern "C" __global__ void chain(const ChainArgs a) {
+  const float* __restrict__ x = a.x;
+  float* __restrict__ y = a.y;
+  const int n = (int)a.n;
+  if (a.pdl) asm volatile("griddepcontrol.launch_dependents;" :::);
+  if (a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
   __shared__ float red[32];
   float s = 0.f;
   for (int i = threadIdx.x; i < n; i += blockDim.x) s += x[i];
@@ -44,8 +48,8 @@ extern "C" __global__ void chain(const float* __restrict__ x, float* __restrict_
 """
 
 
-class _Args(ctypes.Structure):
-    _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p), ("n", ctypes.c_int), ("pdl", ctypes.c_int)]
+ChainArgs = decode_step._struct("ChainArgs", [("x", decode_step._P), ("y", decode_step._P), ("n", decode_step._L),
+                                              ("pdl", decode_step._L)])
 
 
 def main() -> int:
@@ -67,25 +71,10 @@ def main() -> int:
     keep = []
 
     def launch(grid: int, pdl: bool, src, dst, stream: int) -> None:
-        a = _Args(src.data_ptr(), dst.data_ptr(), args.n, int(pdl))
-        keep.append(a)
-        cfg = drv.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid, 1, 1
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = args.threads, 1, 1
-        cfg.sharedMemBytes = 0
-        cfg.hStream = drv.CUstream(stream)
-        attrs = []
-        if pdl:
-            at = drv.CUlaunchAttribute()
-            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            at.value.programmaticStreamSerializationAllowed = 1
-            attrs.append(at)
-        if attrs:
-            cfg.attrs = attrs
-        cfg.numAttrs = len(attrs)
-        ptrs = (ctypes.c_void_p * 4)(*(ctypes.addressof(a) + getattr(_Args, f).offset for f in ("x", "y", "n", "pdl")))
-        keep.append(ptrs)
-        launcher._cu(drv.cuLaunchKernelEx(cfg, fn, ctypes.addressof(ptrs), 0), "cuLaunchKernelEx(chain)")
+        ln = decode_step.Launch(fn, (grid, 1), args.threads, 0, ChainArgs(src.data_ptr(), dst.data_ptr(), args.n,
+                                                                          int(pdl)), "chain")
+        keep.append(ln)
+        decode_step.launch_kernel(ln, stream, pdl)
 
     rows = []
     print(f"{torch.cuda.get_device_name()}: chains of {args.kernels} kernels, {args.threads} threads, "

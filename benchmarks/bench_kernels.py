@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_rt._gc import collector_paused
 from mamba_rt.bench import copy_bandwidth
 from mamba_rt.exporters.ops_ref import causal_conv1d_update_ref, selective_state_update_ref
 from mamba_rt.exporters.tensorrt_build import slug
@@ -72,8 +73,6 @@ def graph_per_call_us(calls, reps: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    from mamba_rt._gc import collector_paused
-
     with collector_paused(), torch.cuda.graph(g):
         for c in calls:
             c()

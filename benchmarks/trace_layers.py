@@ -24,6 +24,7 @@ import json
 import numpy as np
 import torch
 
+from mamba_rt._gc import collector_paused
 from mamba_rt.plugins_cuda import decode_step, launcher
 from profile_decode import gpu_model, parse_knob
 
@@ -49,8 +50,6 @@ def trace(name: str, ghz: float, raw_out: str | None = None) -> dict:
     _, ptr, size = drv.cuModuleGetGlobal(dec.k.module, b"mrt_ly_trace")
     dec.enqueue(bk)
     graph = torch.cuda.CUDAGraph()
-    from mamba_rt._gc import collector_paused
-
     with collector_paused(), torch.cuda.graph(graph):
         dec.enqueue(bk)
     for _ in range(20):

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mamba_rt._gc import collector_paused
 from mamba_rt.config import MambaConfig
 from mamba_rt.exporters.model import REF_OPS, MambaLM
 
@@ -208,8 +209,6 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(s)
         self.opt.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        from mamba_rt._gc import collector_paused
-
         with collector_paused(), torch.cuda.graph(self.graph):
             self.loss = self.loss_fn(self.model, self.x, self.y)
             self.loss.backward()

@@ -807,31 +807,37 @@ class DecodeKernels:
 
     # -- launching -----------------------------------------------------------------------------------
     def launch(self, ln: Launch, stream: int) -> None:
-        drv = launcher._driver()
-        cfg = drv.CUlaunchConfig()
-        cfg.gridDimX, cfg.gridDimY = ln.grid[0], ln.grid[1]
-        cfg.gridDimZ = ln.grid[2] if len(ln.grid) > 2 else 1
-        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = ln.block, 1, 1
-        cfg.sharedMemBytes = ln.smem
-        cfg.hStream = drv.CUstream(stream)
-        attrs = []
-        if self.pdl:
-            at = drv.CUlaunchAttribute()
-            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-            at.value.programmaticStreamSerializationAllowed = 1
-            attrs.append(at)
-        if ln.cluster_y > 1:
-            attrs.append(_cluster_attr(ln.cluster_y))
-        if ln.coop:
-            at = drv.CUlaunchAttribute()
-            at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
-            at.value.cooperative = 1
-            attrs.append(at)
-        if attrs:
-            cfg.attrs = attrs
-        cfg.numAttrs = len(attrs)
-        ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(ln.args))
-        launcher._cu(drv.cuLaunchKernelEx(cfg, ln.fn, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({ln.name})")
+        launch_kernel(ln, stream, self.pdl)
+
+
+def launch_kernel(ln: Launch, stream: int, pdl: bool) -> None:
+    """Launch ``ln`` on ``stream`` (a raw CUstream handle), with programmatic dependent launch where ``pdl``
+    (the kernel must then call griddepcontrol.wait before it reads what earlier kernels wrote)."""
+    drv = launcher._driver()
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY = ln.grid[0], ln.grid[1]
+    cfg.gridDimZ = ln.grid[2] if len(ln.grid) > 2 else 1
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = ln.block, 1, 1
+    cfg.sharedMemBytes = ln.smem
+    cfg.hStream = drv.CUstream(stream)
+    attrs = []
+    if pdl:
+        at = drv.CUlaunchAttribute()
+        at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        at.value.programmaticStreamSerializationAllowed = 1
+        attrs.append(at)
+    if ln.cluster_y > 1:
+        attrs.append(_cluster_attr(ln.cluster_y))
+    if ln.coop:
+        at = drv.CUlaunchAttribute()
+        at.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+        at.value.cooperative = 1
+        attrs.append(at)
+    if attrs:
+        cfg.attrs = attrs
+    cfg.numAttrs = len(attrs)
+    ptrs = (ctypes.c_void_p * 1)(ctypes.addressof(ln.args))
+    launcher._cu(drv.cuLaunchKernelEx(cfg, ln.fn, ctypes.addressof(ptrs), 0), f"cuLaunchKernelEx({ln.name})")
 
 
 def _cluster_attr(y: int):
