@@ -16,6 +16,11 @@
 //   gemv_residual out_proj, added to the fp32 residual stream, with per-block sums of squares of the
 //                 new residual for the next norm_gemv.
 //
+// For 16-bit models up to d_model 1024 (mamba-130m and -370m where the persistent kernel below does not run)
+// ssm_out replaces the last two: each block updates the state of 32 channels and adds their share of out_proj
+// (its slice of the weights in registers) into an fp32 accumulator, which the next norm_gemv adds to the
+// residual (every block from the whole row, one round trip): three kernels per layer.
+//
 // At batch 1 with the copy-engine GEMVs (GemvBulk), one persistent kernel, `layers`, runs every layer
 // instead (the same phases in one launch, its weight stream never stopping at a phase boundary).
 //
@@ -459,15 +464,20 @@ __device__ __forceinline__ void put_token(long long* out, long long* out_host, i
   if (out_host) out_host[b] = v;
 }
 
+// With G = 0 (16-bit T): ss is instead the previous layer's out_proj sums [BM, K] (ssm_out), the residual is
+// h + round_T(ss) (as gemv_residual adds out_proj's output; rounded to T after the add unless out_float's bit 1
+// says it is kept in fp32), and block 0 writes it to h + BM K (the next layer's h). (Fields of their own for
+// those made ptxas cap the fp32 FMA kernels at 64 registers, with spills: NOTES item 80.)
 struct NormGemvArgs {
   const float* h;        // [BM, K] residual stream
   const float* ss;       // [G, BM] partial sums of squares of h
   const void* norm_w;    // [K] T
   const void* W;         // [N, K] T
   const void* bias;      // [N] T or null
-  void* out;             // [BM, N]: T, or float when out_float
+  void* out;             // [BM, N]: T, or float when out_float (bit 0)
   unsigned* ctr;         // GemvBulk's unit counter of this launch (zero before it; unused by the others)
-  long long G, N, K, out_float, param;  // param: GemvWarp's L2 prefetch rows, GemvBulk's ring stages
+  long long G, N, K, out_float, param;  // param: GemvWarp's L2 prefetch rows, GemvBulk's ring stages; out_float:
+                                        // bit 0 float outputs, bit 1 the residual in fp32 (G = 0)
   float eps;
   long long* amax;       // [BM] the index of each row's first largest output (the greedy token), or null
                          // (the tensor-core kinds only)
@@ -820,6 +830,53 @@ struct GemvStream<T, BM, GEMV_BULK> {
   __device__ __forceinline__ void run(Epi epi) { g.run(xs, red, epi); }
 };
 
+// With NormGemvArgs.G = 0: element i of the residual, h + round_T(ss) (ss: out_proj's sums).
+template <typename T>
+__device__ __forceinline__ float residual_plus(const NormGemvArgs& a, int i) {
+  const float hn = a.h[i] + round_t<T>(a.ss[i]);
+  return (a.out_float & 2) ? hn : round_t<T>(hn);
+}
+
+// With NormGemvArgs.G = 0: the residual's values of this thread (row b, column threadIdx.x + j blockDim.x in
+// hv[b][j]; K <= ACC_KV blockDim.x, which the host checks), each row's 1 / rms from the whole residual row
+// (every block sums it: for 130m, 768 values, one round trip of loads), and block 0 writes the residual to
+// h + BM K. (By row and column, not by flat index: a division by K per value cost more than the loads.)
+constexpr int ACC_KV = 4;
+template <typename T, int BM>
+__device__ __forceinline__ void residual_from_acc(const NormGemvArgs& a, int K, float (&hv)[BM][ACC_KV],
+                                                  float* rstd_s) {
+  __shared__ float red[32][BM];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int b = 0; b < BM; ++b) {
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < ACC_KV; ++j) {
+      const int k = threadIdx.x + j * blockDim.x;
+      hv[b][j] = k < K ? residual_plus<T>(a, b * K + k) : 0.f;
+      ss = fmaf(hv[b][j], hv[b][j], ss);
+    }
+    ss = warp_sum(ss);
+    if (lane == 0) red[warp][b] = ss;
+  }
+  __syncthreads();
+  if (threadIdx.x < BM) {
+    float s = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); ++w) s += red[w][threadIdx.x];
+    rstd_s[threadIdx.x] = rsqrtf(s / (float)K + a.eps);
+  }
+  if (blockIdx.x == 0) {
+    float* h_out = const_cast<float*>(a.h) + BM * K;
+#pragma unroll
+    for (int b = 0; b < BM; ++b)
+#pragma unroll
+      for (int j = 0; j < ACC_KV; ++j) {
+        const int k = threadIdx.x + j * blockDim.x;
+        if (k < K) h_out[b * K + k] = hv[b][j];
+      }
+  }
+}
+
 // out = W . round_T(h * rstd * norm_w) (+ bias), rounded to T (then widened when out_float).
 template <typename T, int BM, int KIND>
 __device__ void norm_gemv(const NormGemvArgs& a) {
@@ -831,12 +888,27 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
   g.start(smem, static_cast<const T*>(a.W), N, K, a.param, a.ctr);
   pdl_launch_dependents();
   pdl_wait();
-  rstd_from_partials<BM>(a.ss, (int)a.G, K, a.eps, rstd_s);
+  const bool acc = sizeof(T) == 2 && a.G == 0;  // ssm_out's sums in ss (16-bit T only: ssm_out's)
+  float hv[BM][ACC_KV];
+  if (acc) residual_from_acc<T, BM>(a, K, hv, rstd_s);
+  else rstd_from_partials<BM>(a.ss, (int)a.G, K, a.eps, rstd_s);
   __syncthreads();
   const T* nw = static_cast<const T*>(a.norm_w);
-  for (int i = threadIdx.x; i < BM * K; i += blockDim.x) {
-    const int b = i / K, k = i - b * K;
-    g.put_x(i, round_t<T>(a.h[i] * rstd_s[b] * to_float(nw[k])));
+  if (acc) {
+#pragma unroll
+    for (int j = 0; j < ACC_KV; ++j) {
+      const int k = threadIdx.x + j * blockDim.x;
+      if (k < K) {
+        const float w = to_float(nw[k]);
+#pragma unroll
+        for (int b = 0; b < BM; ++b) g.put_x(b * K + k, round_t<T>(hv[b][j] * rstd_s[b] * w));
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < BM * K; i += blockDim.x) {
+      const int b = i / K, k = i - b * K;
+      g.put_x(i, round_t<T>(a.h[i] * rstd_s[b] * to_float(nw[k])));
+    }
   }
   __syncthreads();
   const T* bias = static_cast<const T*>(a.bias);
@@ -853,7 +925,7 @@ __device__ void norm_gemv(const NormGemvArgs& a) {
     for (int b = 0; b < BM; ++b) {
       const T o = from_float<T>(acc[b] + bv);
       const float of = to_float(o);
-      if (a.out_float) static_cast<float*>(a.out)[b * N + n] = of;
+      if (a.out_float & 1) static_cast<float*>(a.out)[b * N + n] = of;
       else static_cast<T*>(a.out)[b * N + n] = o;
       if constexpr (KIND != GEMV_FMA) {
         if (a.amax && argmax_beats(of, (int)n, av[b], ai[b])) {
@@ -1758,86 +1830,225 @@ struct SsmStepArgs {
   long long B;             // rows (dt_rows: xdbl_acc's row stride there is R rounded up to 8)
 };
 
-// grid (ceil(d / CPB), B); TPC = N / 4 threads per channel (a power of two), 4 states each. The
-// state, A, D, the bias and this thread's share of the dt_proj row are loaded before waiting for the
-// previous kernel; after it, only x_proj's output, u and z. PRE (the batched path: delta precomputed
-// by cuBLAS, x_proj's output in T): no dt_proj share, and each thread reads its 4 B and 4 C values
-// directly (the block's threads share them through L1), so no shared row and no barrier; 30-odd
+// p[0..3] += v (16-byte aligned); one reduction on sm_90+.
+__device__ __forceinline__ void red_add4(float* p, float4 v) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+#else
+  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
+#endif
+}
+
+// One channel's state update by TPC = N / 4 threads (4 states each), in three parts around the wait for the
+// previous kernel: load (the state, A, D, the bias and this thread's share of the dt_proj row), inputs (u
+// and z) and finish (dt, the update, y). ssm_step and ssm_out run it. PRE (the batched path: delta
+// precomputed by cuBLAS, x_proj's output in T): no dt_proj share, and each thread reads its 4 B and 4 C
+// values directly (the block's threads share them through L1), so no shared row and no barrier; 30-odd
 // registers instead of 70, i.e. full occupancy for a kernel that streams the batch's state.
 template <typename T, int N, bool PRE>
-__device__ void ssm_step(const SsmStepArgs& a) {
-  constexpr int TPC = N / 4, CPB = SSM_THREADS / TPC, V = Vec<T>::N, WMAX = PRE ? 1 : 8;
-  __shared__ float xs[PRE ? 1 : MAX_XDBL];  // x_proj output row
-  const int d = (int)a.d, r = (int)a.r, R = (int)a.R, b = blockIdx.y;
-  const int cl = threadIdx.x / TPC, g = threadIdx.x % TPC;
-  const int c = blockIdx.x * CPB + cl;
-  const bool active = c < d;
-  const int cc = active ? c : 0;
-  const T* w = static_cast<const T*>(a.Wdt) + (long long)cc * r;
-  const bool wvec = !PRE && (r % V) == 0 && aligned16(a.Wdt) && r / V <= WMAX * TPC;
+struct SsmThread {
+  static constexpr int TPC = N / 4, V = Vec<T>::N, WMAX = PRE ? 1 : 8;
   uint4 wv[WMAX];
-  if (wvec) {
-#pragma unroll
-    for (int q = 0; q < WMAX; ++q) {
-      const int i = g + q * TPC;
-      wv[q] = i < r / V ? ld_stream(w + i * V) : uint4{0u, 0u, 0u, 0u};
-    }
-  }
-  float* hp = a.ssm_state + (a.idx[b] * d + cc) * N + g * 4;
-  const float4 av = *reinterpret_cast<const float4*>(a.A + (long long)cc * N + g * 4);
-  float4 hv = *reinterpret_cast<const float4*>(hp);
-  const float dbias = a.dt_bias[cc], Dv = a.D ? a.D[cc] : 0.f;
-  pdl_launch_dependents();
-  pdl_wait();
-  const float uv = to_float(static_cast<const T*>(a.u)[(long long)b * d + cc]);
-  const float zv = to_float(static_cast<const T*>(a.xz)[(long long)b * 2 * d + d + cc]);
-  float dt, Bv[4], Cv[4];
-  if constexpr (PRE) {
-    const T* xr = static_cast<const T*>(a.xdbl_t) + (long long)b * R + r + g * 4;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      Bv[j] = to_float(xr[j]);
-      Cv[j] = to_float(xr[N + j]);
-    }
-    dt = to_float(static_cast<const T*>(a.delta)[(long long)b * d + cc]);
-  } else {
-    for (int j = threadIdx.x; j < R; j += blockDim.x)
-      xs[j] = a.xdbl_acc ? round_t<T>(a.xdbl_acc[(long long)b * R + j])
-                         : to_float(static_cast<const T*>(a.xdbl_t)[(long long)b * R + j]);
-    __syncthreads();
-    float s = 0.f;
+  float4 av, hv;
+  float dbias, Dv, uv, zv;
+  float* hp;
+  const T* w;
+  int b, cc, g;
+  bool active, wvec;
+
+  // channel c of row b; g: this thread's quarter of the channel's states
+  __device__ __forceinline__ void load(const SsmStepArgs& a, int c, int g_, int b_) {
+    const int d = (int)a.d, r = (int)a.r;
+    b = b_; g = g_;
+    active = c < d;
+    cc = active ? c : 0;
+    w = static_cast<const T*>(a.Wdt) + (long long)cc * r;
+    wvec = !PRE && (r % V) == 0 && aligned16(a.Wdt) && r / V <= WMAX * TPC;
     if (wvec) {
 #pragma unroll
       for (int q = 0; q < WMAX; ++q) {
         const int i = g + q * TPC;
-        if (i < r / V) {
-          float wf[V];
-          unpack<T>(wv[q], wf);
-#pragma unroll
-          for (int j = 0; j < V; ++j) s = fmaf(wf[j], xs[i * V + j], s);
-        }
+        wv[q] = i < r / V ? ld_stream(w + i * V) : uint4{0u, 0u, 0u, 0u};
       }
-    } else {
-      for (int i = g; i < r; i += TPC) s = fmaf(to_float(w[i]), xs[i], s);
     }
+    hp = a.ssm_state + (a.idx[b] * d + cc) * N + g * 4;
+    av = *reinterpret_cast<const float4*>(a.A + (long long)cc * N + g * 4);
+    hv = *reinterpret_cast<const float4*>(hp);
+    dbias = a.dt_bias[cc];
+    Dv = a.D ? a.D[cc] : 0.f;
+  }
+
+  __device__ __forceinline__ void inputs(const SsmStepArgs& a) {
+    const int d = (int)a.d;
+    uv = to_float(static_cast<const T*>(a.u)[(long long)b * d + cc]);
+    zv = to_float(static_cast<const T*>(a.xz)[(long long)b * 2 * d + d + cc]);
+  }
+
+  // xs: x_proj's output row b (ssm_xdbl_rows; unused with PRE). Returns y (every thread of the channel),
+  // and stores the state.
+  __device__ __forceinline__ float finish(const SsmStepArgs& a, const float* xs) {
+    const int r = (int)a.r, R = (int)a.R, d = (int)a.d;
+    float dt, Bv[4], Cv[4];
+    if constexpr (PRE) {
+      const T* xr = static_cast<const T*>(a.xdbl_t) + (long long)b * R + r + g * 4;
 #pragma unroll
-    for (int off = TPC / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    dt = round_t<T>(s);
+      for (int j = 0; j < 4; ++j) {
+        Bv[j] = to_float(xr[j]);
+        Cv[j] = to_float(xr[N + j]);
+      }
+      dt = to_float(static_cast<const T*>(a.delta)[(long long)b * d + cc]);
+    } else {
+      float s = 0.f;
+      if (wvec) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      Bv[j] = xs[r + g * 4 + j];
-      Cv[j] = xs[r + N + g * 4 + j];
+        for (int q = 0; q < WMAX; ++q) {
+          const int i = g + q * TPC;
+          if (i < r / V) {
+            float wf[V];
+            unpack<T>(wv[q], wf);
+#pragma unroll
+            for (int j = 0; j < V; ++j) s = fmaf(wf[j], xs[i * V + j], s);
+          }
+        }
+      } else {
+        for (int i = g; i < r; i += TPC) s = fmaf(to_float(w[i]), xs[i], s);
+      }
+#pragma unroll
+      for (int off = TPC / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      dt = round_t<T>(s);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        Bv[j] = xs[r + g * 4 + j];
+        Cv[j] = xs[r + N + g * 4 + j];
+      }
+    }
+    dt = softplus(dt + dbias);
+    float yp = state_step4(hv, av, dt, dt * uv, Bv, Cv);
+#pragma unroll
+    for (int off = TPC / 2; off > 0; off >>= 1) yp += __shfl_xor_sync(0xffffffffu, yp, off);
+    if (active) *reinterpret_cast<float4*>(hp) = hv;
+    return (a.D ? fmaf(Dv, uv, yp) : yp) * silu(zv);
+  }
+};
+
+// rows rows of x_proj's output from row b0 into xs (rows x R floats of shared memory) by the block's threads,
+// rounded to T (the reference's x_proj output): from the fp32 accumulator, or the T row.
+template <typename T>
+__device__ __forceinline__ void ssm_xdbl_rows(const SsmStepArgs& a, float* xs, int b0, int rows) {
+  const int R = (int)a.R;
+  for (int j = threadIdx.x; j < rows * R; j += blockDim.x) {
+    const long long i = (long long)b0 * R + j;
+    xs[j] = a.xdbl_acc ? round_t<T>(a.xdbl_acc[i]) : to_float(static_cast<const T*>(a.xdbl_t)[i]);
+  }
+}
+
+// grid (ceil(d / CPB), B); TPC = N / 4 threads per channel (a power of two), 4 states each. The
+// state, A, D, the bias and this thread's share of the dt_proj row are loaded before waiting for the
+// previous kernel; after it, only x_proj's output, u and z.
+template <typename T, int N, bool PRE>
+__device__ void ssm_step(const SsmStepArgs& a) {
+  constexpr int TPC = N / 4;
+  __shared__ float xs[PRE ? 1 : MAX_XDBL];  // x_proj output row
+  const int b = blockIdx.y;
+  SsmThread<T, N, PRE> st;
+  st.load(a, blockIdx.x * (SSM_THREADS / TPC) + threadIdx.x / TPC, threadIdx.x % TPC, b);
+  pdl_launch_dependents();
+  pdl_wait();
+  st.inputs(a);
+  if constexpr (!PRE) {
+    ssm_xdbl_rows<T>(a, xs, b, 1);
+    __syncthreads();
+  }
+  const float yv = st.finish(a, xs);
+  if (st.active && st.g == 0) static_cast<T*>(a.y)[(long long)b * a.d + st.cc] = from_float<T>(yv);
+}
+
+// ssm_step and out_proj in one kernel (the GEMV path's buckets: BM rows in each block; 16-bit T): block
+// j takes channels [SO_CH j, SO_CH (j + 1)) of every row, runs their state update as ssm_step does, then
+// their share of out_proj, acc[b, n] += sum_c Wo[n, c] y[b, c] (fp32 reductions into an accumulator
+// zeroed before the step, the bias added by block 0); the next norm_gemv adds the sums, rounded to T, to
+// the residual (NormGemvArgs.G = 0). One kernel boundary per layer less than ssm_step + gemv_residual. The
+// block's slice of Wo (dm rows of SO_CH columns, 16 bytes of SO_ITERS rows per thread) is loaded into
+// registers before the wait, with the state: no shared memory for it, so that the blocks fit beside the
+// GEMV's and start as early as ssm_step's.
+constexpr int SO_CH = 32, SO_THREADS = 256, SO_ITERS = 16;
+struct SsmOutArgs {
+  SsmStepArgs s;
+  const void* Wo;    // [dm, d] T
+  const void* bias;  // [dm] T or null
+  float* acc;        // [BM, dm] zero before the launch
+  long long dm;      // at most SO_ITERS * SO_THREADS / (SO_CH / 8) (16-bit T)
+};
+
+template <typename T, int N, int BM>
+__device__ void ssm_out(const SsmOutArgs& a) {
+  constexpr int TPC = N / 4, ROWT = SO_CH * TPC;  // threads per batch row in the state update
+  constexpr int V = Vec<T>::N, LPR = SO_CH / V;   // lanes per Wo row: one 16-byte vector each
+  constexpr int RPW = 32 / LPR, RPB = (SO_THREADS / 32) * RPW;  // Wo rows per warp and per block, each pass
+  static_assert(ROWT * BM <= SO_THREADS && SO_CH % V == 0 && LPR <= 8, "ssm_out: shape");
+  __shared__ float xs[BM * MAX_XDBL];
+  __shared__ float ys[BM][SO_CH];
+  const int dm = (int)a.dm, d = (int)a.s.d, R = (int)a.s.R;
+  const int c0 = blockIdx.x * SO_CH, nch = d - c0 < SO_CH ? d - c0 : SO_CH;
+  const int b = threadIdx.x / ROWT, lt = threadIdx.x % ROWT;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, q = lane % LPR, n1 = warp * RPW + lane / LPR;
+  const T* Wo = static_cast<const T*>(a.Wo);
+  uint4 wr[SO_ITERS];  // row n1 + it * RPB, columns c0 + q V ..
+  const bool vec = nch == SO_CH && d % V == 0 && aligned16(Wo);
+#pragma unroll
+  for (int it = 0; it < SO_ITERS; ++it) {
+    const int n = n1 + it * RPB;
+    wr[it] = uint4{0u, 0u, 0u, 0u};
+    if (n < dm) {
+      const T* src = Wo + (long long)n * d + c0 + q * V;
+      if (vec) {
+        wr[it] = ld_stream(src);
+      } else {
+        T* e = reinterpret_cast<T*>(&wr[it]);
+#pragma unroll
+        for (int i = 0; i < V; ++i) e[i] = q * V + i < nch ? src[i] : T{};
+      }
     }
   }
-  dt = softplus(dt + dbias);
-  float yp = state_step4(hv, av, dt, dt * uv, Bv, Cv);
+  SsmThread<T, N, false> st;
+  if (b < BM) st.load(a.s, c0 + lt / TPC, lt % TPC, b);
+  pdl_launch_dependents();
+  pdl_wait();
+  if (b < BM) st.inputs(a.s);
+  ssm_xdbl_rows<T>(a.s, xs, 0, BM);
+  __syncthreads();
+  if (b < BM) {
+    const float yv = st.finish(a.s, xs + b * R);
+    if (st.g == 0) ys[b][lt / TPC] = st.active ? round_t<T>(yv) : 0.f;
+  }
+  __syncthreads();
+  // lane (row n, vector q) multiplies its 16 bytes of row n by the matching y of each batch row; the LPR lanes
+  // of a row sum by shuffles; the lanes of every fourth row gather four rows' sums and add them into acc with
+  // one 16-byte reduction
+  float yq[BM][V];
 #pragma unroll
-  for (int off = TPC / 2; off > 0; off >>= 1) yp += __shfl_xor_sync(0xffffffffu, yp, off);
-  if (active) {
-    *reinterpret_cast<float4*>(hp) = hv;
-    if (g == 0) {
-      const float yv = (a.D ? fmaf(Dv, uv, yp) : yp) * silu(zv);
-      static_cast<T*>(a.y)[(long long)b * d + cc] = from_float<T>(yv);
+  for (int bb = 0; bb < BM; ++bb)
+#pragma unroll
+    for (int i = 0; i < V; ++i) yq[bb][i] = ys[bb][q * V + i];
+  const T* bias = blockIdx.x == 0 ? static_cast<const T*>(a.bias) : nullptr;
+#pragma unroll
+  for (int it = 0; it < SO_ITERS; ++it) {
+    const int n = n1 + it * RPB;
+    if (it * RPB >= dm) break;  // block-uniform
+    float wf[V];
+    unpack<T>(wr[it], wf);
+#pragma unroll
+    for (int bb = 0; bb < BM; ++bb) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < V; ++i) s = fmaf(wf[i], yq[bb][i], s);
+#pragma unroll
+      for (int off = LPR / 2; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+      if (bias && n < dm) s += to_float(bias[n]);
+      const float s1 = __shfl_down_sync(0xffffffffu, s, LPR), s2 = __shfl_down_sync(0xffffffffu, s, 2 * LPR),
+                  s3 = __shfl_down_sync(0xffffffffu, s, 3 * LPR);
+      if (lane % (4 * LPR) == 0 && n < dm) red_add4(a.acc + (long long)bb * dm + n, make_float4(s, s1, s2, s3));
     }
   }
 }
@@ -1874,16 +2085,6 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_wait_all() {
 #if __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-#endif
-}
-
-// p[0..3] += v (16-byte aligned); one reduction on sm_90+.
-__device__ __forceinline__ void red_add4(float* p, float4 v) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
-               : "memory");
-#else
-  atomicAdd(p, v.x); atomicAdd(p + 1, v.y); atomicAdd(p + 2, v.z); atomicAdd(p + 3, v.w);
 #endif
 }
 
@@ -3099,11 +3300,23 @@ __device__ void layers(const LayersArgs& a) {
   MRT_PJ(TAG, T, 64) MRT_PJ(TAG, T, 80) MRT_PJ(TAG, T, 96) MRT_PJ(TAG, T, 128) MRT_PJ(TAG, T, 192)
 #endif
 
+// ssm_step_pre at most 32 registers (16 blocks of 128 threads per SM: it streams the batch's state at copy
+// bandwidth at batch 64, NOTES item 22; since the state update became SsmThread, shared with ssm_out, ptxas needs
+// the bound to keep it there).
 #define MRT_DECODE_N(TAG, T, N)                                                                        \
   extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
       mrt_ssm_step_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, false>(a); }        \
-  extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS)                                      \
+  extern "C" __global__ void __launch_bounds__(mrt::SSM_THREADS, 16)                                  \
       mrt_ssm_step_pre_##TAG##_n##N(const mrt::SsmStepArgs a) { mrt::ssm_step<T, N, true>(a); }
+
+// ssm_step + out_proj (16-bit T; the GEMV path's buckets; d_state up to 16: SO_CH channels x N / 4 threads a
+// row within SO_THREADS).
+#define MRT_SSM_OUT(TAG, T, N, BM)                                                                     \
+  extern "C" __global__ void __launch_bounds__(mrt::SO_THREADS)                                       \
+      mrt_ssm_out_##TAG##_n##N##_b##BM(const mrt::SsmOutArgs a) { mrt::ssm_out<T, N, BM>(a); }
+#define MRT_DECODE_SSM_OUT(TAG, T)                                                                     \
+  MRT_SSM_OUT(TAG, T, 4, 1) MRT_SSM_OUT(TAG, T, 8, 1) MRT_SSM_OUT(TAG, T, 16, 1)                      \
+  MRT_SSM_OUT(TAG, T, 4, 2) MRT_SSM_OUT(TAG, T, 8, 2) MRT_SSM_OUT(TAG, T, 16, 2)
 
 // The draw runs in clusters (sm_90+); older GPUs have no draw entry (the host draws with torch there).
 #if __CUDA_ARCH__ >= 900
@@ -3144,4 +3357,5 @@ __device__ void layers(const LayersArgs& a) {
   MRT_DECODE_MMA(TAG, T, 1)                                                                            \
   MRT_DECODE_MMA(TAG, T, 2)                                                                            \
   MRT_DECODE_ROWS(TAG, T)                                                                              \
+  MRT_DECODE_SSM_OUT(TAG, T)                                                                           \
   MRT_DECODE_LAYERS(TAG, T)

@@ -30,7 +30,7 @@ DRAW_CLUSTER, DRAW_THREADS, DRAW_ITEMS = 8, 512, 16  # .cu: a cluster of blocks 
 DRAW_MAX_VOCAB = DRAW_CLUSTER * DRAW_THREADS * DRAW_ITEMS  # the row in the cluster's registers
 MAX_CONV = 8
 RN_ITEMS = 8              # .cu: columns per thread residual_norm holds in registers
-MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step
+MAX_XDBL = 1024           # r + 2n held in shared memory by ssm_step and ssm_out
 GEMV_BUCKETS = (1, 2)   # beyond 2 rows the shared-memory reads of x bound the GEMV kernels
 # GEMM path: buckets of at most this many rows x d_inner compute dt_proj inside ssm_step (each block
 # reads its channels' dt_proj rows from L2, once per batch row) instead of a cuBLAS GEMM feeding
@@ -150,6 +150,14 @@ NEXT_IDS_IN_PLACE = 1
 # item 68)
 EMBED_ZEROES = 1
 LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
+# .cu ssm_out: the state update and out_proj in one kernel (1) on the GEMV path's layers where the persistent kernel
+# does not run them (16-bit dtypes, d_state in SO_STATES, d_model up to SO_MAX_DMODEL), instead of ssm_step and
+# gemv_residual (0). H100, GPU ms per step queued ahead, 0 / 1, same process (benchmarks/NOTES.md, item 80): fp16
+# 130m batch 1 0.296 / 0.257, batch 2 0.362 / 0.316
+SSM_OUT = 1
+ACC_KV = 4  # .cu: residual values per row and thread of norm_gemv with an out_proj accumulator (ssm_out)
+SO_CH, SO_THREADS, SO_STATES, SO_ITERS = 32, 256, (4, 8, 16), 16
+SO_MAX_DMODEL = SO_ITERS * (SO_THREADS // 32) * (32 // (SO_CH // 8))  # out_proj's rows in a block's registers
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
 
@@ -299,6 +307,7 @@ SsmStepArgs = _struct("SsmStepArgs", [("xdbl_acc", _P), ("xdbl_t", _P), ("delta"
                                       ("dt_bias", _P), ("A", _P), ("D", _P), ("u", _P), ("xz", _P),
                                       ("ssm_state", _P), ("idx", _P), ("y", _P), ("d", _L), ("r", _L), ("R", _L),
                                       ("B", _L)])
+SsmOutArgs = _struct("SsmOutArgs", [("s", SsmStepArgs), ("Wo", _P), ("bias", _P), ("acc", _P), ("dm", _L)])
 
 
 ProjArgs = _struct("ProjArgs", [("tmx", _P), ("tmw", _P), ("bias", _P), ("out", _P), ("ldo", _L), ("B", _L),
@@ -472,10 +481,17 @@ class DecodeKernels:
         grid = self._gemv_grid(stem, N, smem)
         return stem, grid, GEMV_THREADS, smem, self._pf_rows(grid, K)
 
-    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps, ctr) -> Launch:
+    def norm_gemv(self, bm, *, h, ss, G, norm_w, W, bias, out, N, K, out_float, eps, ctr, acc=0,
+                  res_fp32=True) -> Launch:
         """ctr: a 32-bit counter for this launch alone, zero when it runs (the copy-engine kernel hands
-        out its rows through it)."""
+        out its rows through it). acc: the previous layer's out_proj sums (ssm_out; then ss and G are unused):
+        the residual is h + acc, rounded as gemv_residual adds them, which the kernel also writes to the
+        bm x K floats after h (.cu NormGemvArgs: passed as ss with G = 0)."""
         stem, grid, threads, smem, pf = self._gemv("norm_gemv", bm, N, K, W)
+        if acc:
+            if self.itemsize != 2:
+                raise InternalError(f"fused decode: norm_gemv takes out_proj's sums for 16-bit models only ({self.dtype})")
+            ss, G, out_float = acc, 0, int(out_float) | 2 * bool(res_fp32)
         a = NormGemvArgs(h, ss, norm_w, W, bias or 0, out, ctr, G, N, K, int(out_float), pf, eps, 0, 0, 0)
         return Launch(self._fn(stem), (grid, 1), threads, smem, a, stem)
 
@@ -659,6 +675,25 @@ class DecodeKernels:
         cpb = SSM_THREADS // (n // 4)
         stem = "ssm_step_pre" if pre else "ssm_step"
         return Launch(self._fn(f"{stem}_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
+
+    def ssm_out_fits(self, bm: int, *, n: int, dm: int, d: int) -> bool:
+        """Whether ssm_out serves bm rows of this shape (with SSM_OUT on, read at each call): 16-bit dtype,
+        bm 1 or 2, n in SO_STATES, d_model a multiple of 4 (16-byte reductions) up to SO_MAX_DMODEL (out_proj's
+        slice of a block, d_model x SO_CH, in its registers; the next norm_gemv holds the residual row in ACC_KV
+        registers of each of at least MMA_THREADS threads)."""
+        return bool(SSM_OUT and self.itemsize == 2 and bm in (1, 2) and n in SO_STATES and dm % 4 == 0 and d >= 1
+                    and dm <= min(SO_MAX_DMODEL, ACC_KV * MMA_THREADS))
+
+    def ssm_out(self, bm, *, n, xdbl_acc, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, d, r, Wo, bias, acc,
+                dm) -> Launch:
+        """ssm_step and out_proj in one kernel: out_proj's sums of bm rows added into acc [bm, dm] (zero before
+        it; the next norm_gemv takes them as its acc)."""
+        if not self.ssm_out_fits(bm, n=n, dm=dm, d=d) or acc % 16:
+            raise InternalError(f"fused decode: ssm_out does not take {bm} rows, d_state {n}, d_model {dm} "
+                                f"(accumulator at {acc:#x})")
+        s = SsmStepArgs(xdbl_acc, 0, 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx, 0, d, r, r + 2 * n, bm)
+        stem = f"ssm_out_{self.tag}_n{n}_b{bm}"
+        return Launch(self._fn(stem), (-(-d // SO_CH), 1), SO_THREADS, 0, SsmOutArgs(s, Wo, bias or 0, acc, dm), stem)
 
     # -- the GEMM path's x_proj and dt_proj on the tensor cores (conv_xproj_rows, dt_rows) ---------------
     def rows_fits(self, *, n: int, r: int) -> bool:

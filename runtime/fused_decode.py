@@ -12,7 +12,10 @@ Two paths, chosen per batch bucket:
 * GEMV (bucket of 1 or 2 rows): per layer ``norm_gemv`` (RMSNorm + in_proj) -> ``conv_xproj`` (conv update
   + SiLU + x_proj) -> ``ssm_step`` (dt_proj + softplus + state update + D + gate) -> ``gemv_residual``
   (out_proj + residual); the weights are streamed once, by the kernels themselves (the projections on
-  the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise).
+  the tensor cores for fp16/bf16 models whose rows are whole 16-byte vectors, FMA loops otherwise). For
+  16-bit models up to d_model 1024 ``ssm_out`` takes the last two: the state update of a block's channels and
+  their share of out_proj, added into an accumulator that the next ``norm_gemv`` adds to the residual
+  (``decode_step.SSM_OUT``; benchmarks/NOTES.md item 80): three kernels per layer.
   At batch 1 on sm_90+ from mamba-370m up (``decode_step.LY_MIN_DMODEL``) every layer runs instead in one
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), after
   the embedding; it takes the head too, the final norm, the logits and the greedy argmax
@@ -75,16 +78,26 @@ class DecodeBucket:
         # accumulators (added up by conv_xproj's or conv_xproj_rows' blocks), then on the GEMV path a work counter per
         # GEMV launch (the copy-engine kernels hand out their rows through it); for the persistent kernel, its grid
         # barrier's counter
+        # ssm_step and out_proj in one kernel (ssm_out) on the GEMV path's four-kernel layers: out_proj's sums
+        # of each layer in an accumulator (first in `zeroed`: 16-byte reductions), the residual before each layer
+        # and the head in a buffer of its own, written by the norm_gemv before it (the embedding's: the first)
+        self.so = bool(self.gemv and not self.ly and dec.k.ssm_out_fits(B, n=c.d_state, dm=dm, d=d))
+        n_out = c.n_layer * B * dm if self.so else 0
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
         n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
         n_ctr = 2 * c.n_layer + 1 if self.gemv else 0
         n_ly = 1 if self.ly else 0
-        self.zeroed = torch.zeros(n_acc + n_ctr + n_ly, **f32) if n_acc + n_ctr + n_ly else None
+        n_zero = n_out + n_acc + n_ctr + n_ly
+        self.zeroed = torch.zeros(n_zero, **f32) if n_zero else None
+        if self.so:
+            self.out_acc = self.zeroed[:n_out].view(c.n_layer, B, dm)
+            self.hh = torch.empty(c.n_layer + 1, B, dm, **f32)
+            self.h = self.hh[0]
         # by the embedding kernel, where the kernels after it touch them only after their griddepcontrol.wait
         # (the persistent kernel's step; decode_step.EMBED_ZEROES), else by a memset first
         self.embed_zeroes = bool(self.ly and self.zeroed is not None and ds.EMBED_ZEROES)
         if n_acc:
-            self.acc = self.zeroed[:n_acc].view(c.n_layer, B, Racc)
+            self.acc = self.zeroed[n_out:n_out + n_acc].view(c.n_layer, B, Racc)
         if self.ly:
             self.bar = self.zeroed[-1:].view(torch.int32)
             # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
@@ -94,7 +107,7 @@ class DecodeBucket:
             self.hbuf = torch.empty(2, dm, **f32)
             self.ss_layers = torch.empty(self.ly.grid, **f32)
         if self.gemv:
-            self.ctr = self.zeroed[n_acc:n_acc + n_ctr].view(torch.int32)
+            self.ctr = self.zeroed[n_out + n_acc:n_out + n_acc + n_ctr].view(torch.int32)
             self.ge = dec.k.embed_grid(dm)
             # blocks of each layer's gemv_residual = its partial sums of squares per row
             self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
@@ -229,12 +242,18 @@ class FusedDecoder:
             m = layer.mixer
             conv_i, ssm_i = p(self.conv[i]), p(self.ssm[i])
             if bk.gemv:
-                out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(layer.norm.weight), W=p(m.in_proj.weight),
-                                       bias=p(m.in_proj.bias), out=p(bk.xz), N=2 * d, K=dm, out_float=False,
-                                       eps=self.eps, ctr=p(bk.ctr[2 * i])))
+                out.append(k.norm_gemv(B, norm_w=p(layer.norm.weight), W=p(m.in_proj.weight), bias=p(m.in_proj.bias),
+                                       out=p(bk.xz), N=2 * d, K=dm, out_float=False, eps=self.eps,
+                                       ctr=p(bk.ctr[2 * i]), **self._residual_in(bk, i, ss, G)))
                 out.append(k.conv_xproj(B, xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx), conv_w=p(self.conv_w[i]),
                                         conv_b=p(m.conv1d.bias), Wx=p(m.x_proj.weight), u=p(bk.u),
                                         xdbl=p(bk.acc[i]), B=B, d=d, k=c.d_conv, R=R))
+                if bk.so:
+                    out.append(k.ssm_out(B, n=n, xdbl_acc=p(bk.acc[i]), Wdt=p(m.dt_proj.weight),
+                                         dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D), u=p(bk.u), xz=p(bk.xz),
+                                         ssm_state=ssm_i, idx=p(bk.idx), d=d, r=r, Wo=p(m.out_proj.weight),
+                                         bias=p(m.out_proj.bias), acc=p(bk.out_acc[i]), dm=dm))
+                    continue
                 out.append(k.ssm_step(n=n, B=B, xdbl_acc=p(bk.acc[i]), xdbl_t=0, delta=0, Wdt=p(m.dt_proj.weight),
                                       dt_bias=p(m.dt_proj.bias), A=p(self.A[i]), D=p(m.D), u=p(bk.u), xz=p(bk.xz),
                                       ssm_state=ssm_i, idx=p(bk.idx), y=p(bk.y), d=d, r=r))
@@ -271,9 +290,9 @@ class FusedDecoder:
                 out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
                                            res_fp32=res32, eps=self.eps))
         if bk.gemv:
-            out.append(k.norm_gemv(B, h=p(bk.h), ss=p(ss), G=G, norm_w=p(self.model.backbone.norm_f.weight),
-                                   W=p(self.lm_head), bias=0, out=p(bk.logits), N=c.vocab_size, K=dm,
-                                   out_float=True, eps=self.eps, ctr=p(bk.ctr[-1])))
+            out.append(k.norm_gemv(B, norm_w=p(self.model.backbone.norm_f.weight), W=p(self.lm_head), bias=0,
+                                   out=p(bk.logits), N=c.vocab_size, K=dm, out_float=True, eps=self.eps,
+                                   ctr=p(bk.ctr[-1]), **self._residual_in(bk, c.n_layer, ss, G)))
         else:
             head = self._proj_launch(bk.xn, self.lm_head, None, bk.logits, ds.PROJ_HEAD, out_float=True)
             if head is None:  # cuBLAS, into logits in T over the padded vocabulary, then copied to float32
@@ -284,6 +303,16 @@ class FusedDecoder:
                     bk.logits.copy_(bk.logits_t[:, : c.vocab_size])
             out.append(head)
         return out
+
+    def _residual_in(self, bk: DecodeBucket, i: int, ss, G: int) -> dict:
+        """The residual arguments of the GEMV path's norm_gemv before layer i (i = n_layer: the head): h with its
+        partial sums of squares ss (G blocks' worth); or, where the layers run ssm_out, from layer 1 on, layer
+        i - 1's out_proj sums added to the residual before layer i - 1 (the kernel writes the sum into the next
+        buffer, .cu NormGemvArgs)."""
+        p = self._p
+        if not bk.so or i == 0:
+            return dict(h=p(bk.h), ss=p(ss), G=G)
+        return dict(h=p(bk.hh[i - 1]), ss=0, G=0, acc=p(bk.out_acc[i - 1]), res_fp32=self.config.residual_in_fp32)
 
     def _proj(self, x, lin, out, which, bias=True):
         """The GEMM path's projection ``out = x . lin.weight^T (+ lin.bias)``: our wgmma kernel where it serves

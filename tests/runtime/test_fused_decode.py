@@ -297,6 +297,19 @@ def test_fused_steps_four_kernels_per_layer_at_batch_1(case, dtype, gemv, monkey
     _check_steps(case, dtype, 1, gemv=gemv)
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_steps_without_ssm_out(case, dtype, batch, monkeypatch):
+    """16-bit models with ssm_step and gemv_residual where ssm_out would take both (decode_step.SSM_OUT off; fp32
+    models always run them)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    monkeypatch.setattr(decode_step, "LAYERS_KERNEL", 0)
+    monkeypatch.setattr(decode_step, "SSM_OUT", 0)
+    _check_steps(case, dtype, batch, gemv=None)
+
+
 def _expected_layers(cfg, dtype, gemv, bucket, arch):
     """Whether a bucket takes the persistent kernel of every layer: batch 1, a 16-bit dtype on sm_90+,
     a tensor-core kind, d_model from LY_MIN_DMODEL up (the small test models get it where a test lowers
@@ -305,6 +318,16 @@ def _expected_layers(cfg, dtype, gemv, bucket, arch):
 
     return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and gemv != "fma"
                 and cfg.d_model >= decode_step.LY_MIN_DMODEL and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
+
+
+def _expected_ssm_out(cfg, dtype, bucket, ly):
+    """Whether a GEMV-path bucket's layers run ssm_out (the state update and out_proj in one kernel) instead of
+    ssm_step and gemv_residual: four kernels per layer, a 16-bit dtype, d_state 4, 8 or 16, d_model a multiple of
+    4 up to decode_step.SO_MAX_DMODEL, and decode_step.SSM_OUT on (a test turns it off to run the two kernels)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    return bool(not ly and dtype != "fp32" and bucket in (1, 2) and cfg.d_state in decode_step.SO_STATES
+                and cfg.d_model % 4 == 0 and cfg.d_model <= decode_step.SO_MAX_DMODEL and decode_step.SSM_OUT)
 
 
 def _expected_gemv(asked, dtype, k, arch):
@@ -341,7 +364,14 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         from mamba_rt.plugins_cuda import decode_step
 
         head_gemv = not ly or not decode_step.LY_HEAD  # else the persistent kernel takes the head too
+        so = _expected_ssm_out(cfg, dtype, bucket, ly)
+        assert bk.so == so and names.count(f"ssm_out_{dec.k.tag}_n{cfg.d_state}_b{bucket}") == so * cfg.n_layer, \
+            (so, names)
+        assert names.count("ssm_step") == (not ly and not so) * cfg.n_layer, names
         for kind, k in (("norm_gemv", cfg.d_model), ("gemv_residual", cfg.d_inner)):
+            if kind == "gemv_residual" and so:  # out_proj inside ssm_out
+                assert not [n for n in names if n.startswith(kind)], names
+                continue
             want = _expected_gemv(gemv, dtype, k, arch)
             got = {("bulk" if "_bulk_" in n else "mma" if "_mma_" in n else "fma") for n in names if n.startswith(kind)}
             if ly:  # the head's norm_gemv only, if that
@@ -393,7 +423,8 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         ids = torch.randint(0, cfg.vocab_size, (bucket,), generator=g, device="cuda")
         if step == 2:  # the largest and smallest ids
             ids[0], ids[-1] = cfg.vocab_size - 1, 0
-        for buf in (bk.logits, bk.h, bk.u, bk.y) + ((bk.hbuf, bk.ss_layers) if bk.ly else ()):
+        for buf in ((bk.logits, bk.h, bk.u, bk.y) + ((bk.hbuf, bk.ss_layers) if bk.ly else ())
+                    + ((bk.hh,) if bk.gemv and bk.so else ())):
             buf.fill_(float("nan"))
         amax.fill_(-1)
         bk.ids.copy_(ids)
