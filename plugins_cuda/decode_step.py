@@ -153,10 +153,10 @@ LY_PTRS = 14  # .cu LayerPtrs: pointers per layer
 # .cu ssm_out: the state update and out_proj in one kernel (1) on the GEMV path's layers where the persistent kernel
 # does not run them (16-bit dtypes, d_state in SO_STATES, d_model up to SO_MAX_DMODEL), instead of ssm_step and
 # gemv_residual (0). H100, GPU ms per step queued ahead, 0 / 1, same process (benchmarks/NOTES.md, item 80): fp16
-# 130m batch 1 0.296 / 0.257, batch 2 0.362 / 0.316
+# 130m batch 1 0.296 / 0.257, batch 2 0.362 / 0.316 (32 channels a block; 16 since, item 81: 0.242 / 0.288)
 SSM_OUT = 1
 ACC_KV = 4  # .cu: residual values per row and thread of norm_gemv with an out_proj accumulator (ssm_out)
-SO_CH, SO_THREADS, SO_STATES, SO_ITERS = 32, 256, (4, 8, 16), 16
+SO_CH, SO_THREADS, SO_STATES, SO_ITERS = 16, 256, (4, 8, 16), 8
 SO_MAX_DMODEL = SO_ITERS * (SO_THREADS // 32) * (32 // (SO_CH // 8))  # out_proj's rows in a block's registers
 GEMV_KINDS = ("fma", "mma", "bulk")  # FMA loop, tensor cores fed by loads, tensor cores fed by the copy engine
 
