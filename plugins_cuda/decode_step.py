@@ -681,7 +681,7 @@ class DecodeKernels:
         bm 1 or 2, n in SO_STATES, d_model a multiple of 4 (16-byte reductions) up to SO_MAX_DMODEL (out_proj's
         slice of a block, d_model x SO_CH, in its registers; the next norm_gemv holds the residual row in ACC_KV
         registers of each of at least MMA_THREADS threads)."""
-        return bool(SSM_OUT and self.itemsize == 2 and bm in (1, 2) and n in SO_STATES and dm % 4 == 0 and d >= 1
+        return bool(SSM_OUT and self.itemsize == 2 and bm in (1, 2) and n in SO_STATES and dm % 4 == 0
                     and dm <= min(SO_MAX_DMODEL, ACC_KV * MMA_THREADS))
 
     def ssm_out(self, bm, *, n, xdbl_acc, Wdt, dt_bias, A, D, u, xz, ssm_state, idx, d, r, Wo, bias, acc,

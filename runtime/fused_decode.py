@@ -74,13 +74,13 @@ class DecodeBucket:
         self.fold_dt, self.fold_x = (True, True) if self.gemv else (False, False) if self.rows else dec.gemm_folds(B)
         # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
-        # zeroed before every step (one memset, or the embedding kernel: embed_zeroes), where there is one: x_proj's
-        # accumulators (added up by conv_xproj's or conv_xproj_rows' blocks), then on the GEMV path a work counter per
-        # GEMV launch (the copy-engine kernels hand out their rows through it); for the persistent kernel, its grid
-        # barrier's counter
-        # ssm_step and out_proj in one kernel (ssm_out) on the GEMV path's four-kernel layers: out_proj's sums
-        # of each layer in an accumulator (first in `zeroed`: 16-byte reductions), the residual before each layer
-        # and the head in a buffer of its own, written by the norm_gemv before it (the embedding's: the first)
+        # ssm_step and out_proj in one kernel (ssm_out) on the GEMV path where the persistent kernel does not run:
+        # out_proj's sums of each layer in an accumulator, the residual before each layer and the head in a buffer
+        # of its own, written by the norm_gemv before it (the embedding's: the first)
+        # `zeroed`, zeroed before every step (one memset, or the embedding kernel: embed_zeroes), where there is
+        # one: ssm_out's accumulators (first: 16-byte reductions), x_proj's (added up by conv_xproj's or
+        # conv_xproj_rows' blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine kernels
+        # hand out their rows through it); for the persistent kernel, its grid barrier's counter
         self.so = bool(self.gemv and not self.ly and dec.k.ssm_out_fits(B, n=c.d_state, dm=dm, d=d))
         n_out = c.n_layer * B * dm if self.so else 0
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride

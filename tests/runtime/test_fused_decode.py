@@ -322,8 +322,8 @@ def _expected_layers(cfg, dtype, gemv, bucket, arch):
 
 def _expected_ssm_out(cfg, dtype, bucket, ly):
     """Whether a GEMV-path bucket's layers run ssm_out (the state update and out_proj in one kernel) instead of
-    ssm_step and gemv_residual: four kernels per layer, a 16-bit dtype, d_state 4, 8 or 16, d_model a multiple of
-    4 up to decode_step.SO_MAX_DMODEL, and decode_step.SSM_OUT on (a test turns it off to run the two kernels)."""
+    ssm_step and gemv_residual: not the persistent kernel, a 16-bit dtype, d_state 4, 8 or 16, d_model a multiple
+    of 4 up to decode_step.SO_MAX_DMODEL, and decode_step.SSM_OUT on (a test turns it off to run the two kernels)."""
     from mamba_rt.plugins_cuda import decode_step
 
     return bool(not ly and dtype != "fp32" and bucket in (1, 2) and cfg.d_state in decode_step.SO_STATES
