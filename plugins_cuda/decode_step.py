@@ -96,10 +96,12 @@ BULK_BLOCKS_PER_SM = 2  # preferred resident blocks (1 where fewer than BULK_STA
 # .cu `layers`: every layer of a batch-1 step in one persistent kernel (16-bit dtypes, sm_90+), one block
 # of LY_THREADS per SM, in_proj in units of LY_CH channels, a ring of LY_STAGES[0]..[1] stages
 LAYERS_KERNEL = 1  # 0: the four kernels per layer even where the persistent one applies
-# The persistent kernel from this d_model up (0: every size). H100 fp16, GPU ms per step, four kernels / persistent,
-# same process: of the load-fed tensor-core kind (benchmarks/NOTES.md, item 42) 130m (768) 0.321 / 0.325, 370m
-# (1024) 0.752 / 0.684, 790m (1536) 1.162 / 1.010; of the copy-engine kind (item 76) 130m 0.288 / 0.306, 370m
-# 0.693 / 0.625, 790m 1.060 / 0.845, 1.4b 1.491 / 1.094, 2.8b 2.662 / 2.123
+# The persistent kernel from this d_model up (0: every size), where ssm_out does not serve the shape (up to d_model
+# 1024 it does: three kernels per layer). H100 fp16, GPU ms per step, four kernels / persistent, same process: of
+# the load-fed tensor-core kind (benchmarks/NOTES.md, item 42) 130m (768) 0.321 / 0.325, 370m (1024) 0.752 / 0.684,
+# 790m (1536) 1.162 / 1.010; of the copy-engine kind (item 76) 130m 0.288 / 0.306, 370m 0.693 / 0.625, 790m
+# 1.060 / 0.845, 1.4b 1.491 / 1.094, 2.8b 2.662 / 2.123; ssm_out's three kernels / persistent (item 82) 370m
+# 0.570 and 0.594 / 0.628 (bf16 0.576 / 0.617)
 LY_MIN_DMODEL = 1024
 LY_WARPS, LY_THREADS, LY_CH = BULK_WARPS, BULK_THREADS, 8
 LY_MAX_DMODEL = 16 * LY_WARPS * 32  # .cu LY_HV values of h per consumer thread
@@ -621,12 +623,13 @@ class DecodeKernels:
         their slots read per round trip: 2 where LY_PARTIALS_PER_LOAD allows and dm <= LY_MAX_DMODEL / 2,
         else 1) of the persistent `layers` kernel for this shape, or None where it does not apply: a tensor-core
         GEMV kind (16-bit dtypes) on sm_90+, dm from LY_MIN_DMODEL up, dm and d multiples of 16 (whole 16-wide
-        mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on, and at least
-        LY_STAGES[0] stages fitting one block per SM beside the rest of its shared memory. (Every pointer
-        must also be 16-byte aligned: the caller checks.)"""
+        mma steps), dm at most LY_MAX_DMODEL, d at most LY_MAX_DINNER, LAYERS_KERNEL on, ssm_out not serving the
+        shape (its three kernels per layer measured faster: LY_MIN_DMODEL), and at least LY_STAGES[0] stages
+        fitting one block per SM beside the rest of its shared memory. (Every pointer must also be 16-byte
+        aligned: the caller checks.)"""
         kind = self.gemv != "fma" and self.arch >= 90
         if not (LAYERS_KERNEL and kind and dm >= LY_MIN_DMODEL and dm % 16 == 0 and d % 16 == 0
-                and dm <= LY_MAX_DMODEL and d <= LY_MAX_DINNER):
+                and dm <= LY_MAX_DMODEL and d <= LY_MAX_DINNER) or self.ssm_out_fits(1, n=n, dm=dm, d=d):
             return None
         grid = self.sm_count
         ring, rest = layers_smem(dm, d, n, r, k, 1, grid)

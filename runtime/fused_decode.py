@@ -16,7 +16,8 @@ Two paths, chosen per batch bucket:
   16-bit models up to d_model 1024 ``ssm_out`` takes the last two: the state update of a block's channels and
   their share of out_proj, added into an accumulator that the next ``norm_gemv`` adds to the residual
   (``decode_step.SSM_OUT``; benchmarks/NOTES.md item 80): three kernels per layer.
-  At batch 1 on sm_90+ from mamba-370m up (``decode_step.LY_MIN_DMODEL``) every layer runs instead in one
+  At batch 1 on sm_90+ from mamba-790m up (where ssm_out does not serve the shape, from
+  ``decode_step.LY_MIN_DMODEL``) every layer runs instead in one
   persistent kernel, ``layers`` (``decode_step.LAYERS_KERNEL``; benchmarks/NOTES.md item 39), after
   the embedding; it takes the head too, the final norm, the logits and the greedy argmax
   (``decode_step.LY_HEAD``; item 69), else the head's ``norm_gemv`` follows it.

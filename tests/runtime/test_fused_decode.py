@@ -117,10 +117,12 @@ def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
 
 @pytest.fixture
 def layers_any_size(monkeypatch):
-    """The persistent kernel for the small test models too (decode_step.LY_MIN_DMODEL: 1024 otherwise)."""
+    """The persistent kernel for the small test models too (decode_step.LY_MIN_DMODEL: 1024 otherwise; and
+    ssm_out off, which takes their batch-1 steps where it serves)."""
     from mamba_rt.plugins_cuda import decode_step
 
     monkeypatch.setattr(decode_step, "LY_MIN_DMODEL", 0)
+    monkeypatch.setattr(decode_step, "SSM_OUT", 0)
 
 
 LAYERS_CASE = dict(d_model=160, n_layer=3, vocab_size=700, d_state=8, d_conv=2, bias=True, conv_bias=True,
@@ -313,21 +315,28 @@ def test_fused_steps_without_ssm_out(case, dtype, batch, monkeypatch):
 def _expected_layers(cfg, dtype, gemv, bucket, arch):
     """Whether a bucket takes the persistent kernel of every layer: batch 1, a 16-bit dtype on sm_90+,
     a tensor-core kind, d_model from LY_MIN_DMODEL up (the small test models get it where a test lowers
-    that), d_model and d_inner multiples of 16, LAYERS_KERNEL on."""
+    that), d_model and d_inner multiples of 16, LAYERS_KERNEL on, and ssm_out not serving the shape."""
     from mamba_rt.plugins_cuda import decode_step
 
     return bool(decode_step.LAYERS_KERNEL and bucket == 1 and dtype != "fp32" and arch >= 90 and gemv != "fma"
-                and cfg.d_model >= decode_step.LY_MIN_DMODEL and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0)
+                and cfg.d_model >= decode_step.LY_MIN_DMODEL and cfg.d_model % 16 == 0 and cfg.d_inner % 16 == 0
+                and not _ssm_out_serves(cfg, dtype, bucket))
+
+
+def _ssm_out_serves(cfg, dtype, bucket):
+    """Whether ssm_out (the state update and out_proj in one kernel) serves a GEMV-path bucket's shape: a 16-bit
+    dtype, d_state 4, 8 or 16, d_model a multiple of 4 up to decode_step.SO_MAX_DMODEL, and decode_step.SSM_OUT on
+    (tests turn it off to run the other kernels)."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    return bool(dtype != "fp32" and bucket in (1, 2) and cfg.d_state in decode_step.SO_STATES
+                and cfg.d_model % 4 == 0 and cfg.d_model <= decode_step.SO_MAX_DMODEL and decode_step.SSM_OUT)
 
 
 def _expected_ssm_out(cfg, dtype, bucket, ly):
-    """Whether a GEMV-path bucket's layers run ssm_out (the state update and out_proj in one kernel) instead of
-    ssm_step and gemv_residual: not the persistent kernel, a 16-bit dtype, d_state 4, 8 or 16, d_model a multiple
-    of 4 up to decode_step.SO_MAX_DMODEL, and decode_step.SSM_OUT on (a test turns it off to run the two kernels)."""
-    from mamba_rt.plugins_cuda import decode_step
-
-    return bool(not ly and dtype != "fp32" and bucket in (1, 2) and cfg.d_state in decode_step.SO_STATES
-                and cfg.d_model % 4 == 0 and cfg.d_model <= decode_step.SO_MAX_DMODEL and decode_step.SSM_OUT)
+    """Whether a GEMV-path bucket's layers run ssm_out instead of ssm_step and gemv_residual: where it serves,
+    unless the persistent kernel runs them."""
+    return not ly and _ssm_out_serves(cfg, dtype, bucket)
 
 
 def _expected_gemv(asked, dtype, k, arch):
@@ -476,7 +485,7 @@ def test_head_argmax_ties_and_nans(bucket, gemv, ly_head, monkeypatch):
     """The greedy ids the head takes itself (its blocks' best rows, reduced by the last block) against
     torch.argmax of the logits it wrote: the head's norm_gemv (decode_step.HEAD_ARGMAX) of both tensor-core
     kinds (fed by the copy engine: the default on sm_90+; by loads), and at batch 1 also the head inside the
-    persistent kernel (decode_step.LY_HEAD; LY_MIN_DMODEL lowered for this small model). The same step three times
+    persistent kernel (decode_step.LY_HEAD; LY_MIN_DMODEL lowered and ssm_out off for this small model). The same step three times
     from a zero state: random weights; then the best row of row 0 copied to two other rows of the
     vocabulary (a three-way tie at the top: the first index wins); then two rows of NaN weights (NaN
     ranked highest: the first wins). Random logits rounded to fp16 tie at the top by themselves now and
@@ -487,6 +496,8 @@ def test_head_argmax_ties_and_nans(bucket, gemv, ly_head, monkeypatch):
 
     monkeypatch.setattr(decode_step, "LY_HEAD", ly_head)
     monkeypatch.setattr(decode_step, "LY_MIN_DMODEL", 0 if ly_head else 1 << 20)
+    if ly_head:  # which ssm_out would take otherwise
+        monkeypatch.setattr(decode_step, "SSM_OUT", 0)
     cfg = MambaConfig(**CASES["wide"])
     model, _ = _models(cfg, "fp16", int(np.random.SeedSequence().entropy % 2**31))
     shapes = cfg.state_shapes(bucket + 1)
@@ -709,9 +720,9 @@ def test_draw_kernel_takes_rows_up_to_its_register_capacity():
 def test_default_gemv_by_model_size(d_model):
     """Every 16-bit model takes the copy-engine GEMVs by default on sm_90+ (the load-fed tensor-core kind
     below) in both GEMV buckets; a batch-1 step runs its layers in the persistent kernel
-    (decode_step.LAYERS_KERNEL) on sm_90+ from d_model LY_MIN_DMODEL (1024: mamba-370m's) up, the four
-    kernels per layer below (768: 130m's); one step of each shape (one layer) and bucket against the
-    reference, from a random state."""
+    (decode_step.LAYERS_KERNEL) on sm_90+ above d_model 1024 (mamba-790m's 1536 up), and ssm_out's three kernels
+    per layer up to it (768 and 1024: 130m's and 370m's), as at batch 2; one step of each shape (one layer) and
+    bucket against the reference, from a random state."""
     from mamba_rt.plugins_cuda import decode_step
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -727,7 +738,8 @@ def test_default_gemv_by_model_size(d_model):
     for B in (1, 2):
         bk = dec.bucket(B)
         assert bk.gemv
-        assert (bk.ly is not None) == (B == 1 and hopper and d_model >= 1024 and bool(decode_step.LAYERS_KERNEL))
+        assert (bk.ly is not None) == (B == 1 and hopper and d_model > 1024 and bool(decode_step.LAYERS_KERNEL))
+        assert bk.so == (d_model <= 1024), (d_model, B)
         names = [ln.name for ln in bk.launches]
         assert any(n.startswith(("norm_gemv_bulk_" if hopper else "norm_gemv_mma_", "layers")) for n in names), names
         h_conv, h_ssm = conv[:, :B].float().clone(), ssm[:, :B].clone()  # before the step updates them
