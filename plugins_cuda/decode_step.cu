@@ -16,13 +16,14 @@
 //   gemv_residual out_proj, added to the fp32 residual stream, with per-block sums of squares of the
 //                 new residual for the next norm_gemv.
 //
-// For 16-bit models up to d_model 1024 (mamba-130m and -370m where the persistent kernel below does not run)
-// ssm_out replaces the last two: each block updates the state of 16 channels and adds their share of out_proj
-// (its slice of the weights in registers) into an fp32 accumulator, which the next norm_gemv adds to the
-// residual (every block from the whole row, one round trip): three kernels per layer.
+// For 16-bit models up to d_model 1024 (mamba-130m and -370m) ssm_out replaces the last two: each block
+// updates the state of 16 channels and adds their share of out_proj (its slice of the weights in registers)
+// into an fp32 accumulator, which the next norm_gemv adds to the residual (every block from the whole row,
+// one round trip): three kernels per layer.
 //
-// At batch 1 with the copy-engine GEMVs (GemvBulk), one persistent kernel, `layers`, runs every layer
-// instead (the same phases in one launch, its weight stream never stopping at a phase boundary).
+// At batch 1 with the copy-engine GEMVs (GemvBulk), where ssm_out does not serve the model (from mamba-790m
+// up), one persistent kernel, `layers`, runs every layer instead (the same phases in one launch, its weight
+// stream never stopping at a phase boundary).
 //
 // For larger batches (> 2 rows) the projections are cuBLAS GEMMs and these kernels do the
 // rest: embed_norm / residual_norm (one block per row: residual add + RMSNorm), conv_xproj without its
