@@ -9,17 +9,19 @@ decode_step.launch_kernel: with programmatic dependent launch and `griddepcontro
 stream order),
 then every block reads the whole vector of N floats the previous kernel wrote (every block wrote a slice
 of it: an all-to-all dependency like a GEMV's input) and writes its own slice of the next vector. One
-graph per setting, replayed ``--reps`` times between CUDA events; the figure is GPU µs per kernel.
+graph per setting, replayed ``--reps`` times between CUDA events, five times (profile_decode.replay_ms, the
+median); the figure is GPU µs per kernel.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
+from mamba_rt._gc import collector_paused
 from mamba_rt.plugins_cuda import compiler, decode_step, launcher
+from profile_decode import replay_ms
 
 SOURCE = r"""
 struct ChainArgs { const float* x; float* y; long long n, pdl; };
@@ -83,21 +85,12 @@ def main() -> int:
         for pdl in (True, False):
             side = torch.cuda.Stream()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=side):
+            with collector_paused(), torch.cuda.graph(graph, stream=side):
                 for k in range(args.kernels):
                     launch(grid, pdl, bufs[k % 2], bufs[(k + 1) % 2], side.cuda_stream)
             graph.replay()
             torch.cuda.synchronize()
-            per = []
-            for _ in range(5):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                for _ in range(args.reps):
-                    graph.replay()
-                e.record()
-                e.synchronize()
-                per.append(s.elapsed_time(e) * 1e3 / (args.reps * args.kernels))
-            row = {"grid": grid, "pdl": pdl, "us_per_kernel": statistics.median(per)}
+            row = {"grid": grid, "pdl": pdl, "us_per_kernel": replay_ms(graph, args.reps) * 1e3 / args.kernels}
             rows.append(row)
             print(f"grid {grid:4d} {'PDL   ' if pdl else 'stream'}: {row['us_per_kernel']:.3f} µs per kernel", flush=True)
     if args.out:

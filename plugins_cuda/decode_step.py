@@ -629,7 +629,7 @@ class DecodeKernels:
         aligned: the caller checks.)"""
         kind = self.gemv != "fma" and self.arch >= 90
         if not (LAYERS_KERNEL and kind and dm >= LY_MIN_DMODEL and dm % 16 == 0 and d % 16 == 0
-                and dm <= LY_MAX_DMODEL and d <= LY_MAX_DINNER) or self.ssm_out_fits(1, n=n, dm=dm, d=d):
+                and dm <= LY_MAX_DMODEL and d <= LY_MAX_DINNER) or self.ssm_out_fits(1, n=n, dm=dm):
             return None
         grid = self.sm_count
         ring, rest = layers_smem(dm, d, n, r, k, 1, grid)
@@ -679,7 +679,7 @@ class DecodeKernels:
         stem = "ssm_step_pre" if pre else "ssm_step"
         return Launch(self._fn(f"{stem}_{self.tag}_n{n}"), (-(-d // cpb), B), SSM_THREADS, 0, a, "ssm_step")
 
-    def ssm_out_fits(self, bm: int, *, n: int, dm: int, d: int) -> bool:
+    def ssm_out_fits(self, bm: int, *, n: int, dm: int) -> bool:
         """Whether ssm_out serves bm rows of this shape (with SSM_OUT on, read at each call): 16-bit dtype,
         bm 1 or 2, n in SO_STATES, d_model a multiple of 4 (16-byte reductions) up to SO_MAX_DMODEL (out_proj's
         slice of a block, d_model x SO_CH, in its registers; the next norm_gemv holds the residual row in ACC_KV
@@ -691,7 +691,7 @@ class DecodeKernels:
                 dm) -> Launch:
         """ssm_step and out_proj in one kernel: out_proj's sums of bm rows added into acc [bm, dm] (zero before
         it; the next norm_gemv takes them as its acc)."""
-        if not self.ssm_out_fits(bm, n=n, dm=dm, d=d) or acc % 16:
+        if not self.ssm_out_fits(bm, n=n, dm=dm) or acc % 16:
             raise InternalError(f"fused decode: ssm_out does not take {bm} rows, d_state {n}, d_model {dm} "
                                 f"(accumulator at {acc:#x})")
         s = SsmStepArgs(xdbl_acc, 0, 0, Wdt, dt_bias, A, D or 0, u, xz, ssm_state, idx, 0, d, r, r + 2 * n, bm)

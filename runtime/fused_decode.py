@@ -63,7 +63,6 @@ class DecodeBucket:
         self.gemv = dec.k.gemv_fits(B, dm, d, aligned=dec.aligned)
         self.inp = torch.zeros(2, B, dtype=torch.int64, device=dev)
         self.ids, self.idx = self.inp[0], self.inp[1]  # token id and state slot of each row
-        self.h = torch.empty(B, dm, **f32)
         self.xz = torch.empty(B, 2 * d, dtype=dt, device=dev)
         self.u = torch.empty(B, d, dtype=dt, device=dev)
         self.y = torch.empty(B, d, dtype=dt, device=dev)
@@ -82,7 +81,7 @@ class DecodeBucket:
         # one: ssm_out's accumulators (first: 16-byte reductions), x_proj's (added up by conv_xproj's or
         # conv_xproj_rows' blocks), then on the GEMV path a work counter per GEMV launch (the copy-engine kernels
         # hand out their rows through it); for the persistent kernel, its grid barrier's counter
-        self.so = bool(self.gemv and not self.ly and dec.k.ssm_out_fits(B, n=c.d_state, dm=dm, d=d))
+        self.so = bool(self.gemv and not self.ly and dec.k.ssm_out_fits(B, n=c.d_state, dm=dm))
         n_out = c.n_layer * B * dm if self.so else 0
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
         n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
@@ -93,7 +92,7 @@ class DecodeBucket:
         if self.so:
             self.out_acc = self.zeroed[:n_out].view(c.n_layer, B, dm)
             self.hh = torch.empty(c.n_layer + 1, B, dm, **f32)
-            self.h = self.hh[0]
+        self.h = self.hh[0] if self.so else torch.empty(B, dm, **f32)
         # by the embedding kernel, where the kernels after it touch them only after their griddepcontrol.wait
         # (the persistent kernel's step; decode_step.EMBED_ZEROES), else by a memset first
         self.embed_zeroes = bool(self.ly and self.zeroed is not None and ds.EMBED_ZEROES)
@@ -110,11 +109,11 @@ class DecodeBucket:
         if self.gemv:
             self.ctr = self.zeroed[n_out + n_acc:n_out + n_acc + n_ctr].view(torch.int32)
             self.ge = dec.k.embed_grid(dm)
-            # blocks of each layer's gemv_residual = its partial sums of squares per row
-            self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
-                       for l in dec.model.backbone.layers]
             self.ss_embed = torch.empty(self.ge, B, **f32)
-            self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
+            if not (self.ly or self.so):  # gemv_residual's partial sums of squares per row, one per block
+                self.g4 = [dec.k.gemv_grid_residual(B, dm, d, l.mixer.out_proj.weight.data_ptr())
+                           for l in dec.model.backbone.layers]
+                self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
             if not self.fold_x:  # x_proj's output in T for ssm_step (from the x_proj GEMM, or dt_rows)
