@@ -105,6 +105,9 @@ __device__ __forceinline__ ScanParams scan_contiguous(
 #ifndef MRT_SCAN_BC16
 #define MRT_SCAN_BC16 0
 #endif
+#ifndef MRT_SCAN_XMAP
+#define MRT_SCAN_XMAP 1
+#endif
 
 template <bool C, typename A, typename B> struct Pick { using type = A; };
 template <typename A, typename B> struct Pick<false, A, B> { using type = B; };
@@ -147,9 +150,16 @@ struct ScanCfg {
   static constexpr int QU = (32 / (4 * SPT)) < (TCH / 4) ? (32 / (4 * SPT)) : (TCH / 4);
 #endif
   static constexpr int RS = TCH + 4;                    // shared row stride: 16-byte rows, 4 banks apart
-  // y partial-sum planes (one per lane group g) offset so that 8 lanes' 16-byte stores hit 8
-  // different 4-bank groups.
-  static constexpr int YPL_TARGET = TPC == 4 ? 8 : 4;
+  // The recurrence's lane mapping (scan_fwd): XMAP puts CPW channels of 8 / CPW state groups in each
+  // quarter warp, so that the per-step 16-byte shared loads of Bm / Cm touch 8 / CPW rows per
+  // quarter warp instead of 8 (at CPW 4: two shared-memory wavefronts per load instead of four; dt
+  // and dt*u then take four instead of two). 2-5 % faster at batch 1 (benchmarks/NOTES.md, item 83).
+  // Not in the WIDE kernel (eight channels of one state group per quarter warp: not measured).
+  static constexpr bool XMAP = !WIDE && MRT_SCAN_XMAP;
+  // y partial-sum planes (one per recurrence lane group) offset so that a quarter warp's 16-byte
+  // stores hit 8 different 4-bank groups: one channel's 8 groups (4-bank steps of the plane offset),
+  // or with XMAP CPW channels (RS apart: 4-bank steps) of 8 / CPW groups (4 * CPW banks apart).
+  static constexpr int YPL_TARGET = XMAP ? 4 * CPW : TPC == 4 ? 8 : 4;
   static constexpr int YPL = CPW * RS + ((YPL_TARGET - (CPW * RS) % 32) + 32) % 32;
   static constexpr int BCV = NP * TCH / 4;              // 4-step runs of Bm (and of Cm) per chunk
   static constexpr int BCE = (BCV + THREADS - 1) / THREADS;  // (enough for any block of >= WARPS warps)
@@ -326,10 +336,20 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   float(*du_w)[RS] = dt_w + CPW;
   float* const yw = wsm + 2 * CPW * RS;
 
+  // Two lane mappings. Items (u, dt, z, y of a (channel, step)): lane = lc * TPC + g, a channel's steps
+  // contiguous across its TPC lanes (coalesced global runs, conflict-free sums of the y planes). The
+  // recurrence (a lane's states and their per-step shared loads): with XMAP lane = rg * CPW + rc,
+  // else the same as the items'. A 16-byte shared load takes one wavefront per quarter warp unless
+  // each quarter warp touches at most two 16-byte words; two such quarter warps share one (measured,
+  // benchmarks/NOTES.md item 83). Bm / Cm are the per-step loads that all CPW channels share.
   const int lc = lane / TPC, g = lane % TPC;
+  const int rc = Cfg::XMAP ? lane % CPW : lc, rg = Cfg::XMAP ? lane / CPW : g;
   const long long b = blockIdx.y;
-  const long long c = (long long)blockIdx.x * CPB + w * CPW + lc;
+  const long long c0 = (long long)blockIdx.x * CPB + w * CPW;
+  const long long c = c0 + lc;    // the items' channel
   const bool cok = c < p.dim;
+  const long long cr = c0 + rc;   // the recurrence's channel
+  const bool crok = cr < p.dim;
   const int L = static_cast<int>(p.seqlen);  // the launcher keeps seqlen within int32
 
   // This lane's channel rows (u, delta, z, y), read / written IPL steps at a time.
@@ -344,11 +364,11 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   float a2[SPT], h[SPT];
 #pragma unroll
   for (int j = 0; j < SPT; ++j) {
-    const long long s = j * TPC + g;
-    const bool ok = cok && s < p.dstate;
-    a2[j] = ok ? static_cast<const float*>(p.A)[c * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
+    const long long s = j * TPC + rg;
+    const bool ok = crok && s < p.dstate;
+    a2[j] = ok ? static_cast<const float*>(p.A)[cr * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
     h[j] = ok && p.ssm_state
-               ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + c * p.h_cs + s * p.h_ss]
+               ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + cr * p.h_cs + s * p.h_ss]
                : 0.f;
   }
   const float dbias = cok && p.delta_bias ? static_cast<const float*>(p.delta_bias)[c * p.db_cs] : 0.f;
@@ -464,15 +484,17 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     // The recurrence, 4 steps per group: one 16-byte shared load each of dt, dt*u and of every
     // owned state's Bm and Cm; per state and step one ex2 and 4 FP32 operations. The lane's partial
     // C . h per step goes to its plane of y_s.
-    const BCT* __restrict__ Bb = &B_s[k & 1][g][0];
-    const BCT* __restrict__ Cb = &C_s[k & 1][g][0];
-    float* __restrict__ yp = yw + g * YPL + lc * RS;
+    const BCT* __restrict__ Bb = &B_s[k & 1][rg][0];
+    const BCT* __restrict__ Cb = &C_s[k & 1][rg][0];
+    float* __restrict__ yp = yw + rg * YPL + rc * RS;
+    const float* __restrict__ dtr = dt_w[rc];
+    const float* __restrict__ dur = du_w[rc];
     // Operands of group q+1 are loaded before group q is computed (shared-memory latency hidden
     // inside the warp, not only by other warps).
     float d4[2][4], u4[2][4], bq[2][SPT][4], cq[2][SPT][4];
     auto lds_group = [&](int q, int slot) {
-      lds_floats<4>(dts + 4 * q, d4[slot]);
-      lds_floats<4>(dus + 4 * q, u4[slot]);
+      lds_floats<4>(dtr + 4 * q, d4[slot]);
+      lds_floats<4>(dur + 4 * q, u4[slot]);
 #pragma unroll
       for (int j = 0; j < SPT; ++j) {
         if constexpr (BC16) {
@@ -538,9 +560,9 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 
 #pragma unroll
   for (int j = 0; j < SPT; ++j) {
-    const long long s = j * TPC + g;
-    if (cok && s < p.dstate)
-      static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + c * p.ho_cs + s * p.ho_ss] = h[j];
+    const long long s = j * TPC + rg;
+    if (crok && s < p.dstate)
+      static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
   }
 }
 
