@@ -1,0 +1,116 @@
+"""What a 16-byte shared-memory load costs under different lane -> address patterns (a development tool for
+issue 8; benchmarks/NOTES.md, item 83, where the rule it measured is written down).
+
+    python benchmarks/probe_smem_wavefronts.py [--iters 1024]
+
+Every thread of a full GPU (8 blocks of 256 threads per SM) runs four independent chains of `LDS.128` from
+a pattern's address, each address depending on the previous load's value (so nothing is hoisted), and the
+figure is ns per warp-wide load per SM: loads that take two wavefronts cost about 1.5 ns on the H100, four
+about 2.15. The wavefront counts themselves come from Nsight Compute:
+
+    ncu --clock-control none --metrics l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,\\
+        smsp__inst_executed_op_shared_ld.sum python benchmarks/probe_smem_wavefronts.py --iters 64
+
+Addresses are in 16-byte words; lane l, quarter warp q = l / 8, r = l % 8. A row of the scan's shared
+arrays is 9 words (36 floats), so "9 q" puts quarter warps on different banks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from mamba_rt.plugins_cuda import compiler, decode_step, launcher
+
+# name -> (the address expression, what it stands for)
+PATTERNS = {
+    "r": ("r", "8 words per quarter warp, the same 8 in every quarter warp (Bm / Cm before item 83)"),
+    "9q": ("9 * q", "one word per quarter warp, 4 over the warp (dt before item 83)"),
+    "0": ("0", "one word for the whole warp"),
+    "l": ("l", "32 words"),
+    "r%2": ("r % 2", "2 words per quarter warp, the same in every quarter warp"),
+    "r%4": ("r % 4", "4 words per quarter warp, the same in every quarter warp"),
+    "9(q/2)": ("9 * (q / 2)", "one word per quarter warp, quarter-warp pairs alike"),
+    "r+8(q%2)": ("r + 8 * (q % 2)", "8 words per quarter warp, 2 sets"),
+    "r%2+9q": ("r % 2 + 9 * q", "2 words per quarter warp, each quarter warp its own (bank conflicts)"),
+    "l/4": ("l / 4", "2 words per quarter warp, 8 over the warp (Bm / Cm with item 83's mapping)"),
+    "l%4": ("l % 4", "4 words per quarter warp (dt with item 83's mapping, without its row stride)"),
+}
+
+SOURCE_HEAD = r"""
+struct ProbeArgs { float* out; long long iters, mask; };
+"""
+KERNEL = r"""
+extern "C" __global__ void probe_{i}(const ProbeArgs p) {{
+  __shared__ float4 s[1024];
+  for (int i = threadIdx.x; i < 1024; i += blockDim.x) s[i] = make_float4(i, i + 1, i + 2, i + 3);
+  __syncthreads();
+  const int l = threadIdx.x % 32, q = l / 8, r = l % 8;
+  (void)q; (void)r;
+  const int a = {expr};
+  const int mask = (int)p.mask;  // 0 at run time: the address depends on the last load, nothing is hoisted
+  float acc[4] = {{0.f, 0.f, 0.f, 0.f}};
+  for (long long it = 0; it < p.iters; ++it) {{
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {{
+      const float4 v = s[(a + 64 * k + (__float_as_int(acc[k]) & mask)) & 1023];
+      acc[k] += v.x + v.y + v.z + v.w;
+    }}
+  }}
+  p.out[blockIdx.x * blockDim.x + threadIdx.x] = acc[0] + acc[1] + acc[2] + acc[3];
+}}
+"""
+
+ProbeArgs = decode_step._struct("ProbeArgs", [("out", decode_step._P), ("iters", decode_step._L),
+                                              ("mask", decode_step._L)])
+THREADS, BLOCKS_PER_SM = 256, 8
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--iters", type=int, default=1024, help="iterations of the four load chains per thread")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("probe_smem_wavefronts: no CUDA GPU visible to torch", flush=True)
+        return 2
+    drv = launcher._driver()
+    torch.cuda.init()
+    dev = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    source = SOURCE_HEAD + "".join(KERNEL.format(i=i, expr=e) for i, (e, _) in enumerate(PATTERNS.values()))
+    mod = launcher._cu(drv.cuModuleLoadData(compiler.compile_program(source, "probe.cu", launcher.current_arch(dev))),
+                       "cuModuleLoadData")
+    out = torch.zeros(sms * BLOCKS_PER_SM * THREADS, device="cuda")
+    grid = sms * BLOCKS_PER_SM
+    warp_loads_per_sm = BLOCKS_PER_SM * (THREADS // 32) * args.iters * 4
+    rows = []
+    for i, (name, (expr, what)) in enumerate(PATTERNS.items()):
+        fn = launcher._cu(drv.cuModuleGetFunction(mod, f"probe_{i}".encode()), "cuModuleGetFunction")
+        ln = decode_step.Launch(fn, (grid, 1), THREADS, 0, ProbeArgs(out.data_ptr(), args.iters, 0), name)
+        stream = torch.cuda.current_stream().cuda_stream
+        decode_step.launch_kernel(ln, stream, False)  # warm-up
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(args.reps):
+            start.record()
+            decode_step.launch_kernel(ln, stream, False)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = sorted(times)[len(times) // 2]
+        row = {"pattern": name, "address": expr, "what": what, "ms": ms,
+               "ns_per_warp_load_per_sm": ms * 1e6 / warp_loads_per_sm}
+        rows.append(row)
+        print(f"{name:>9}  {row['ns_per_warp_load_per_sm']:.3f} ns  ({what})", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
