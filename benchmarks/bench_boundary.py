@@ -15,13 +15,11 @@ median); the figure is GPU µs per kernel.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from mamba_rt._gc import collector_paused
 from mamba_rt.plugins_cuda import compiler, decode_step, launcher
-from profile_decode import replay_ms
+from profile_decode import captured, dump_rows, replay_ms
 
 SOURCE = r"""
 struct ChainArgs { const float* x; float* y; long long n, pdl; };
@@ -83,19 +81,15 @@ def main() -> int:
           f"{args.n} floats in and a slice out", flush=True)
     for grid in (int(g) for g in args.grids.split(",")):
         for pdl in (True, False):
-            side = torch.cuda.Stream()
-            graph = torch.cuda.CUDAGraph()
-            with collector_paused(), torch.cuda.graph(graph, stream=side):
+            def chain(stream: int, grid=grid, pdl=pdl) -> None:
                 for k in range(args.kernels):
-                    launch(grid, pdl, bufs[k % 2], bufs[(k + 1) % 2], side.cuda_stream)
-            graph.replay()
-            torch.cuda.synchronize()
+                    launch(grid, pdl, bufs[k % 2], bufs[(k + 1) % 2], stream)
+
+            graph = captured(chain)
             row = {"grid": grid, "pdl": pdl, "us_per_kernel": replay_ms(graph, args.reps) * 1e3 / args.kernels}
             rows.append(row)
             print(f"grid {grid:4d} {'PDL   ' if pdl else 'stream'}: {row['us_per_kernel']:.3f} µs per kernel", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=2)
+    dump_rows(args.out, args, rows)
     return 0
 
 

@@ -9,7 +9,7 @@ figure is ns per warp-wide load per SM: loads that take two wavefronts cost abou
 about 2.15. The wavefront counts themselves come from Nsight Compute:
 
     ncu --clock-control none --metrics l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,\\
-        smsp__inst_executed_op_shared_ld.sum python benchmarks/probe_smem_wavefronts.py --iters 64
+        smsp__inst_executed_op_shared_ld.sum python benchmarks/probe_smem_wavefronts.py --iters 64 --reps 1
 
 Addresses are in 16-byte words; lane l, quarter warp q = l / 8, r = l % 8. A row of the scan's shared
 arrays is 9 words (36 floats), so "9 q" puts quarter warps on different banks.
@@ -17,11 +17,11 @@ arrays is 9 words (36 floats), so "9 q" puts quarter warps on different banks.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
 from mamba_rt.plugins_cuda import compiler, decode_step, launcher
+from profile_decode import captured, dump_rows, replay_ms
 
 # name -> (the address expression, what it stands for)
 PATTERNS = {
@@ -70,7 +70,7 @@ THREADS, BLOCKS_PER_SM = 256, 8
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=1024, help="iterations of the four load chains per thread")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=5, help="graph replays per timing round (five rounds, the median)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -90,25 +90,12 @@ def main() -> int:
     for i, (name, (expr, what)) in enumerate(PATTERNS.items()):
         fn = launcher._cu(drv.cuModuleGetFunction(mod, f"probe_{i}".encode()), "cuModuleGetFunction")
         ln = decode_step.Launch(fn, (grid, 1), THREADS, 0, ProbeArgs(out.data_ptr(), args.iters, 0), name)
-        stream = torch.cuda.current_stream().cuda_stream
-        decode_step.launch_kernel(ln, stream, False)  # warm-up
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(args.reps):
-            start.record()
-            decode_step.launch_kernel(ln, stream, False)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = sorted(times)[len(times) // 2]
+        ms = replay_ms(captured(lambda stream: decode_step.launch_kernel(ln, stream, False)), args.reps)
         row = {"pattern": name, "address": expr, "what": what, "ms": ms,
                "ns_per_warp_load_per_sm": ms * 1e6 / warp_loads_per_sm}
         rows.append(row)
         print(f"{name:>9}  {row['ns_per_warp_load_per_sm']:.3f} ns  ({what})", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=2)
+    dump_rows(args.out, args, rows)
     return 0
 
 

@@ -36,6 +36,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from mamba_rt._gc import collector_paused
+
+
 def gpu_model(cfg, dtype):
     """The reference model with random weights (``random_weights``: latency does not depend on their
     values), on the GPU."""
@@ -80,6 +83,25 @@ def replay_ms(graph, reps=100, rounds=5):
         e.record(); e.synchronize()
         out.append(s.elapsed_time(e) / reps)
     return statistics.median(out)
+
+
+def captured(record):
+    """A CUDA graph of what ``record(stream)`` launches on a side stream (captured with the garbage collector
+    paused, as every capture is: item 77), replayed once."""
+    side = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with collector_paused(), torch.cuda.graph(graph, stream=side):
+        record(side.cuda_stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph
+
+
+def dump_rows(path, args, rows) -> None:
+    """A development tool's measurements as JSON at ``path`` (if given): the device, its arguments, its rows."""
+    if path:
+        with open(path, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "rows": rows}, f, indent=2)
 
 
 def warmed(g, B: int):
