@@ -36,9 +36,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mamba_rt._gc import collector_paused
-
-
 def gpu_model(cfg, dtype):
     """The reference model with random weights (``random_weights``: latency does not depend on their
     values), on the GPU."""
@@ -86,12 +83,11 @@ def replay_ms(graph, reps=100, rounds=5):
 
 
 def captured(record):
-    """A CUDA graph of what ``record(stream)`` launches on a side stream (captured with the garbage collector
-    paused, as every capture is: item 77), replayed once."""
-    side = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    with collector_paused(), torch.cuda.graph(graph, stream=side):
-        record(side.cuda_stream)
+    """A CUDA graph of what ``record(stream)`` launches (the runtime's capture: the garbage collector paused,
+    item 77), replayed once."""
+    from mamba_rt.runtime.backend_torch import _capture
+
+    graph, _ = _capture(lambda: record(torch.cuda.current_stream().cuda_stream), torch.cuda.current_device(), None, 0)
     graph.replay()
     torch.cuda.synchronize()
     return graph
