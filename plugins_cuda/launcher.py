@@ -585,7 +585,11 @@ def scan_smem_bytes(np_: int, warps: int, *, wide: bool, itemsize: int) -> int:
 
 def _scan_smem(np_: int, cpw: int, warps: int, bc_bytes: int, tch: int | None = None) -> int:
     """scan_smem_bytes by channels per warp, bytes per staged Bm / Cm value and steps per chunk
-    (ScanCfg::TCH: 16 for n = 64, else 32 unless a benchmark variant says otherwise)."""
+    (ScanCfg::TCH: 16 for n = 64, else 32 unless a benchmark variant says otherwise). The y planes' offset
+    is the one of the items' lane mapping (ScanCfg::YPL_TARGET without XMAP); with XMAP, the kernel's
+    default since item 83, its planes pad less (at n = 16: 144 floats a plane, not 164), so this is an
+    upper bound there (640 bytes a warp more at n = 16) that also fits benchmark variants built with
+    MRT_SCAN_XMAP=0 (benchmarks/NOTES.md, item 84)."""
     tpc = 32 // cpw
     rs = (tch or (16 if np_ == 64 else 32)) + 4
     target = 8 if tpc == 4 else 4

@@ -165,7 +165,8 @@ struct ScanCfg {
   static constexpr int BCE = (BCV + THREADS - 1) / THREADS;  // (enough for any block of >= WARPS warps)
   // Dynamic shared memory: Bm and Cm ([2][NP][RS] each, of BCT), then per warp dt and dt*u
   // ([CPW][RS] floats each) and the y partial planes (TPC * YPL floats). launcher.scan_smem_bytes
-  // restates this; the kernel traps if it was given less.
+  // restates this with the y planes padded for the items' lane mapping (target 8 / 4 above), never less than
+  // XMAP's; the kernel traps if it was given less.
   static constexpr int WARP_FLOATS = 2 * CPW * RS + TPC * YPL;
   __device__ static constexpr unsigned int smem_bytes(int warps, unsigned int bc_bytes) {
     return 2u * 2u * NP * RS * bc_bytes + 4u * WARP_FLOATS * static_cast<unsigned int>(warps);
