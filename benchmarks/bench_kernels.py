@@ -293,9 +293,12 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
 # name -> (kernel, -D options): "seq" is the channel-parallel scan_fwd (launcher.SCAN_CFG), "wide" its
 # wide configuration (launcher.SCAN_WIDE_CFG), "tp" the time-parallel scan_fwd_tp with its TpCfg knobs
 # (MRT_TP_WARPS / _G / _IPL / _MINB); "seq" also takes MRT_SCAN_SPT16 / _BC16 / _QU / _WARPS / _TCH
-# (_WARPS: the block's warps, launched with that many) and the harness's MRT_BENCH_SMEM.
+# (_WARPS: the block's warps, launched with that many) and the harness's MRT_BENCH_SMEM; "ws" is the
+# warp-specialized scan_fwd_ws in blocks of launcher.ws_block_warps recurrence warps (MRT_BENCH_WS_R=r:
+# the harness's override).
 SCAN_VARIANTS = {
     "seq": ("seq", ()),
+    "ws": ("ws", ()),
     "seq-bc16": ("seq", ("-DMRT_SCAN_BC16=1",)),
     "seq-spt4": ("seq", ("-DMRT_SCAN_SPT16=4",)),
     "wide": ("wide", ()),
@@ -312,7 +315,7 @@ _VARIANT_FN: dict = {}
 _VARIANT_USAGE: dict = {}  # name -> compiler.EntryUsage of its entry (registers, stack frame, spills)
 _VARIANT_BUILD: dict = {}  # compile options -> (cubin, usage): one compile per option set and process
 _VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
-                  "tp": b"mrt_selective_scan_tp_fwd_bf16_n16"}
+                  "tp": b"mrt_selective_scan_tp_fwd_bf16_n16", "ws": b"mrt_selective_scan_ws_fwd_bf16_n16"}
 
 
 def scan_variant(name: str) -> tuple[str, tuple]:
@@ -348,6 +351,10 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
             # MRT_BENCH_SMEM (the harness's, not the kernel's): more shared memory per block than the
             # kernel needs, which caps the blocks an SM takes and so spreads them
             smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
+        elif kind == "ws":
+            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            r = _knob(defines, "MRT_BENCH_WS_R", launcher.ws_block_warps(B, d, 16, itemsize=2, sms=sms))
+            threads, cpb, smem = 64 * r, 4 * r, launcher.ws_smem_bytes(16, r)
         else:
             threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
             cpb = threads // _knob(defines, "MRT_TP_G", 32)

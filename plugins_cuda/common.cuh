@@ -93,4 +93,26 @@ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0ull;
 }
 
+// Shared-memory mbarriers (sm_80+; the wait suspends in hardware on sm_90+, polls before).
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
+// Until the phase of `parity` (0 / 1) has completed.
+__device__ __forceinline__ void mbar_wait(const void* bar, unsigned parity) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
+               ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+#else
+  asm volatile("{\n .reg .pred p;\n W: mbarrier.test_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
+               ::"r"(smem_addr(bar)), "r"(parity) : "memory");
+#endif
+}
+
 }  // namespace mrt

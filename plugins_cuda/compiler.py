@@ -44,6 +44,12 @@ class _Family:
     spec_prefix: str     # "k" (conv width) or "n" (padded state size)
     specs: tuple[int, ...]
     entries: tuple[str, ...]  # entry-point name stems, completed by _<tag>_<prefix><spec>
+    only: tuple = ()  # (stem, the specs that have it) pairs; a stem not named here is in every spec
+
+    def entries_of(self, spec: int) -> tuple[str, ...]:
+        """The stems a specialisation's program has."""
+        only = dict(self.only)
+        return tuple(e for e in self.entries if spec in only.get(e, (spec,)))
 
 
 FAMILIES: dict[str, _Family] = {
@@ -57,7 +63,9 @@ FAMILIES: dict[str, _Family] = {
         ("mrt_selective_scan_fwd", "mrt_selective_scan_fwd_strided",
          "mrt_selective_scan_wide_fwd", "mrt_selective_scan_wide_fwd_strided",
          "mrt_selective_scan_tp_fwd", "mrt_selective_scan_tp_fwd_strided",
-         "mrt_selective_state_update", "mrt_selective_state_update_strided"),
+         "mrt_selective_state_update", "mrt_selective_state_update_strided",
+         "mrt_selective_scan_ws_fwd"),
+        (("mrt_selective_scan_ws_fwd", (8, 16)),),  # selective_scan.cu WsCfg: n <= 16 only
     ),
 }
 
@@ -108,8 +116,8 @@ class KernelSpec:
 
     def entry(self, stem: str) -> str:
         """Full entry-point name for one of the family's stems (e.g. 'mrt_selective_scan_fwd')."""
-        if stem not in self.family.entries:
-            raise InternalError(f"{stem!r} is not an entry point of {self.op}")
+        if stem not in self.family.entries_of(self.spec):
+            raise InternalError(f"{stem!r} is not an entry point of {self.op} {self.spec_name}")
         return f"{stem}_{DTYPES[self.dtype][0]}_{self.spec_name}"
 
     def source(self) -> str:

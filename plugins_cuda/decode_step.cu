@@ -548,24 +548,9 @@ constexpr int BULK_THREADS = (BULK_WARPS + 1) * 32;
 constexpr int BULK_KS = 512;                          // columns per stage
 constexpr int BULK_STEPS = BULK_KS / 16 / BULK_WARPS;  // 16-wide steps per consumer warp per stage
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_wait(const void* bar, unsigned parity) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("{\n .reg .pred p;\n W: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra W;\n}\n"
-               ::"r"(smem_addr(bar)), "r"(parity) : "memory");
-#endif
-}
-
 // The copy-engine ring's pieces (sm_90+; nothing elsewhere), shared by GemvBulk and `layers`.
 constexpr int BULK_ROWB = BULK_KS * 2 + 16;  // a stage row in shared memory (16 bytes of padding)
 constexpr int BULK_STAGE = 16 * BULK_ROWB;   // a stage: 16 rows
-
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-#endif
-}
 
 // One thread: the S "full" barriers full[0, S) (one arrival plus the copies' bytes) and the S "empty"
 // ones after them (`consumers` arrivals); mbar_init_fence() once every barrier is made.
@@ -579,12 +564,6 @@ __device__ __forceinline__ void mbar_init_ring(unsigned long long* full, int S, 
 __device__ __forceinline__ void mbar_init_fence() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
 #endif
 }
 

@@ -16,8 +16,9 @@ order) is launched; ``strides`` maps a tensor name to its element strides (one p
 3-D logical shape above even when L = 1), and then the strided entry point runs. seqlen == 1 runs the
 single-step kernel unless ``kernel="seq"``. Longer sequences run the channel-parallel sequence
 kernel (``"seq"``), for few rows (``TP_MAX_ROWS``, ``TP_MIN_SEQLEN``) the time-parallel one
-(``"tp"``), and for many rows of n = 16 (``WIDE_MIN_ROWS``) the channel-parallel kernel's wide
-configuration (``"wide"``); ``kernel`` forces any of them.
+(``"tp"``), for many rows of n = 16 (``WIDE_MIN_ROWS``) the channel-parallel kernel's wide
+configuration (``"wide"``), and otherwise, for n = 16 and contiguous tensors, its warp-specialized
+form (``"ws"``, ``WS_MIN_R``); ``kernel`` forces any of them.
 
 Everything is validated before any CUDA call: a bad argument raises InputError / UnsupportedError and
 nothing is launched. Every CUDA driver return code is checked. Kernels are compiled on first use for
@@ -59,6 +60,14 @@ TP_MIN_SEQLEN = 512
 # rows: half the warps of "seq", each with fewer shared-memory accesses per state-step. On the H100
 # 5-19 % faster from 8,192 rows up, 10-20 % slower at 3,072-6,144 (benchmarks/NOTES.md, item 31).
 WIDE_MIN_ROWS = 8192
+# selective_scan.cu scan_fwd_ws (the warp-specialized sequence kernel, WsCfg): padded state sizes it is
+# built for, and its blocks' recurrence warps (each with a side warp): at least WS_MIN_R[np] (one
+# Bm / Cm run per side thread), at most WS_MAX_R (4 for float32 inputs). kernel="auto" takes it
+# instead of "seq" for n <= 16 (padded 16, the size measured) where every tensor is contiguous (it has a
+# flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.098 ms against 0.107
+# (benchmarks/NOTES.md, item 85).
+WS_MIN_R = {8: 2, 16: 4}
+WS_MAX_R = 5
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1
 
@@ -489,13 +498,22 @@ def _span(ptr: int, shape, strides, itemsize: int) -> tuple[int, int]:
     return ptr, ptr + (sum((n - 1) * s for n, s in zip(shape, strides)) + 1) * itemsize
 
 
-SCAN_KERNELS = ("auto", "seq", "step", "tp", "wide")
+SCAN_KERNELS = ("auto", "seq", "step", "tp", "wide", "ws")
 
 
-def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int, dstate: int) -> str:
-    """The SelectiveScan kernel a launch runs: 'step', 'seq', 'tp' or 'wide'."""
+def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int, dstate: int, strided: bool) -> str:
+    """The SelectiveScan kernel a launch runs: 'step', 'seq', 'tp', 'wide' or 'ws' (strided: some
+    tensor is not contiguous)."""
     if kernel not in SCAN_KERNELS:
         raise InputError(f"{op}: kernel must be one of {', '.join(map(repr, SCAN_KERNELS))}, got {kernel!r}")
+    if kernel == "ws":
+        if padded_dstate(dstate) not in WS_MIN_R:
+            raise UnsupportedError(f"{op}: the warp-specialized kernel is built for dstate <= "
+                                   f"{max(WS_MIN_R)}, got {dstate}")
+        if strided:
+            raise UnsupportedError(f"{op}: the warp-specialized kernel takes contiguous tensors only; "
+                                   "got strides (use kernel='seq' or 'auto')")
+        return kernel
     if kernel in ("tp", "wide"):
         return kernel
     if _check_kernel(op, kernel, seqlen):
@@ -504,6 +522,8 @@ def _scan_kernel(op: str, kernel: str, batch: int, dim: int, seqlen: int, dstate
         return "tp"
     if kernel == "auto" and batch * dim >= WIDE_MIN_ROWS and padded_dstate(dstate) == 16:
         return "wide"
+    if kernel == "auto" and not strided and padded_dstate(dstate) == 16:
+        return "ws"
     return "seq"
 
 
@@ -595,6 +615,27 @@ def _scan_smem(np_: int, cpw: int, warps: int, bc_bytes: int, tch: int | None = 
     target = 8 if tpc == 4 else 4
     ypl = cpw * rs + ((target - (cpw * rs) % 32) + 32) % 32
     return 4 * np_ * rs * bc_bytes + 4 * (2 * cpw * rs + tpc * ypl) * warps
+
+
+def ws_block_warps(batch: int, dim: int, np_: int, *, itemsize: int, sms: int | None) -> int:
+    """Recurrence warps R per block of the warp-specialized kernel (blocks of 2 R warps, two per SM):
+    as few as fill two blocks per SM (H100, d_inner 5120 at batch 1: 1,280 recurrence warps in 256
+    blocks of R = 5), within WsCfg's WS_MIN_R[np] .. WS_MAX_R (4 for float32). sms None: WS_MAX_R."""
+    lo, hi = WS_MIN_R[np_], (4 if itemsize == 4 else WS_MAX_R)
+    if not sms:
+        return hi
+    total = batch * ((dim + _scan_cfg(np_, False)[1] - 1) // _scan_cfg(np_, False)[1])
+    return min(hi, max(lo, (total + 2 * sms - 1) // (2 * sms)))
+
+
+def ws_smem_bytes(np_: int, r: int) -> int:
+    """Dynamic shared memory of a block of the warp-specialized kernel (WsCfg::smem_bytes): Bm and Cm
+    [2][NP][RS] fp32, dt and dt*u [2][CPW R][RS], the y planes [R][2][TPC][YPL] (XMAP's offset), four
+    mbarriers."""
+    cpw = _scan_cfg(np_, False)[1]
+    tpc, rs = 32 // cpw, 32 + 4
+    ypl = cpw * rs + ((4 * cpw - (cpw * rs) % 32) + 32) % 32
+    return 4 * (2 * 2 * np_ * rs + 2 * 2 * cpw * r * rs + 2 * tpc * ypl * r) + 32
 
 
 def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: bool = False,
@@ -766,13 +807,14 @@ def scan_plan(
     enqueues it (D, z, delta_bias, ssm_state may be 0)."""
     op = "selective_scan"
     _, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
-    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate, st is not None)
     return _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device)
 
 
 _SCAN_STEMS = {"step": "mrt_selective_state_update", "seq": "mrt_selective_scan_fwd",
-               "tp": "mrt_selective_scan_tp_fwd", "wide": "mrt_selective_scan_wide_fwd"}
+               "tp": "mrt_selective_scan_tp_fwd", "wide": "mrt_selective_scan_wide_fwd",
+               "ws": "mrt_selective_scan_ws_fwd"}
 
 
 def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device) -> LaunchPlan:
@@ -786,9 +828,16 @@ def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, devi
         np_ = padded_dstate(dstate)
         fn = _function(op, dtype, np_, stem if st is None else stem + "_strided", device)
         seq = kind in ("seq", "wide")
-        grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp",
-                                         wide=kind == "wide", sms=_sm_count(ctx) if seq else None)
         smem = 0
+        if kind == "ws":
+            r = ws_block_warps(batch, dim, np_, itemsize=DTYPES[dtype][2], sms=_sm_count(ctx))
+            cpb = _scan_cfg(np_, False)[1] * r  # channels per block: CPW per recurrence warp
+            grid, block = ((dim + cpb - 1) // cpb, batch), 64 * r
+            smem = ws_smem_bytes(np_, r)
+            allow_smem(fn, smem)
+        else:
+            grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp",
+                                             wide=kind == "wide", sms=_sm_count(ctx) if seq else None)
         if seq:
             wide, itemsize = kind == "wide", DTYPES[dtype][2]
             smem = scan_smem_bytes(np_, block // 32, wide=wide, itemsize=itemsize)
@@ -821,13 +870,13 @@ def launch_selective_scan(
     op = "selective_scan"
     itemsize, batch, dim, seqlen, dstate = _scan_args(op, batch, dim, seqlen, dstate, dtype)
     stream = _check_stream(stream)
-    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate)
     act = {"u", "delta", "Bm", "Cm", "z", "y"}
     required = {"u", "delta", "A", "Bm", "Cm", "y", "ssm_state_out"}
     given = {"u": u, "delta": delta, "A": A, "Bm": Bm, "Cm": Cm, "D": D, "z": z,
              "delta_bias": delta_bias, "ssm_state": ssm_state, "y": y, "ssm_state_out": ssm_state_out}
     ptrs = tuple(_check_ptr(op, n, given[n], itemsize if n in act else 4, n in required) for n in _SCAN_PTRS)
     st = _resolve_strides(op, _scan_shapes(batch, dim, seqlen, dstate), strides)
+    kind = _scan_kernel(op, kernel, batch, dim, seqlen, dstate, st is not None)
     plan = _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, device)
     plan._enqueue(ptrs, stream)
     return plan

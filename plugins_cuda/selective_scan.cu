@@ -303,6 +303,58 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned int bytes) {
   return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0ull;
 }
 
+// One chunk of the recurrence for a lane's SPT states (scan_fwd and scan_fwd_ws), 4 steps per group: one
+// 16-byte shared load each of dt, dt*u (dtr, dur: the lane's channel row) and of every owned state's
+// Bm and Cm (Bb, Cb: its first state's row; the others TPC rows apart); per state and step one ex2
+// and 4 FP32 operations. The lane's partial C . h of each step goes to yp[step] (its y plane).
+template <typename Cfg, typename T, bool BC16, typename BCT>
+__device__ __forceinline__ void scan_recurrence(float (&h)[Cfg::SPT], const float (&a2)[Cfg::SPT],
+                                                const BCT* __restrict__ Bb, const BCT* __restrict__ Cb,
+                                                const float* __restrict__ dtr, const float* __restrict__ dur,
+                                                float* __restrict__ yp) {
+  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, TCH = Cfg::TCH, RS = Cfg::RS;
+  // Operands of group q+1 are loaded before group q is computed (shared-memory latency hidden
+  // inside the warp, not only by other warps).
+  float d4[2][4], u4[2][4], bq[2][SPT][4], cq[2][SPT][4];
+  auto lds_group = [&](int q, int slot) {
+    lds_floats<4>(dtr + 4 * q, d4[slot]);
+    lds_floats<4>(dur + 4 * q, u4[slot]);
+#pragma unroll
+    for (int j = 0; j < SPT; ++j) {
+      if constexpr (BC16) {
+        Pack<T, 4> rb, rc;
+        ld_pack(rb, Bb + j * TPC * RS + 4 * q);
+        ld_pack(rc, Cb + j * TPC * RS + 4 * q);
+        unpack(rb, bq[slot][j]);
+        unpack(rc, cq[slot][j]);
+      } else {
+        lds_floats<4>(Bb + j * TPC * RS + 4 * q, bq[slot][j]);
+        lds_floats<4>(Cb + j * TPC * RS + 4 * q, cq[slot][j]);
+      }
+    }
+  };
+  lds_group(0, 0);
+  static_assert(Cfg::QU == TCH / 4 || Cfg::QU % 2 == 0, "slot parity must survive the outer loop");
+#pragma unroll 1
+  for (int q0 = 0; q0 < TCH / 4; q0 += Cfg::QU) {
+#pragma unroll
+    for (int qi = 0; qi < Cfg::QU; ++qi) {
+      const int q = q0 + qi, cur = qi & 1;
+      if (q + 1 < TCH / 4) lds_group(q + 1, cur ^ 1);
+      float acc[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int j = 0; j < SPT; ++j) {
+          h[j] = fmaf(fast_exp2(d4[cur][i] * a2[j]), h[j], u4[cur][i] * bq[cur][j][i]);
+          acc[i] = j == 0 ? cq[cur][j][i] * h[j] : fmaf(cq[cur][j][i], h[j], acc[i]);
+        }
+      }
+      sts_floats<4>(yp + 4 * q, acc);
+    }
+  }
+}
+
 template <typename T, int NP, bool WIDE>
 __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   using Cfg = ScanCfg<NP, WIDE>;
@@ -482,54 +534,8 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     }
     __syncwarp();
 
-    // The recurrence, 4 steps per group: one 16-byte shared load each of dt, dt*u and of every
-    // owned state's Bm and Cm; per state and step one ex2 and 4 FP32 operations. The lane's partial
-    // C . h per step goes to its plane of y_s.
-    const BCT* __restrict__ Bb = &B_s[k & 1][rg][0];
-    const BCT* __restrict__ Cb = &C_s[k & 1][rg][0];
-    float* __restrict__ yp = yw + rg * YPL + rc * RS;
-    const float* __restrict__ dtr = dt_w[rc];
-    const float* __restrict__ dur = du_w[rc];
-    // Operands of group q+1 are loaded before group q is computed (shared-memory latency hidden
-    // inside the warp, not only by other warps).
-    float d4[2][4], u4[2][4], bq[2][SPT][4], cq[2][SPT][4];
-    auto lds_group = [&](int q, int slot) {
-      lds_floats<4>(dtr + 4 * q, d4[slot]);
-      lds_floats<4>(dur + 4 * q, u4[slot]);
-#pragma unroll
-      for (int j = 0; j < SPT; ++j) {
-        if constexpr (BC16) {
-          Pack<T, 4> rb, rc;
-          ld_pack(rb, Bb + j * TPC * RS + 4 * q);
-          ld_pack(rc, Cb + j * TPC * RS + 4 * q);
-          unpack(rb, bq[slot][j]);
-          unpack(rc, cq[slot][j]);
-        } else {
-          lds_floats<4>(Bb + j * TPC * RS + 4 * q, bq[slot][j]);
-          lds_floats<4>(Cb + j * TPC * RS + 4 * q, cq[slot][j]);
-        }
-      }
-    };
-    lds_group(0, 0);
-    static_assert(Cfg::QU == TCH / 4 || Cfg::QU % 2 == 0, "slot parity must survive the outer loop");
-#pragma unroll 1
-    for (int q0 = 0; q0 < TCH / 4; q0 += Cfg::QU) {
-#pragma unroll
-      for (int qi = 0; qi < Cfg::QU; ++qi) {
-        const int q = q0 + qi, cur = qi & 1;
-        if (q + 1 < TCH / 4) lds_group(q + 1, cur ^ 1);
-        float acc[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-          for (int j = 0; j < SPT; ++j) {
-            h[j] = fmaf(fast_exp2(d4[cur][i] * a2[j]), h[j], u4[cur][i] * bq[cur][j][i]);
-            acc[i] = j == 0 ? cq[cur][j][i] * h[j] : fmaf(cq[cur][j][i], h[j], acc[i]);
-          }
-        }
-        sts_floats<4>(yp + 4 * q, acc);
-      }
-    }
+    scan_recurrence<Cfg, T, BC16>(h, a2, &B_s[k & 1][rg][0], &C_s[k & 1][rg][0], dt_w[rc], du_w[rc],
+                                  yw + rg * YPL + rc * RS);
     __syncwarp();
 
     // Each lane sums the TPC partials of its own IPL items and writes y (coalesced along time).
@@ -564,6 +570,264 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
     const long long s = j * TPC + rg;
     if (crok && s < p.dstate)
       static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
+  }
+}
+
+// The warp-specialized sequence scan (scan_fwd_ws; entry mrt_selective_scan_ws_fwd_*, flat arguments
+// only): the same lane mappings, recurrence and results as scan_fwd, bit for bit, with the work split
+// between two kinds of warps. A block has R recurrence warps (CPW channels each, as scan_fwd's warps) and
+// R side warps, side warp i serving recurrence warp i's channels. Recurrence warps run only the
+// recurrence (scan_recurrence) of chunk k from buffers k & 1. Side warps do everything else, one chunk
+// apart: the y of chunk k - 2 (sum of the planes, D u, the gate, the store), the staging of chunk k
+// (Bm / Cm to fp32, softplus, dt * u) and the global loads of chunk k + 2 (into registers: the side loop
+// is unrolled by chunk parity, so no in-flight register is ever moved). They hand over through
+// per-buffer mbarriers: full[b] (the R side warps staged it) and empty[b] (the R recurrence warps are
+// done with it: its planes hold y partials, its inputs may be overwritten), so recurrence warps never
+// wait for each other, only for their inputs. Work beside the recurrence instead of between its chunks:
+// d_inner 5120, 2048 steps, bf16 on the H100 0.098 ms against scan_fwd's 0.107 (benchmarks/NOTES.md,
+// item 85). Rows are time-contiguous (the flat entry); a row that is not vector-aligned, the last partial
+// chunk and a missing z / D / delta_bias / state take the same guarded paths as scan_fwd's.
+template <int NP, int TBYTES>
+struct WsCfg {
+  using Cfg = ScanCfg<NP, false>;
+  // Recurrence warps per block, MIN_R .. MAX_R (launcher.ws_block_warps picks R): two blocks of
+  // 2 MAX_R warps per SM (96 registers; fp32 inputs, whose side warps hold twice the bytes, 128); at
+  // least MIN_R so that each side thread stages one 4-step run of Bm and of Cm per chunk. Only NP 8 and
+  // 16 have this kernel.
+  static_assert(NP <= 16, "the warp-specialized scan is built for n <= 16 only");
+  static constexpr int MAX_R = TBYTES == 4 ? 4 : 5;
+  static constexpr int MIN_R = (Cfg::BCV + 31) / 32;
+  static_assert(MIN_R <= MAX_R, "one Bm / Cm run per side thread");
+  static constexpr int MAX_THREADS = 64 * MAX_R;
+  static constexpr int PLANE = Cfg::TPC * Cfg::YPL;  // a recurrence warp's y planes, floats
+  // Dynamic shared memory (restated by launcher.ws_smem_bytes): Bm, Cm [2][NP][RS], dt, dt*u
+  // [2][CPW R][RS], the y planes [R][2][PLANE] (fp32), then the 4 mbarriers.
+  __host__ __device__ static constexpr unsigned int smem_bytes(int R) {
+    return 4u * (2u * 2u * NP * Cfg::RS + 2u * 2u * Cfg::CPW * R * Cfg::RS + 2u * PLANE * R) + 32u;
+  }
+};
+
+template <typename T, int NP>
+__device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
+  using Cfg = ScanCfg<NP, false>;
+  using W = WsCfg<NP, sizeof(T)>;
+  constexpr int SPT = Cfg::SPT, TPC = Cfg::TPC, CPW = Cfg::CPW, TCH = Cfg::TCH, IPL = Cfg::IPL;
+  constexpr int RS = Cfg::RS, YPL = Cfg::YPL, BCV = Cfg::BCV, PLANE = W::PLANE;
+  constexpr unsigned int LANE_ALIGN = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);
+  constexpr unsigned int BC_ALIGN = 4 * sizeof(T) >= 16 ? 16 : 4 * sizeof(T);
+  constexpr int BCE = 1;  // Bm / Cm runs of 4 steps per side thread (R >= MIN_R)
+  static_assert(Cfg::XMAP, "the recurrence's lane mapping is scan_fwd's XMAP one");
+  extern __shared__ __align__(16) float scan_smem[];
+  const int R = static_cast<int>(blockDim.x) / 64, CPB = CPW * R;
+  {
+    unsigned int dyn;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+    if (blockDim.x % 64 != 0 || R < W::MIN_R || R > W::MAX_R || dyn < W::smem_bytes(R))
+      asm volatile("trap;");  // a launch that disagrees with launcher.ws_block_warps / ws_smem_bytes
+  }
+  float(*B_s)[NP][RS] = reinterpret_cast<float(*)[NP][RS]>(scan_smem);
+  float(*C_s)[NP][RS] = B_s + 2;
+  float* const dt0 = scan_smem + 4 * NP * RS;  // [2][CPB][RS]
+  float* const du0 = dt0 + 2 * CPB * RS;       // [2][CPB][RS]
+  float* const pl0 = du0 + 2 * CPB * RS;       // [R][2][PLANE]
+  unsigned long long* const full = reinterpret_cast<unsigned long long*>(pl0 + 2 * PLANE * R);
+  unsigned long long* const empty = full + 2;
+  const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
+  const long long b = blockIdx.y, cb = (long long)blockIdx.x * CPB;
+  const int L = static_cast<int>(p.seqlen);
+  const int nchunks = (L - 1) / TCH + 1;
+  if (tid == 0) {
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(full + i, R);
+      mbar_init(empty + i, R);
+    }
+  }
+  __syncthreads();
+
+  if (w < R) {  // ---- recurrence warp: lane = rg * CPW + rc (ScanCfg::XMAP)
+    const int rc = lane % CPW, rg = lane / CPW;
+    const long long cr = cb + w * CPW + rc;
+    const bool crok = cr < p.dim;
+    float a2[SPT], h[SPT];
+#pragma unroll
+    for (int j = 0; j < SPT; ++j) {
+      const long long s = j * TPC + rg;
+      const bool ok = crok && s < p.dstate;
+      a2[j] = ok ? static_cast<const float*>(p.A)[cr * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
+      h[j] = ok && p.ssm_state
+                 ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + cr * p.h_cs + s * p.h_ss]
+                 : 0.f;
+    }
+#pragma unroll 1
+    for (int k = 0; k < nchunks; ++k) {
+      const int buf = k & 1;
+      mbar_wait(full + buf, (k >> 1) & 1);
+      scan_recurrence<Cfg, T, false>(h, a2, &B_s[buf][rg][0], &C_s[buf][rg][0],
+                                     dt0 + (buf * CPB + w * CPW + rc) * RS, du0 + (buf * CPB + w * CPW + rc) * RS,
+                                     pl0 + (w * 2 + buf) * PLANE + rg * YPL + rc * RS);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + buf);
+    }
+#pragma unroll
+    for (int j = 0; j < SPT; ++j) {
+      const long long s = j * TPC + rg;
+      if (crok && s < p.dstate)
+        static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
+    }
+    return;
+  }
+
+  // ---- side warp sw: recurrence warp sw's channels, lane = lc * TPC + g (scan_fwd's items)
+  const int sw = w - R, lc = lane / TPC, g = lane % TPC;
+  const long long c0 = cb + sw * CPW + lc;
+  const bool cok = c0 < p.dim;
+  const long long c = cok ? c0 : p.dim - 1;  // (past dim: another channel's rows read, nothing written)
+  const T* __restrict__ urow = static_cast<const T*>(p.u) + b * p.u_bs + c * p.u_cs;
+  const T* __restrict__ drow = static_cast<const T*>(p.delta) + b * p.d_bs + c * p.d_cs;
+  const T* __restrict__ zrow = p.z ? static_cast<const T*>(p.z) + b * p.z_bs + c * p.z_cs : nullptr;
+  T* __restrict__ yrow = static_cast<T*>(p.y) + b * p.y_bs + c * p.y_cs;
+  const float dbias = p.delta_bias ? static_cast<const float*>(p.delta_bias)[c * p.db_cs] : 0.f;
+  const float Dc = p.D ? static_cast<const float*>(p.D)[c * p.D_cs] : 0.f;
+  const bool lvec = p.u_ts == 1 && p.d_ts == 1 && p.y_ts == 1 && aligned_to(urow, LANE_ALIGN) &&
+                    aligned_to(drow, LANE_ALIGN) && aligned_to(yrow, LANE_ALIGN) &&
+                    (!zrow || (p.z_ts == 1 && aligned_to(zrow, LANE_ALIGN)));
+  // Bm / Cm staging: run v = lane + 32 (sw + e R) is state v / (TCH/4), steps 4 (v % (TCH/4)) + 0..3.
+  const T* brow[BCE];
+  const T* crow[BCE];
+  bool bok[BCE], bvec[BCE];
+#pragma unroll
+  for (int e = 0; e < BCE; ++e) {
+    const int v = lane + 32 * (sw + e * R), st = v / (TCH / 4);
+    bok[e] = v < BCV && st < p.dstate;
+    brow[e] = static_cast<const T*>(p.Bm) + b * p.B_bs + (bok[e] ? st : 0) * p.B_ss;
+    crow[e] = static_cast<const T*>(p.Cm) + b * p.C_bs + (bok[e] ? st : 0) * p.C_ss;
+    bvec[e] = p.B_ts == 1 && p.C_ts == 1 && aligned_to(brow[e], BC_ALIGN) && aligned_to(crow[e], BC_ALIGN);
+  }
+  // Raw inputs of chunk j in register slot j & 1; u and z of the two chunks whose y is still to come.
+  Pack<T, IPL> ru[2], rd[2], rz[2], su[2], sz[2];
+  Pack<T, 4> rb[2][BCE], rcb[2][BCE];
+#pragma unroll
+  for (int s2 = 0; s2 < 2; ++s2)  // (z: read by nothing without z; the others always loaded before use)
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) rz[s2].e[i] = T{};
+  // FC (a constant at every call): chunk j is whole and every row of the warp vector-accessible, so the
+  // inlined copy has no scalar or partial-chunk paths (the side warps' instructions per chunk are what
+  // keeps them beside the recurrence: the general copy of this loop was as slow as the recurrence).
+  auto issue = [&](int j, int s2, bool FC) {
+    if (j < nchunks) {
+      const int t0 = j * TCH;
+      const bool full = FC || L - t0 >= TCH;
+      const int t = t0 + g * IPL;
+      ld_run(ru[s2], urow, p.u_ts, t, L, FC || (lvec && full));
+      ld_run(rd[s2], drow, p.d_ts, t, L, FC || (lvec && full));
+      if (zrow) ld_run(rz[s2], zrow, p.z_ts, t, L, FC || (lvec && full));
+#pragma unroll
+      for (int e = 0; e < BCE; ++e) {
+        if (bok[e]) {
+          const int tb = t0 + 4 * ((lane + 32 * (sw + e * R)) % (TCH / 4));
+          ld_run(rb[s2][e], brow[e], p.B_ts, tb, L, FC || (bvec[e] && full));
+          ld_run(rcb[s2][e], crow[e], p.C_ts, tb, L, FC || (bvec[e] && full));
+        }
+      }
+    }
+  };
+  auto stage = [&](int j, int s2, bool FC) {  // chunk j (slot s2 = j & 1) into buffers j & 1
+#pragma unroll
+    for (int e = 0; e < BCE; ++e) {
+      const int v = lane + 32 * (sw + e * R);
+      if (v < BCV) {  // (runs of states past dstate: zeros)
+        const int st = v / (TCH / 4), m = 4 * (v % (TCH / 4));
+        float fb[4] = {0.f, 0.f, 0.f, 0.f}, fc[4] = {0.f, 0.f, 0.f, 0.f};
+        if (bok[e]) {
+          unpack(rb[s2][e], fb);
+          unpack(rcb[s2][e], fc);
+        }
+        sts_floats<4>(&B_s[s2][st][m], fb);
+        sts_floats<4>(&C_s[s2][st][m], fc);
+      }
+    }
+    // dt = softplus(delta + bias) and dt * u; steps past L get dt = 0 (the state passes unchanged)
+    const int valid = L - j * TCH - g * IPL;
+    float uf[IPL], xf[IPL], dtv[IPL], duv[IPL];
+    unpack(ru[s2], uf);
+    unpack(rd[s2], xf);
+#pragma unroll
+    for (int i = 0; i < IPL; ++i) {
+      const float x = xf[i] + dbias;
+      dtv[i] = p.softplus ? softplus_mufu(x) : x;
+      if (!FC) dtv[i] = i < valid ? dtv[i] : 0.f;
+      duv[i] = dtv[i] * uf[i];
+    }
+    const int row = sw * CPW + lc;
+    sts_floats<IPL>(dt0 + (s2 * CPB + row) * RS + g * IPL, dtv);
+    sts_floats<IPL>(du0 + (s2 * CPB + row) * RS + g * IPL, duv);
+    su[s2] = ru[s2];
+    sz[s2] = rz[s2];
+  };
+  auto ystep = [&](int j, int s2, bool FC) {  // chunk j's y (planes and saved u, z of slot s2 = j & 1)
+    const float* yw = pl0 + (sw * 2 + s2) * PLANE + lc * RS + g * IPL;
+    float out[IPL];
+    lds_floats<IPL>(yw, out);
+#pragma unroll
+    for (int kk = 1; kk < TPC; ++kk) {
+      float part[IPL];
+      lds_floats<IPL>(yw + kk * YPL, part);
+#pragma unroll
+      for (int i = 0; i < IPL; ++i) out[i] += part[i];
+    }
+    if (cok) {
+      float uf[IPL], zf[IPL];
+      unpack(su[s2], uf);
+      unpack(sz[s2], zf);
+      const int t0 = j * TCH;
+      st_run(yrow, p.y_ts, t0 + g * IPL, L, FC || (lvec && L - t0 >= TCH),
+             gate_run<T, IPL>(Dc, uf, out, zf, zrow != nullptr));
+    }
+  };
+  // Chunk j: wait until the recurrence warps are done with buffers j & 1 (chunk j - 2), write that
+  // chunk's y, stage chunk j, hand it over, load chunk j + 2 into the slot just used. FC: chunks j - 2
+  // .. j + 2 are whole and the warp's rows vector-accessible.
+  auto step = [&](int j, int s2, bool FC) {
+    if (j >= 2) {
+      mbar_wait(empty + s2, ((j >> 1) - 1) & 1);
+      ystep(j - 2, s2, FC);
+    }
+    stage(j, s2, FC);
+    __syncwarp();
+    if (lane == 0) mbar_arrive(full + s2);
+    issue(j + 2, s2, FC);
+  };
+  bool bv = true;
+#pragma unroll
+  for (int e = 0; e < BCE; ++e) bv = bv && (!bok[e] || bvec[e]);
+  const bool wvec = __all_sync(0xffffffffu, lvec && bv);  // (lvec: of the rows read, clamped ones too)
+  // pairs of chunks (j, j + 1) with j + 3 whole: the FC copy; the rest (the last 3 or 4 chunks, or all
+  // where some row is not vector-accessible) the general one
+  const int jfc = wvec ? (L / TCH - 3 > 0 ? (L / TCH - 3 + 1) & ~1 : 0) : 0;
+  issue(0, 0, jfc > 0);
+  issue(1, 1, jfc > 0);
+  int j = 0;
+#pragma unroll 1
+  for (; j < jfc; j += 2) {
+    step(j, 0, true);
+    step(j + 1, 1, true);
+  }
+#pragma unroll 1
+  for (; j < nchunks; j += 2) {
+    step(j, 0, false);
+    if (j + 1 < nchunks) step(j + 1, 1, false);
+  }
+  // the last two chunks' y (their slots as constants: an array indexed at run time goes to local memory)
+  auto last = [&](int j, int s2) {
+    mbar_wait(empty + s2, (j >> 1) & 1);
+    ystep(j, s2, false);
+  };
+  if (nchunks & 1) {
+    if (nchunks > 1) last(nchunks - 2, 1);
+    last(nchunks - 1, 0);
+  } else {
+    last(nchunks - 2, 0);
+    last(nchunks - 1, 1);
   }
 }
 
@@ -844,6 +1108,16 @@ __device__ __forceinline__ void state_update(const ScanParams& p) {
 #define MRT_SCAN_FLAT_PARAMS(L)                                                                    \
   mrt::scan_contiguous(u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, batch, dim, L, dstate,    \
                        delta_softplus, y, ssm_state_out)
+// The warp-specialized scan's entry (n <= 16 only: WsCfg).
+#define MRT_SCAN_WS_ENTRY(TAG, T, NP)                                                              \
+  extern "C" __global__ void __launch_bounds__(mrt::WsCfg<NP, sizeof(T)>::MAX_THREADS, 2)            \
+      mrt_selective_scan_ws_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                             \
+    mrt::scan_fwd_ws<T, NP>(MRT_SCAN_FLAT_PARAMS(seqlen));                                         \
+  }
+#define MRT_SCAN_WS_ENTRY_8(TAG, T) MRT_SCAN_WS_ENTRY(TAG, T, 8)
+#define MRT_SCAN_WS_ENTRY_16(TAG, T) MRT_SCAN_WS_ENTRY(TAG, T, 16)
+#define MRT_SCAN_WS_ENTRY_32(TAG, T)
+#define MRT_SCAN_WS_ENTRY_64(TAG, T)
 #define MRT_SCAN_ENTRIES(TAG, T, NP)                                                               \
   extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP>::MAX_THREADS, mrt::ScanCfg<NP>::MIN_BLOCKS) \
       mrt_selective_scan_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                                \
@@ -853,6 +1127,7 @@ __device__ __forceinline__ void state_update(const ScanParams& p) {
       mrt_selective_scan_fwd_strided_##TAG##_n##NP(const __grid_constant__ mrt::ScanParams p) {    \
     mrt::scan_fwd<T, NP, false>(p);                                                                \
   }                                                                                                \
+  MRT_SCAN_WS_ENTRY_##NP(TAG, T)                                                                   \
   extern "C" __global__ void __launch_bounds__(mrt::ScanCfg<NP, true>::MAX_THREADS, mrt::ScanCfg<NP, true>::MIN_BLOCKS) \
       mrt_selective_scan_wide_fwd_##TAG##_n##NP(MRT_SCAN_FLAT_ARGS(T)) {                           \
     mrt::scan_fwd<T, NP, true>(MRT_SCAN_FLAT_PARAMS(seqlen));                                      \

@@ -23,7 +23,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from mamba_rt.errors import InputError  # noqa: E402
+from mamba_rt.errors import InputError, UnsupportedError  # noqa: E402
 from mamba_rt.exporters.ops_ref import (  # noqa: E402
     add_rms_norm_ref,
     causal_conv1d_ref,
@@ -240,13 +240,14 @@ SCAN_ROWS = [{}, {"d": 1}, {"d": 1544}, {"L": 1}, {"L": 1, "kernel": "seq"}, {"L
 _FLAGS = dict(layout="contiguous", with_D=True, with_z=True, with_bias=True, with_state=True, softplus=True)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "tp", "wide"])
+@pytest.mark.parametrize("kernel", ["auto", "seq", "tp", "wide", "ws"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("row", SCAN_ROWS, ids=lambda r: ",".join(f"{k}={v}" for k, v in r.items()) or "base")
 def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
-    """Every row through kernel="auto" (the channel-parallel kernel for these short or few-row
-    cases, the step kernel at L = 1), and through the time-parallel kernel and the channel-parallel
-    kernel's wide configuration forced."""
+    """Every row through kernel="auto" (the warp-specialized kernel for contiguous rows of n 9-16, the
+    channel-parallel one for the others, the step kernel at L = 1), and through each sequence kernel
+    forced: the channel-parallel one, its wide configuration, its warp-specialized form (n <= 16 and
+    contiguous rows only: elsewhere it must refuse) and the time-parallel one."""
     seed, gen = rng
     cfg = {**SCAN_BASE, **_FLAGS, "kernel": kernel, **row}
     B, d, L, n = cfg["B"], cfg["d"], cfg["L"], cfg["n"]
@@ -254,6 +255,10 @@ def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
     state_before = None if inp["ssm_state"] is None else inp["ssm_state"].clone()
     y = _poison((B, d, L), dtype)
     so = _poison((B, d, n), torch.float32)
+    if cfg["kernel"] == "ws" and (n > 16 or cfg["layout"] == "strided"):
+        with pytest.raises(UnsupportedError, match="warp-specialized kernel"):
+            ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel="ws")
+        return
     ret = ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel=cfg["kernel"])
     assert ret[0] is y and ret[1] is so
     ref_y, ref_s = _scan_ref(inp)
@@ -263,14 +268,16 @@ def test_selective_scan_fn_matches_ref(ops, rng, dtype, row, kernel):
         assert torch.equal(inp["ssm_state"], state_before), "the input state must not change"
 
 
-@pytest.mark.parametrize("kernel", ["seq", "tp", "wide", "auto"])
+@pytest.mark.parametrize("kernel", ["seq", "tp", "wide", "ws", "auto"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031), (1, 1536, 2048), (2, 5120, 515)],
-                         ids=["2.8b-2048", "b2-1031", "130m-2048", "2.8b-b2-515"])
+@pytest.mark.parametrize("B, d, L", [(1, 5120, 2048), (2, 1536, 1031), (1, 1536, 2048), (2, 5120, 515),
+                                     (1, 3072, 2047)],
+                         ids=["2.8b-2048", "b2-1031", "130m-2048", "2.8b-b2-515", "790m-2047"])
 def test_selective_scan_model_sizes(ops, rng, dtype, B, d, L, kernel):
     """Model-sized channel counts (every block of the grid busy, B = 1 as in a prompt), every
-    sequence kernel and the automatic choice (2.8b at B = 2: the wide configuration): same oracle,
-    computed on the GPU in float64."""
+    sequence kernel and the automatic choice (2.8b at B = 1 and 790m: the warp-specialized kernel, at
+    B = 2 the wide configuration; 2047 steps: rows not 8-byte aligned and a partial last chunk): same
+    oracle, computed on the GPU in float64."""
     seed, gen = rng
     inp = scan_inputs(gen, B, d, L, 16, dtype)
     y = _poison((B, d, L), dtype)
@@ -303,6 +310,33 @@ def test_selective_scan_balanced_blocks(ops, rng, dtype, warps, per_sm):
     ref_y, ref_s = _scan_ref(inp)
     assert_close(f"scan y d={d} warps={warps} {layout}", y, ref_y, TOL[dtype], seed)
     assert_close(f"scan state d={d} warps={warps} {layout}", so, ref_s, STATE_TOL, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, r", [(16, 4), (16, 5), (8, 2), (8, 3)])
+def test_selective_scan_ws_blocks(ops, rng, dtype, n, r):
+    """The warp-specialized kernel in blocks of r recurrence warps (launcher.ws_block_warps; float32
+    at most 4): a channel count for which this GPU gets r, with a partial last block and a partial
+    chunk, bit for bit the channel-parallel kernel's results (same lane mappings and fp32 operations)
+    and within tolerance of the reference."""
+    seed, gen = rng
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    r = min(r, 4) if itemsize == 4 else r
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row_warps = 2 * sms * r - sms // 2  # four channels per warp at n <= 16
+    d, L = 4 * row_warps - 3, 70
+    assert launcher.ws_block_warps(1, d, n, itemsize=itemsize, sms=sms) == r
+    inp = scan_inputs(gen, 1, d, L, n, dtype)
+    plan = launcher.scan_plan(batch=1, dim=d, seqlen=L, dstate=n, dtype=str(dtype).split(".")[1], kernel="ws")
+    assert plan.block == 64 * r and plan.grid[0] == (d + 4 * r - 1) // (4 * r)
+    y = _poison((1, d, L), dtype)
+    so = _poison((1, d, n), torch.float32)
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel="ws")
+    ref_y, ref_s = _scan_ref(inp)
+    assert_close(f"scan y d={d} r={r}", y, ref_y, TOL[dtype], seed)
+    assert_close(f"scan state d={d} r={r}", so, ref_s, STATE_TOL, seed)
+    y2, s2 = ops.selective_scan_fn(**inp, kernel="seq")
+    assert torch.equal(y, y2) and torch.equal(so, s2), f"seed={seed}"
 
 
 def test_selective_scan_repeated_calls_use_fresh_data(ops, rng):
@@ -367,7 +401,7 @@ def test_selective_scan_65537_tokens_in_one_call(ops, rng, dtype):
     assert_close("scan state, L=65537", so.cpu(), ref_s, STATE_TOL, seed)
 
 
-@pytest.mark.parametrize("kernel", ["seq", "wide", "tp"])
+@pytest.mark.parametrize("kernel", ["seq", "wide", "ws", "tp"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
     """Scan over L1, then over L2 from the carried state == one scan over L1 + L2: bit for bit for the
@@ -378,8 +412,10 @@ def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
     B, d, n, L1, L2 = 2, 45, 16, 100, 61
     inp = scan_inputs(gen, B, d, L1 + L2, n, dtype)
     y, s = ops.selective_scan_fn(**inp, kernel=kernel)
-    first = {k: (v[..., :L1] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
-    second = {k: (v[..., L1:] if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
+    # (the warp-specialized kernel takes contiguous tensors only: copies of the two halves)
+    part = (lambda v: v.contiguous()) if kernel == "ws" else (lambda v: v)
+    first = {k: (part(v[..., :L1]) if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
+    second = {k: (part(v[..., L1:]) if k in ("u", "delta", "z", "Bm", "Cm") else v) for k, v in inp.items()}
     y1, s1 = ops.selective_scan_fn(**first, kernel=kernel)
     y2, s2 = ops.selective_scan_fn(**{**second, "ssm_state": s1}, kernel=kernel)
     if kernel != "tp":  # each step does the same fp32 operations wherever a launch starts: bit for bit

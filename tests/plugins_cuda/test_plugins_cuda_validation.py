@@ -183,21 +183,24 @@ def test_scan_launch_constants_mirror_the_kernel():
             assert cfg[np_] == (32 * warps, warps * (32 // (np_ // states))), (np_, cfg)
 
 
-@pytest.mark.parametrize("kernel, batch, dim, seqlen, kind", [
-    ("auto", 1, 1536, 2048, "tp"),    # 130m prompt: few rows, long sequence
-    ("auto", 1, 2048, 512, "tp"),     # both limits
-    ("auto", 1, 2049, 2048, "seq"),   # rows over TP_MAX_ROWS
-    ("auto", 8, 1536, 2048, "wide"),
-    ("auto", 1, 1536, 511, "seq"),    # shorter than TP_MIN_SEQLEN
-    ("auto", 1, 1536, 1, "step"),
-    ("auto", 2, 5120, 2048, "wide"),  # 2.8b, two prompts: rows over WIDE_MIN_ROWS
-    ("auto", 8, 1024, 7, "wide"),     # both limits, any length > 1
-    ("auto", 8, 1023, 2048, "seq"),   # rows under WIDE_MIN_ROWS
-    ("seq", 1, 1536, 2048, "seq"), ("tp", 64, 5120, 1, "tp"), ("step", 1, 1536, 1, "step"),
-    ("wide", 1, 40, 3, "wide"), ("seq", 8, 5120, 2048, "seq"),
+@pytest.mark.parametrize("kernel, batch, dim, seqlen, strided, kind", [
+    ("auto", 1, 1536, 2048, False, "tp"),    # 130m prompt: few rows, long sequence
+    ("auto", 1, 2048, 512, False, "tp"),     # both limits
+    ("auto", 1, 2049, 2048, False, "ws"),    # rows over TP_MAX_ROWS, contiguous: warp-specialized
+    ("auto", 1, 2049, 2048, True, "seq"),    # the same, strided: it has no strided entry
+    ("auto", 8, 1536, 2048, False, "wide"),
+    ("auto", 1, 1536, 511, False, "ws"),     # shorter than TP_MIN_SEQLEN
+    ("auto", 1, 1536, 511, True, "seq"),
+    ("auto", 1, 1536, 1, False, "step"),
+    ("auto", 2, 5120, 2048, False, "wide"),  # 2.8b, two prompts: rows over WIDE_MIN_ROWS
+    ("auto", 8, 1024, 7, True, "wide"),      # both limits, any length > 1
+    ("auto", 8, 1023, 2048, True, "seq"),    # rows under WIDE_MIN_ROWS
+    ("auto", 1, 5120, 2048, False, "ws"),    # 2.8b, one prompt
+    ("seq", 1, 1536, 2048, False, "seq"), ("tp", 64, 5120, 1, False, "tp"), ("step", 1, 1536, 1, False, "step"),
+    ("wide", 1, 40, 3, True, "wide"), ("seq", 8, 5120, 2048, False, "seq"), ("ws", 8, 5120, 1, False, "ws"),
 ])
-def test_scan_kernel_choice(kernel, batch, dim, seqlen, kind):
-    assert launcher._scan_kernel("selective_scan", kernel, batch, dim, seqlen, 16) == kind
+def test_scan_kernel_choice(kernel, batch, dim, seqlen, strided, kind):
+    assert launcher._scan_kernel("selective_scan", kernel, batch, dim, seqlen, 16, strided) == kind
 
 
 @pytest.mark.parametrize("dstate, kind", [(1, "seq"), (8, "seq"), (9, "wide"), (16, "wide"), (17, "seq"),
@@ -205,14 +208,47 @@ def test_scan_kernel_choice(kernel, batch, dim, seqlen, kind):
 def test_scan_kernel_choice_wide_only_for_n16(dstate, kind):
     """The wide configuration was measured for the n = 16 specialisation only (state sizes 9-16);
     the others keep "seq"."""
-    assert launcher._scan_kernel("selective_scan", "auto", 8, 5120, 2048, dstate) == kind
+    assert launcher._scan_kernel("selective_scan", "auto", 8, 5120, 2048, dstate, False) == kind
+
+
+@pytest.mark.parametrize("dstate, kind", [(1, "seq"), (8, "seq"), (9, "ws"), (16, "ws"), (17, "seq"), (64, "seq")])
+def test_scan_kernel_choice_ws_only_for_n16(dstate, kind):
+    """kernel="auto" takes the warp-specialized kernel where it was measured (padded n = 16); n = 8 has
+    it too, on request only."""
+    assert launcher._scan_kernel("selective_scan", "auto", 1, 5120, 2048, dstate, False) == kind
 
 
 def test_scan_kernel_choice_rejects():
-    with pytest.raises(InputError, match=r"kernel must be one of 'auto', 'seq', 'step', 'tp', 'wide', got 'fast'"):
-        launcher._scan_kernel("selective_scan", "fast", 1, 1, 2, 16)
+    with pytest.raises(InputError, match=r"kernel must be one of 'auto', 'seq', 'step', 'tp', 'wide', 'ws', got 'fast'"):
+        launcher._scan_kernel("selective_scan", "fast", 1, 1, 2, 16, False)
     with pytest.raises(InputError, match="the single-step kernel needs seqlen 1, got 2"):
-        launcher._scan_kernel("selective_scan", "step", 1, 1, 2, 16)
+        launcher._scan_kernel("selective_scan", "step", 1, 1, 2, 16, False)
+    with pytest.raises(UnsupportedError, match="warp-specialized kernel is built for dstate <= 16, got 17"):
+        launcher._scan_kernel("selective_scan", "ws", 1, 64, 2, 17, False)
+    with pytest.raises(UnsupportedError, match="takes contiguous tensors only"):
+        launcher._scan_kernel("selective_scan", "ws", 1, 64, 2, 16, True)
+
+
+@pytest.mark.parametrize("itemsize, batch, dim, r", [
+    (2, 1, 5120, 5),   # 1,280 recurrence warps: 256 blocks of 5, two per SM
+    (2, 1, 4096, 4),   # 1,024: 256 blocks of 4
+    (2, 1, 3072, 4),   # WS_MIN_R
+    (2, 1, 40, 4),
+    (2, 8, 5120, 5),   # WS_MAX_R
+    (4, 1, 5120, 4),   # float32: at most 4
+])
+def test_ws_block_warps(itemsize, batch, dim, r):
+    assert launcher.ws_block_warps(batch, dim, 16, itemsize=itemsize, sms=132) == r
+    assert launcher.ws_block_warps(batch, dim, 8, itemsize=itemsize, sms=None) == (4 if itemsize == 4 else 5)
+
+
+def test_ws_smem_bytes_restates_the_kernel():
+    """WsCfg::smem_bytes at n = 16: Bm / Cm 2 x 2 x 16 x 36 floats, dt / dt*u 2 x 2 x 4R x 36, the y planes
+    R x 2 x 8 x 144 (ScanCfg::YPL with XMAP), 32 bytes of mbarriers."""
+    for r in (4, 5):
+        assert launcher.ws_smem_bytes(16, r) == 4 * (2304 + 576 * r + 2304 * r) + 32
+    assert launcher.ws_smem_bytes(16, 5) == 66848
+    assert launcher.ws_smem_bytes(16, 5) * 2 + 2 * 1024 <= 228 * 1024  # two blocks per SM
 
 
 def test_capability_reasons():
