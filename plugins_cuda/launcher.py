@@ -64,7 +64,7 @@ WIDE_MIN_ROWS = 8192
 # built for, and its blocks' recurrence warps (each with a side warp): at least WS_MIN_R[np] (one
 # Bm / Cm run per side thread), at most WS_MAX_R (4 for float32 inputs). kernel="auto" takes it
 # instead of "seq" for n <= 16 (padded 16, the size measured) where every tensor is contiguous (it has a
-# flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.098 ms against 0.107
+# flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.099-0.101 ms against 0.107
 # (benchmarks/NOTES.md, item 85).
 WS_MIN_R = {8: 2, 16: 4}
 WS_MAX_R = 5

@@ -303,6 +303,22 @@ __device__ __forceinline__ bool aligned_to(const void* p, unsigned int bytes) {
   return (reinterpret_cast<unsigned long long>(p) & (bytes - 1)) == 0ull;
 }
 
+// A lane's SPT states (j TPC + rg) of channel cr of batch row b: A scaled by log2 e and the initial
+// state; zeros past n, for channels past dim, and without a state.
+template <int TPC, int SPT>
+__device__ __forceinline__ void scan_lane_states(const ScanParams& p, long long b, long long cr, bool crok, int rg,
+                                                 float (&a2)[SPT], float (&h)[SPT]) {
+#pragma unroll
+  for (int j = 0; j < SPT; ++j) {
+    const long long s = j * TPC + rg;
+    const bool ok = crok && s < p.dstate;
+    a2[j] = ok ? static_cast<const float*>(p.A)[cr * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
+    h[j] = ok && p.ssm_state
+               ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + cr * p.h_cs + s * p.h_ss]
+               : 0.f;
+  }
+}
+
 // One chunk of the recurrence for a lane's SPT states (scan_fwd and scan_fwd_ws), 4 steps per group: one
 // 16-byte shared load each of dt, dt*u (dtr, dur: the lane's channel row) and of every owned state's
 // Bm and Cm (Bb, Cb: its first state's row; the others TPC rows apart); per state and step one ex2
@@ -415,15 +431,7 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
                     (!zrow || (p.z_ts == 1 && aligned_to(zrow, LANE_ALIGN)));
 
   float a2[SPT], h[SPT];
-#pragma unroll
-  for (int j = 0; j < SPT; ++j) {
-    const long long s = j * TPC + rg;
-    const bool ok = crok && s < p.dstate;
-    a2[j] = ok ? static_cast<const float*>(p.A)[cr * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
-    h[j] = ok && p.ssm_state
-               ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + cr * p.h_cs + s * p.h_ss]
-               : 0.f;
-  }
+  scan_lane_states<TPC>(p, b, cr, crok, rg, a2, h);
   const float dbias = cok && p.delta_bias ? static_cast<const float*>(p.delta_bias)[c * p.db_cs] : 0.f;
   const float Dc = cok && p.D ? static_cast<const float*>(p.D)[c * p.D_cs] : 0.f;
 
@@ -584,7 +592,7 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 // per-buffer mbarriers: full[b] (the R side warps staged it) and empty[b] (the R recurrence warps are
 // done with it: its planes hold y partials, its inputs may be overwritten), so recurrence warps never
 // wait for each other, only for their inputs. Work beside the recurrence instead of between its chunks:
-// d_inner 5120, 2048 steps, bf16 on the H100 0.098 ms against scan_fwd's 0.107 (benchmarks/NOTES.md,
+// d_inner 5120, 2048 steps, bf16 on the H100 0.099-0.101 ms against scan_fwd's 0.107 (benchmarks/NOTES.md,
 // item 85). Rows are time-contiguous (the flat entry); a row that is not vector-aligned, the last partial
 // chunk and a missing z / D / delta_bias / state take the same guarded paths as scan_fwd's.
 template <int NP, int TBYTES>
@@ -649,15 +657,7 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
     const long long cr = cb + w * CPW + rc;
     const bool crok = cr < p.dim;
     float a2[SPT], h[SPT];
-#pragma unroll
-    for (int j = 0; j < SPT; ++j) {
-      const long long s = j * TPC + rg;
-      const bool ok = crok && s < p.dstate;
-      a2[j] = ok ? static_cast<const float*>(p.A)[cr * p.A_cs + s * p.A_ss] * LOG2E : 0.f;
-      h[j] = ok && p.ssm_state
-                 ? static_cast<const float*>(p.ssm_state)[b * p.h_bs + cr * p.h_cs + s * p.h_ss]
-                 : 0.f;
-    }
+    scan_lane_states<TPC>(p, b, cr, crok, rg, a2, h);
 #pragma unroll 1
     for (int k = 0; k < nchunks; ++k) {
       const int buf = k & 1;
@@ -710,7 +710,7 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
   for (int s2 = 0; s2 < 2; ++s2)  // (z: read by nothing without z; the others always loaded before use)
 #pragma unroll
     for (int i = 0; i < IPL; ++i) rz[s2].e[i] = T{};
-  // FC (a constant at every call): chunk j is whole and every row of the warp vector-accessible, so the
+  // FC (a constant in both chunk loops): chunk j is whole and every row of the warp vector-accessible, so the
   // inlined copy has no scalar or partial-chunk paths (the side warps' instructions per chunk are what
   // keeps them beside the recurrence: the general copy of this loop was as slow as the recurrence).
   auto issue = [&](int j, int s2, bool FC) {
