@@ -73,9 +73,11 @@ constexpr float LN2 = 0.6931471805599453f;
 // softplus (beta 1, threshold 20) as ln2 * lg2(1 + 2^(x log2 e)). lg2's absolute error would be a
 // large relative error when the result is small, so below e = 2^-4 log1p(e) comes from its series
 // e - e^2/2 + e^3/3 - e^4/4 (truncation error < e^4/5, i.e. < 3e-6 relative). Relative error of the
-// result about 1e-6 everywhere.
+// result about 1e-6 everywhere. Above 20 the result is x; e is not clamped there (up to +inf, whose
+// series and lg2 are +-inf, never NaN, and selected away), so a NaN x gives NaN as torch's softplus
+// does (a clamp by fminf, which returns the number of a (NaN, number) pair, made it 20).
 __device__ __forceinline__ float softplus_mufu(float x) {
-  const float e = fast_exp2(fminf(x, 20.f) * LOG2E);
+  const float e = fast_exp2(x * LOG2E);
   const float series = e * fmaf(e, fmaf(e, fmaf(e, -0.25f, 0.33333334f), -0.5f), 1.f);
   const float sp = e < 0.0625f ? series : mufu_lg2(1.f + e) * LN2;
   return x > 20.f ? x : sp;

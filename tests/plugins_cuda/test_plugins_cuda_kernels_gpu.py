@@ -427,6 +427,32 @@ def test_selective_scan_chunks_compose(ops, rng, dtype, kernel):
         assert_close("chunked state", s2, s.double(), STATE_TOL, seed)
 
 
+@pytest.mark.parametrize("kernel", ["seq", "wide", "ws", "tp", "auto"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_selective_scan_nan_delta_propagates(ops, rng, dtype, kernel):
+    """A NaN in delta makes that step's dt NaN (torch's softplus, mamba_ssm's kernel), so its channel's y
+    from that step on and its final state are NaN, as in the reference, and nothing else changes. (The
+    sequence kernels' softplus once clamped its argument with fminf, which turned a NaN into 20.)"""
+    seed, gen = rng
+    B, d, L, n, c, t = 2, 40, 300, 16, 7, 100
+    inp = scan_inputs(gen, B, d, L, n, dtype)
+    inp["delta"][1, c, t] = float("nan")
+    y = torch.full((B, d, L), 7.0, dtype=dtype, device="cuda")  # finite poison: NaN is the expected value
+    so = torch.full((B, d, n), 7.0, device="cuda")
+    ops.selective_scan_fn(**inp, out=y, ssm_state_out=so, kernel=kernel)
+    ref_y, ref_s = _scan_ref(inp)
+    want_y = torch.zeros(B, d, L, dtype=torch.bool)
+    want_y[1, c, t:] = True
+    want_s = torch.zeros(B, d, n, dtype=torch.bool)
+    want_s[1, c] = True
+    assert torch.equal(torch.isnan(ref_y).cpu(), want_y) and torch.equal(torch.isnan(ref_s).cpu(), want_s)
+    assert torch.equal(torch.isnan(y).cpu(), want_y), (
+        f"NaN y at {torch.isnan(y).nonzero()[:4].tolist()}..., seed={seed}")
+    assert torch.equal(torch.isnan(so).cpu(), want_s), f"seed={seed}"
+    assert_close("scan y off the NaN", y[~want_y.cuda()], ref_y[~want_y.to(ref_y.device)], TOL[dtype], seed)
+    assert_close("scan state off the NaN", so[~want_s.cuda()], ref_s[~want_s.to(ref_s.device)], STATE_TOL, seed)
+
+
 SSU_ROWS = [{}, {"d": 1}, {"d": 1544}, {"B": 1}, {"n": 1}, {"n": 5}, {"n": 64}, {"with_z": False},
             {"with_D": False}, {"with_bias": False}, {"softplus": False}, {"layout": "strided"},
             {"layout": "strided", "n": 5}]
