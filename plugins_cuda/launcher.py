@@ -17,7 +17,7 @@ order) is launched; ``strides`` maps a tensor name to its element strides (one p
 single-step kernel unless ``kernel="seq"``. Longer sequences run the channel-parallel sequence
 kernel (``"seq"``), for few rows (``TP_MAX_ROWS``, ``TP_MIN_SEQLEN``) the time-parallel one
 (``"tp"``), for many rows of n = 16 (``WIDE_MIN_ROWS``) the channel-parallel kernel's wide
-configuration (``"wide"``), and otherwise, for n = 16 and contiguous tensors, its warp-specialized
+configuration (``"wide"``), and otherwise, for n 9-16 and contiguous tensors, its warp-specialized
 form (``"ws"``, ``WS_MIN_R``); ``kernel`` forces any of them.
 
 Everything is validated before any CUDA call: a bad argument raises InputError / UnsupportedError and
@@ -63,8 +63,8 @@ WIDE_MIN_ROWS = 8192
 # selective_scan.cu scan_fwd_ws (the warp-specialized sequence kernel, WsCfg): padded state sizes it is
 # built for, and its blocks' recurrence warps (each with a side warp): at least WS_MIN_R[np] (one
 # Bm / Cm run per side thread), at most WS_MAX_R (4 for float32 inputs). kernel="auto" takes it
-# instead of "seq" for n <= 16 (padded 16, the size measured) where every tensor is contiguous (it has a
-# flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.099-0.101 ms against 0.107
+# instead of "seq" for n 9-16 (padded 16, the size measured; n <= 8 keeps "seq") where every tensor is
+# contiguous (it has a flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.099-0.101 ms against 0.107
 # (benchmarks/NOTES.md, item 85).
 WS_MIN_R = {8: 2, 16: 4}
 WS_MAX_R = 5
@@ -612,9 +612,13 @@ def _scan_smem(np_: int, cpw: int, warps: int, bc_bytes: int, tch: int | None = 
     MRT_SCAN_XMAP=0 (benchmarks/NOTES.md, item 84)."""
     tpc = 32 // cpw
     rs = (tch or (16 if np_ == 64 else 32)) + 4
-    target = 8 if tpc == 4 else 4
-    ypl = cpw * rs + ((target - (cpw * rs) % 32) + 32) % 32
-    return 4 * np_ * rs * bc_bytes + 4 * (2 * cpw * rs + tpc * ypl) * warps
+    return 4 * np_ * rs * bc_bytes + 4 * (2 * cpw * rs + tpc * _ypl(cpw, rs, 8 if tpc == 4 else 4)) * warps
+
+
+def _ypl(cpw: int, rs: int, target: int) -> int:
+    """ScanCfg::YPL, the floats between y partial planes: CPW rows of RS, padded so that the plane
+    offset falls `target` banks (mod 32) along."""
+    return cpw * rs + ((target - (cpw * rs) % 32) + 32) % 32
 
 
 def ws_block_warps(batch: int, dim: int, np_: int, *, itemsize: int, sms: int | None) -> int:
@@ -624,7 +628,8 @@ def ws_block_warps(batch: int, dim: int, np_: int, *, itemsize: int, sms: int | 
     lo, hi = WS_MIN_R[np_], (4 if itemsize == 4 else WS_MAX_R)
     if not sms:
         return hi
-    total = batch * ((dim + _scan_cfg(np_, False)[1] - 1) // _scan_cfg(np_, False)[1])
+    cpw = _scan_cfg(np_, False)[1]
+    total = batch * ((dim + cpw - 1) // cpw)
     return min(hi, max(lo, (total + 2 * sms - 1) // (2 * sms)))
 
 
@@ -634,8 +639,7 @@ def ws_smem_bytes(np_: int, r: int) -> int:
     mbarriers."""
     cpw = _scan_cfg(np_, False)[1]
     tpc, rs = 32 // cpw, 32 + 4
-    ypl = cpw * rs + ((4 * cpw - (cpw * rs) % 32) + 32) % 32
-    return 4 * (2 * 2 * np_ * rs + 2 * 2 * cpw * r * rs + 2 * tpc * ypl * r) + 32
+    return 4 * (2 * 2 * np_ * rs + 2 * 2 * cpw * r * rs + 2 * tpc * _ypl(cpw, rs, 4 * cpw) * r) + 32
 
 
 def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: bool = False,

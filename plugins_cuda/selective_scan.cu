@@ -319,6 +319,50 @@ __device__ __forceinline__ void scan_lane_states(const ScanParams& p, long long 
   }
 }
 
+// The lane's SPT final states into ssm_state_out (scan_lane_states' lanes).
+template <int TPC, int SPT>
+__device__ __forceinline__ void scan_lane_states_out(const ScanParams& p, long long b, long long cr, bool crok,
+                                                     int rg, const float (&h)[SPT]) {
+#pragma unroll
+  for (int j = 0; j < SPT; ++j) {
+    const long long s = j * TPC + rg;
+    if (crok && s < p.dstate)
+      static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
+  }
+}
+
+// A lane's N (channel, step) items: dt = softplus(delta + bias) (softplus where the op asks for it) and
+// dt * u; with mask, the items from `valid` on (steps past L) get dt = 0: exp(0) = 1 and no input, the
+// state passes through unchanged.
+template <int N>
+__device__ __forceinline__ void scan_dt(const float (&uf)[N], const float (&xf)[N], float dbias, bool softplus,
+                                        bool mask, int valid, float (&dtv)[N], float (&duv)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float x = xf[i] + dbias;
+    dtv[i] = softplus ? softplus_mufu(x) : x;
+  }
+  if (mask) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) dtv[i] = i < valid ? dtv[i] : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) duv[i] = dtv[i] * uf[i];
+}
+
+// The sum of a lane's N items over the TPC y partial planes (yw: its items in the first plane).
+template <int N, int TPC, int YPL>
+__device__ __forceinline__ void scan_sum_planes(const float* yw, float (&out)[N]) {
+  lds_floats<N>(yw, out);
+#pragma unroll
+  for (int kk = 1; kk < TPC; ++kk) {
+    float part[N];
+    lds_floats<N>(yw + kk * YPL, part);
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] += part[i];
+  }
+}
+
 // One chunk of the recurrence for a lane's SPT states (scan_fwd and scan_fwd_ws), 4 steps per group: one
 // 16-byte shared load each of dt, dt*u (dtr, dur: the lane's channel row) and of every owned state's
 // Bm and Cm (Bb, Cb: its first state's row; the others TPC rows apart); per state and step one ex2
@@ -515,24 +559,12 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
   auto chunk = [&](int k, bool FC) {
     const int t0 = k * TCH;
     const bool full = FC || L - t0 >= TCH;
-    // dt = softplus(delta + bias) and dt * u, once per (channel, step); steps past L get dt = 0
-    // (exp(0) = 1 and no input: the state passes through unchanged).
-    const int valid = full ? IPL : L - t0 - g * IPL;
+    // dt and dt * u, once per (channel, step)
     float uf[IPL], xf[IPL], dtv[IPL], duv[IPL];
     unpack(pu, uf);
     unpack(pd, xf);
     Pack<T, IPL> zk = pz;
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) {
-      const float x = xf[i] + dbias;
-      dtv[i] = p.softplus ? softplus_mufu(x) : x;
-    }
-    if (!full) {
-#pragma unroll
-      for (int i = 0; i < IPL; ++i) dtv[i] = i < valid ? dtv[i] : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) duv[i] = dtv[i] * uf[i];
+    scan_dt(uf, xf, dbias, p.softplus, !full, L - t0 - g * IPL, dtv, duv);
     sts_floats<IPL>(dts + g * IPL, dtv);
     sts_floats<IPL>(dus + g * IPL, duv);
     if (k + 1 < nchunks) {  // next chunk's global loads, in flight during this chunk's recurrence
@@ -548,14 +580,7 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 
     // Each lane sums the TPC partials of its own IPL items and writes y (coalesced along time).
     float out[IPL];
-    lds_floats<IPL>(yw + lc * RS + g * IPL, out);
-#pragma unroll
-    for (int kk = 1; kk < TPC; ++kk) {
-      float part[IPL];
-      lds_floats<IPL>(yw + kk * YPL + lc * RS + g * IPL, part);
-#pragma unroll
-      for (int i = 0; i < IPL; ++i) out[i] += part[i];
-    }
+    scan_sum_planes<IPL, TPC, YPL>(yw + lc * RS + g * IPL, out);
     if (cok) {
       float zf[IPL];
       unpack(zk, zf);
@@ -572,13 +597,7 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 #pragma unroll 1
     for (int k = 0; k < nchunks; ++k) chunk(k, false);
   }
-
-#pragma unroll
-  for (int j = 0; j < SPT; ++j) {
-    const long long s = j * TPC + rg;
-    if (crok && s < p.dstate)
-      static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
-  }
+  scan_lane_states_out<TPC>(p, b, cr, crok, rg, h);
 }
 
 // The warp-specialized sequence scan (scan_fwd_ws; entry mrt_selective_scan_ws_fwd_*, flat arguments
@@ -668,12 +687,7 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
       __syncwarp();
       if (lane == 0) mbar_arrive(empty + buf);
     }
-#pragma unroll
-    for (int j = 0; j < SPT; ++j) {
-      const long long s = j * TPC + rg;
-      if (crok && s < p.dstate)
-        static_cast<float*>(p.ssm_state_out)[b * p.ho_bs + cr * p.ho_cs + s * p.ho_ss] = h[j];
-    }
+    scan_lane_states_out<TPC>(p, b, cr, crok, rg, h);
     return;
   }
 
@@ -746,18 +760,10 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
         sts_floats<4>(&C_s[s2][st][m], fc);
       }
     }
-    // dt = softplus(delta + bias) and dt * u; steps past L get dt = 0 (the state passes unchanged)
-    const int valid = L - j * TCH - g * IPL;
     float uf[IPL], xf[IPL], dtv[IPL], duv[IPL];
     unpack(ru[s2], uf);
     unpack(rd[s2], xf);
-#pragma unroll
-    for (int i = 0; i < IPL; ++i) {
-      const float x = xf[i] + dbias;
-      dtv[i] = p.softplus ? softplus_mufu(x) : x;
-      if (!FC) dtv[i] = i < valid ? dtv[i] : 0.f;
-      duv[i] = dtv[i] * uf[i];
-    }
+    scan_dt(uf, xf, dbias, p.softplus, !FC, L - j * TCH - g * IPL, dtv, duv);
     const int row = sw * CPW + lc;
     sts_floats<IPL>(dt0 + (s2 * CPB + row) * RS + g * IPL, dtv);
     sts_floats<IPL>(du0 + (s2 * CPB + row) * RS + g * IPL, duv);
@@ -765,16 +771,8 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
     sz[s2] = rz[s2];
   };
   auto ystep = [&](int j, int s2, bool FC) {  // chunk j's y (planes and saved u, z of slot s2 = j & 1)
-    const float* yw = pl0 + (sw * 2 + s2) * PLANE + lc * RS + g * IPL;
     float out[IPL];
-    lds_floats<IPL>(yw, out);
-#pragma unroll
-    for (int kk = 1; kk < TPC; ++kk) {
-      float part[IPL];
-      lds_floats<IPL>(yw + kk * YPL, part);
-#pragma unroll
-      for (int i = 0; i < IPL; ++i) out[i] += part[i];
-    }
+    scan_sum_planes<IPL, TPC, YPL>(pl0 + (sw * 2 + s2) * PLANE + lc * RS + g * IPL, out);
     if (cok) {
       float uf[IPL], zf[IPL];
       unpack(su[s2], uf);

@@ -249,7 +249,7 @@ def selective_scan_fn(u, delta, A, Bm, Cm, D=None, z=None, delta_bias=None, ssm_
     Returns y (batch, dim, seqlen) in u's dtype and ssm_state_out (batch, dim, dstate) float32, as
     selective_scan_ref. ssm_state_out may be ssm_state (in-place). ``kernel``: "auto" (seqlen 1: the
     single-step kernel; long sequences over few rows: the time-parallel one; many rows of n = 16: the
-    channel-parallel one's wide configuration; else for n <= 16 and contiguous tensors its
+    channel-parallel one's wide configuration; else for n 9-16 and contiguous tensors its
     warp-specialized form, otherwise the channel-parallel one itself, see launcher.TP_MAX_ROWS,
     WIDE_MIN_ROWS and WS_MIN_R), "seq", "tp", "wide", "ws" or "step" (tests and benchmarks)."""
     key, hit = _lookup("scan", (u, delta, A, Bm, Cm, D, z, delta_bias, ssm_state, out, ssm_state_out),
