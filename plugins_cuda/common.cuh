@@ -70,17 +70,25 @@ __device__ __forceinline__ float mufu_rcp(float x) {
 
 constexpr float LN2 = 0.6931471805599453f;
 
-// softplus (beta 1, threshold 20) as ln2 * lg2(1 + 2^(x log2 e)). lg2's absolute error would be a
-// large relative error when the result is small, so below e = 2^-4 log1p(e) comes from its series
-// e - e^2/2 + e^3/3 - e^4/4 (truncation error < e^4/5, i.e. < 3e-6 relative). Relative error of the
-// result about 1e-6 everywhere. Above 20 the result is x; e is not clamped there (up to +inf, whose
-// series and lg2 are +-inf, never NaN, and selected away), so a NaN x gives NaN as torch's softplus
-// does (a clamp by fminf, which returns the number of a (NaN, number) pair, made it 20).
+// softplus (beta 1, threshold 20) as max(x, 0) + log1p(e), e = 2^(-|x| log2 e) in [0, 1], with log1p(e) =
+// e Q(e) and Q a degree-8 polynomial fitted to log1p(e) / e on [0, 1] (error < 3e-8): one MUFU operation
+// (ex2) and nine FMA-pipe ones. Relative error of the result (fp32 emulation against float64, exact ex2):
+// < 4e-7 from x = -5 up (the Horner steps' rounding), ~1e-6 below (x log2 e's rounding, as in any ex2 form);
+// the ln2 lg2(1 + e) form with a series below e = 2^-4 it replaces (two MUFU operations and as many FMA-pipe
+// ones) reached 3e-6 at x in [-5, -1]. Above ~17 the e Q(e) term is below half an ulp of x, so the result
+// is x, as torch's threshold of 20 gives. A NaN x gives NaN (e is NaN), -inf gives 0, +inf gives +inf.
 __device__ __forceinline__ float softplus_mufu(float x) {
-  const float e = fast_exp2(x * LOG2E);
-  const float series = e * fmaf(e, fmaf(e, fmaf(e, -0.25f, 0.33333334f), -0.5f), 1.f);
-  const float sp = e < 0.0625f ? series : mufu_lg2(1.f + e) * LN2;
-  return x > 20.f ? x : sp;
+  const float e = fast_exp2(fabsf(x) * -LOG2E);
+  float q = 0.005383691750466824f;
+  q = fmaf(q, e, -0.030109023675322533f);
+  q = fmaf(q, e, 0.07920673489570618f);
+  q = fmaf(q, e, -0.13746197521686554f);
+  q = fmaf(q, e, 0.1914486587047577f);
+  q = fmaf(q, e, -0.2485286444425583f);
+  q = fmaf(q, e, 0.3332032859325409f);
+  q = fmaf(q, e, -0.49999552965164185f);
+  q = fmaf(q, e, 1.f);
+  return fmaf(e, q, fmaxf(x, 0.f));
 }
 
 // x * sigmoid(x); for x < -88, 2^(-x log2 e) is +inf, its reciprocal 0 and the result -0.
