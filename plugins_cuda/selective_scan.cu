@@ -607,12 +607,12 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 // recurrence (scan_recurrence) of chunk k from buffers k & 1. Side warps do everything else, one chunk
 // apart: the y of chunk k - 2 (sum of the planes, D u, the gate, the store), the staging of chunk k
 // (Bm / Cm to fp32, softplus, dt * u) and the global loads of chunk k + 2 (into registers: the side loop
-// is unrolled by chunk parity, so no in-flight register is ever moved). They hand over through
+// is unrolled by four chunks, so no in-flight register is ever moved). They hand over through
 // per-buffer mbarriers: full[b] (the R side warps staged it) and empty[b] (the R recurrence warps are
 // done with it: its planes hold y partials, its inputs may be overwritten), so recurrence warps never
 // wait for each other, only for their inputs. Work beside the recurrence instead of between its chunks:
 // d_inner 5120, 2048 steps, bf16 on the H100 0.099-0.101 ms against scan_fwd's 0.107 (benchmarks/NOTES.md,
-// item 85). Rows are time-contiguous (the flat entry); a row that is not vector-aligned, the last partial
+// item 85), 0.096-0.098 since the four-chunk unroll and the one-MUFU softplus (item 88). Rows are time-contiguous (the flat entry); a row that is not vector-aligned, the last partial
 // chunk and a missing z / D / delta_bias / state take the same guarded paths as scan_fwd's.
 template <int NP, int TBYTES>
 struct WsCfg {
@@ -717,24 +717,28 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
     crow[e] = static_cast<const T*>(p.Cm) + b * p.C_bs + (bok[e] ? st : 0) * p.C_ss;
     bvec[e] = p.B_ts == 1 && p.C_ts == 1 && aligned_to(brow[e], BC_ALIGN) && aligned_to(crow[e], BC_ALIGN);
   }
-  // Raw inputs of chunk j in register slot j & 1; u and z of the two chunks whose y is still to come.
-  Pack<T, IPL> ru[2], rd[2], rz[2], su[2], sz[2];
+  // Raw inputs of chunk j: u and z in register slot j & 3 (they live from the chunk's load, two chunks
+  // ahead, until its y, two chunks behind), delta, Bm and Cm in slot j & 1 (until the chunk's staging).
+  // The side loops are unrolled by four chunks so that every slot is a constant and a chunk's registers
+  // stay where its load put them: with two u / z slots and copies into save registers, ptxas rotated
+  // the slots through moves after the back edge, each waiting for the load issued just before it.
+  Pack<T, IPL> ru[4], rz[4], rd[2];
   Pack<T, 4> rb[2][BCE], rcb[2][BCE];
 #pragma unroll
-  for (int s2 = 0; s2 < 2; ++s2)  // (z: read by nothing without z; the others always loaded before use)
+  for (int s4 = 0; s4 < 4; ++s4)  // (z: read by nothing without z; the others always loaded before use)
 #pragma unroll
-    for (int i = 0; i < IPL; ++i) rz[s2].e[i] = T{};
+    for (int i = 0; i < IPL; ++i) rz[s4].e[i] = T{};
   // FC (a constant in both chunk loops): chunk j is whole and every row of the warp vector-accessible, so the
   // inlined copy has no scalar or partial-chunk paths (the side warps' instructions per chunk are what
   // keeps them beside the recurrence: the general copy of this loop was as slow as the recurrence).
-  auto issue = [&](int j, int s2, bool FC) {
+  auto issue = [&](int j, int s4, bool FC) {  // chunk j's loads (s4 = j & 3)
     if (j < nchunks) {
-      const int t0 = j * TCH;
+      const int s2 = s4 & 1, t0 = j * TCH;
       const bool full = FC || L - t0 >= TCH;
       const int t = t0 + g * IPL;
-      ld_run(ru[s2], urow, p.u_ts, t, L, FC || (lvec && full));
+      ld_run(ru[s4], urow, p.u_ts, t, L, FC || (lvec && full));
       ld_run(rd[s2], drow, p.d_ts, t, L, FC || (lvec && full));
-      if (zrow) ld_run(rz[s2], zrow, p.z_ts, t, L, FC || (lvec && full));
+      if (zrow) ld_run(rz[s4], zrow, p.z_ts, t, L, FC || (lvec && full));
 #pragma unroll
       for (int e = 0; e < BCE; ++e) {
         if (bok[e]) {
@@ -745,7 +749,8 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
       }
     }
   };
-  auto stage = [&](int j, int s2, bool FC) {  // chunk j (slot s2 = j & 1) into buffers j & 1
+  auto stage = [&](int j, int s4, bool FC) {  // chunk j (slot s4 = j & 3) into buffers j & 1
+    const int s2 = s4 & 1;
 #pragma unroll
     for (int e = 0; e < BCE; ++e) {
       const int v = lane + 32 * (sw + e * R);
@@ -761,71 +766,71 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
       }
     }
     float uf[IPL], xf[IPL], dtv[IPL], duv[IPL];
-    unpack(ru[s2], uf);
+    unpack(ru[s4], uf);
     unpack(rd[s2], xf);
     scan_dt(uf, xf, dbias, p.softplus, !FC, L - j * TCH - g * IPL, dtv, duv);
     const int row = sw * CPW + lc;
     sts_floats<IPL>(dt0 + (s2 * CPB + row) * RS + g * IPL, dtv);
     sts_floats<IPL>(du0 + (s2 * CPB + row) * RS + g * IPL, duv);
-    su[s2] = ru[s2];
-    sz[s2] = rz[s2];
   };
-  auto ystep = [&](int j, int s2, bool FC) {  // chunk j's y (planes and saved u, z of slot s2 = j & 1)
+  auto ystep = [&](int j, int s4, bool FC) {  // chunk j's y (its planes, buffers j & 1; u, z of slot s4 = j & 3)
     float out[IPL];
-    scan_sum_planes<IPL, TPC, YPL>(pl0 + (sw * 2 + s2) * PLANE + lc * RS + g * IPL, out);
+    scan_sum_planes<IPL, TPC, YPL>(pl0 + (sw * 2 + (s4 & 1)) * PLANE + lc * RS + g * IPL, out);
     if (cok) {
       float uf[IPL], zf[IPL];
-      unpack(su[s2], uf);
-      unpack(sz[s2], zf);
+      unpack(ru[s4], uf);
+      unpack(rz[s4], zf);
       const int t0 = j * TCH;
       st_run(yrow, p.y_ts, t0 + g * IPL, L, FC || (lvec && L - t0 >= TCH),
              gate_run<T, IPL>(Dc, uf, out, zf, zrow != nullptr));
     }
   };
-  // Chunk j: wait until the recurrence warps are done with buffers j & 1 (chunk j - 2), write that
-  // chunk's y, stage chunk j, hand it over, load chunk j + 2 into the slot just used. FC: chunks j - 2
-  // .. j + 2 are whole and the warp's rows vector-accessible.
-  auto step = [&](int j, int s2, bool FC) {
+  // Step j (s4 = j & 3): wait until the recurrence warps are done with buffers j & 1 (chunk j - 2), write
+  // that chunk's y; then, for j < nchunks, stage chunk j, hand it over and load chunk j + 2 into the slots
+  // chunks j - 2 (u, z) and j (delta, Bm, Cm) no longer need. FC: those of chunks j - 2 .. j + 2 that exist
+  // are whole and the warp's rows vector-accessible.
+  auto step = [&](int j, int s4, bool FC) {
+    const int s2 = s4 & 1, sb = (s4 + 2) & 3;
     if (j >= 2) {
       mbar_wait(empty + s2, ((j >> 1) - 1) & 1);
-      ystep(j - 2, s2, FC);
+      ystep(j - 2, sb, FC);
     }
-    stage(j, s2, FC);
-    __syncwarp();
-    if (lane == 0) mbar_arrive(full + s2);
-    issue(j + 2, s2, FC);
+    if (FC || j < nchunks) {  // (FC: inside the whole-chunk loop, always)
+      stage(j, s4, FC);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(full + s2);
+      issue(j + 2, sb, FC);
+    }
   };
   bool bv = true;
 #pragma unroll
   for (int e = 0; e < BCE; ++e) bv = bv && (!bok[e] || bvec[e]);
   const bool wvec = __all_sync(0xffffffffu, lvec && bv);  // (lvec: of the rows read, clamped ones too)
-  // pairs of chunks (j, j + 1) with j + 3 whole: the FC copy; the rest (the last 3 or 4 chunks, or all
-  // where some row is not vector-accessible) the general one
-  const int jfc = wvec ? (L / TCH - 3 > 0 ? (L / TCH - 3 + 1) & ~1 : 0) : 0;
+  // runs of four staging steps j .. j + 3 whose chunks j - 2 .. j + 5 (those that exist) are whole: the FC
+  // copy, every run where L is a multiple of the chunk; the rest (up to 3 staging steps and the 2 y-only
+  // ones, 2 to 5 more where the last chunk is partial, all where some row is not vector-accessible) the
+  // general one
+  const int nwhole = L / TCH;
+  const int jfc = !wvec ? 0 : nwhole == nchunks ? nchunks & ~3 : nwhole > 2 ? (nwhole - 2) & ~3 : 0;
   issue(0, 0, jfc > 0);
   issue(1, 1, jfc > 0);
   int j = 0;
 #pragma unroll 1
-  for (; j < jfc; j += 2) {
+  for (; j < jfc; j += 4) {
     step(j, 0, true);
     step(j + 1, 1, true);
+    step(j + 2, 2, true);
+    step(j + 3, 3, true);
   }
+  // (steps nchunks and nchunks + 1 only write the last two chunks' y: inside the unrolled loop, so that
+  // their slots are constants; an array indexed at run time goes to local memory)
 #pragma unroll 1
-  for (; j < nchunks; j += 2) {
+  for (; j < nchunks + 2; j += 4) {
+    const int rem = nchunks + 2 - j;
     step(j, 0, false);
-    if (j + 1 < nchunks) step(j + 1, 1, false);
-  }
-  // the last two chunks' y (their slots as constants: an array indexed at run time goes to local memory)
-  auto last = [&](int j, int s2) {
-    mbar_wait(empty + s2, (j >> 1) & 1);
-    ystep(j, s2, false);
-  };
-  if (nchunks & 1) {
-    if (nchunks > 1) last(nchunks - 2, 1);
-    last(nchunks - 1, 0);
-  } else {
-    last(nchunks - 2, 0);
-    last(nchunks - 1, 1);
+    if (rem > 1) step(j + 1, 1, false);
+    if (rem > 2) step(j + 2, 2, false);
+    if (rem > 3) step(j + 3, 3, false);
   }
 }
 
