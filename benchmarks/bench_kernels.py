@@ -309,11 +309,12 @@ SCAN_VARIANTS = {
     "tp-w8": ("tp", ("-DMRT_TP_WARPS=8", "-DMRT_TP_MINB=2")),
 }
 # A kernel from another source file (--baseline-source, e.g. an earlier selective_scan.cu taken from
-# git) launched with its own (channels per block, threads per block): version 7 used (16, 128).
-BASELINE = {"source": None, "geometry": (16, 128)}
+# git): the sequence kernel launched with its own (channels per block, threads per block) (version 7 used
+# (16, 128)), or with --baseline-kind ws the warp-specialized one in the launcher's geometry.
+BASELINE = {"source": None, "geometry": (16, 128), "kind": "seq"}
 _VARIANT_FN: dict = {}
 _VARIANT_USAGE: dict = {}  # name -> compiler.EntryUsage of its entry (registers, stack frame, spills)
-_VARIANT_BUILD: dict = {}  # compile options -> (cubin, usage): one compile per option set and process
+_VARIANT_BUILD: dict = {}  # (source, compile options) -> (cubin, usage): one compile per pair and process
 _VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
                   "tp": b"mrt_selective_scan_tp_fwd_bf16_n16", "ws": b"mrt_selective_scan_ws_fwd_bf16_n16"}
 
@@ -334,14 +335,19 @@ def _knob(defines, name: str, default: int) -> int:
 
 
 def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
-    if name == "baseline":
+    if name == "baseline" and BASELINE["kind"] == "seq":
         with open(BASELINE["source"]) as f:
             text = f.read()
         kind, defines, (cpb, threads) = "seq", (), BASELINE["geometry"]
         smem = 0
     else:
-        text = compiler._read("selective_scan.cu")
-        kind, defines = scan_variant(name)
+        if name == "baseline":
+            with open(BASELINE["source"]) as f:
+                text = f.read()
+            kind, defines = BASELINE["kind"], ()
+        else:
+            text = compiler._read("selective_scan.cu")
+            kind, defines = scan_variant(name)
         if kind in ("seq", "wide"):  # ScanCfg<16>: 16 / SPT lanes per channel
             warps, spt = _knob(defines, "MRT_SCAN_WARPS", 4), _knob(defines, "MRT_SCAN_SPT16", 2)
             spt = min(2 * spt, 4) if kind == "wide" else spt
@@ -355,6 +361,7 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
             sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
             r = _knob(defines, "MRT_BENCH_WS_R", launcher.ws_block_warps(B, d, 16, itemsize=2, sms=sms))
             threads, cpb, smem = 64 * r, 4 * r, launcher.ws_smem_bytes(16, r)
+            smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
         else:
             threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
             cpb = threads // _knob(defines, "MRT_TP_G", 32)
@@ -365,10 +372,11 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
         text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
         drv = launcher._driver()
         opts = tuple(o for o in defines if "MRT_BENCH_" not in o)  # the harness's knobs stay out
-        if opts not in _VARIANT_BUILD:  # variants that differ only in the harness's knobs share a build
-            _VARIANT_BUILD[opts] = compiler.compile_with_usage(text, "selective_scan.cu",
-                                                               launcher.current_arch(dev), extra_options=opts)
-        cubin, usage = _VARIANT_BUILD[opts]
+        key = (text, opts)  # variants that differ only in the harness's knobs share a build
+        if key not in _VARIANT_BUILD:
+            _VARIANT_BUILD[key] = compiler.compile_with_usage(text, "selective_scan.cu",
+                                                              launcher.current_arch(dev), extra_options=opts)
+        cubin, usage = _VARIANT_BUILD[key]
         mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
         _VARIANT_FN[name, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, _VARIANT_ENTRY[kind]),
                                               "cuModuleGetFunction")
@@ -480,7 +488,9 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-source", default=None,
                     help="a selective_scan.cu to time beside the variants as 'baseline' (e.g. from git show)")
     ap.add_argument("--baseline-geometry", default="16x128",
-                    help="channels per block x threads per block of the baseline's launch")
+                    help="channels per block x threads per block of the baseline's launch (kind seq)")
+    ap.add_argument("--baseline-kind", choices=("seq", "ws"), default="seq",
+                    help="the baseline's kernel: seq (its own geometry) or ws (the launcher's geometry)")
     args = ap.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if only - set(SECTIONS):
@@ -536,6 +546,7 @@ def main(argv=None) -> int:
         if args.baseline_source:
             BASELINE["source"] = args.baseline_source
             BASELINE["geometry"] = tuple(int(v) for v in args.baseline_geometry.split("x"))
+            BASELINE["kind"] = args.baseline_kind
             names.append("baseline")
         vshapes = tuple(tuple(int(v) for v in x.split("x")) for x in args.variant_shapes.split(","))
         variants = bench_variants(reps, ex2, vshapes, tuple(names),
