@@ -807,9 +807,8 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
   for (int e = 0; e < BCE; ++e) bv = bv && (!bok[e] || bvec[e]);
   const bool wvec = __all_sync(0xffffffffu, lvec && bv);  // (lvec: of the rows read, clamped ones too)
   // runs of four staging steps j .. j + 3 whose chunks j - 2 .. j + 5 (those that exist) are whole: the FC
-  // copy, every run where L is a multiple of the chunk; the rest (up to 3 staging steps and the 2 y-only
-  // ones, 2 to 5 more where the last chunk is partial, all where some row is not vector-accessible) the
-  // general one
+  // copy; the rest (0-3 staging steps where L is a multiple of the chunk, 3-6 where the last chunk is
+  // partial, all where some row is not vector-accessible; then the 2 y-only steps) the general one
   const int nwhole = L / TCH;
   const int jfc = !wvec ? 0 : nwhole == nchunks ? nchunks & ~3 : nwhole > 2 ? (nwhole - 2) & ~3 : 0;
   issue(0, 0, jfc > 0);
