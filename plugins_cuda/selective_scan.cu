@@ -612,8 +612,9 @@ __device__ __forceinline__ void scan_fwd(const ScanParams& p) {
 // done with it: its planes hold y partials, its inputs may be overwritten), so recurrence warps never
 // wait for each other, only for their inputs. Work beside the recurrence instead of between its chunks:
 // d_inner 5120, 2048 steps, bf16 on the H100 0.099-0.101 ms against scan_fwd's 0.107 (benchmarks/NOTES.md,
-// item 85), 0.096-0.098 since the four-chunk unroll and the one-MUFU softplus (item 88). Rows are time-contiguous (the flat entry); a row that is not vector-aligned, the last partial
-// chunk and a missing z / D / delta_bias / state take the same guarded paths as scan_fwd's.
+// item 85), 0.096-0.098 since the four-chunk unroll and the one-MUFU softplus (item 88). Rows are
+// time-contiguous (the flat entry); a row that is not vector-aligned, the last partial chunk and a missing
+// z / D / delta_bias / state take the same guarded paths as scan_fwd's.
 template <int NP, int TBYTES>
 struct WsCfg {
   using Cfg = ScanCfg<NP, false>;
@@ -642,7 +643,9 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
   constexpr int RS = Cfg::RS, YPL = Cfg::YPL, BCV = Cfg::BCV, PLANE = W::PLANE;
   constexpr unsigned int LANE_ALIGN = IPL * sizeof(T) >= 16 ? 16 : IPL * sizeof(T);
   constexpr unsigned int BC_ALIGN = 4 * sizeof(T) >= 16 ? 16 : 4 * sizeof(T);
-  constexpr int BCE = 1;  // Bm / Cm runs of 4 steps per side thread (R >= MIN_R)
+  // Bm / Cm runs of 4 steps per side thread (R >= MIN_R). Kept as one-element arrays and loops: the two
+  // scalar rewritings tried (session 42's review) compiled to other register allocations, with spills.
+  constexpr int BCE = 1;
   static_assert(Cfg::XMAP, "the recurrence's lane mapping is scan_fwd's XMAP one");
   extern __shared__ __align__(16) float scan_smem[];
   const int R = static_cast<int>(blockDim.x) / 64, CPB = CPW * R;
@@ -734,17 +737,17 @@ __device__ __forceinline__ void scan_fwd_ws(const ScanParams& p) {
   auto issue = [&](int j, int s4, bool FC) {  // chunk j's loads (s4 = j & 3)
     if (j < nchunks) {
       const int s2 = s4 & 1, t0 = j * TCH;
-      const bool full = FC || L - t0 >= TCH;
+      const bool whole = FC || L - t0 >= TCH;
       const int t = t0 + g * IPL;
-      ld_run(ru[s4], urow, p.u_ts, t, L, FC || (lvec && full));
-      ld_run(rd[s2], drow, p.d_ts, t, L, FC || (lvec && full));
-      if (zrow) ld_run(rz[s4], zrow, p.z_ts, t, L, FC || (lvec && full));
+      ld_run(ru[s4], urow, p.u_ts, t, L, FC || (lvec && whole));
+      ld_run(rd[s2], drow, p.d_ts, t, L, FC || (lvec && whole));
+      if (zrow) ld_run(rz[s4], zrow, p.z_ts, t, L, FC || (lvec && whole));
 #pragma unroll
       for (int e = 0; e < BCE; ++e) {
         if (bok[e]) {
           const int tb = t0 + 4 * ((lane + 32 * (sw + e * R)) % (TCH / 4));
-          ld_run(rb[s2][e], brow[e], p.B_ts, tb, L, FC || (bvec[e] && full));
-          ld_run(rcb[s2][e], crow[e], p.C_ts, tb, L, FC || (bvec[e] && full));
+          ld_run(rb[s2][e], brow[e], p.B_ts, tb, L, FC || (bvec[e] && whole));
+          ld_run(rcb[s2][e], crow[e], p.C_ts, tb, L, FC || (bvec[e] && whole));
         }
       }
     }
