@@ -32,6 +32,8 @@
 // models, x_proj and dt_proj on the tensor cores in conv_xproj_rows and dt_rows before ssm_step_pre. On
 // sm_90 x_proj (where those do not take it) runs on wgmma in proj_wg instead of cuBLAS, and so do the head up to
 // 64 rows and in_proj and out_proj up to 32 (64 from mamba-1.4b up; decode_step.PROJ_WG and the masks after it).
+// Up to 32 rows (decode_step.PROJ_RESIDUAL_ROWS) the residual add and RMSNorm after out_proj go into proj_wg's
+// epilogues (out_proj's and the next projection's) instead of residual_norm.
 //
 // The greedy ids: taken by the head's norm_gemv itself (NormGemvArgs.amax; the tensor-core kinds), or by
 // argmax_rows after the head. Or draw_rows after it (a sampled token per row: temperature, top-k,
@@ -41,7 +43,9 @@
 // Rounding follows the reference model (exporters/model.py) step by step: every tensor the reference
 // holds in the model dtype T (normalised input, xz, conv output u, x_proj output, dt_proj output, y,
 // out_proj output, lm_head output) is rounded to T here too; sums are fp32; the residual stream is fp32
-// (or rounded to T after each add when residual_in_fp32 is off); the SSM state is fp32.
+// (or rounded to T after each add when residual_in_fp32 is off); the SSM state is fp32. One exception: where the
+// RMSNorm is in proj_wg's epilogues, the normalised input is rounded to T before the row's scale, T(h w), and the
+// scale multiplies the projection's fp32 sums (the reference rounds T(h scale w)).
 //
 // State is addressed by slot (idx[b]) in the stacked [n_layer, slots, d, *] buffers and updated in
 // place: no gather or scatter. Each state element is read and written by exactly one thread.
@@ -2259,16 +2263,37 @@ __device__ void dt_rows(const SsmStepArgs& a) {
 // share of the tile over the cluster's blocks in rank order (deterministic) and stores it.
 // Measured in the step (benchmarks/NOTES.md, items 57-58): faster than cuBLAS for x_proj, for the head up to 64 rows
 // and for in_proj and out_proj at 4-32 rows, slower for dt_proj; beyond 64 rows each block of 64 reads all of W.
+// Where proj_wg runs out_proj and the projection after it (in_proj or the head), the residual add and RMSNorm between
+// them go into their epilogues (ProjNorm below; item 89): one kernel boundary per layer less than residual_norm's.
 struct ProjArgs {
   const void* tmx; const void* tmw;  // TMA tensor maps (128 bytes each, in global memory) of x [B, K] and W [N, K]
   const void* bias; void* out;
   long long ldo, B, N, K, kchunk, out_float, stages, xbox;  // xbox: rows of x's boxes (B rounded up to 8, <= 64)
+};
+// The residual add and RMSNorm between out_proj and the projection after it, in their epilogues (entry points of
+// their own, whose argument is ProjArgs then these: the plain entries' code stays as it was; with the fields in
+// ProjArgs and runtime switches, the plain code changed and the step measured ~3 % slower):
+//   residual (out_proj): its output o, rounded to T, is added to the residual, h[b, n] += o (h [B, N] fp32,
+//     rounded to T unless res_fp32); out gets T(h[b, n] res_w[n]) (res_w: the next RMSNorm's weight) and ss_out
+//     [gridDim.x, B] the sum of h^2 over the block column's outputs of each row;
+//   row scale (the next projection, reading that out): out[b, n] = rsqrt(sum_t ss_in[t, b] / K + eps) (x W^T)[b, n]
+//     (+ bias), t < ss_tiles in order: the RMSNorm's scale, applied after the sums.
+struct ProjNorm {
+  float* res_h; const void* res_w; float* ss_out;
+  const float* ss_in;
+  long long ss_tiles, res_fp32;
+  float eps;
+};
+struct ProjNormArgs {
+  ProjArgs p;
+  ProjNorm e;
 };
 constexpr int PJ_THREADS = 128;  // one warpgroup
 constexpr int PJ_M = 64;         // batch rows per block (wgmma's M)
 constexpr int PJ_ATOM = 64;      // columns of a box: one 128-byte row of 16-bit values (the swizzle's span)
 constexpr int PJ_ATOMS = 4;      // boxes per part per stage: 512 bytes of each W row at a time
 constexpr int PJ_KT = PJ_ATOM * PJ_ATOMS;  // columns per stage
+constexpr int PJ_PLAIN = 0, PJ_RESIDUAL = 1, PJ_SCALE = 2;  // proj_wg's epilogues (ProjNorm)
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // A box of a 2D tensor (tensor map tm, in global memory) at (column c0, row c1) into shared memory, counted on bar.
@@ -2327,8 +2352,9 @@ __device__ __forceinline__ void wg_tile(float* d, unsigned long long da, unsigne
   }
 }
 
-template <typename T, int NT>
-__device__ void proj_wg(const ProjArgs& a) {
+// MODE: PJ_PLAIN, PJ_RESIDUAL (the residual epilogue) or PJ_SCALE (the row scale), with e (ProjNorm) for the last two.
+template <typename T, int NT, int MODE>
+__device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
   static_assert(NT % 8 == 0 && NT <= 256, "NT: a multiple of 8, at most 256");
   extern __shared__ unsigned char pj_raw[];
   // the swizzle repeats every 1024 bytes of address: stages start on such a boundary
@@ -2373,6 +2399,21 @@ __device__ void proj_wg(const ProjArgs& a) {
   pdl_wait();
   if (tid == 0)
     for (int s = 0; s < ST && s < nk; ++s) issue_x(s);
+  // the rows' RMSNorm scale (row scale), in shared memory past the barriers; its loads overlap the first stages
+  float* rs = reinterpret_cast<float*>(sm + ST * SB + ((8 * ST + 15) & ~15));
+  if (MODE == PJ_SCALE && tid < xrows) {
+    float t = 0.f;
+    for (int i = 0; i < (int)e.ss_tiles; ++i) t += e.ss_in[i * a.B + b0 + tid];
+    rs[tid] = rsqrtf(t / (float)K + e.eps);
+  }
+  if (MODE == PJ_RESIDUAL) {  // the residuals the epilogue reads (its block's rows of the tile), into L1 meanwhile
+    const int S = (int)gridDim.y, rank = S > 1 ? (int)cluster_rank() : 0, lines = (NT + 31) / 32 + 1;
+    const int r0 = xrows * rank / S, r1 = xrows * (rank + 1) / S;
+    for (int i = tid; i < (r1 - r0) * lines; i += PJ_THREADS) {
+      const long long n = n0 + min((i % lines) * 32, NT - 1);
+      if (n < a.N) asm volatile("prefetch.global.L1 [%0];" ::"l"(e.res_h + (b0 + r0 + i / lines) * a.N + n));
+    }
+  }
   float d[NT / 2];
 #pragma unroll
   for (int i = 0; i < NT / 2; ++i) d[i] = 0.f;
@@ -2401,9 +2442,90 @@ __device__ void proj_wg(const ProjArgs& a) {
   // the row and column of the tile that fragment registers g and g + 1 (g even) hold (wg_tile's order)
   auto frag_row = [&](int g) { return 16 * warp + (lane >> 2) + 8 * ((g >> 1) & 1); };
   auto frag_col = [&](int g) { return 8 * (g >> 2) + 2 * (lane & 3); };
+  // split K: the cluster's blocks (ranks 0..S-1 along y) add up their tiles (the ring is free: every stage
+  // was awaited, and the loop's last barrier saw every warp's wgmma done)
+  constexpr int LD = NT + 4;  // floats per row of the tile in shared memory (16-byte aligned rows)
+  float* red = reinterpret_cast<float*>(sm);
+  auto cluster_tile = [&]() {  // this block's tile into shared memory, then the cluster's barrier
+#pragma unroll
+    for (int g = 0; g < NT / 2; g += 2)
+      *reinterpret_cast<float2*>(red + frag_row(g) * LD + frag_col(g)) = make_float2(d[g], d[g + 1]);
+    cluster_barrier();
+  };
+  auto cluster_sum = [&](int row, int col, float* v) {  // outputs (row, col..col + 3) of the tile, summed in rank order
+    v[0] = v[1] = v[2] = v[3] = 0.f;
+    for (int q = 0; q < (int)gridDim.y; ++q) {
+      const float4 p = ld_cluster_f32x4(cluster_addr(red + row * LD + col, q));
+      v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
+    }
+  };
+  if constexpr (MODE == PJ_RESIDUAL) {
+    // cnt outputs of row b from column n with their residuals hv: h = hv + o rounded to T, out = h res_w; returns the
+    // sum of the new residuals' squares
+    auto store = [&](long long b, long long n, const float* vals, const float* hv, int cnt) {
+      float sq = 0.f;
+      for (int i = 0; i < cnt && n + i < a.N; ++i) {
+        float o = vals[i];
+        if (a.bias) o += to_float(static_cast<const T*>(a.bias)[n + i]);
+        float hn = hv[i] + round_t<T>(o);
+        if (!e.res_fp32) hn = round_t<T>(hn);
+        e.res_h[b * a.N + n + i] = hn;
+        sq = fmaf(hn, hn, sq);
+        static_cast<T*>(a.out)[b * a.ldo + n + i] = from_float<T>(hn * to_float(static_cast<const T*>(e.res_w)[n + i]));
+      }
+      return sq;
+    };
+    auto res_load = [&](long long b, long long n, float* hv, int cnt) {  // loaded before any is stored
+#pragma unroll
+      for (int i = 0; i < cnt; ++i) hv[i] = b < a.B && n + i < a.N ? e.res_h[b * a.N + n + i] : 0.f;
+    };
+    auto ss_rows = [&](const float* sq, int w, int r0, int r1) {  // partials sq [rows][w], summed in order per row
+      __syncthreads();
+      for (int r = r0 + tid; r < r1; r += PJ_THREADS) {
+        float t = 0.f;
+        for (int j = 0; j < w; ++j) t += sq[r * w + j];
+        e.ss_out[blockIdx.x * a.B + b0 + r] = t;
+      }
+    };
+    if (gridDim.y == 1) {
+      constexpr int HC = 16;  // fragment registers whose residuals are loaded at a time (registers: NT 192 has 96)
+      float sq[2] = {0.f, 0.f};
+#pragma unroll
+      for (int c0 = 0; c0 < NT / 2; c0 += HC) {
+        float hv[HC];
+#pragma unroll
+        for (int g = c0; g < c0 + HC && g < NT / 2; g += 2)
+          res_load(b0 + frag_row(g), n0 + frag_col(g), hv + g - c0, 2);
+#pragma unroll
+        for (int g = c0; g < c0 + HC && g < NT / 2; g += 2)
+          if (frag_row(g) < xrows)
+            sq[(g >> 1) & 1] += store(b0 + frag_row(g), n0 + frag_col(g), d + g, hv + g - c0, 2);
+      }
+      float* sqs = reinterpret_cast<float*>(sm);  // the ring is free: every stage was awaited
+      sqs[frag_row(0) * 4 + (lane & 3)] = sq[0];
+      sqs[frag_row(2) * 4 + (lane & 3)] = sq[1];
+      ss_rows(sqs, 4, 0, xrows);
+      return;
+    }
+    cluster_tile();
+    // each block stores whole rows of the tile, so that its sums of squares stay in the block
+    const int S = (int)gridDim.y, rank = (int)cluster_rank(), r0 = xrows * rank / S, r1 = xrows * (rank + 1) / S;
+    float* sqs = red + PJ_M * LD;  // [rows][NT / 4] partials, past the tile
+    for (int gi = r0 * (NT / 4) + tid; gi < r1 * (NT / 4); gi += PJ_THREADS) {
+      const int row = gi / (NT / 4), col = 4 * (gi % (NT / 4));
+      float v[4], hv[4];
+      res_load(b0 + row, n0 + col, hv, 4);
+      cluster_sum(row, col, v);
+      sqs[gi] = store(b0 + row, n0 + col, v, hv, 4);
+    }
+    ss_rows(sqs, NT / 4, r0, r1);
+    cluster_barrier();  // no block leaves while another reads its tile
+    return;
+  }
   auto store = [&](long long b, long long n, const float* vals, int cnt) {  // cnt consecutive outputs from n
     for (int i = 0; i < cnt && n + i < a.N; ++i) {
       float o = vals[i];
+      if constexpr (MODE == PJ_SCALE) o *= rs[b - b0];
       if (a.bias) o += to_float(static_cast<const T*>(a.bias)[n + i]);
       if (a.out_float) static_cast<float*>(a.out)[b * a.ldo + n + i] = o;
       else static_cast<T*>(a.out)[b * a.ldo + n + i] = from_float<T>(o);
@@ -2415,23 +2537,13 @@ __device__ void proj_wg(const ProjArgs& a) {
       if (frag_row(g) < xrows) store(b0 + frag_row(g), n0 + frag_col(g), d + g, 2);
     return;
   }
-  // split K: the cluster's blocks (ranks 0..S-1 along y) add up their tiles (the ring is free: every stage
-  // was awaited, and the loop's last barrier saw every warp's wgmma done)
-  constexpr int LD = NT + 4;  // floats per row of the tile in shared memory (16-byte aligned rows)
-  float* red = reinterpret_cast<float*>(sm);
-#pragma unroll
-  for (int g = 0; g < NT / 2; g += 2)
-    *reinterpret_cast<float2*>(red + frag_row(g) * LD + frag_col(g)) = make_float2(d[g], d[g + 1]);
-  cluster_barrier();
+  cluster_tile();
   const int S = (int)gridDim.y, rank = (int)cluster_rank();
   const int groups = xrows * (NT / 4), lo = groups * rank / S, hi = groups * (rank + 1) / S;
   for (int e = lo + tid; e < hi; e += PJ_THREADS) {
     const int row = e / (NT / 4), col = 4 * (e % (NT / 4));
-    float v[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int q = 0; q < S; ++q) {
-      const float4 p = ld_cluster_f32x4(cluster_addr(red + row * LD + col, q));
-      v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
-    }
+    float v[4];
+    cluster_sum(row, col, v);
     store(b0 + row, n0 + col, v, 4);
   }
   cluster_barrier();  // no block leaves while another reads its tile
@@ -3276,7 +3388,13 @@ __device__ void layers(const LayersArgs& a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define MRT_PJ(TAG, T, NT)                                                                             \
   extern "C" __global__ void __launch_bounds__(mrt::PJ_THREADS)                                       \
-      mrt_proj_wg_##TAG##_##NT(const mrt::ProjArgs a) { mrt::proj_wg<T, NT>(a); }
+      mrt_proj_wg_##TAG##_##NT(const mrt::ProjArgs a) { mrt::proj_wg<T, NT, mrt::PJ_PLAIN>(a, {}); } \
+  extern "C" __global__ void __launch_bounds__(mrt::PJ_THREADS)                                       \
+      mrt_proj_wg_res_##TAG##_##NT(const mrt::ProjNormArgs a) {                                        \
+    mrt::proj_wg<T, NT, mrt::PJ_RESIDUAL>(a.p, a.e);                                                   \
+  }                                                                                                    \
+  extern "C" __global__ void __launch_bounds__(mrt::PJ_THREADS)                                       \
+      mrt_proj_wg_rs_##TAG##_##NT(const mrt::ProjNormArgs a) { mrt::proj_wg<T, NT, mrt::PJ_SCALE>(a.p, a.e); }
 #define MRT_DECODE_PROJ(TAG, T)                                                                        \
   MRT_PJ(TAG, T, 16) MRT_PJ(TAG, T, 24) MRT_PJ(TAG, T, 32) MRT_PJ(TAG, T, 40) MRT_PJ(TAG, T, 48)      \
   MRT_PJ(TAG, T, 64) MRT_PJ(TAG, T, 80) MRT_PJ(TAG, T, 96) MRT_PJ(TAG, T, 128) MRT_PJ(TAG, T, 192)

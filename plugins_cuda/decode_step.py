@@ -80,6 +80,12 @@ PJ_MAX_CHAIN = 12
 # proj_plan's fixed cost of a block, and the extra of a split's cluster reduction, in bytes of its busiest SM's stream
 PJ_FIXED, PJ_CLUSTER = 23_000, 23_000
 PJ_ARCH = "90a"  # wgmma: the architecture-specific target of sm_90
+# the residual add and RMSNorm between out_proj and the next projection in their epilogues (DecodeKernels.with_residual
+# / with_row_scale) instead of residual_norm, where proj_wg runs both, in buckets of up to this many rows (0: never).
+# H100 fp16, GPU ms per step, residual_norm / epilogues in one process, 8 / 16 / 32 / 64 rows: 2.8b 3.398 / 3.332,
+# 3.677 / 3.637, 3.945 / 3.897, 4.874 / 4.905 (slower); 1.4b 1.847 / 1.823, 2.083 / 2.058, 2.362 / 2.306, 2.858 / 2.841;
+# 130m 0.516 / 0.494, 0.551 / 0.546, 0.642 / 0.631 (benchmarks/NOTES.md, item 89)
+PROJ_RESIDUAL_ROWS = 32
 STATE_SIZES = (4, 8, 16, 32, 64)
 SMEM_DEFAULT = 48 * 1024
 PREFETCH_BYTES = 24 << 20  # per GEMV launch, prefetched into L2 before waiting on the previous kernel
@@ -315,6 +321,9 @@ SsmOutArgs = _struct("SsmOutArgs", [("s", SsmStepArgs), ("Wo", _P), ("bias", _P)
 ProjArgs = _struct("ProjArgs", [("tmx", _P), ("tmw", _P), ("bias", _P), ("out", _P), ("ldo", _L), ("B", _L),
                                 ("N", _L), ("K", _L), ("kchunk", _L), ("out_float", _L), ("stages", _L),
                                 ("xbox", _L)])
+ProjNorm = _struct("ProjNorm", [("res_h", _P), ("res_w", _P), ("ss_out", _P), ("ss_in", _P), ("ss_tiles", _L),
+                                ("res_fp32", _L), ("eps", _F)])
+ProjNormArgs = _struct("ProjNormArgs", [("p", ProjArgs), ("e", ProjNorm)])
 TMAP_BYTES = 128  # a TMA tensor map (CUtensorMap)
 
 
@@ -332,19 +341,20 @@ class Launch:
     """One prepared kernel launch: function, grid, block, dynamic shared memory, argument struct, and a
     name for messages (the entry point's stem for the GEMVs)."""
 
-    __slots__ = ("fn", "grid", "block", "smem", "args", "name", "coop", "cluster_y")
+    __slots__ = ("fn", "grid", "block", "smem", "args", "name", "coop", "cluster_y", "tile")
 
-    def __init__(self, fn, grid, block, smem, args, name, coop=False, cluster_y=1):
+    def __init__(self, fn, grid, block, smem, args, name, coop=False, cluster_y=1, tile=0):
         self.fn, self.grid, self.block, self.smem, self.args, self.name = fn, grid, block, smem, args, name
         self.coop = coop  # cooperative launch: every block resident at once (the persistent kernel)
         self.cluster_y = cluster_y  # blocks per cluster along y (1: no cluster)
+        self.tile = tile  # proj_wg: its plan's NT
 
     def with_fields(self, **fields) -> "Launch":
         """This launch (everything kept) with a copy of its argument struct whose ``fields`` are set."""
         a = type(self.args).from_buffer_copy(self.args)
         for k, v in fields.items():
             setattr(a, k, v)
-        return Launch(self.fn, self.grid, self.block, self.smem, a, self.name, self.coop, self.cluster_y)
+        return Launch(self.fn, self.grid, self.block, self.smem, a, self.name, self.coop, self.cluster_y, self.tile)
 
 
 class DecodeKernels:
@@ -741,12 +751,13 @@ class DecodeKernels:
                 else PROJ_WG_WIDE)
         return self.itemsize == 2 and self.arch == 90 and (which is None or bool(mask & which))
 
-    def _proj_fn(self, nt: int):
+    def _proj_fn(self, nt: int, epilogue: str = ""):
+        """proj_wg's entry point of tile width nt; epilogue "res_" (with_residual) or "rs_" (with_row_scale)."""
         if self._proj_module is None:
             drv = launcher._driver()
             self._proj_module = launcher._cu(drv.cuModuleLoadData(get_proj_cubin(self.dtype)),
                                              "cuModuleLoadData(decode_proj)")
-        return self._fn(f"proj_wg_{self.tag}_{nt}", self._proj_module)
+        return self._fn(f"proj_wg_{epilogue}{self.tag}_{nt}", self._proj_module)
 
     def proj_plan(self, B: int, N: int, K: int, unsplit: bool = False) -> ProjPlan | None:
         """proj_wg's tile width, K split, stages and grid for out [B, N] = x [B, K] W[N, K]^T, or None where it
@@ -803,9 +814,11 @@ class DecodeKernels:
         per_sm = 2 if ctas > self.sm_count and 2 * (2 * sb + 2048) <= self.smem_sm else 1
         budget = (self.smem_optin if per_sm == 1 else self.smem_sm // 2) - 2048
         stages = min(PJ_MAX_STAGES, nk, (budget - 8 * PJ_MAX_STAGES) // sb)
-        if stages < min(2, nk) or (split > 1 and (nt + 4) * PJ_M * 4 > stages * sb):
+        # a split's tile (rows of nt + 4 floats) and the residual epilogue's partial sums (nt / 4 a row) in the ring
+        if stages < min(2, nk) or (split > 1 and (nt + 4 + nt // 4) * PJ_M * 4 > stages * sb):
             return None
-        return ProjPlan(nt, split, kchunk, stages, (tiles, split, rb), stages * (sb + 8) + 1024)
+        # the ring, a barrier per stage, the row scale (PJ_M floats, 16-byte aligned), the ring's 1024-byte alignment
+        return ProjPlan(nt, split, kchunk, stages, (tiles, split, rb), stages * (sb + 8) + 16 + 4 * PJ_M + 1024)
 
     def proj_maps(self, plan: ProjPlan, *, x: int, ldx: int, W: int, B: int, N: int, K: int) -> bytes:
         """The two TMA tensor maps proj_wg reads (x [B, K] with rows ldx apart, then W [N, K]), 2 x TMAP_BYTES
@@ -838,10 +851,35 @@ class DecodeKernels:
 
     def proj(self, plan: ProjPlan, *, maps: int, bias, out, ldo, B, N, K, out_float=False) -> Launch:
         """out [B, N] (rows ldo apart; float32 where out_float, else T) = x [B, K] . W [N, K]^T (+ bias [N]), by
-        the plan proj_plan gave for (B, N, K); maps: the device address of proj_maps' bytes."""
+        the plan proj_plan gave for (B, N, K); maps: the device address of proj_maps' bytes. The residual add and
+        RMSNorm between two projections go into them by with_residual and with_row_scale."""
         a = ProjArgs(maps, maps + TMAP_BYTES, bias or 0, out, ldo, B, N, K, plan.kchunk, int(out_float), plan.stages,
                      self._xbox(B))
-        return Launch(self._proj_fn(plan.nt), plan.grid, PJ_THREADS, plan.smem, a, "proj_wg", cluster_y=plan.split)
+        return Launch(self._proj_fn(plan.nt), plan.grid, PJ_THREADS, plan.smem, a, "proj_wg", cluster_y=plan.split,
+                      tile=plan.nt)
+
+    def with_residual(self, ln: Launch, *, h: int, norm_w: int, out: int, ldo: int, ss: int, res_fp32: bool) -> Launch:
+        """proj_wg launch ``ln`` (T outputs [B, N], N = d_model: out_proj) with the residual epilogue: h [B, N] fp32
+        += its output rounded to T (h rounded to T unless res_fp32); out [B, N] (rows ldo apart) gets h * norm_w (the
+        next RMSNorm's weight) in T, and ss [ln.grid[0], B] float32 the sums of h^2 over each block column (the next
+        projection's row scale, with_row_scale). In place of residual_norm after out_proj."""
+        if ln.name != "proj_wg" or not isinstance(ln.args, ProjArgs) or ln.args.out_float:
+            raise InternalError(f"proj_wg residual epilogue: not on {ln.name} ({type(ln.args).__name__})")
+        a = ProjArgs.from_buffer_copy(ln.args)
+        a.out, a.ldo = out, ldo
+        return self._with_norm(ln, "res_", ProjNormArgs(a, ProjNorm(h, norm_w, ss, 0, 0, int(res_fp32), 0.0)))
+
+    def with_row_scale(self, ln: Launch, *, ss: int, tiles: int, eps: float) -> Launch:
+        """proj_wg launch ``ln`` whose x is the residual epilogue's output (h * norm_w) with each row's outputs
+        scaled by rsqrt(sum of ss [tiles, B] over tiles / K + eps): the RMSNorm's scale, after the sums."""
+        if ln.name != "proj_wg" or not isinstance(ln.args, ProjArgs) or tiles < 1:
+            raise InternalError(f"proj_wg row scale: not on {ln.name} ({type(ln.args).__name__}, {tiles} tiles)")
+        return self._with_norm(ln, "rs_", ProjNormArgs(ProjArgs.from_buffer_copy(ln.args),
+                                                       ProjNorm(0, 0, 0, ss, tiles, 0, eps)))
+
+    def _with_norm(self, ln: Launch, epilogue: str, args) -> Launch:
+        return Launch(self._proj_fn(ln.tile, epilogue), ln.grid, ln.block, ln.smem, args, ln.name, ln.coop, ln.cluster_y,
+                      ln.tile)
 
     # -- launching -----------------------------------------------------------------------------------
     def launch(self, ln: Launch, stream: int) -> None:

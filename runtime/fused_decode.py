@@ -121,6 +121,8 @@ class DecodeBucket:
             if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
+            # out_proj's sums of h^2 per block column of 16 or more outputs (proj_wg's residual epilogue)
+            self.ssp = torch.empty(-(-dm // 16), B, **f32)
         self.launches = dec._prepare(self)
         self.embeds: dict = {}  # the embedding's launch per ids tensor other than self.ids (FusedDecoder.enqueue)
         # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
@@ -238,6 +240,23 @@ class FusedDecoder:
             layers = []
             if out[-1].args.hw:  # the head too (decode_step.LY_HEAD)
                 return out
+        pend = None  # (index in out of the last out_proj, the residual_norm after it) until its reader is known
+
+        def reader(ln):
+            """ln, the projection that reads the last out_proj's residual add and norm (xn): with them in its and
+            out_proj's epilogues where proj_wg runs both (decode_step.PROJ_RESIDUAL_ROWS), else after residual_norm."""
+            nonlocal pend
+            if pend is None:
+                return ln
+            j, rn = pend
+            pend = None
+            if B <= ds.PROJ_RESIDUAL_ROWS and not callable(ln) and not callable(out[j]):
+                out[j] = k.with_residual(out[j], h=p(bk.h), norm_w=rn.args.norm_w, out=p(bk.xn), ldo=bk.xn.stride(0),
+                                         ss=p(bk.ssp), res_fp32=res32)
+                return k.with_row_scale(ln, ss=p(bk.ssp), tiles=out[j].grid[0], eps=self.eps)
+            out.append(rn)
+            return ln
+
         for i, layer in enumerate(layers):
             m = layer.mixer
             conv_i, ssm_i = p(self.conv[i]), p(self.ssm[i])
@@ -261,7 +280,7 @@ class FusedDecoder:
                                            ss_out=p(bk.ss[i]), N=dm, K=d, res_fp32=res32, ctr=p(bk.ctr[2 * i + 1])))
                 ss, G = bk.ss[i], bk.g4[i]
             else:
-                out.append(self._proj(bk.xn, m.in_proj, bk.xz, ds.PROJ_IN))
+                out.append(reader(self._proj(bk.xn, m.in_proj, bk.xz, ds.PROJ_IN)))
                 acc = p(bk.acc[i]) if fold_x else 0  # x_proj's sums (conv_xproj), else x_proj's output is xdbl
                 if bk.rows:  # x_proj and dt_proj on the tensor cores, in our kernels
                     out.append(k.conv_xproj_rows(xz=p(bk.xz), conv_state=conv_i, idx=p(bk.idx),
@@ -287,8 +306,8 @@ class FusedDecoder:
                                       y=p(bk.y), d=d, r=r))
                 out.append(self._proj(bk.y, m.out_proj, bk.o, ds.PROJ_OUT))
                 nxt = layers[i + 1].norm.weight if i + 1 < len(layers) else self.model.backbone.norm_f.weight
-                out.append(k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
-                                           res_fp32=res32, eps=self.eps))
+                pend = (len(out) - 1, k.residual_norm(h=p(bk.h), o=p(bk.o), norm_w=p(nxt), xn=p(bk.xn), B=B, K=dm,
+                                                      res_fp32=res32, eps=self.eps))
         if bk.gemv:
             out.append(k.norm_gemv(B, norm_w=p(self.model.backbone.norm_f.weight), W=p(self.lm_head), bias=0,
                                    out=p(bk.logits), N=c.vocab_size, K=dm, out_float=True, eps=self.eps,
@@ -301,7 +320,7 @@ class FusedDecoder:
                 def head():
                     torch.mm(bk.xn, self.lm_head_padded.t(), out=bk.logits_t)
                     bk.logits.copy_(bk.logits_t[:, : c.vocab_size])
-            out.append(head)
+            out.append(reader(head))
         return out
 
     def _residual_in(self, bk: DecodeBucket, i: int, ss, G: int) -> dict:

@@ -46,14 +46,15 @@ def test_every_entry_point_compiles(dtype, arch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_proj_wg_compiles_for_sm90a(dtype):
     """The GEMM path's wgmma projections (a program of their own, for the architecture-specific sm_90a target):
-    an entry per tile width of PJ_NTS, none with a stack frame or spills (their accumulators stay in registers:
-    at most 96 floats per thread at NT 192)."""
+    three entries per tile width of PJ_NTS (plain, with the residual epilogue, with the row scale), none with a
+    stack frame or spills (their accumulators stay in registers: at most 96 floats per thread at NT 192)."""
     pytest.importorskip("cuda.bindings.nvrtc", reason="NVRTC comes with cuda-python")
     cubin, usage = compiler.compile_with_usage(decode_step.proj_program_source(dtype), decode_step.SOURCE,
                                                decode_step.PJ_ARCH)
     assert cubin[:4] == b"\x7fELF"
     tag = DTYPES[dtype][0]
-    assert sorted(usage) == sorted(f"mrt_proj_wg_{tag}_{nt}" for nt in decode_step.PJ_NTS), sorted(usage)
+    assert sorted(usage) == sorted(f"mrt_proj_wg_{e}{tag}_{nt}" for nt in decode_step.PJ_NTS for e in ("", "res_", "rs_")), \
+        sorted(usage)
     for name, u in usage.items():
         assert (u.stack_frame, u.spill_stores, u.spill_loads) == (0, 0, 0), f"{name}: {u}"
 

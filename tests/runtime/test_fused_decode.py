@@ -190,6 +190,80 @@ def test_proj_wg_matches_float64(shape, dtype):
         assert err < tol, (nt, plan, out_float, err)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("shape", ["few-rows-odd-n", "partial-stage", "two-row-blocks"])
+def test_proj_wg_residual_epilogue_and_row_scale(shape, dtype):
+    """proj_wg's residual epilogue (out_proj: h += o rounded to T, out = T(h * norm_w), sums of h^2 per block column)
+    and row scale (the next projection: rows scaled by rsqrt(sum of those sums / K + eps)) against float64, with
+    every tile width and K split that serves the shape: h in fp32 and rounded to T in alternate plans, a bias in
+    alternate plans; outputs and sums poisoned with NaN first, a sentinel past N in every output row."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    k = _proj_kernels(dtype)
+    B, N, K = PROJ_SHAPES[shape]
+    tdt = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    ulp = {"fp16": 2.0 ** -10, "bf16": 2.0 ** -7}[dtype]
+    g = torch.Generator(device="cuda").manual_seed(int(np.random.SeedSequence().entropy % 2**31))
+    x = torch.randn(B, K, device="cuda", generator=g).to(tdt)
+    W = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).to(tdt)
+    bias = torch.randn(N, device="cuda", generator=g).to(tdt)
+    norm_w = (1 + 0.5 * torch.randn(N, device="cuda", generator=g)).to(tdt)
+    eps = 1e-5
+    plans = [p for p in (k.proj_plan_for(B, N, K, nt, s) for nt in decode_step.PJ_NTS for s in decode_step.PJ_SPLITS)
+             if p is not None]
+    assert {p.split for p in plans} >= {1, 2} or K < 1024, plans
+    stream = torch.cuda.current_stream().cuda_stream
+    maps = lambda plan: torch.frombuffer(bytearray(k.proj_maps(plan, x=x.data_ptr(), ldx=K, W=W.data_ptr(), B=B, N=N,
+                                                               K=K)), dtype=torch.uint8).cuda()
+    for i, plan in enumerate(plans):
+        use_bias, res32 = i % 2 == 1, i % 3 != 2
+        tiles = plan.grid[0]
+        o = (x.double() @ W.double().t() + (bias.double() if use_bias else 0)).to(tdt).double()  # out_proj's output
+        h0 = 4 * torch.randn(B, N, device="cuda", generator=g)
+        if not res32:
+            h0 = h0.to(tdt).float()
+        h, ss = h0.clone(), torch.full((tiles + 1, B), float("nan"), device="cuda")
+        out = torch.full((B, N + 3), float("nan"), dtype=tdt, device="cuda")
+        out[:, N:] = 7.0
+        m1 = maps(plan)
+        ln = k.proj(plan, maps=m1.data_ptr(), bias=bias.data_ptr() if use_bias else 0, out=0, ldo=0, B=B, N=N, K=K)
+        k.launch(k.with_residual(ln, h=h.data_ptr(), norm_w=norm_w.data_ptr(), out=out.data_ptr(), ldo=N + 3,
+                                 ss=ss.data_ptr(), res_fp32=res32), stream)
+        torch.cuda.synchronize()
+        want_h = h0.double() + o
+        # o rounded to T by the kernel from its fp32 sums: an ulp of T of the float64 rounding, plus the fp32 sums'
+        # error (K units of 2^-24 of the sum of |terms|: o near 0 rounds differently); the fp32 add, or (res32 off)
+        # half an ulp of T of h more
+        acc = x.double().abs() @ W.double().abs().t() + (bias.double().abs() if use_bias else 0)
+        tol = ulp * o.abs() + K * 2.0 ** -24 * acc + (ulp if not res32 else 2.0 ** -23) * want_h.abs()
+        assert ((h.double() - want_h).abs() <= tol).all(), (plan, res32)
+        if not res32:
+            assert torch.equal(h, h.to(tdt).float()), (plan, "h not rounded to T")
+        assert torch.all(out[:, N:] == 7.0), (plan, "wrote past N")
+        hw = (h.double() * norm_w.double())
+        assert ((out[:, :N].double() - hw).abs() <= ulp * hw.abs() + 1e-7).all(), (plan, "h * norm_w")
+        assert torch.isnan(ss[tiles]).all(), (plan, "sums past the block columns")
+        tile_sq = torch.stack([(h.double()[:, t * plan.nt:(t + 1) * plan.nt] ** 2).sum(1) for t in range(tiles)])
+        assert torch.allclose(ss[:tiles].double(), tile_sq, rtol=2e-5, atol=0), (plan, "sums of squares")
+        if N % 8:  # the next projection reads out with K = N: proj_wg takes K in multiples of 8
+            continue
+        # the next projection (K = N: x is out) with those sums as its row scale
+        xs = out[:, :N].contiguous()
+        W2 = (torch.randn(N, N, device="cuda", generator=g) / N ** 0.5).to(tdt)
+        plan2 = k.proj_plan(B, N, N)
+        m2 = torch.frombuffer(bytearray(k.proj_maps(plan2, x=xs.data_ptr(), ldx=N, W=W2.data_ptr(), B=B, N=N, K=N)),
+                              dtype=torch.uint8).cuda()
+        y = torch.full((B, N), float("nan"), dtype=torch.float32, device="cuda")
+        ln2 = k.proj(plan2, maps=m2.data_ptr(), bias=bias.data_ptr() if use_bias else 0, out=y.data_ptr(), ldo=N,
+                     B=B, N=N, K=N, out_float=True)
+        k.launch(k.with_row_scale(ln2, ss=ss.data_ptr(), tiles=tiles, eps=eps), stream)
+        torch.cuda.synchronize()
+        rs = 1 / torch.sqrt(ss[:tiles].double().sum(0) / N + eps)
+        want = rs[:, None] * (xs.double() @ W2.double().t()) + (bias.double() if use_bias else 0)
+        err = ((y.double() - want).abs() / (want.abs() + 1)).max().item()
+        assert err < 1e-4, (plan, plan2, err)
+
+
 @pytest.mark.parametrize("shape", [(64, 2560, 5120), (64, 2048, 4096), (4, 2048, 4096), (8, 10240, 2560), (16, 192, 5120)],
                          ids=["out_proj-2.8b-64", "out_proj-1.4b-64", "out_proj-1.4b-4", "in_proj-2.8b-8", "x_proj-2.8b-16"])
 def test_proj_plan_keeps_clusters_in_one_wave_and_chains_short(shape):
@@ -208,15 +282,18 @@ def test_proj_plan_keeps_clusters_in_one_wave_and_chains_short(shape):
     assert any(p is not None and p.split > 1 for p in (k.proj_plan_for(B, N, K, nt, 2) for nt in decode_step.PJ_NTS))
 
 
+@pytest.mark.parametrize("residual", [64, 0], ids=["norm-in-epilogues", "residual_norm"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
-def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, monkeypatch):
+def test_big_models_take_proj_wg_for_in_and_out_proj_to_64_rows(dtype, residual, monkeypatch):
     """decode_step.PROJ_WG_MANY_BIG: buckets of 33-64 rows of models whose in_proj has PROJ_WG_BIG_BYTES (0 here, so
     that the test model counts) run in_proj with K unsplit, x_proj, out_proj and the head on proj_wg (sm_90); the
-    steps against the reference model (40 rows in the bucket of 64)."""
+    steps against the reference model (40 rows in the bucket of 64), with the residual add and norm in proj_wg's
+    epilogues (decode_step.PROJ_RESIDUAL_ROWS) and in residual_norm."""
     from mamba_rt.plugins_cuda import decode_step
 
     _proj_kernels(dtype)
     monkeypatch.setattr(decode_step, "PROJ_WG_BIG_BYTES", 0)
+    monkeypatch.setattr(decode_step, "PROJ_RESIDUAL_ROWS", residual)
     _check_steps("wide", dtype, 40, gemv=None, wg_all=True)
 
 
@@ -395,10 +472,21 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
     if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
-        from mamba_rt.plugins_cuda import decode_step
+        from mamba_rt.plugins_cuda import decode_step as ds
 
-        assert callable(bk.launches[-1]) != (dec.k.proj_serves(decode_step.PROJ_HEAD, bk.B, dec.proj_big())
+        big = dec.proj_big()
+        assert callable(bk.launches[-1]) != (dec.k.proj_serves(ds.PROJ_HEAD, bk.B, big)
                                              and cfg.d_model % 8 == 0), bk.launches[-1]
+        # the residual add and norm after each out_proj: in proj_wg's epilogues where it runs out_proj and the
+        # projection after it in buckets of up to decode_step.PROJ_RESIDUAL_ROWS, else residual_norm
+        wg = [ln for ln in bk.launches if not callable(ln) and ln.name == "proj_wg"]
+        norm = [ln.args.e for ln in wg if isinstance(ln.args, ds.ProjNormArgs)]
+        res, scaled = [e for e in norm if e.res_h], [e for e in norm if e.ss_in]
+        norms = sum(not callable(ln) and ln.name == "residual_norm" for ln in bk.launches)
+        assert len(res) == len(scaled) and len(res) + norms == cfg.n_layer, (len(res), len(scaled), norms)
+        folds = (bk.B <= ds.PROJ_RESIDUAL_ROWS and cfg.d_model % 8 == 0 and cfg.d_inner % 8 == 0
+                 and all(dec.k.proj_serves(w, bk.B, big) for w in (ds.PROJ_IN, ds.PROJ_OUT, ds.PROJ_HEAD)))
+        assert norms == (0 if folds else cfg.n_layer), (folds, norms)
     if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
         names = [ln.name for ln in bk.launches if not callable(ln)]
