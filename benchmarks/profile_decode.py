@@ -5,6 +5,7 @@ on the GPU (a development tool for issue 8; the user-facing numbers come from ``
     python benchmarks/profile_decode.py [--configs 130m,1.4b,2.8b] [--dtype fp16] [--batches 1,64]
                                         [--kernels] [--gemv fma|mma|bulk] [--knob NAME=VAL] [--out FILE.json]
                                         [--ab NAME=VAL1/VAL2[/...] [--ab-rounds 8] [--ab-ahead]] [--session]
+                                        [--leave-out]
 
 Per (config, batch): the step's graph replayed back to back (GPU time per step, CUDA events, median
 of 5 x 100 replays), the same step with the host round trip a token costs (ids in, argmax ids out,
@@ -19,6 +20,11 @@ launch constant NAME (set before the graph's bucket is made), replayed in turn f
 rounds of 100; a row per value with the median of its rounds (and its spread). With ``--ab-ahead`` the
 graphs timed are those of a step queued ahead (``Session.decode``'s: ids read where the step before left
 them) instead of the step graphs that copy their ids in.
+
+``--leave-out`` (GEMM-path buckets, > 2 rows): what each kind of kernel adds to the step: graphs of the step
+with that kind left out of every layer ("-in_proj", ...), with only it kept ("=in_proj"), and whole, replayed
+in turn for ``--ab-rounds`` rounds; GPU µs per layer. The steps left out of make wrong tokens; their times are
+the point (benchmarks/NOTES.md, item 89).
 
 ``--session``: instead, through ``Session`` (a package of random weights): 100 greedy steps as
 ``step()`` calls, each waiting for its tokens, and as one ``decode()``, which queues each step before
@@ -139,6 +145,63 @@ def ab_rows(ab, dec, state, B, config, decode_step, rounds, ahead=False) -> list
     return rows
 
 
+def layer_roles(launches: list, n_layer: int) -> list | None:
+    """The kind of each launch between the embedding and the head of a GEMM-path step (the same sequence in every
+    layer): the kernel's name, or for the projections (proj_wg, or a cuBLAS call) in_proj, x_proj, dt_proj and out_proj
+    by their order in the layer; None where the launches are not n_layer equal sequences."""
+    body = launches[1:-1]
+    per = len(body) // n_layer
+    if per * n_layer != len(body) or per == 0:
+        return None
+    names = [ln.name if not callable(ln) and ln.name != "proj_wg" else "proj" for ln in body[:per]]
+    projs = [i for i, nm in enumerate(names) if nm == "proj"]
+    kinds = ["in_proj", *["x_proj", "dt_proj"][: len(projs) - 2], "out_proj"] if len(projs) >= 2 else []
+    for i, kind in zip(projs, kinds):
+        names[i] = kind
+    return names * n_layer
+
+
+def leave_out_rows(dec, state, B: int, config: str, n_layer: int, rounds: int) -> list:
+    """``--leave-out``: graphs of bucket B's step with each kind of kernel left out of every layer, with only that kind
+    kept, and whole (each replayed in turn, ``rounds`` rounds of 100); a row per graph, GPU µs per layer."""
+    from mamba_rt.runtime.backend_torch import _FusedGraph
+
+    g = _FusedGraph(dec, state, B, torch.cuda.graph_pool_handle())
+    warmed(g, B)  # the bucket's ids and slots as a step left them
+    launches = g.bk.launches
+    roles = layer_roles(launches, n_layer)
+    if g.bk.gemv or roles is None:
+        print(f"--leave-out: {config} batch {B} is not a GEMM-path step of equal layers; skipped", flush=True)
+        return []
+
+    def record(keep):
+        def run(stream):
+            for i, ln in enumerate(launches):
+                if 0 < i < len(launches) - 1 and roles[i - 1] not in keep:
+                    continue
+                ln() if callable(ln) else dec.k.launch(ln, stream)
+        return run
+
+    kinds = list(dict.fromkeys(roles))
+    variants = {"whole": set(kinds), **{f"-{k}": set(kinds) - {k} for k in kinds}, **{f"={k}": {k} for k in kinds},
+                "=none": set()}
+    with torch.no_grad():
+        graphs = {v: captured(record(keep)) for v, keep in variants.items()}
+    times = {v: [] for v in graphs}
+    for _ in range(rounds):
+        for v, gr in graphs.items():
+            times[v].append(replay_ms(gr, rounds=1))
+    whole = statistics.median(times["whole"])
+    rows = []
+    for v, t in times.items():
+        m = statistics.median(t)
+        row = {"config": config, "batch": B, "graph": v, "gpu_ms": m, "us_per_layer": m * 1e3 / n_layer,
+               "step_less_us_per_layer": (whole - m) * 1e3 / n_layer, "spread_ms": [min(t), max(t)]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
 def session_rows(name, dtype, batches, rounds=6, steps=100) -> list:
     """Session level, one process: ``steps`` greedy steps of B slots as ``step()`` calls (each waits
     for its tokens) and as one ``decode()`` (steps queued ahead), in turn for ``rounds`` rounds; wall
@@ -191,6 +254,8 @@ def main() -> int:
     ap.add_argument("--ab-rounds", type=int, default=8)
     ap.add_argument("--ab-ahead", action="store_true",
                     help="--ab times the graph of a step queued ahead (as Session.decode replays it)")
+    ap.add_argument("--leave-out", action="store_true",
+                    help="GEMM-path buckets: graphs with each kind of kernel left out of every layer, or kept alone")
     ap.add_argument("--session", action="store_true",
                     help="only Session.step at a time against Session.decode (steps queued ahead), per batch")
     ap.add_argument("--out", default=None)
@@ -231,6 +296,9 @@ def main() -> int:
         dec = FusedDecoder(model, state.conv, state.ssm, args.dtype, pdl=False if args.no_pdl else None,
                            gemv=args.gemv)
         for B in batches:
+            if args.leave_out:
+                rows += leave_out_rows(dec, state, B, name, cfg.n_layer, args.ab_rounds)
+                continue
             if ab:
                 rows += ab_rows(ab, dec, state, B, name, decode_step, args.ab_rounds, args.ab_ahead)
                 continue
