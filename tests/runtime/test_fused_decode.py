@@ -195,8 +195,9 @@ def test_proj_wg_matches_float64(shape, dtype):
 def test_proj_wg_residual_epilogue_and_row_scale(shape, dtype):
     """proj_wg's residual epilogue (out_proj: h += o rounded to T, out = T(h * norm_w), sums of h^2 per block column)
     and row scale (the next projection: rows scaled by rsqrt(sum of those sums / K + eps)) against float64, with
-    every tile width and K split that serves the shape: h in fp32 and rounded to T in alternate plans, a bias in
-    alternate plans; outputs and sums poisoned with NaN first, a sentinel past N in every output row."""
+    every tile width and K split that serves the shape (the row scale's projection, K = N, taking each of its plans
+    in turn): h in fp32 and rounded to T in alternate plans, a bias in alternate plans; outputs and sums poisoned with
+    NaN first, a sentinel past N in every output row."""
     from mamba_rt.plugins_cuda import decode_step
 
     k = _proj_kernels(dtype)
@@ -212,6 +213,8 @@ def test_proj_wg_residual_epilogue_and_row_scale(shape, dtype):
     plans = [p for p in (k.proj_plan_for(B, N, K, nt, s) for nt in decode_step.PJ_NTS for s in decode_step.PJ_SPLITS)
              if p is not None]
     assert {p.split for p in plans} >= {1, 2} or K < 1024, plans
+    plans2 = [p for p in (k.proj_plan_for(B, N, N, nt, s) for nt in decode_step.PJ_NTS for s in decode_step.PJ_SPLITS)
+              if p is not None]
     stream = torch.cuda.current_stream().cuda_stream
     maps = lambda plan: torch.frombuffer(bytearray(k.proj_maps(plan, x=x.data_ptr(), ldx=K, W=W.data_ptr(), B=B, N=N,
                                                                K=K)), dtype=torch.uint8).cuda()
@@ -250,7 +253,7 @@ def test_proj_wg_residual_epilogue_and_row_scale(shape, dtype):
         # the next projection (K = N: x is out) with those sums as its row scale
         xs = out[:, :N].contiguous()
         W2 = (torch.randn(N, N, device="cuda", generator=g) / N ** 0.5).to(tdt)
-        plan2 = k.proj_plan(B, N, N)
+        plan2 = plans2[i % len(plans2)]
         m2 = torch.frombuffer(bytearray(k.proj_maps(plan2, x=xs.data_ptr(), ldx=N, W=W2.data_ptr(), B=B, N=N, K=N)),
                               dtype=torch.uint8).cuda()
         y = torch.full((B, N), float("nan"), dtype=torch.float32, device="cuda")
