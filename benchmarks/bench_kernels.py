@@ -335,37 +335,34 @@ def _knob(defines, name: str, default: int) -> int:
 
 
 def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
-    if name == "baseline" and BASELINE["kind"] == "seq":
+    if name == "baseline":
         with open(BASELINE["source"]) as f:
             text = f.read()
-        kind, defines, (cpb, threads) = "seq", (), BASELINE["geometry"]
-        smem = 0
+        kind, defines = BASELINE["kind"], ()
     else:
-        if name == "baseline":
-            with open(BASELINE["source"]) as f:
-                text = f.read()
-            kind, defines = BASELINE["kind"], ()
-        else:
-            text = compiler._read("selective_scan.cu")
-            kind, defines = scan_variant(name)
-        if kind in ("seq", "wide"):  # ScanCfg<16>: 16 / SPT lanes per channel
-            warps, spt = _knob(defines, "MRT_SCAN_WARPS", 4), _knob(defines, "MRT_SCAN_SPT16", 2)
-            spt = min(2 * spt, 4) if kind == "wide" else spt
-            threads, cpb = 32 * warps, warps * 32 // (16 // spt)
-            bc16 = kind == "wide" or _knob(defines, "MRT_SCAN_BC16", 0)
-            smem = launcher._scan_smem(16, cpb // warps, warps, 2 if bc16 else 4, _knob(defines, "MRT_SCAN_TCH", 32))
-            # MRT_BENCH_SMEM (the harness's, not the kernel's): more shared memory per block than the
-            # kernel needs, which caps the blocks an SM takes and so spreads them
-            smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
-        elif kind == "ws":
-            sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-            r = _knob(defines, "MRT_BENCH_WS_R", launcher.ws_block_warps(B, d, 16, itemsize=2, sms=sms))
-            threads, cpb, smem = 64 * r, 4 * r, launcher.ws_smem_bytes(16, r)
-            smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
-        else:
-            threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
-            cpb = threads // _knob(defines, "MRT_TP_G", 32)
-            smem = 0
+        text = compiler._read("selective_scan.cu")
+        kind, defines = scan_variant(name)
+    grid = None  # else from the channels per block
+    if name == "baseline" and kind == "seq":  # its own geometry
+        (cpb, threads), smem = BASELINE["geometry"], 0
+    elif kind in ("seq", "wide"):  # ScanCfg<16>: 16 / SPT lanes per channel
+        warps, spt = _knob(defines, "MRT_SCAN_WARPS", 4), _knob(defines, "MRT_SCAN_SPT16", 2)
+        spt = min(2 * spt, 4) if kind == "wide" else spt
+        threads, cpb = 32 * warps, warps * 32 // (16 // spt)
+        bc16 = kind == "wide" or _knob(defines, "MRT_SCAN_BC16", 0)
+        smem = launcher._scan_smem(16, cpb // warps, warps, 2 if bc16 else 4, _knob(defines, "MRT_SCAN_TCH", 32))
+        # MRT_BENCH_SMEM (the harness's, not the kernel's): more shared memory per block than the
+        # kernel needs, which caps the blocks an SM takes and so spreads them
+        smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
+    elif kind == "ws":
+        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        r = _knob(defines, "MRT_BENCH_WS_R", launcher.ws_block_warps(B, d, 16, itemsize=2, sms=sms))
+        grid, threads, smem = launcher.ws_launch_config(B, d, 16, r)
+        smem = max(smem, _knob(defines, "MRT_BENCH_SMEM", 0))
+    else:
+        threads = 32 * _knob(defines, "MRT_TP_WARPS", 4)
+        cpb = threads // _knob(defines, "MRT_TP_G", 32)
+        smem = 0
     dev = torch.cuda.current_device()
     ctx = launcher._current_context(dev)
     if (name, ctx) not in _VARIANT_FN:  # one compile per variant and process
@@ -385,7 +382,8 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
     launcher.allow_smem(fn, smem)
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
-    return launcher.LaunchPlan(fn, ctx, dev, ((d + cpb - 1) // cpb, B), threads, name, flat=flat, smem=smem)
+    grid = grid or ((d + cpb - 1) // cpb, B)
+    return launcher.LaunchPlan(fn, ctx, dev, grid, threads, name, flat=flat, smem=smem)
 
 
 def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS),

@@ -62,12 +62,12 @@ TP_MIN_SEQLEN = 512
 WIDE_MIN_ROWS = 8192
 # selective_scan.cu scan_fwd_ws (the warp-specialized sequence kernel, WsCfg): padded state sizes it is
 # built for, and its blocks' recurrence warps (each with a side warp): at least WS_MIN_R[np] (one
-# Bm / Cm run per side thread), at most WS_MAX_R (4 for float32 inputs). kernel="auto" takes it
+# Bm / Cm run per side thread), at most WS_MAX_R[input itemsize] (WsCfg::MAX_R). kernel="auto" takes it
 # instead of "seq" for n 9-16 (padded 16, the size measured; n <= 8 keeps "seq") where every tensor is
 # contiguous (it has a flat entry only): d_inner 5120 at batch 1, 2048 steps, bf16 on the H100 0.099-0.101 ms against 0.107
 # (benchmarks/NOTES.md, item 85).
 WS_MIN_R = {8: 2, 16: 4}
-WS_MAX_R = 5
+WS_MAX_R = {2: 5, 4: 4}
 MAX_DSTATE = max(SCAN_CFG)
 _INT32_MAX = 2**31 - 1
 
@@ -624,8 +624,8 @@ def _ypl(cpw: int, rs: int, target: int) -> int:
 def ws_block_warps(batch: int, dim: int, np_: int, *, itemsize: int, sms: int | None) -> int:
     """Recurrence warps R per block of the warp-specialized kernel (blocks of 2 R warps, two per SM):
     as few as fill two blocks per SM (H100, d_inner 5120 at batch 1: 1,280 recurrence warps in 256
-    blocks of R = 5), within WsCfg's WS_MIN_R[np] .. WS_MAX_R (4 for float32). sms None: WS_MAX_R."""
-    lo, hi = WS_MIN_R[np_], (4 if itemsize == 4 else WS_MAX_R)
+    blocks of R = 5), within WsCfg's WS_MIN_R[np] .. WS_MAX_R[itemsize]. sms None: the latter."""
+    lo, hi = WS_MIN_R[np_], WS_MAX_R[itemsize]
     if not sms:
         return hi
     cpw = _scan_cfg(np_, False)[1]
@@ -640,6 +640,13 @@ def ws_smem_bytes(np_: int, r: int) -> int:
     cpw = _scan_cfg(np_, False)[1]
     tpc, rs = 32 // cpw, 32 + 4
     return 4 * (2 * 2 * np_ * rs + 2 * 2 * cpw * r * rs + 2 * tpc * _ypl(cpw, rs, 4 * cpw) * r) + 32
+
+
+def ws_launch_config(batch: int, dim: int, np_: int, r: int) -> tuple[tuple[int, int], int, int]:
+    """(grid, threads per block, dynamic shared bytes) of the warp-specialized kernel in blocks of r
+    recurrence warps (each with a side warp and CPW channels)."""
+    cpb = _scan_cfg(np_, False)[1] * r
+    return ((dim + cpb - 1) // cpb, batch), 64 * r, ws_smem_bytes(np_, r)
 
 
 def scan_launch_config(batch: int, dim: int, dstate: int, *, step: bool, tp: bool = False,
@@ -835,9 +842,7 @@ def _scan_plan(batch, dim, seqlen, dstate, dtype, delta_softplus, st, kind, devi
         smem = 0
         if kind == "ws":
             r = ws_block_warps(batch, dim, np_, itemsize=DTYPES[dtype][2], sms=_sm_count(ctx))
-            cpb = _scan_cfg(np_, False)[1] * r  # channels per block: CPW per recurrence warp
-            grid, block = ((dim + cpb - 1) // cpb, batch), 64 * r
-            smem = ws_smem_bytes(np_, r)
+            grid, block, smem = ws_launch_config(batch, dim, np_, r)
             allow_smem(fn, smem)
         else:
             grid, block = scan_launch_config(batch, dim, dstate, step=kind == "step", tp=kind == "tp",
