@@ -2,13 +2,13 @@
 
     python benchmarks/bench_kernels.py [--out benchmarks/results/kernels-<device>.json] [--quick]
                                        [--only ceilings,decode,prefill,variants,host]
-                                       [--mamba-ssm-ext DIR]
+                                       [--mamba-ssm-ext DIR] [--dtypes float16,bfloat16]
 
 Measures, in one run on one device:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and MUFU ex2 throughput
     (a microkernel compiled with the same NVRTC path as the kernels);
   * decode step (L = 1) of selective_state_update and causal_conv1d_update at d = 1536 (mamba-130m)
-    and d = 5120 (mamba-2.8b), n = 16, k = 4, batch 1 and 64, bf16: ours, the torch reference, and
+    and d = 5120 (mamba-2.8b), n = 16, k = 4, batch 1 and 64, fp16 and bf16 (--dtypes): ours, the torch reference, and
     mamba_ssm's Triton selective_state_update when importable (reported "not available" otherwise).
     Timed as CUDA-graph replays of many launches that rotate over enough input sets to overflow L2
     (each layer's state comes from HBM in a real model), median of the replays;
@@ -46,7 +46,9 @@ from mamba_rt.exporters.ops_ref import causal_conv1d_update_ref, selective_state
 from mamba_rt.exporters.tensorrt_build import slug
 from mamba_rt.plugins_cuda import compiler, launcher, torch_ops
 
-DT = torch.bfloat16
+# The input types measured (--dtypes; names as compiler.DTYPES): issue 8's targets are stated in fp16, and
+# every run up to session 43 measured bf16 only.
+BENCH_DTYPES = ("float16", "bfloat16")
 
 
 def median_ms(fn, reps: int, inner: int = 1) -> float:
@@ -138,29 +140,29 @@ def _mamba_ssm_ssu():
     return selective_state_update, "available"
 
 
-def decode_sets(B, d, n, k, l2_bytes):
+def decode_sets(B, d, n, k, l2_bytes, dt):
     per_set = B * d * n * 4 * 2 + d * n * 4 + B * d * (k - 1) * 2 * 2
     nsets = max(2, min(256, -(-3 * l2_bytes // per_set)))
     g = torch.Generator(device="cuda")
     g.manual_seed(1234)
-    r = lambda *s, dtype=DT: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
+    r = lambda *s, dtype=dt: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
     sets = []
     for _ in range(nsets):
         sets.append(dict(
             ssm_state=r(B, d, n, dtype=torch.float32), u=r(B, d), delta=r(B, d), A=-torch.exp(r(d, n, dtype=torch.float32)),
             Bm=r(B, n), Cm=r(B, n), D=r(d, dtype=torch.float32), z=r(B, d), delta_bias=r(d, dtype=torch.float32),
-            conv_state=r(B, d, k - 1), x=r(B, d), weight=r(d, k), bias=r(d), y=torch.empty(B, d, dtype=DT, device="cuda"),
+            conv_state=r(B, d, k - 1), x=r(B, d), weight=r(d, k), bias=r(d), y=torch.empty(B, d, dtype=dt, device="cuda"),
         ))
     return sets
 
 
-def bench_decode(reps: int, l2_bytes: int) -> list[dict]:
+def bench_decode(reps: int, l2_bytes: int, dt=torch.bfloat16) -> list[dict]:
     mamba_ssu, mamba_status = _mamba_ssm_ssu()
     rows = []
     for d in (1536, 5120):
         for B in (1, 64):
             n, k = 16, 4
-            sets = decode_sets(B, d, n, k, l2_bytes)
+            sets = decode_sets(B, d, n, k, l2_bytes, dt)
             scan_keys = ("u", "delta", "A", "Bm", "Cm", "D", "z", "delta_bias")
 
             def ours_ssu(s):
@@ -175,7 +177,7 @@ def bench_decode(reps: int, l2_bytes: int) -> list[dict]:
             def ref_conv(s):
                 return lambda: causal_conv1d_update_ref(s["x"], s["conv_state"], s["weight"], s["bias"], "silu")
 
-            row = dict(d=d, batch=B, dstate=n, width=k, dtype=str(DT), input_sets=len(sets))
+            row = dict(d=d, batch=B, dstate=n, width=k, dtype=str(dt), input_sets=len(sets))
             row["ssu_ours_us"] = graph_per_call_us([ours_ssu(s) for s in sets], reps)
             # eager: back-to-back calls without a graph, i.e. the host-side cost of the wrapper
             eager = [ours_ssu(s) for s in sets[:100]]
@@ -190,7 +192,7 @@ def bench_decode(reps: int, l2_bytes: int) -> list[dict]:
                 row["ssu_mamba_ssm_triton_us"] = None
             row["conv_ours_us"] = graph_per_call_us([ours_conv(s) for s in sets], reps)
             row["conv_ref_us"] = graph_per_call_us([ref_conv(s) for s in sets[:16]], reps)
-            # fewest bytes: fp32 state read + written, A, D, bias; u, delta, z, y and Bm, Cm in bf16
+            # fewest bytes: fp32 state read + written, A, D, bias; u, delta, z, y and Bm, Cm in 16 bits
             row["ssu_bytes"] = B * d * n * 8 + d * n * 4 + 2 * d * 4 + B * d * 2 * 4 + B * n * 2 * 2
             row["conv_bytes"] = B * d * (k - 1) * 2 * 2 + d * (k + 1) * 2 + B * d * 2 * 2
             rows.append(row)
@@ -201,10 +203,10 @@ def bench_decode(reps: int, l2_bytes: int) -> list[dict]:
 # prefill
 
 
-def _prefill_inputs(B, d, n, L, k, seed):
+def _prefill_inputs(B, d, n, L, k, seed, dt=torch.bfloat16):
     g = torch.Generator(device="cuda")
     g.manual_seed(seed)
-    r = lambda *s, dtype=DT: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
+    r = lambda *s, dtype=dt: torch.randn(*s, generator=g, device="cuda").to(dtype)  # noqa: E731
     u, delta, z = r(B, d, L), r(B, d, L) * 0.5 - 0.5, r(B, d, L)
     Bm, Cm = r(B, n, L), r(B, n, L)
     A = -torch.exp(r(d, n, dtype=torch.float32))
@@ -234,13 +236,13 @@ def _mamba_ssm_scan(ext_dir):
 
 
 def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, conv_shapes=PREFILL_CONV,
-                  mamba_scan=None) -> list[dict]:
+                  mamba_scan=None, dt=torch.bfloat16) -> list[dict]:
     """``mamba_scan``: mamba_ssm's ``selective_scan_cuda.fwd``, timed on the same inputs (its own initial
     state is zero and it also writes the chunk states its backward needs) after a check against ours."""
     rows = []
     d, n, k = 5120, 16, 4
     for B, L in sorted(set(scan_shapes) | set(conv_shapes)):
-        t = _prefill_inputs(B, d, n, L, k, 4321)
+        t = _prefill_inputs(B, d, n, L, k, 4321, dt)
         y = torch.empty_like(t["u"])
         hs = torch.empty_like(t["h0"])
         cso = torch.empty_like(t["cs"])
@@ -256,7 +258,7 @@ def bench_prefill(reps: int, bw: float, ex2: float, scan_shapes=PREFILL_SCAN, co
             return mamba_scan(t["u"], t["delta"], t["A"], t["Bm"].unsqueeze(1), t["Cm"].unsqueeze(1), t["D"], t["z"],
                               t["db"], True)
 
-        row = dict(L=L, d=d, dstate=n, batch=B, dtype=str(DT))
+        row = dict(L=L, d=d, dstate=n, batch=B, dtype=str(dt))
         # CUDA-graph replays: an eager call's host-side work (validation, argument packing) would
         # otherwise sit inside the events for the shorter kernels
         if (B, L) in scan_shapes:
@@ -313,10 +315,10 @@ SCAN_VARIANTS = {
 # (16, 128)), or with --baseline-kind ws the warp-specialized one in the launcher's geometry.
 BASELINE = {"source": None, "geometry": (16, 128), "kind": "seq"}
 _VARIANT_FN: dict = {}
-_VARIANT_USAGE: dict = {}  # name -> compiler.EntryUsage of its entry (registers, stack frame, spills)
+_VARIANT_USAGE: dict = {}  # (name, dtype tag) -> compiler.EntryUsage of its entry (registers, stack frame, spills)
 _VARIANT_BUILD: dict = {}  # (source, compile options) -> (cubin, usage): one compile per pair and process
-_VARIANT_ENTRY = {"seq": b"mrt_selective_scan_fwd_bf16_n16", "wide": b"mrt_selective_scan_wide_fwd_bf16_n16",
-                  "tp": b"mrt_selective_scan_tp_fwd_bf16_n16", "ws": b"mrt_selective_scan_ws_fwd_bf16_n16"}
+_VARIANT_ENTRY = {"seq": "mrt_selective_scan_fwd", "wide": "mrt_selective_scan_wide_fwd",
+                  "tp": "mrt_selective_scan_tp_fwd", "ws": "mrt_selective_scan_ws_fwd"}  # + _<tag>_n16
 
 
 def scan_variant(name: str) -> tuple[str, tuple]:
@@ -334,7 +336,7 @@ def _knob(defines, name: str, default: int) -> int:
     return next((int(o.split("=")[1]) for o in reversed(defines) if o.startswith(f"-D{name}=")), default)
 
 
-def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
+def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16, dt=torch.bfloat16):
     if name == "baseline":
         with open(BASELINE["source"]) as f:
             text = f.read()
@@ -365,8 +367,10 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
         smem = 0
     dev = torch.cuda.current_device()
     ctx = launcher._current_context(dev)
-    if (name, ctx) not in _VARIANT_FN:  # one compile per variant and process
-        text += "\nMRT_SCAN_ENTRIES(bf16, mrt::bf16_t, 16)\n"
+    tag, ctype, _ = compiler.DTYPES[str(dt).removeprefix("torch.")]
+    entry = f"{_VARIANT_ENTRY[kind]}_{tag}_n16"
+    if (name, tag, ctx) not in _VARIANT_FN:  # one compile per variant, dtype and process
+        text += f"\nMRT_SCAN_ENTRIES({tag}, {ctype}, 16)\n"
         drv = launcher._driver()
         opts = tuple(o for o in defines if "MRT_BENCH_" not in o)  # the harness's knobs stay out
         key = (text, opts)  # variants that differ only in the harness's knobs share a build
@@ -375,10 +379,10 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
                                                               launcher.current_arch(dev), extra_options=opts)
         cubin, usage = _VARIANT_BUILD[key]
         mod = launcher._cu(drv.cuModuleLoadData(cubin), "cuModuleLoadData")
-        _VARIANT_FN[name, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, _VARIANT_ENTRY[kind]),
-                                              "cuModuleGetFunction")
-        _VARIANT_USAGE[name] = usage[_VARIANT_ENTRY[kind].decode()]
-    fn = _VARIANT_FN[name, ctx]
+        _VARIANT_FN[name, tag, ctx] = launcher._cu(drv.cuModuleGetFunction(mod, entry.encode()),
+                                                   "cuModuleGetFunction")
+        _VARIANT_USAGE[name, tag] = usage[entry]
+    fn = _VARIANT_FN[name, tag, ctx]
     launcher.allow_smem(fn, smem)
     flat = [("p", x) for x in launcher._SCAN_PTRS[:9]] + [("i", v) for v in (B, d, L, n, 1)]
     flat += [("p", "y"), ("p", "ssm_state_out")]
@@ -387,11 +391,12 @@ def _variant_plan(name: str, B: int, d: int, L: int, n: int = 16):
 
 
 def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_VARIANTS),
-                   dims=(5120,)) -> list[dict]:
+                   dims=(5120,), dt=torch.bfloat16) -> list[dict]:
     rows = []
     n = 16
+    tag = compiler.DTYPES[str(dt).removeprefix("torch.")][0]
     for d, (B, L) in ((d, s) for d in dims for s in shapes):
-        t = _prefill_inputs(B, d, n, L, 4, 1234)
+        t = _prefill_inputs(B, d, n, L, 4, 1234, dt)
         ref_y, ref_h = torch_ops.selective_scan_fn(t["u"], t["delta"], t["A"], t["Bm"], t["Cm"], t["D"], t["z"],
                                                    t["db"], t["h0"], True)
         y = torch.empty_like(t["u"])
@@ -400,9 +405,9 @@ def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_
                 t["D"].data_ptr(), t["z"].data_ptr(), t["db"].data_ptr(), t["h0"].data_ptr(), y.data_ptr(),
                 hs.data_ptr())
         for name in names:
-            row = dict(variant=name, batch=B, L=L, d=d, dstate=n)
+            row = dict(variant=name, batch=B, L=L, d=d, dstate=n, dtype=str(dt))
             try:
-                plan = _variant_plan(name, B, d, L, n)
+                plan = _variant_plan(name, B, d, L, n, dt)
             except Exception as e:  # a variant that does not compile is reported, not fatal
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows.append(row)
@@ -414,7 +419,7 @@ def bench_variants(reps: int, ex2: float, shapes=PREFILL_SCAN, names=tuple(SCAN_
             yerr = float(((y.float() - ref_y.float()).norm() / ref_y.float().norm()).item())
             herr = float(((hs - ref_h).norm() / ref_h.norm()).item())
             row.update(y_rel_err_vs_shipped=yerr, state_rel_err_vs_shipped=herr)
-            row.update(dataclasses.asdict(_VARIANT_USAGE[name]))  # registers, stack_frame, spill_*
+            row.update(dataclasses.asdict(_VARIANT_USAGE[name, tag]))  # registers, stack_frame, spill_*
             stream = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
             row["ms"] = graph_per_call_us([lambda: plan.launch(ptrs, stream())] * 3, reps) / 1e3
             row["exps_per_s"] = B * d * n * L / (row["ms"] * 1e-3)
@@ -487,12 +492,19 @@ def main(argv=None) -> int:
                     help="a selective_scan.cu to time beside the variants as 'baseline' (e.g. from git show)")
     ap.add_argument("--baseline-geometry", default="16x128",
                     help="channels per block x threads per block of the baseline's launch (kind seq)")
+    ap.add_argument("--dtypes", default=",".join(BENCH_DTYPES),
+                    help="input types of the decode, prefill and variants sections, among float16,bfloat16 "
+                         "(issue 8's targets are stated in float16)")
     ap.add_argument("--baseline-kind", choices=("seq", "ws"), default="seq",
                     help="the baseline's kernel: seq (its own geometry) or ws (the launcher's geometry)")
     args = ap.parse_args(argv)
     only = {x.strip() for x in args.only.split(",") if x.strip()}
     if only - set(SECTIONS):
         ap.error(f"unknown sections {sorted(only - set(SECTIONS))}; expected among {SECTIONS}")
+    dtypes = [x.strip() for x in args.dtypes.split(",") if x.strip()]
+    if not dtypes or set(dtypes) - set(BENCH_DTYPES):
+        ap.error(f"--dtypes {args.dtypes!r}: expected a comma-separated list among {','.join(BENCH_DTYPES)}")
+    dts = [getattr(torch, x) for x in dtypes]
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA GPU visible to torch; absolute times need one", file=sys.stderr)
         return 2
@@ -505,31 +517,34 @@ def main(argv=None) -> int:
 
     result = dict(device=name, sms=props.multi_processor_count, l2_bytes=l2, torch=torch.__version__,
                   nvrtc=".".join(map(str, compiler.nvrtc_version())), python=platform.python_version(),
-                  sections=sorted(only))
+                  sections=sorted(only), dtypes=dtypes)
     bw = ex2 = None
     if only & {"ceilings", "prefill", "variants"}:
         bw, ex2 = copy_bandwidth("cuda")[0], mufu_ex2_rate()
         result.update(copy_bytes_per_s=bw, mufu_ex2_per_s=ex2)
         print(f"{name}: copy {bw / 1e12:.2f} TB/s, MUFU ex2 {ex2 / 1e12:.2f} T/s", flush=True)
     if "decode" in only:
-        decode, mamba_status = bench_decode(reps, l2)
+        decode = []
+        for dt in dts:
+            rows, mamba_status = bench_decode(reps, l2, dt)
+            decode += rows
         result.update(mamba_ssm_triton=mamba_status, decode=decode)
         print(f"mamba_ssm: {mamba_status}")
-        print(f"{'d':>5} {'B':>3} | {'ssu us':>7} {'mamba_ssm':>9} {'eager':>6} {'ref':>7} {'floor':>6} | "
+        print(f"{'dtype':>14} {'d':>5} {'B':>3} | {'ssu us':>7} {'mamba_ssm':>9} {'eager':>6} {'ref':>7} {'floor':>6} | "
               f"{'conv us':>7} {'ref':>7} {'floor':>6}")
         for r in decode:
             ms = r.get("ssu_mamba_ssm_triton_us")
-            print(f"{r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {'n/a' if ms is None else f'{ms:.2f}':>9} "
+            print(f"{r['dtype']:>14} {r['d']:>5} {r['batch']:>3} | {r['ssu_ours_us']:7.2f} {'n/a' if ms is None else f'{ms:.2f}':>9} "
                   f"{r['ssu_ours_eager_us']:6.1f} {r['ssu_ref_us']:7.1f} "
                   f"{r['ssu_bytes'] / (bw or 3e12) * 1e6:6.2f} | {r['conv_ours_us']:7.2f} {r['conv_ref_us']:7.1f} "
                   f"{r['conv_bytes'] / (bw or 3e12) * 1e6:6.2f}", flush=True)
     if "prefill" in only:
         mamba_scan, scan_status = _mamba_ssm_scan(args.mamba_ssm_ext)
-        prefill = bench_prefill(reps, bw, ex2, mamba_scan=mamba_scan)
+        prefill = [r for dt in dts for r in bench_prefill(reps, bw, ex2, mamba_scan=mamba_scan, dt=dt)]
         result.update(mamba_ssm_scan_cuda=scan_status, prefill=prefill)
         print(f"mamba_ssm selective_scan_cuda: {scan_status}")
         for r in prefill:
-            line = f"prefill B={r['batch']} L={r['L']}:"
+            line = f"prefill {r['dtype']} B={r['batch']} L={r['L']}:"
             if "scan_ms" in r:
                 line += (f" scan {r['scan_ms']:.4f} ms (bytes floor {r['scan_bytes_floor_ms']:.3f}, exp floor "
                          f"{r['scan_exp_floor_ms']:.3f}; {r['scan_exps_per_s'] / 1e12:.2f}e12 exp/s)")
@@ -547,14 +562,14 @@ def main(argv=None) -> int:
             BASELINE["kind"] = args.baseline_kind
             names.append("baseline")
         vshapes = tuple(tuple(int(v) for v in x.split("x")) for x in args.variant_shapes.split(","))
-        variants = bench_variants(reps, ex2, vshapes, tuple(names),
-                                  tuple(int(x) for x in args.variant_dims.split(",")))
+        vdims = tuple(int(x) for x in args.variant_dims.split(","))
+        variants = [r for dt in dts for r in bench_variants(reps, ex2, vshapes, tuple(names), vdims, dt)]
         result["scan_variants"] = variants
         for r in variants:
             if "error" in r:
-                print(f"variant {r['variant']:12s} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['error']}")
+                print(f"variant {r['variant']:12s} {r['dtype']} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['error']}")
             else:
-                print(f"variant {r['variant']:12s} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
+                print(f"variant {r['variant']:12s} {r['dtype']} d={r['d']} B={r['batch']} L={r['L']:>5}: {r['ms']:.4f} ms "
                       f"({r['exps_per_s'] / 1e12:.2f}e12 exp/s; y err vs shipped {r['y_rel_err_vs_shipped']:.1e}, "
                       f"state {r['state_rel_err_vs_shipped']:.1e}; {r['registers']} registers, "
                       f"{r['stack_frame']} B frame, {r['spill_stores']} B spilled)", flush=True)
