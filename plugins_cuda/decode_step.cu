@@ -2060,7 +2060,7 @@ __device__ void ssm_out(const SsmOutArgs& a) {
 // slower at 64 rows and on mamba-130m, where the accumulator's contended reductions (each output gets a
 // sum from every channel block) and the conv's two dependent round trips cost what cuBLAS's split-K does.
 constexpr int XR_CH = 128, XR_ROWS = 32, XR_THREADS = 512;
-constexpr int DR_CH = 32, DR_ROWS = 64, DR_THREADS = 256;
+constexpr int DR_CH = 32, DR_ROWS = 64, DR_THREADS = 256;  // DR_ROWS: the most rows a block takes
 constexpr int ROWS_MAX_R = 512;  // r + 2n limit (conv_xproj_rows' weight slice: 128 KB of shared memory)
 
 __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
@@ -2170,17 +2170,20 @@ __device__ void conv_xproj_rows(const ConvXprojArgs& a) {
   }
 }
 
-// dt_proj of DR_CH channels x DR_ROWS rows as mma tiles (channels x rows, K = r) from x_proj's output as
-// conv_xproj_rows left it (fp32, rounded to T here, as the reference holds it), rounded to T into delta;
-// the grid also writes x_proj's output rows in T (xdbl_t: B and C for ssm_step_pre).
+// dt_proj of DR_CH channels x RB rows as mma tiles (channels x rows, K = r) from x_proj's output as
+// conv_xproj_rows or proj_wg left it (fp32, rounded to T here, as the reference holds it), rounded to T into
+// delta; the grid also writes x_proj's output rows in T (xdbl_t: B and C for ssm_step_pre). RB: the rows
+// spread over the grid's gridDim.y row blocks, rounded up to 8 (at most DR_ROWS: the host's grid).
 template <typename T>
 __device__ void dt_rows(const SsmStepArgs& a) {
   extern __shared__ __align__(16) unsigned char rows_smem[];
   const int d = (int)a.d, r = (int)a.r, R = (int)a.R, Rp = (R + 7) & ~7, B = (int)a.B;
   const int K32 = (r + 31) & ~31;
-  const int c0 = blockIdx.x * DR_CH, r0 = blockIdx.y * DR_ROWS;
+  const int RB = ((B + (int)gridDim.y - 1) / (int)gridDim.y + 7) & ~7;
+  if (RB > DR_ROWS) asm volatile("trap;");  // a grid of too few row blocks for the shared memory (host: dt_rows)
+  const int c0 = blockIdx.x * DR_CH, r0 = blockIdx.y * RB;
   T* wdt = reinterpret_cast<T*>(rows_smem);  // dt_proj rows c0 .. c0 + DR_CH as [K32 / 32][DR_CH][32]
-  T* xs = wdt + K32 * DR_CH;                 // x_proj's dt columns of the block's rows, [K32 / 32][DR_ROWS][32]
+  T* xs = wdt + K32 * DR_CH;                 // x_proj's dt columns of the block's rows, [K32 / 32][RB][32]
   stage_rows<T>(wdt, static_cast<const T*>(a.Wdt) + (long long)c0 * r, r, d - c0 < DR_CH ? d - c0 : DR_CH, DR_CH, r,
                 K32);
   pdl_launch_dependents();
@@ -2189,7 +2192,7 @@ __device__ void dt_rows(const SsmStepArgs& a) {
   // the rows' x_proj output in T (ssm_step_pre's B and C): four values per thread of the grid (once, as a
   // rule)
   T* xt = static_cast<T*>(const_cast<void*>(a.xdbl_t));
-  for (int e = (blockIdx.x * DR_THREADS + threadIdx.x) * 4; e < DR_ROWS * Rp; e += gridDim.x * DR_THREADS * 4) {
+  for (int e = (blockIdx.x * DR_THREADS + threadIdx.x) * 4; e < RB * Rp; e += gridDim.x * DR_THREADS * 4) {
     const int row = r0 + e / Rp, j = e % Rp;
     if (row < B) {
       const float4 f = *reinterpret_cast<const float4*>(acc + (long long)row * Rp + j);
@@ -2201,20 +2204,20 @@ __device__ void dt_rows(const SsmStepArgs& a) {
   }
   // dt_proj's input, rounded to T, into shared memory: XI loads issued before their stores
   constexpr int XI = 8;
-  for (int e0 = 0; e0 < DR_ROWS * (K32 / 4); e0 += XI * DR_THREADS) {
+  for (int e0 = 0; e0 < RB * (K32 / 4); e0 += XI * DR_THREADS) {
     float4 fx[XI];
 #pragma unroll
     for (int i = 0; i < XI; ++i) {
       const int e = e0 + threadIdx.x + i * DR_THREADS, rl = e / (K32 / 4), v = e % (K32 / 4), row = r0 + rl;
-      fx[i] = e < DR_ROWS * (K32 / 4) && row < B && 4 * v < r
+      fx[i] = e < RB * (K32 / 4) && row < B && 4 * v < r
                   ? *reinterpret_cast<const float4*>(acc + (long long)row * Rp + 4 * v)
                   : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int i = 0; i < XI; ++i) {
       const int e = e0 + threadIdx.x + i * DR_THREADS, rl = e / (K32 / 4), v = e % (K32 / 4);
-      if (e < DR_ROWS * (K32 / 4)) {
-        T* dst = xs + (((4 * v) / 32) * DR_ROWS + rl) * 32 + (4 * v) % 32;  // (columns from r on: B's, not dt's)
+      if (e < RB * (K32 / 4)) {
+        T* dst = xs + (((4 * v) / 32) * RB + rl) * 32 + (4 * v) % 32;  // (columns from r on: B's, not dt's)
         dst[0] = from_float<T>(4 * v < r ? fx[i].x : 0.f);
         dst[1] = from_float<T>(4 * v + 1 < r ? fx[i].y : 0.f);
         dst[2] = from_float<T>(4 * v + 2 < r ? fx[i].z : 0.f);
@@ -2226,13 +2229,13 @@ __device__ void dt_rows(const SsmStepArgs& a) {
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, q = lane % 4;
   T* delta = static_cast<T*>(const_cast<void*>(a.delta));
-  for (int p = warp; p < (DR_CH / 16) * (DR_ROWS / 8); p += DR_THREADS / 32) {
+  for (int p = warp; p < (DR_CH / 16) * (RB / 8); p += DR_THREADS / 32) {
     const int mt = p % (DR_CH / 16), nt = p / (DR_CH / 16);
     float dd[4] = {0.f, 0.f, 0.f, 0.f};
     for (int kc = 0; kc < K32 / 32; ++kc) {
       const uint4 a0 = *reinterpret_cast<const uint4*>(wdt + (kc * DR_CH + mt * 16 + g) * 32 + 8 * q);
       const uint4 a1 = *reinterpret_cast<const uint4*>(wdt + (kc * DR_CH + mt * 16 + g + 8) * 32 + 8 * q);
-      const uint4 bv = *reinterpret_cast<const uint4*>(xs + (kc * DR_ROWS + nt * 8 + g) * 32 + 8 * q);
+      const uint4 bv = *reinterpret_cast<const uint4*>(xs + (kc * RB + nt * 8 + g) * 32 + 8 * q);
       mma_16816<T>(dd, a0, a1, bv.x, bv.y, false);
       mma_16816<T>(dd, a0, a1, bv.z, bv.w, true);
     }

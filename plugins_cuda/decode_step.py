@@ -51,8 +51,18 @@ XPROJ_FOLD_MAX_ROWS = 8
 # (benchmarks/NOTES.md, item 56): batch 16: 130m 0.651 / 0.654, 1.4b 2.424 / 2.253, 2.8b 3.973 / 3.837;
 # batch 64: 130m 0.806 / 0.823, 1.4b 3.060 / 3.037, 2.8b 5.068 / 5.148
 ROWS_MIN_ROWS, ROWS_MAX_ROWS, ROWS_MIN_DINNER = XPROJ_FOLD_MAX_ROWS + 1, 16, 4096
+# GEMM path, 16-bit dtypes: buckets of DT_ROWS_MIN_ROWS..DT_ROWS_MAX_ROWS rows and at most DT_ROWS_MAX_ROW_CHANNELS
+# rows x d_inner where proj_wg takes x_proj (and neither rows_path nor the dt_proj fold applies) write x_proj's sums
+# in float32 and run dt_proj in dt_rows (which rounds them to T, as the reference's x_proj output), its rows in
+# DT_ROWS_BLOCKS row blocks, instead of a cuBLAS GEMM, whose launch also ends the programmatic launch chain
+# (DT_ROWS_MIN_ROWS 0: never). H100 fp16, GPU ms per step, GEMM / this, same process (benchmarks/NOTES.md, item 90):
+# batch 24: 130m 0.571 / 0.571, 790m 1.768 / 1.674, 1.4b 2.227 / 2.162, 2.8b 3.782 / 3.716; batch 32: 130m 0.630 /
+# 0.616, 790m 1.868 / 1.744, 1.4b 2.299 / 2.260, 2.8b 3.883 / 3.821; batch 64: 130m 0.779 / 0.725, 790m 2.257 /
+# 2.150, 1.4b 2.830 / 2.829; 2.8b's 64 rows (past the row-channel limit) 4.739 / 4.768 in another run (its cuBLAS
+# dt_proj kernel takes 3.3 us; one row block: 4.854, four: 4.915)
+DT_ROWS_MIN_ROWS, DT_ROWS_MAX_ROWS, DT_ROWS_MAX_ROW_CHANNELS, DT_ROWS_BLOCKS = 17, 64, 64 * 4096, 2
 XR_CH, XR_ROWS, XR_THREADS = 128, 32, 512  # .cu conv_xproj_rows: channels (the mma's K) and rows per block
-DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and rows per block
+DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and (at most) rows per block
 ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the two kernels
 # GEMM path, 16-bit dtypes on sm_90 (Hopper): which projections our wgmma kernel proj_wg computes instead of cuBLAS,
 # a mask of PROJ_IN, PROJ_X, PROJ_DT, PROJ_OUT, PROJ_HEAD (0: cuBLAS for all). .cu: a block of PJ_THREADS owns NT (one
@@ -735,12 +745,16 @@ class DecodeKernels:
         return Launch(self._fn(f"conv_xproj_rows_{self.tag}"), (-(-d // XR_CH), -(-B // XR_ROWS)), XR_THREADS,
                       self._xr_smem(R), a, "conv_xproj_rows")
 
-    def dt_rows(self, *, acc, xdbl, delta, Wdt, B, d, n, r) -> Launch:
-        """From acc as conv_xproj_rows left it: delta [B, d] T = dt_proj of its first r columns rounded to T
-        (softplus and the bias: ssm_step_pre), and xdbl [B, r + 2n] T = acc rounded (ssm_step_pre's B, C)."""
+    def dt_rows(self, *, acc, xdbl, delta, Wdt, B, d, n, r, row_blocks: int = 0) -> Launch:
+        """From acc [B, rows_stride(r + 2n)] float32 (as conv_xproj_rows or proj_wg left it): delta [B, d] T = dt_proj
+        of its first r columns rounded to T (softplus and the bias: ssm_step_pre), and xdbl [B, r + 2n] T = acc
+        rounded (ssm_step_pre's B, C). The rows in row_blocks blocks (0: as few as DR_ROWS allows)."""
+        rb = row_blocks or -(-B // DR_ROWS)
+        if -(-B // rb) > DR_ROWS:
+            raise InternalError(f"dt_rows: {B} rows in {rb} row blocks; a block takes at most {DR_ROWS}")
         a = SsmStepArgs(acc, xdbl, delta, Wdt, 0, 0, 0, 0, 0, 0, 0, 0, d, r, r + 2 * n, B)
-        return Launch(self._fn(f"dt_rows_{self.tag}"), (-(-d // DR_CH), -(-B // DR_ROWS)), DR_THREADS,
-                      self._dr_smem(r), a, "dt_rows")
+        return Launch(self._fn(f"dt_rows_{self.tag}"), (-(-d // DR_CH), rb), DR_THREADS, self._dr_smem(r), a,
+                      "dt_rows")
 
     # -- the GEMM path's projections on wgmma (proj_wg, sm_90a) ------------------------------------------
     def proj_serves(self, which: int | None = None, rows: int = 1, big: bool = False) -> bool:

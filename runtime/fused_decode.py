@@ -72,6 +72,9 @@ class DecodeBucket:
         # of 9-16 rows of the larger models, both on the tensor cores in conv_xproj_rows / dt_rows (rows_path)
         self.rows = not self.gemv and dec.rows_path(B)
         self.fold_dt, self.fold_x = (True, True) if self.gemv else (False, False) if self.rows else dec.gemm_folds(B)
+        # x_proj by proj_wg into a float32 accumulator and dt_proj in dt_rows, where both serve and x_proj takes
+        # proj_wg for B rows (dt_rows_path), instead of the dt_proj GEMM
+        self.dtr = not (self.gemv or self.rows or self.fold_dt) and dec.dt_rows_path(B)
         # every layer in one persistent kernel (batch 1, decode_step.layers_launch)
         self.ly = dec.layers_launch() if self.gemv and B == 1 else None
         # ssm_step and out_proj in one kernel (ssm_out) on the GEMV path where the persistent kernel does not run:
@@ -84,7 +87,7 @@ class DecodeBucket:
         self.so = bool(self.gemv and not self.ly and dec.k.ssm_out_fits(B, n=c.d_state, dm=dm))
         n_out = c.n_layer * B * dm if self.so else 0
         Racc = dec.k.rows_stride(R) if self.rows else R  # the accumulator's row stride
-        n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0
+        n_acc = c.n_layer * B * Racc if self.fold_x or self.rows else 0  # (added into: zeroed before each step)
         n_ctr = 2 * c.n_layer + 1 if self.gemv else 0
         n_ly = 1 if self.ly else 0
         n_zero = n_out + n_acc + n_ctr + n_ly
@@ -98,6 +101,8 @@ class DecodeBucket:
         self.embed_zeroes = bool(self.ly and self.zeroed is not None and ds.EMBED_ZEROES)
         if n_acc:
             self.acc = self.zeroed[n_out:n_out + n_acc].view(c.n_layer, B, Racc)
+        elif self.dtr:  # (written by x_proj's proj_wg, not added into)
+            self.acc = torch.empty(c.n_layer, B, dec.k.rows_stride(R), **f32)
         if self.ly:
             self.bar = self.zeroed[-1:].view(torch.int32)
             # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
@@ -116,7 +121,7 @@ class DecodeBucket:
                 self.ss = torch.empty(c.n_layer, max(self.g4), B, **f32)
         else:
             self.xn = torch.empty(B, dm, dtype=dt, device=dev)
-            if not self.fold_x:  # x_proj's output in T for ssm_step (from the x_proj GEMM, or dt_rows)
+            if not self.fold_x:  # x_proj's output in T for ssm_step (from the x_proj GEMM or proj_wg, or dt_rows)
                 self.xdbl = torch.empty(B, R, dtype=dt, device=dev)
             if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
@@ -294,9 +299,17 @@ class FusedDecoder:
                                             conv_w=p(self.conv_w[i]), conv_b=p(m.conv1d.bias),
                                             Wx=p(m.x_proj.weight) if fold_x else 0, u=p(bk.u), xdbl=acc, B=B, d=d,
                                             k=c.d_conv, R=R))
-                    if not fold_x:
+                    if bk.dtr:  # x_proj's sums in float32, then dt_rows (its output and delta in T)
+                        xp = self._proj_launch(bk.u, m.x_proj.weight, None, bk.acc[i], ds.PROJ_X, out_float=True)
+                        if xp is None:
+                            raise InternalError("fused decode: proj_wg declined x_proj where dt_rows_path chose it")
+                        out.append(xp)
+                        out.append(k.dt_rows(acc=p(bk.acc[i]), xdbl=p(bk.xdbl), delta=p(bk.delta),
+                                             Wdt=p(m.dt_proj.weight), B=B, d=d, n=n, r=r,
+                                             row_blocks=max(ds.DT_ROWS_BLOCKS, -(-B // ds.DR_ROWS))))
+                    elif not fold_x:
                         out.append(self._proj(bk.u, m.x_proj, bk.xdbl, ds.PROJ_X))
-                    if not fold_dt:
+                    if not (fold_dt or bk.dtr):
                         # bias: in the scan
                         out.append(self._proj(bk.xdbl[:, :r], m.dt_proj, bk.delta, ds.PROJ_DT, bias=False))
                 out.append(k.ssm_step(n=n, B=B, xdbl_acc=acc, xdbl_t=0 if fold_x else p(bk.xdbl),
@@ -342,15 +355,10 @@ class FusedDecoder:
     def _proj_launch(self, x, w, bias, out, which, out_float=False):
         """proj_wg's launch for out [B, N] = x [B, K] . w [N, K]^T (+ bias), or None where it does not serve
         (the GPU, the dtype, decode_step.PROJ_WG, K, or rows that are not 16-byte aligned)."""
-        from mamba_rt.plugins_cuda import decode_step as ds
-
         (B, K), N = x.shape, w.shape[0]
-        big = self.proj_big()
-        if (not self.k.proj_serves(which, B, big) or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16
-                or w.data_ptr() % 16 or not w.is_contiguous()):
+        if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
             return None
-        # in a big model's bucket past PROJ_WG_ROWS, in_proj with K unsplit (decode_step.PROJ_WG_MANY_BIG)
-        plan = self.k.proj_plan(B, N, K, unsplit=big and which == ds.PROJ_IN and B > ds.PROJ_WG_ROWS)
+        plan = self._proj_plan(B, K, w, which)
         if plan is None:
             return None
         maps = self.k.proj_maps(plan, x=x.data_ptr(), ldx=x.stride(0), W=w.data_ptr(), B=B, N=N, K=K)
@@ -358,6 +366,18 @@ class FusedDecoder:
         self._tmaps.append(dev_maps)  # kept as long as the decoder (its launches read them)
         return self.k.proj(plan, maps=dev_maps.data_ptr(), bias=self._p(bias), out=out.data_ptr(), ldo=out.stride(0),
                            B=B, N=N, K=K, out_float=out_float)
+
+    def _proj_plan(self, B: int, K: int, w, which: int):
+        """proj_wg's plan for B rows of x [B, K] times w [N, K]^T as projection ``which`` (a PROJ_* bit), or None
+        where it does not serve (the GPU, the dtype, decode_step.PROJ_WG, K, or w not contiguous and 16-byte
+        aligned). x's rows are _proj_launch's to check."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
+        big = self.proj_big()
+        if not self.k.proj_serves(which, B, big) or w.data_ptr() % 16 or not w.is_contiguous():
+            return None
+        # in a big model's bucket past PROJ_WG_ROWS, in_proj with K unsplit (decode_step.PROJ_WG_MANY_BIG)
+        return self.k.proj_plan(B, w.shape[0], K, unsplit=big and which == ds.PROJ_IN and B > ds.PROJ_WG_ROWS)
 
     def proj_big(self) -> bool:
         """Whether this model's in_proj has decode_step.PROJ_WG_BIG_BYTES or more (read at each call: the tests
@@ -391,6 +411,20 @@ class FusedDecoder:
         c = self.config
         return (bool(ds.ROWS_MIN_ROWS) and ds.ROWS_MIN_ROWS <= B <= ds.ROWS_MAX_ROWS
                 and c.d_inner >= ds.ROWS_MIN_DINNER and self.k.rows_fits(n=c.d_state, r=c.dt_rank))
+
+    def dt_rows_path(self, B: int) -> bool:
+        """Whether a GEMM-path bucket of B rows (not rows_path, dt_proj not inside ssm_step) takes x_proj by
+        proj_wg into a float32 accumulator and dt_proj in dt_rows instead of a dt_proj GEMM: B in
+        decode_step.DT_ROWS_MIN_ROWS..DT_ROWS_MAX_ROWS (0: never) and B x d_inner at most DT_ROWS_MAX_ROW_CHANNELS
+        (read at each bucket's creation), where proj_wg takes x_proj for B rows and dt_rows serves the shape."""
+        from mamba_rt.plugins_cuda import decode_step as ds
+
+        c = self.config
+        return (bool(ds.DT_ROWS_MIN_ROWS) and ds.DT_ROWS_MIN_ROWS <= B <= ds.DT_ROWS_MAX_ROWS
+                and B * c.d_inner <= ds.DT_ROWS_MAX_ROW_CHANNELS and c.d_inner % 8 == 0  # (u's rows for proj_wg)
+                and self.k.rows_fits(n=c.d_state, r=c.dt_rank)
+                and all(self._proj_plan(B, c.d_inner, l.mixer.x_proj.weight, ds.PROJ_X) is not None
+                        for l in self.model.backbone.layers))
 
     def bucket(self, B: int) -> DecodeBucket:
         return DecodeBucket(self, B)

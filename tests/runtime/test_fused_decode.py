@@ -99,6 +99,25 @@ def test_fused_steps_rows_kernels(case, dtype, batch, monkeypatch):
     _check_steps(ROWS_CASES[case], dtype, batch, gemv=None, bucket=batch, rows=True)
 
 
+@pytest.mark.parametrize("batch", [16, 40])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_steps_dt_rows_after_proj_wg(case, dtype, batch, monkeypatch):
+    """decode_step.DT_ROWS_*: x_proj on proj_wg with its sums in float32, then dt_rows (dt_proj on the tensor cores
+    from them rounded to T; the rows in two row blocks: 8 + 8, and 24 + 16 of the bucket of 64), then ssm_step_pre,
+    instead of the dt_proj GEMM; at 16 rows and 40 in the bucket of 64 (proj_wg's x_proj then under PROJ_WG_MANY),
+    dt_rank 5-34 (dt_proj rows read element by element), n 4-16; the tiny case's d_model (36) keeps in_proj on
+    cuBLAS."""
+    from mamba_rt.plugins_cuda import decode_step
+
+    _proj_kernels(dtype)
+    monkeypatch.setattr(decode_step, "DT_ROWS_MIN_ROWS", 3)
+    monkeypatch.setattr(decode_step, "DT_ROWS_MAX_ROW_CHANNELS", 1 << 40)
+    monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 0)
+    monkeypatch.setattr(decode_step, "ROWS_MIN_ROWS", 0)
+    _check_steps(case, dtype, batch, gemv=None, dtr=True)
+
+
 def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
     """By default conv_xproj_rows / dt_rows serve buckets of 9 to 16 rows of models with d_inner from 4096
     (mamba-1.4b's): not the 64-row bucket, not a smaller model, not fp32."""
@@ -429,7 +448,8 @@ def _expected_gemv(asked, dtype, k, arch):
     return "bulk"
 
 
-def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucket=None, rows=False, wg_all=False):
+def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucket=None, rows=False, wg_all=False,
+                 dtr=False):
     from mamba_rt.runtime.backend import batch_bucket
     from mamba_rt.runtime.fused_decode import FusedDecoder
 
@@ -471,7 +491,7 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
     elif fold is not None:  # projections (cuBLAS or proj_wg): in_proj, (x_proj, (dt_proj,)) out_proj per layer, the head
         gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (bk.fold_dt, bk.fold_x) == fold
-        assert gemms == cfg.n_layer * (2 + (not fold[0]) + (not fold[1])) + 1, (fold, gemms)
+        assert gemms == cfg.n_layer * (2 + (not fold[0] and not bk.dtr) + (not fold[1])) + 1, (fold, gemms)
         xp = [ln.name for ln in bk.launches if not callable(ln) and ln.name.startswith("conv_")]
         assert xp == ["conv_xproj" if fold[1] else "conv_only"] * cfg.n_layer, xp
     if not bk.gemv:  # the head by proj_wg where it serves (16-bit rows of whole 16-byte pieces on sm_90)
@@ -490,12 +510,25 @@ def _check_steps(case, dtype, batch, gemv, fold=None, stepc=None, pw=None, bucke
         folds = (bk.B <= ds.PROJ_RESIDUAL_ROWS and cfg.d_model % 8 == 0 and cfg.d_inner % 8 == 0
                  and all(dec.k.proj_serves(w, bk.B, big) for w in (ds.PROJ_IN, ds.PROJ_OUT, ds.PROJ_HEAD)))
         assert norms == (0 if folds else cfg.n_layer), (folds, norms)
+        # dt_proj: in ssm_step, dt_rows (after conv_xproj_rows, or after x_proj's proj_wg: DT_ROWS_MIN_ROWS) or a GEMM
+        assert bk.dtr == (not (bk.rows or bk.fold_dt) and dec.dt_rows_path(bk.B)), bk.dtr
+        names = [ln.name for ln in bk.launches if not callable(ln)]
+        assert names.count("dt_rows") == cfg.n_layer * (bk.rows or bk.dtr), names
     if rows:  # x_proj and dt_proj in our tensor-core kernels: in_proj, out_proj and the head as projections
         assert bk.rows and not bk.gemv
         names = [ln.name for ln in bk.launches if not callable(ln)]
         gemms = sum(callable(ln) or ln.name == "proj_wg" for ln in bk.launches)
         assert (names.count("conv_xproj_rows"), names.count("dt_rows")) == (cfg.n_layer,) * 2, names
         assert gemms == cfg.n_layer * 2 + 1, gemms
+    if dtr:  # x_proj on proj_wg (float32 sums), dt_rows, ssm_step_pre; no dt_proj GEMM
+        assert bk.dtr and not bk.gemv
+        names = [ln.name if not callable(ln) else "cuBLAS" for ln in bk.launches]
+        xp = [ln for ln in bk.launches if not callable(ln) and ln.name == "proj_wg" and getattr(ln.args, "out_float", 0)
+              and ln.args.N == cfg.dt_rank + 2 * cfg.d_state]  # (in_proj's and out_proj's: ProjNormArgs at <= 32 rows)
+        assert len(xp) == cfg.n_layer and names.count("ssm_step") == cfg.n_layer, names
+        assert {ln.grid[1] for ln in bk.launches if not callable(ln) and ln.name == "dt_rows"} == {2}, names
+        gemms = sum(n in ("cuBLAS", "proj_wg") for n in names)  # in_proj, x_proj, out_proj per layer, the head
+        assert gemms == 3 * cfg.n_layer + 1, names
     if wg_all:  # in_proj (K unsplit), x_proj, out_proj and the head on proj_wg (decode_step.PROJ_WG_MANY_BIG)
         wg = [ln for ln in bk.launches if not callable(ln) and ln.name == "proj_wg"]
         assert len(wg) == 3 * cfg.n_layer + 1, [getattr(ln, "name", "cuBLAS") for ln in bk.launches]
