@@ -30,7 +30,9 @@ Two paths, chosen per batch bucket:
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
   delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``; for buckets of
   9-16 rows from mamba-1.4b up, x_proj and dt_proj on the tensor cores in our ``conv_xproj_rows`` and
-  ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``), the head over the padded vocabulary.
+  ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``; for buckets of 17-64 rows where ``proj_wg``
+  takes x_proj, its sums in float32 and ``dt_rows`` in place of the dt_proj GEMM: ``decode_step.DT_ROWS_*``),
+  the head over the padded vocabulary.
 
 A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
 enqueues one step on the current stream (the backend captures it in a CUDA graph).
@@ -101,8 +103,8 @@ class DecodeBucket:
         self.embed_zeroes = bool(self.ly and self.zeroed is not None and ds.EMBED_ZEROES)
         if n_acc:
             self.acc = self.zeroed[n_out:n_out + n_acc].view(c.n_layer, B, Racc)
-        elif self.dtr:  # (written by x_proj's proj_wg, not added into)
-            self.acc = torch.empty(c.n_layer, B, dec.k.rows_stride(R), **f32)
+        elif self.dtr:  # written by x_proj's proj_wg, not added into: one buffer read by each layer's dt_rows in turn
+            self.acc = torch.empty(B, dec.k.rows_stride(R), **f32).expand(c.n_layer, B, dec.k.rows_stride(R))
         if self.ly:
             self.bar = self.zeroed[-1:].view(torch.int32)
             # zeroed once: out_proj's partial sums, y and the step count, tagged by the kernel
