@@ -51,16 +51,18 @@ XPROJ_FOLD_MAX_ROWS = 8
 # (benchmarks/NOTES.md, item 56): batch 16: 130m 0.651 / 0.654, 1.4b 2.424 / 2.253, 2.8b 3.973 / 3.837;
 # batch 64: 130m 0.806 / 0.823, 1.4b 3.060 / 3.037, 2.8b 5.068 / 5.148
 ROWS_MIN_ROWS, ROWS_MAX_ROWS, ROWS_MIN_DINNER = XPROJ_FOLD_MAX_ROWS + 1, 16, 4096
-# GEMM path, 16-bit dtypes: buckets of DT_ROWS_MIN_ROWS..DT_ROWS_MAX_ROWS rows and at most DT_ROWS_MAX_ROW_CHANNELS
-# rows x d_inner where proj_wg takes x_proj (and neither rows_path nor the dt_proj fold applies) write x_proj's sums
-# in float32 and run dt_proj in dt_rows (which rounds them to T, as the reference's x_proj output), its rows in
-# DT_ROWS_BLOCKS row blocks, instead of a cuBLAS GEMM, whose launch also ends the programmatic launch chain
-# (DT_ROWS_MIN_ROWS 0: never). H100 fp16, GPU ms per step, GEMM / this, same process (benchmarks/NOTES.md, item 90):
-# batch 24: 130m 0.571 / 0.571, 790m 1.768 / 1.674, 1.4b 2.227 / 2.162, 2.8b 3.782 / 3.716; batch 32: 130m 0.630 /
-# 0.616, 790m 1.868 / 1.744, 1.4b 2.299 / 2.260, 2.8b 3.883 / 3.821; batch 64: 130m 0.779 / 0.725, 790m 2.257 /
-# 2.150, 1.4b 2.830 / 2.829; 2.8b's 64 rows (past the row-channel limit) 4.739 / 4.768 in another run (its cuBLAS
-# dt_proj kernel takes 3.3 us; one row block: 4.854, four: 4.915)
-DT_ROWS_MIN_ROWS, DT_ROWS_MAX_ROWS, DT_ROWS_MAX_ROW_CHANNELS, DT_ROWS_BLOCKS = 17, 64, 64 * 4096, 2
+# GEMM path, 16-bit dtypes: buckets of DT_ROWS_MIN_ROWS..DT_ROWS_MAX_ROWS rows (DT_ROWS_MAX_ROWS_BIG for the models
+# whose in_proj has PROJ_WG_BIG_BYTES) where proj_wg takes x_proj (and neither rows_path nor the dt_proj fold applies)
+# write x_proj's sums in float32 and run dt_proj in dt_rows (which rounds them to T, as the reference's x_proj
+# output), in row blocks of at most DT_ROWS_BLOCK_ROWS rows and at least two, instead of a cuBLAS GEMM, whose launch
+# also ends the programmatic launch chain (DT_ROWS_MIN_ROWS 0: never). H100 fp16, GPU ms per step, GEMM / this, same
+# process (benchmarks/NOTES.md, item 90): 130m 0.571 / 0.571 at 24 rows, 0.630 / 0.616 at 32, 0.779 / 0.725 at 64,
+# 0.893 / 0.851 at 96, 0.962 / 0.927 at 128; 790m 1.768 / 1.674, 1.868 / 1.744, 2.257 / 2.150, 2.680 / 2.574, 2.944
+# / 2.842; 370m 1.996 / 1.917 at 96, 2.158 / 2.123 at 128; 1.4b 2.227 / 2.162 at 24, 2.299 / 2.260 at 32; 2.8b
+# 3.782 / 3.716, 3.883 / 3.821. Past 32 rows the big
+# models gain nothing or lose (1.4b 2.830 / 2.829 at 64, 3.790 / 3.858 at 128; 2.8b 4.739 / 4.768 at 64, 6.362 /
+# 6.485 at 128; the cuBLAS dt_proj kernel of 2.8b's 64 rows takes 3.3 us)
+DT_ROWS_MIN_ROWS, DT_ROWS_MAX_ROWS, DT_ROWS_MAX_ROWS_BIG, DT_ROWS_BLOCK_ROWS = 17, 128, 32, 32
 XR_CH, XR_ROWS, XR_THREADS = 128, 32, 512  # .cu conv_xproj_rows: channels (the mma's K) and rows per block
 DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and (at most) rows per block
 ROWS_MAX_R = 512                          # .cu: r + 2n (and so r) limit of the two kernels

@@ -30,8 +30,9 @@ Two paths, chosen per batch bucket:
   ``ssm_step`` computing dt_proj from x_proj's output for small buckets, ``ssm_step_pre`` reading
   delta from a dt_proj GEMM for large ones: ``decode_step.DT_FOLD_MAX_ROW_CHANNELS``; for buckets of
   9-16 rows from mamba-1.4b up, x_proj and dt_proj on the tensor cores in our ``conv_xproj_rows`` and
-  ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``; for buckets of 17-64 rows where ``proj_wg``
-  takes x_proj, its sums in float32 and ``dt_rows`` in place of the dt_proj GEMM: ``decode_step.DT_ROWS_*``),
+  ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``; for buckets of 17-128 rows (17-32 from
+  mamba-1.4b up) where ``proj_wg`` takes x_proj, its sums in float32 and ``dt_rows`` in place of the dt_proj
+  GEMM: ``decode_step.DT_ROWS_*``),
   the head over the padded vocabulary.
 
 A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
@@ -308,7 +309,7 @@ class FusedDecoder:
                         out.append(xp)
                         out.append(k.dt_rows(acc=p(bk.acc[i]), xdbl=p(bk.xdbl), delta=p(bk.delta),
                                              Wdt=p(m.dt_proj.weight), B=B, d=d, n=n, r=r,
-                                             row_blocks=max(ds.DT_ROWS_BLOCKS, -(-B // ds.DR_ROWS))))
+                                             row_blocks=max(2, -(-B // ds.DT_ROWS_BLOCK_ROWS))))
                     elif not fold_x:
                         out.append(self._proj(bk.u, m.x_proj, bk.xdbl, ds.PROJ_X))
                     if not (fold_dt or bk.dtr):
@@ -416,14 +417,16 @@ class FusedDecoder:
 
     def dt_rows_path(self, B: int) -> bool:
         """Whether a GEMM-path bucket of B rows (not rows_path, dt_proj not inside ssm_step) takes x_proj by
-        proj_wg into a float32 accumulator and dt_proj in dt_rows instead of a dt_proj GEMM: B in
-        decode_step.DT_ROWS_MIN_ROWS..DT_ROWS_MAX_ROWS (0: never) and B x d_inner at most DT_ROWS_MAX_ROW_CHANNELS
-        (read at each bucket's creation), where proj_wg takes x_proj for B rows and dt_rows serves the shape."""
+        proj_wg into a float32 accumulator and dt_proj in dt_rows instead of a dt_proj GEMM: B from
+        decode_step.DT_ROWS_MIN_ROWS (0: never) to DT_ROWS_MAX_ROWS, or DT_ROWS_MAX_ROWS_BIG for a model whose in_proj
+        has PROJ_WG_BIG_BYTES (read at each bucket's creation), where proj_wg takes x_proj for B rows and dt_rows
+        serves the shape."""
         from mamba_rt.plugins_cuda import decode_step as ds
 
         c = self.config
-        return (bool(ds.DT_ROWS_MIN_ROWS) and ds.DT_ROWS_MIN_ROWS <= B <= ds.DT_ROWS_MAX_ROWS
-                and B * c.d_inner <= ds.DT_ROWS_MAX_ROW_CHANNELS and c.d_inner % 8 == 0  # (u's rows for proj_wg)
+        top = ds.DT_ROWS_MAX_ROWS_BIG if self.proj_big() else ds.DT_ROWS_MAX_ROWS
+        return (bool(ds.DT_ROWS_MIN_ROWS) and ds.DT_ROWS_MIN_ROWS <= B <= top
+                and c.d_inner % 8 == 0  # (u's rows for proj_wg)
                 and self.k.rows_fits(n=c.d_state, r=c.dt_rank)
                 and all(self._proj_plan(B, c.d_inner, l.mixer.x_proj.weight, ds.PROJ_X) is not None
                         for l in self.model.backbone.layers))

@@ -112,10 +112,30 @@ def test_fused_steps_dt_rows_after_proj_wg(case, dtype, batch, monkeypatch):
 
     _proj_kernels(dtype)
     monkeypatch.setattr(decode_step, "DT_ROWS_MIN_ROWS", 3)
-    monkeypatch.setattr(decode_step, "DT_ROWS_MAX_ROW_CHANNELS", 1 << 40)
     monkeypatch.setattr(decode_step, "DT_FOLD_MAX_ROW_CHANNELS", 0)
     monkeypatch.setattr(decode_step, "ROWS_MIN_ROWS", 0)
     _check_steps(case, dtype, batch, gemv=None, dtr=True)
+
+
+def test_dt_rows_by_default_to_128_rows_and_to_32_for_big_models(monkeypatch):
+    """By default dt_rows takes dt_proj at 17-128 rows where proj_wg takes x_proj (sm_90, 16-bit), at 17-32 for a
+    model whose in_proj has decode_step.PROJ_WG_BIG_BYTES (0 here: every model counts); not below 17, not past
+    128, not in fp32."""
+    from mamba_rt.plugins_cuda import decode_step
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    _proj_kernels("fp16")
+    cfg = MambaConfig(d_model=128, n_layer=1, vocab_size=300, d_state=16, d_conv=4)
+    for dtype, big, want in (("fp16", False, {16: False, 17: True, 64: True, 128: True, 129: False}),
+                             ("fp16", True, {17: True, 32: True, 33: False, 64: False}),
+                             ("fp32", False, {64: False})):
+        monkeypatch.setattr(decode_step, "PROJ_WG_BIG_BYTES", 0 if big else 32 << 20)
+        model, _ = _models(cfg, dtype, 0)
+        shapes = cfg.state_shapes(4)
+        conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
+        ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+        dec = FusedDecoder(model, conv, ssm, dtype)
+        assert {B: dec.dt_rows_path(B) for B in want} == want, (dtype, big)
 
 
 def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
