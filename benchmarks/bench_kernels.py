@@ -8,7 +8,7 @@ Measures, in one run on one device:
   * ceilings: device-to-device copy bandwidth (bytes read + written) and MUFU ex2 throughput
     (a microkernel compiled with the same NVRTC path as the kernels);
   * decode step (L = 1) of selective_state_update and causal_conv1d_update at d = 1536 (mamba-130m)
-    and d = 5120 (mamba-2.8b), n = 16, k = 4, batch 1 and 64, fp16 and bf16 (--dtypes): ours, the torch reference, and
+    and d = 5120 (mamba-2.8b), n = 16, k = 4, batch 1 and 64: ours, the torch reference, and
     mamba_ssm's Triton selective_state_update when importable (reported "not available" otherwise).
     Timed as CUDA-graph replays of many launches that rotate over enough input sets to overflow L2
     (each layer's state comes from HBM in a real model), median of the replays;
@@ -24,8 +24,9 @@ Measures, in one run on one device:
     from a copy that is no longer kept, since it no longer compiles against today's common.cuh);
   * host: the host cost of one eager call through torch_ops (wall clock of back-to-back calls on
     tiny tensors, so the GPU never holds the host back).
-Absolute times are only meaningful from a GPU; this script refuses to run without one. With --only,
-the results are written only where --out says.
+The decode, prefill and variants sections run in each input type of --dtypes (fp16 and bf16 by default; issue 8's
+targets are stated in fp16), each row naming its dtype. Absolute times are only meaningful from a GPU; this script
+refuses to run without one. With --only, the results are written only where --out says.
 """
 from __future__ import annotations
 
