@@ -59,9 +59,9 @@ ROWS_MIN_ROWS, ROWS_MAX_ROWS, ROWS_MIN_DINNER = XPROJ_FOLD_MAX_ROWS + 1, 16, 409
 # process (benchmarks/NOTES.md, item 90): 130m 0.571 / 0.571 at 24 rows, 0.630 / 0.616 at 32, 0.779 / 0.725 at 64,
 # 0.893 / 0.851 at 96, 0.962 / 0.927 at 128; 790m 1.768 / 1.674, 1.868 / 1.744, 2.257 / 2.150, 2.680 / 2.574, 2.944
 # / 2.842; 370m 1.996 / 1.917 at 96, 2.158 / 2.123 at 128; 1.4b 2.227 / 2.162 at 24, 2.299 / 2.260 at 32; 2.8b
-# 3.782 / 3.716, 3.883 / 3.821. Past 32 rows the big
-# models gain nothing or lose (1.4b 2.830 / 2.829 at 64, 3.790 / 3.858 at 128; 2.8b 4.739 / 4.768 at 64, 6.362 /
-# 6.485 at 128; the cuBLAS dt_proj kernel of 2.8b's 64 rows takes 3.3 us)
+# 3.782 / 3.716, 3.883 / 3.821. Past 32 rows the big models gain nothing or lose (1.4b 2.830 / 2.829 at 64, 3.790 /
+# 3.858 at 128; 2.8b 4.739 / 4.768 at 64, 6.362 / 6.485 at 128; the cuBLAS dt_proj kernel of 2.8b's 64 rows takes
+# 3.3 us)
 DT_ROWS_MIN_ROWS, DT_ROWS_MAX_ROWS, DT_ROWS_MAX_ROWS_BIG, DT_ROWS_BLOCK_ROWS = 17, 128, 32, 32
 XR_CH, XR_ROWS, XR_THREADS = 128, 32, 512  # .cu conv_xproj_rows: channels (the mma's K) and rows per block
 DR_CH, DR_ROWS, DR_THREADS = 32, 64, 256  # .cu dt_rows: channels and (at most) rows per block

@@ -32,8 +32,7 @@ Two paths, chosen per batch bucket:
   9-16 rows from mamba-1.4b up, x_proj and dt_proj on the tensor cores in our ``conv_xproj_rows`` and
   ``dt_rows`` before ``ssm_step_pre``: ``decode_step.ROWS_*``; for buckets of 17-128 rows (17-32 from
   mamba-1.4b up) where ``proj_wg`` takes x_proj, its sums in float32 and ``dt_rows`` in place of the dt_proj
-  GEMM: ``decode_step.DT_ROWS_*``),
-  the head over the padded vocabulary.
+  GEMM: ``decode_step.DT_ROWS_*``), the head over the padded vocabulary.
 
 A :class:`DecodeBucket` holds the static device buffers of one bucket size; :meth:`FusedDecoder.enqueue`
 enqueues one step on the current stream (the backend captures it in a CUDA graph).

@@ -122,7 +122,6 @@ def test_dt_rows_by_default_to_128_rows_and_to_32_for_big_models(monkeypatch):
     model whose in_proj has decode_step.PROJ_WG_BIG_BYTES (0 here: every model counts); not below 17, not past
     128, not in fp32."""
     from mamba_rt.plugins_cuda import decode_step
-    from mamba_rt.runtime.fused_decode import FusedDecoder
 
     _proj_kernels("fp16")
     cfg = MambaConfig(d_model=128, n_layer=1, vocab_size=300, d_state=16, d_conv=4)
@@ -130,28 +129,29 @@ def test_dt_rows_by_default_to_128_rows_and_to_32_for_big_models(monkeypatch):
                              ("fp16", True, {17: True, 32: True, 33: False, 64: False}),
                              ("fp32", False, {64: False})):
         monkeypatch.setattr(decode_step, "PROJ_WG_BIG_BYTES", 0 if big else 32 << 20)
-        model, _ = _models(cfg, dtype, 0)
-        shapes = cfg.state_shapes(4)
-        conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
-        ssm = torch.zeros(shapes["ssm_state"], device="cuda")
-        dec = FusedDecoder(model, conv, ssm, dtype)
+        dec = _zero_state_decoder(cfg, dtype, 4)
         assert {B: dec.dt_rows_path(B) for B in want} == want, (dtype, big)
 
 
 def test_rows_kernels_by_default_from_mamba_1_4b_at_16_rows():
     """By default conv_xproj_rows / dt_rows serve buckets of 9 to 16 rows of models with d_inner from 4096
     (mamba-1.4b's): not the 64-row bucket, not a smaller model, not fp32."""
-    from mamba_rt.runtime.fused_decode import FusedDecoder
-
     for dm, dtype, want in ((2048, "fp16", {16: True, 64: False}), (1024, "bf16", {16: False}),
                             (2048, "fp32", {16: False})):
         cfg = MambaConfig(d_model=dm, n_layer=1, vocab_size=300, d_state=16, d_conv=4)
-        model, _ = _models(cfg, dtype, 0)
-        shapes = cfg.state_shapes(64)
-        conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
-        ssm = torch.zeros(shapes["ssm_state"], device="cuda")
-        dec = FusedDecoder(model, conv, ssm, dtype)
+        dec = _zero_state_decoder(cfg, dtype, 64)
         assert {B: dec.rows_path(B) for B in want} == want, (dm, dtype)
+
+
+def _zero_state_decoder(cfg, dtype, slots):
+    """A FusedDecoder of cfg (random weights) over zeroed state buffers of ``slots`` slots: for its choices."""
+    from mamba_rt.runtime.fused_decode import FusedDecoder
+
+    model, _ = _models(cfg, dtype, 0)
+    shapes = cfg.state_shapes(slots)
+    conv = torch.zeros(shapes["conv_state"], dtype=model.dtype, device="cuda")
+    ssm = torch.zeros(shapes["ssm_state"], device="cuda")
+    return FusedDecoder(model, conv, ssm, dtype)
 
 
 @pytest.fixture
