@@ -6,6 +6,37 @@ from __future__ import annotations
 import numpy as np
 
 from mamba_rt.runtime import SamplingParams
+from tests.helpers import rel_err
+
+# The fused decode step adds some partial sums with float atomics (x_proj's in conv_xproj and conv_xproj_rows, out_proj's
+# in ssm_out, x_proj's in the persistent kernel), in an order that varies from run to run, so two slots fed the same
+# tokens can end in states that differ in their last bits (benchmarks/NOTES.md item 91: 1 of 40 slot pairs after 8 steps
+# at batch 1). Their states are compared within the fused decode's tolerances against the reference
+# (tests/runtime/test_fused_decode.py), everything else in a snapshot bit for bit; other backends' snapshots bit for bit.
+FUSED_STATE_TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+
+
+def _floats(a: np.ndarray, dtype: str) -> np.ndarray:
+    """A snapshot's state array as float32 (bfloat16 is kept as its 16-bit patterns, runtime/state.py HOST_DTYPES)."""
+    return (a.astype(np.uint32) << 16).view(np.float32) if dtype == "bfloat16" else a.astype(np.float32)
+
+
+def assert_same_snapshot(s, x, y) -> None:
+    """Slots x and y of session s hold the same snapshot: bit for bit, except the states of the fused decode step
+    (FUSED_STATE_TOL)."""
+    a, b = s.snapshot(x), s.snapshot(y)
+    if getattr(s.backend, "decoder", None) is None:
+        assert a == b
+        return
+    (ta, ea), (tb, eb) = s.cache._parse(a), s.cache._parse(b)
+    assert ea == eb and ta.keys() == tb.keys(), (ea, eb, ta.keys(), tb.keys())
+    dtype = s.cache.buffers.conv_dtype
+    for k in ta:
+        if k in ("conv_state", "ssm_state"):
+            err = rel_err(_floats(ta[k], dtype), _floats(tb[k], dtype))
+            assert err <= FUSED_STATE_TOL[dtype], (k, err)
+        else:
+            assert np.array_equal(ta[k], tb[k]), k
 
 
 def _spy_forward_next(s):
@@ -29,7 +60,8 @@ def _prefilled(s, prompts):
 
 def check_decode_equals_steps(s, prompts, steps: int, sampling: SamplingParams | None = None) -> None:
     """``decode`` of fresh slots against ``step`` called ``steps`` times on others with the same
-    prompts: tokens, then snapshots (state, pending token, sampler) bit for bit. Without a repetition
+    prompts: tokens, then snapshots (state, pending token, sampler) bit for bit (the fused decode step's
+    states within FUSED_STATE_TOL: assert_same_snapshot). Without a repetition
     penalty (greedy or sampled on the device) decode must queue every step after the first ahead; with
     one, so must the fused decode steps (the penalty on the device), and other backends none."""
     a, first = _prefilled(s, prompts)
@@ -53,7 +85,7 @@ def check_decode_equals_steps(s, prompts, steps: int, sampling: SamplingParams |
     assert len({int(t) for t in got.ravel()}) >= 4, "degenerate sequences: the comparison would not discriminate"
     for x, y in zip(a, b):
         assert s.pending(x) == s.pending(y)
-        assert s.snapshot(x) == s.snapshot(y)
+        assert_same_snapshot(s, x, y)
     ahead = sampling is None or sampling.repetition_penalty == 1.0 or getattr(s.backend, "decoder", None) is not None
     assert queued == ([True] * (steps - 1) if ahead else []), queued
     for x in (*a, *b):
