@@ -10,10 +10,11 @@ from tests.helpers import rel_err
 
 # The fused decode step adds some partial sums with float atomics (x_proj's in conv_xproj and conv_xproj_rows, out_proj's
 # in ssm_out, x_proj's in the persistent kernel), in an order that varies from run to run, so two slots fed the same
-# tokens can end in states that differ in their last bits (benchmarks/NOTES.md item 91: 1 of 40 slot pairs after 8 steps
-# at batch 1). Their states are compared within the fused decode's tolerances against the reference
-# (tests/runtime/test_fused_decode.py), everything else in a snapshot bit for bit; other backends' snapshots bit for bit.
-FUSED_STATE_TOL = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+# tokens can end in states that differ in their last bits (benchmarks/NOTES.md item 91: a few slot pairs in a hundred
+# at batches 1-2, at most 1.8e-5 apart (relative L2) after 30 fp16 steps). Their states are compared within
+# FUSED_STATE_TOL (relative L2 over a slot's state, about 50x that in 16 bits), everything else in a snapshot bit for
+# bit; other backends' snapshots bit for bit.
+FUSED_STATE_TOL = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 5e-3}
 
 
 def _floats(a: np.ndarray, dtype: str) -> np.ndarray:

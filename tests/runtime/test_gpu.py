@@ -164,7 +164,7 @@ def test_device_state_fork_snapshot_and_untouched_slots(packages, name):
 def test_torch_decode_queues_fused_steps_ahead_exactly(packages, dtype):
     """Session.decode on the fused decode graphs: every step after the first queued ahead (fed the ids
     the step before left on the device), the same tokens and pending tokens as step() at a time and the
-    same state within the fused decode's tolerances (its float atomics: run_ahead.assert_same_snapshot), at
+    same state within run_ahead.FUSED_STATE_TOL (its float atomics: run_ahead.assert_same_snapshot), at
     bucket 1 (GEMV kernels) and bucket 8 (GEMM path, 6 rows); generate likewise, also with two streams
     whose steps alternate on one graph."""
     from tests.runtime.run_ahead import check_decode_equals_steps, check_generate_ahead_equals_waiting
