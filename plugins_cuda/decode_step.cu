@@ -2370,6 +2370,7 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
   const long long k0 = blockIdx.y * a.kchunk, k1 = min(K, k0 + a.kchunk);
   const int nk = (int)((k1 - k0 + PJ_KT - 1) / PJ_KT);
   const int xrows = (int)min((long long)PJ_M, a.B - b0);
+  const int S = (int)gridDim.y;  // blocks over K: a cluster along y where more than one
   unsigned long long* full = reinterpret_cast<unsigned long long*>(sm + ST * SB);  // a barrier per slot
   const unsigned s0 = smem_addr(sm);
   const unsigned long long pol_w = l2_policy<MRT_LD_EVICT_FIRST != 0>(), pol_x = l2_policy<false>();
@@ -2410,7 +2411,7 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
     rs[tid] = rsqrtf(t / (float)K + e.eps);
   }
   if (MODE == PJ_RESIDUAL) {  // the residuals the epilogue reads (its block's rows of the tile), into L1 meanwhile
-    const int S = (int)gridDim.y, rank = S > 1 ? (int)cluster_rank() : 0, lines = (NT + 31) / 32 + 1;
+    const int rank = S > 1 ? (int)cluster_rank() : 0, lines = (NT + 31) / 32 + 1;
     const int r0 = xrows * rank / S, r1 = xrows * (rank + 1) / S;
     for (int i = tid; i < (r1 - r0) * lines; i += PJ_THREADS) {
       const long long n = n0 + min((i % lines) * 32, NT - 1);
@@ -2457,7 +2458,7 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
   };
   auto cluster_sum = [&](int row, int col, float* v) {  // outputs (row, col..col + 3) of the tile, summed in rank order
     v[0] = v[1] = v[2] = v[3] = 0.f;
-    for (int q = 0; q < (int)gridDim.y; ++q) {
+    for (int q = 0; q < S; ++q) {
       const float4 p = ld_cluster_f32x4(cluster_addr(red + row * LD + col, q));
       v[0] += p.x; v[1] += p.y; v[2] += p.z; v[3] += p.w;
     }
@@ -2490,7 +2491,7 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
         e.ss_out[blockIdx.x * a.B + b0 + r] = t;
       }
     };
-    if (gridDim.y == 1) {
+    if (S == 1) {
       constexpr int HC = 16;  // fragment registers whose residuals are loaded at a time (registers: NT 192 has 96)
       float sq[2] = {0.f, 0.f};
 #pragma unroll
@@ -2512,7 +2513,7 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
     }
     cluster_tile();
     // each block stores whole rows of the tile, so that its sums of squares stay in the block
-    const int S = (int)gridDim.y, rank = (int)cluster_rank(), r0 = xrows * rank / S, r1 = xrows * (rank + 1) / S;
+    const int rank = (int)cluster_rank(), r0 = xrows * rank / S, r1 = xrows * (rank + 1) / S;
     float* sqs = red + PJ_M * LD;  // [rows][NT / 4] partials, past the tile
     for (int gi = r0 * (NT / 4) + tid; gi < r1 * (NT / 4); gi += PJ_THREADS) {
       const int row = gi / (NT / 4), col = 4 * (gi % (NT / 4));
@@ -2534,14 +2535,14 @@ __device__ void proj_wg(const ProjArgs& a, const ProjNorm& e) {
       else static_cast<T*>(a.out)[b * a.ldo + n + i] = from_float<T>(o);
     }
   };
-  if (gridDim.y == 1) {
+  if (S == 1) {
 #pragma unroll
     for (int g = 0; g < NT / 2; g += 2)
       if (frag_row(g) < xrows) store(b0 + frag_row(g), n0 + frag_col(g), d + g, 2);
     return;
   }
   cluster_tile();
-  const int S = (int)gridDim.y, rank = (int)cluster_rank();
+  const int rank = (int)cluster_rank();
   const int groups = xrows * (NT / 4), lo = groups * rank / S, hi = groups * (rank + 1) / S;
   for (int e = lo + tid; e < hi; e += PJ_THREADS) {
     const int row = e / (NT / 4), col = 4 * (e % (NT / 4));

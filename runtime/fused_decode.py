@@ -128,8 +128,9 @@ class DecodeBucket:
             if not self.fold_dt:  # the dt_proj GEMM's (or dt_rows') output
                 self.delta = torch.empty(B, d, dtype=dt, device=dev)
             self.o = torch.empty(B, dm, dtype=dt, device=dev)
-            # out_proj's sums of h^2 per block column of 16 or more outputs (proj_wg's residual epilogue)
-            self.ssp = torch.empty(-(-dm // 16), B, **f32)
+            # out_proj's sums of h^2 per block column of 16 or more outputs (proj_wg's residual epilogue, up to
+            # decode_step.PROJ_RESIDUAL_ROWS rows: _prepare's reader)
+            self.ssp = torch.empty(-(-dm // 16), B, **f32) if B <= ds.PROJ_RESIDUAL_ROWS else None
         self.launches = dec._prepare(self)
         self.embeds: dict = {}  # the embedding's launch per ids tensor other than self.ids (FusedDecoder.enqueue)
         # the greedy argmax taken by the head's norm_gemv itself (GEMV path, tensor-core kinds,
